@@ -1,0 +1,53 @@
+"""``autoft plugins``: what is installed, who provides it, and what is broken."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from autoft.cli.common import guarded
+
+KIND_LABELS = {"backbones": "backbone source", "datasets": "dataset", "strategies": "strategy", "pretrainers": "pretraining"}
+
+
+def describe() -> dict:
+    from autoft import plugins
+
+    reg = plugins.registry()
+    rows = []
+    for kind, label in KIND_LABELS.items():
+        for name, registered in getattr(reg, kind).items():
+            info = registered.plugin
+            rows.append({"kind": label, "name": name, "description": registered.spec.description, "package": info.package, "version": info.version})
+    conflicts = [
+        {"kind": KIND_LABELS[kind], "name": name, "packages": [p.package for p in owners]}
+        for kind, names in reg.conflicts.items()
+        for name, owners in names.items()
+    ]
+    broken = [{"plugin": i.name, "package": i.package, "version": i.version, "error": i.error} for i in reg.plugins.values() if i.broken]
+    return {"plugins": rows, "conflicts": conflicts, "broken": broken}
+
+
+def plugins_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
+    """List every backbone source, dataset format, strategy and pretraining method."""
+    found = describe()
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    out = Console()
+    table = Table("kind", "name", "package", "description")
+    for row in found["plugins"]:
+        table.add_row(row["kind"], row["name"], f"{row['package']} {row['version']}", row["description"])
+    for row in found["conflicts"]:
+        table.add_row(row["kind"], f"[red]{row['name']}[/red]", " and ".join(row["packages"]), "[red]conflict: registered by more than one plugin, unusable[/red]")
+    for row in found["broken"]:
+        table.add_row("[red]broken[/red]", row["plugin"], f"{row['package']} {row['version']}", f"[red]{row['error']}[/red]")
+    out.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plugins")(guarded(plugins_command))

@@ -1,0 +1,267 @@
+"""Plugin loading and the registry of what plugins provide.
+
+Built-in plugins (``autoft_plugins``) and third-party ones load the same way: through
+the ``autoft`` entry-point group. A plugin that fails to import, or raises in a hook,
+is recorded as broken and skipped; the others load. Two plugins registering one name
+make that name unusable, with an error naming both packages, while everything else
+keeps working.
+
+Environment:
+
+- ``AUTOFT_DISABLE_PLUGIN_AUTOLOAD=1`` loads only the built-in plugins.
+- ``AUTOFT_PLUGINS_DIR=DIR`` (or the CLI's ``--plugins-dir``) also loads every ``*.py``
+  module in ``DIR`` as a plugin, without packaging.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata
+import importlib.util
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import pluggy
+
+from autoft import hookspecs
+from autoft.errors import AutoftError
+from autoft.specs import BackboneSpec, DatasetSpec, PretrainerSpec, StrategySpec
+
+ENTRY_POINT_GROUP = "autoft"
+BUILTIN_DISTRIBUTION = "autoft"
+
+SpecT = TypeVar("SpecT")
+
+# hook name -> (registry attribute, the spec type it must register)
+KINDS: dict[str, tuple[str, type]] = {
+    "autoft_register_backbones": ("backbones", BackboneSpec),
+    "autoft_register_datasets": ("datasets", DatasetSpec),
+    "autoft_register_strategies": ("strategies", StrategySpec),
+    "autoft_register_pretrainers": ("pretrainers", PretrainerSpec),
+}
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    package: str
+    version: str
+    error: str | None = None
+
+    @property
+    def broken(self) -> bool:
+        return self.error is not None
+
+
+@dataclass
+class Registered(Generic[SpecT]):
+    spec: SpecT
+    plugin: PluginInfo
+
+
+@dataclass
+class Registry:
+    """Everything the loaded plugins registered, by kind and name."""
+
+    plugins: dict[str, PluginInfo] = field(default_factory=dict)
+    backbones: dict[str, Registered[BackboneSpec]] = field(default_factory=dict)
+    datasets: dict[str, Registered[DatasetSpec]] = field(default_factory=dict)
+    strategies: dict[str, Registered[StrategySpec]] = field(default_factory=dict)
+    pretrainers: dict[str, Registered[PretrainerSpec]] = field(default_factory=dict)
+    # kind -> name -> every plugin that registered it, when more than one did
+    conflicts: dict[str, dict[str, list[PluginInfo]]] = field(default_factory=dict)
+
+    # -- lookups ------------------------------------------------------------
+
+    def _get(self, kind: str, name: str, what: str) -> Any:
+        clash = self.conflicts.get(kind, {}).get(name)
+        if clash:
+            owners = " and ".join(f"{p.package} ({p.name})" for p in clash)
+            raise AutoftError(f"{what} {name!r} is registered by both {owners}; uninstall or disable one of them")
+        table: dict[str, Registered[Any]] = getattr(self, kind)
+        if name not in table:
+            hint = _did_you_mean(name, table)
+            raise AutoftError(f"unknown {what} {name!r}{hint}; run `autoft plugins` to list them")
+        return table[name].spec
+
+    def strategy(self, name: str) -> StrategySpec:
+        return self._get("strategies", name, "strategy")
+
+    def pretrainer(self, name: str) -> PretrainerSpec:
+        return self._get("pretrainers", name, "pretraining method")
+
+    def backbone(self, name: str) -> tuple[BackboneSpec, str]:
+        """Resolve ``SOURCE:MODEL`` or a bare model name to its source and model name."""
+        source, sep, model_name = name.partition(":")
+        if sep and (source in self.backbones or source in self.conflicts.get("backbones", {})):
+            spec = self._get("backbones", source, "backbone source")
+            if not spec.has_model(model_name):
+                hint = _did_you_mean(model_name, list(spec.list_models()))
+                raise AutoftError(f"unknown backbone {name!r}{hint}")
+            return spec, model_name
+        # A bare name: timm first (the built-in default), then the other sources in load order.
+        sources = sorted(self.backbones.values(), key=lambda r: r.spec.name != "timm")
+        for registered in sources:
+            if registered.spec.has_model(name):
+                return registered.spec, name
+        known: list[str] = []
+        for registered in sources:
+            prefix = "" if registered.spec.name == "timm" else f"{registered.spec.name}:"
+            known.extend(prefix + m for m in registered.spec.list_models())
+        raise AutoftError(f"unknown backbone {name!r}{_did_you_mean(name, known)}")
+
+    def dataset(self, source: str) -> tuple[DatasetSpec, str]:
+        """Resolve ``FORMAT:SOURCE`` or a bare path to its dataset format and argument."""
+        fmt, sep, rest = source.partition(":")
+        # "C:\\data" is a path, not format "C".
+        if sep and len(fmt) > 1 and (fmt in self.datasets or fmt in self.conflicts.get("datasets", {})):
+            return self._get("datasets", fmt, "dataset format"), rest
+        if sep and len(fmt) > 1 and not Path(source).exists() and not fmt.startswith((".", "/", "~")):
+            hint = _did_you_mean(fmt, self.datasets)
+            raise AutoftError(f"unknown dataset format {fmt!r} in {source!r}{hint}")
+        if not Path(source).expanduser().exists():
+            raise AutoftError(f"data not found: {source}")
+        for registered in self.datasets.values():
+            if registered.spec.detect is not None and registered.spec.detect(source):
+                return registered.spec, source
+        raise AutoftError(
+            f"no dataset format recognises {source!r}; expected DIR/<class>/*, DIR/{{train,val,test}}/<class>/* "
+            "or a CSV manifest (path,label)"
+        )
+
+
+def _did_you_mean(name: str, choices: Any) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def get_plugin_manager(plugins_dir: str | os.PathLike | None = None) -> pluggy.PluginManager:
+    """Build a plugin manager: add the hookspecs, load entry points, load a plugins folder."""
+    pm = pluggy.PluginManager("autoft")
+    pm.add_hookspecs(hookspecs)
+    pm.autoft_info = {}  # plugin name -> PluginInfo, broken ones included
+    builtins_only = os.environ.get("AUTOFT_DISABLE_PLUGIN_AUTOLOAD", "").strip() not in ("", "0", "false")
+    for ep in sorted(_entry_points(), key=lambda ep: ep.dist.name != BUILTIN_DISTRIBUTION if ep.dist else True):
+        dist = ep.dist.name if ep.dist else "?"
+        if builtins_only and dist != BUILTIN_DISTRIBUTION:
+            continue
+        info = PluginInfo(name=ep.name, package=dist, version=ep.dist.version if ep.dist else "?")
+        name = f"{dist}:{ep.name}"
+        if pm.get_plugin(name) is not None or name in pm.autoft_info:
+            continue  # the same distribution seen twice on sys.path
+        try:
+            pm.register(ep.load(), name=name)
+        except Exception as exc:  # a broken plugin must not stop the others
+            info.error = _one_line(exc)
+        pm.autoft_info[name] = info
+    folder = plugins_dir or os.environ.get("AUTOFT_PLUGINS_DIR")
+    if folder:
+        load_plugins_dir(pm, Path(folder))
+    return pm
+
+
+def load_plugins_dir(pm: pluggy.PluginManager, folder: Path) -> None:
+    """Register every ``*.py`` module in ``folder`` as a plugin."""
+    if not folder.is_dir():
+        raise AutoftError(f"plugins folder not found: {folder}")
+    for path in sorted(folder.glob("*.py")):
+        name = f"{folder.name}:{path.stem}"
+        info = PluginInfo(name=path.stem, package=str(folder), version="local")
+        try:
+            module_name = f"autoft_local_plugins.{path.stem}"
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+            pm.register(module, name=name)
+        except Exception as exc:
+            info.error = _one_line(exc)
+        pm.autoft_info[name] = info
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def _one_line(exc: BaseException) -> str:
+    where = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    place = f" ({Path(where[0].filename).name}:{where[0].lineno})" if where else ""
+    return f"{type(exc).__name__}: {exc}{place}".replace("\n", " ")
+
+
+def plugin_info(pm: pluggy.PluginManager, plugin_name: str) -> PluginInfo:
+    info = getattr(pm, "autoft_info", {}).get(plugin_name)
+    if info is None:  # registered by hand, e.g. pm.register(obj, name=...) in a test
+        info = PluginInfo(name=plugin_name, package=plugin_name, version="")
+        pm.autoft_info[plugin_name] = info
+    return info
+
+
+def build_registry(pm: pluggy.PluginManager) -> Registry:
+    """Call every registration hook, one plugin at a time, and collect the specs."""
+    registry = Registry()
+    for name, info in getattr(pm, "autoft_info", {}).items():
+        registry.plugins[name] = info
+    for hook_name, (kind, spec_type) in KINDS.items():
+        table = getattr(registry, kind)
+        owners: dict[str, list[PluginInfo]] = {}
+        # pluggy returns implementations last-registered first; reverse for load order.
+        for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+            info = plugin_info(pm, impl.plugin_name)
+            registry.plugins[impl.plugin_name] = info
+            if info.broken:
+                continue
+            collected: list[Any] = []
+
+            def register(spec: Any, _collected: list[Any] = collected) -> None:
+                if not isinstance(spec, spec_type):
+                    raise TypeError(f"{hook_name} expects {spec_type.__name__}, got {type(spec).__name__}")
+                _collected.append(spec)
+
+            try:
+                impl.function(register=register)
+            except Exception as exc:
+                info.error = _one_line(exc)
+                continue
+            for spec in collected:
+                owners.setdefault(spec.name, []).append(info)
+                table.setdefault(spec.name, Registered(spec, info))
+        clashes = {n: ps for n, ps in owners.items() if len(ps) > 1}
+        if clashes:
+            registry.conflicts[kind] = clashes
+            for n in clashes:
+                table.pop(n, None)
+    # A plugin that raised in a later hook is broken everywhere: drop what it registered earlier.
+    for kind, _ in KINDS.values():
+        table = getattr(registry, kind)
+        for n in [n for n, r in table.items() if r.plugin.broken]:
+            del table[n]
+    return registry
+
+
+_default_pm: pluggy.PluginManager | None = None
+
+
+def default_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager the CLI and the Python API use."""
+    global _default_pm
+    if _default_pm is None:
+        _default_pm = get_plugin_manager()
+    return _default_pm
+
+
+def set_default_plugin_manager(pm: pluggy.PluginManager | None) -> None:
+    global _default_pm
+    _default_pm = pm
+
+
+def registry() -> Registry:
+    return build_registry(default_plugin_manager())

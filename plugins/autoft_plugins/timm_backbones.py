@@ -1,0 +1,94 @@
+"""Backbones from timm: any timm model name (``resnet50``, ``vit_small_patch16_224``, ...)."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from autoft import hookimpl
+from autoft.errors import AutoftError
+from autoft.specs import Backbone, BackboneSpec, ParamGroup
+
+
+@cache
+def _model_names() -> frozenset[str]:
+    import timm
+
+    return frozenset(timm.list_models())
+
+
+def has_model(name: str) -> bool:
+    return name.split(".", 1)[0] in _model_names()
+
+
+def list_models() -> list[str]:
+    return sorted(_model_names())
+
+
+def create(model_name: str, *, num_classes: int, dropout: float = 0.0, weights: str | None = None) -> Backbone:
+    import timm
+
+    pretrained = weights is not None
+    if weights and weights not in ("pretrained", "imagenet", "default") and "." not in model_name:
+        model_name = f"{model_name}.{weights}"  # a timm pretrained tag, e.g. resnet50 + a1_in1k
+    try:
+        model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, drop_rate=dropout)
+    except RuntimeError as exc:
+        if "pretrained" in str(exc).lower() or "tag" in str(exc).lower():
+            raise AutoftError(f"timm has no pretrained weights {weights!r} for {model_name}: {exc}") from None
+        raise
+    except (OSError, ConnectionError, ValueError) as exc:
+        if not pretrained:
+            raise
+        raise AutoftError(
+            f"could not fetch pretrained weights for {model_name} ({type(exc).__name__}; offline?); "
+            "download them elsewhere and pass --weights PATH (a state dict or .safetensors file)"
+        ) from None
+    cfg = model.pretrained_cfg
+    return Backbone(
+        model=model,
+        groups=param_groups(model),
+        num_features=model.num_features,
+        embed=lambda x: model.forward_head(model.forward_features(x), pre_logits=True),
+        input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
+        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+    )
+
+
+def param_groups(model) -> list[ParamGroup]:
+    """timm's coarse ``group_matcher`` groups (stem, stages), with the classifier last as ``head``."""
+    from timm.models import group_parameters
+
+    classifier = model.pretrained_cfg.get("classifier") or "head"
+    prefixes = tuple(f"{c}." for c in ((classifier,) if isinstance(classifier, str) else classifier))
+    names = [n for n, _ in model.named_parameters()]
+    head = tuple(n for n in names if n.startswith(prefixes))
+    try:
+        grouped = group_parameters(model, model.group_matcher(coarse=True))
+        ordered = [[n for n in grouped[k] if n not in head] for k in sorted(grouped)]
+    except (AttributeError, NotImplementedError):  # no matcher: one group per top-level module
+        ordered, last = [], None
+        for n in names:
+            if n in head:
+                continue
+            top = n.split(".", 1)[0]
+            if top != last:
+                ordered.append([])
+                last = top
+            ordered[-1].append(n)
+    ordered = [g for g in ordered if g]
+    groups = [ParamGroup("stem" if i == 0 else f"stage{i}", tuple(g)) for i, g in enumerate(ordered)]
+    return groups + [ParamGroup("head", head)]
+
+
+@hookimpl
+def autoft_register_backbones(register):
+    register(
+        BackboneSpec(
+            name="timm",
+            description="Any timm model by name (resnet50, convnext_tiny, vit_small_patch16_224, ...)",
+            factory=create,
+            list_models=list_models,
+            has_model=has_model,
+        )
+    )
