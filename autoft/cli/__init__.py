@@ -6,6 +6,7 @@ importing this package has no side effects and tests can build a fresh app.
 
 from __future__ import annotations
 
+from importlib import import_module
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,9 +21,14 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-def make_app() -> typer.Typer:
-    from autoft.cli import plugins_cmd, train_cmd
+# Each module defines register(app); one line per command group.
+COMMAND_MODULES = [
+    "autoft.cli.plugins_cmd",
+    "autoft.cli.train_cmd",
+]
 
+
+def make_app() -> typer.Typer:
     app = typer.Typer(
         name="autoft",
         help="Automatic fine-tuning of image classifiers: search, pretrain, export, serve.",
@@ -45,8 +51,8 @@ def make_app() -> typer.Typer:
         if plugins_dir is not None:
             run_guarded(lambda: plugins.set_default_plugin_manager(plugins.get_plugin_manager(plugins_dir)))
 
-    for module in (plugins_cmd, train_cmd):
-        module.register(app)
+    for module in COMMAND_MODULES:
+        import_module(module).register(app)
     return app
 
 
