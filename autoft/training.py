@@ -296,8 +296,22 @@ def fit(
 # Checkpoints
 
 
-def save_checkpoint(path: Path, *, backbone_name: str, backbone: Backbone, classes: list[str], image_size: int, params: dict[str, Any]) -> Path:
-    """Weights plus what rebuilding and preprocessing need, written atomically."""
+def save_checkpoint(
+    path: Path,
+    *,
+    backbone_name: str,
+    backbone: Backbone,
+    classes: list[str],
+    image_size: int,
+    params: dict[str, Any],
+    data: str | None = None,
+    seed: int = 0,
+) -> Path:
+    """Weights plus what rebuilding and preprocessing need, written atomically.
+
+    ``data`` and ``seed`` record where the images came from, so that export can verify
+    and calibrate on the same validation split later.
+    """
     from autoft import __version__
 
     payload = {
@@ -309,6 +323,8 @@ def save_checkpoint(path: Path, *, backbone_name: str, backbone: Backbone, class
         "mean": list(backbone.mean),
         "std": list(backbone.std),
         "params": dict(params),
+        "data": data,
+        "seed": seed,
         "state_dict": {k: v.detach().cpu() for k, v in backbone.model.state_dict().items()},
     }
     with atomic_path(path) as tmp:
@@ -408,6 +424,7 @@ def train(
     spec, model_name = registry.backbone(backbone)  # fail on a bad name before decoding any image
     registry.strategy(strategy)
     torch_device = resolve_device(device)
+    data_source = data if isinstance(data, str) else None
     if isinstance(data, str):
         probe = spec.factory(model_name, num_classes=2, dropout=0.0, weights=None)
         data = load_data(data, image_size=image_size, default_size=probe.input_size, seed=seed, registry=registry)
@@ -436,7 +453,7 @@ def train(
     checkpoint = None
     if out is not None:
         out = Path(out)
-        checkpoint = save_checkpoint(out / CHECKPOINT_NAME, backbone_name=backbone, backbone=model, classes=data.classes, image_size=data.image_size, params=params)
+        checkpoint = save_checkpoint(out / CHECKPOINT_NAME, backbone_name=backbone, backbone=model, classes=data.classes, image_size=data.image_size, params=params, data=data_source, seed=seed)
         write_json(out / "metrics.json", metrics)
         write_json(out / "labels.json", data.classes)
     return TrainResult(out=out, checkpoint=checkpoint, metrics=metrics, params=params, classes=data.classes, history=result.history, backbone=model)
