@@ -26,17 +26,24 @@ class EpochProgress:
         self.epoch = 1
 
     def __enter__(self) -> "EpochProgress":
-        self.progress.__enter__()
-        self.task = self.progress.add_task(f"{self.label} 1/{self.epochs}", total=None, status="")
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
+        if self.task is not None:
+            self.progress.__exit__(*exc)
+
+    def _start(self) -> None:
+        # Shown from the first batch on, so errors while loading data print cleanly.
+        if self.task is None:
+            self.progress.__enter__()
+            self.task = self.progress.add_task(f"{self.label} 1/{self.epochs}", total=None, status="")
 
     def batch_done(self, step: int, steps: int) -> None:
+        self._start()
         self.progress.update(self.task, completed=step, total=steps)
 
     def epoch_done(self, record: dict) -> None:
+        self._start()
         self.progress.console.print(
             f"{self.label} {record['epoch']}/{self.epochs}: train loss {record['train_loss']:.4f}, "
             f"val loss {record['val_loss']:.4f}, val accuracy {record['val_accuracy']:.3f}",

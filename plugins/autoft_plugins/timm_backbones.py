@@ -28,6 +28,8 @@ def create(model_name: str, *, num_classes: int, dropout: float = 0.0, weights: 
     import timm
 
     pretrained = weights is not None
+    if pretrained and not _hub_reachable():
+        _use_local_cache_only()  # cached weights still load; missing ones fail at once, not after retries
     if weights and weights not in ("pretrained", "imagenet", "default") and "." not in model_name:
         model_name = f"{model_name}.{weights}"  # a timm pretrained tag, e.g. resnet50 + a1_in1k
     try:
@@ -53,6 +55,25 @@ def create(model_name: str, *, num_classes: int, dropout: float = 0.0, weights: 
         mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
         std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
     )
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _use_local_cache_only() -> None:
+    import os
+
+    import huggingface_hub.constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
 def param_groups(model) -> list[ParamGroup]:
