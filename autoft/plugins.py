@@ -85,8 +85,15 @@ class Registry:
         table: dict[str, Registered[Any]] = getattr(self, kind)
         if name not in table:
             hint = _did_you_mean(name, table)
-            raise AutoftError(f"unknown {what} {name!r}{hint}; run `autoft plugins` to list them")
+            raise AutoftError(f"unknown {what} {name!r}{hint}; run `autoft plugins` to list them{self._broken_note()}")
         return table[name].spec
+
+    def _broken_note(self) -> str:
+        """The name may belong to a plugin that failed to load: say so rather than only 'unknown'."""
+        broken = sorted({p.package for p in self.plugins.values() if p.broken})
+        if not broken:
+            return ""
+        return f" (note: broken plugin(s) from {', '.join(broken)} registered nothing; see `autoft plugins`)"
 
     def strategy(self, name: str) -> StrategySpec:
         return self._get("strategies", name, "strategy")
@@ -112,7 +119,7 @@ class Registry:
         for registered in sources:
             prefix = "" if registered.spec.name == "timm" else f"{registered.spec.name}:"
             known.extend(prefix + m for m in registered.spec.list_models())
-        raise AutoftError(f"unknown backbone {name!r}{_did_you_mean(name, known)}")
+        raise AutoftError(f"unknown backbone {name!r}{_did_you_mean(name, known)}{self._broken_note()}")
 
     def dataset(self, source: str) -> tuple[DatasetSpec, str]:
         """Resolve ``FORMAT:SOURCE`` or a bare path to its dataset format and argument."""
@@ -122,7 +129,7 @@ class Registry:
             return self._get("datasets", fmt, "dataset format"), rest
         if sep and len(fmt) > 1 and not Path(source).exists() and not fmt.startswith((".", "/", "~")):
             hint = _did_you_mean(fmt, self.datasets)
-            raise AutoftError(f"unknown dataset format {fmt!r} in {source!r}{hint}")
+            raise AutoftError(f"unknown dataset format {fmt!r} in {source!r}{hint}{self._broken_note()}")
         if not Path(source).expanduser().exists():
             raise AutoftError(f"data not found: {source}")
         for registered in self.datasets.values():
@@ -158,7 +165,7 @@ def get_plugin_manager(plugins_dir: str | os.PathLike | None = None) -> pluggy.P
         if pm.get_plugin(name) is not None or name in pm.autoft_info:
             continue  # the same distribution seen twice on sys.path
         try:
-            pm.register(ep.load(), name=name)
+            register_plugin(pm, ep.load(), name)
         except Exception as exc:  # a broken plugin must not stop the others
             info.error = _one_line(exc)
         pm.autoft_info[name] = info
@@ -175,16 +182,32 @@ def load_plugins_dir(pm: pluggy.PluginManager, folder: Path) -> None:
     for path in sorted(folder.glob("*.py")):
         name = f"{folder.name}:{path.stem}"
         info = PluginInfo(name=path.stem, package=str(folder), version="local")
+        module_name = f"autoft_local_plugins.{path.stem}"
         try:
-            module_name = f"autoft_local_plugins.{path.stem}"
             spec = importlib.util.spec_from_file_location(module_name, path)
             module = importlib.util.module_from_spec(spec)
-            sys.modules[module_name] = module
+            sys.modules[module_name] = module  # dataclasses and pickling look modules up here
             spec.loader.exec_module(module)
-            pm.register(module, name=name)
+            register_plugin(pm, module, name)
         except Exception as exc:
+            sys.modules.pop(module_name, None)
             info.error = _one_line(exc)
         pm.autoft_info[name] = info
+
+
+def register_plugin(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
+    """Register ``plugin``; a hook name autoft does not define is an error, not silence.
+
+    pluggy accepts an implementation of a hook nobody specified (``autoft_register_backbone``,
+    singular) and never calls it, so a typo would look like a plugin that registers nothing.
+    """
+    pm.register(plugin, name=name)
+    unknown = [c.name for c in pm.get_hookcallers(plugin) or [] if not c.has_spec()]
+    if unknown:
+        pm.unregister(plugin, name=name)
+        known = [n for n in dir(hookspecs) if n.startswith("autoft_")]
+        hints = [f"{n}{_did_you_mean(n, known)}" for n in unknown]
+        raise AttributeError(f"unknown hook {', '.join(hints)}")
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
@@ -198,52 +221,56 @@ def _one_line(exc: BaseException) -> str:
 
 
 def plugin_info(pm: pluggy.PluginManager, plugin_name: str) -> PluginInfo:
-    info = getattr(pm, "autoft_info", {}).get(plugin_name)
-    if info is None:  # registered by hand, e.g. pm.register(obj, name=...) in a test
-        info = PluginInfo(name=plugin_name, package=plugin_name, version="")
-        pm.autoft_info[plugin_name] = info
-    return info
+    if not hasattr(pm, "autoft_info"):  # a manager built without get_plugin_manager()
+        pm.autoft_info = {}
+    if plugin_name not in pm.autoft_info:  # registered by hand, e.g. pm.register(obj, name=...) in a test
+        pm.autoft_info[plugin_name] = PluginInfo(name=plugin_name, package=plugin_name, version="")
+    return pm.autoft_info[plugin_name]
 
 
 def build_registry(pm: pluggy.PluginManager) -> Registry:
-    """Call every registration hook, one plugin at a time, and collect the specs."""
+    """Call every registration hook, one plugin at a time, and collect the specs.
+
+    A plugin that raises in any hook (or registers the wrong type) is broken everywhere:
+    nothing it registered is used, and it takes part in no conflict.
+    """
     registry = Registry()
     for name, info in getattr(pm, "autoft_info", {}).items():
         registry.plugins[name] = info
+    collected: list[tuple[str, Any, PluginInfo]] = []  # (kind, spec, plugin) in load order
     for hook_name, (kind, spec_type) in KINDS.items():
-        table = getattr(registry, kind)
-        owners: dict[str, list[PluginInfo]] = {}
-        # pluggy returns implementations last-registered first; reverse for load order.
-        for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+        # get_hookimpls() lists in registration order (pluggy *calls* them in reverse).
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
             info = plugin_info(pm, impl.plugin_name)
             registry.plugins[impl.plugin_name] = info
             if info.broken:
                 continue
-            collected: list[Any] = []
+            specs: list[Any] = []
 
-            def register(spec: Any, _collected: list[Any] = collected) -> None:
-                if not isinstance(spec, spec_type):
-                    raise TypeError(f"{hook_name} expects {spec_type.__name__}, got {type(spec).__name__}")
-                _collected.append(spec)
+            def register(spec: Any, _specs: list[Any] = specs, _hook: str = hook_name, _type: type = spec_type) -> None:
+                if not isinstance(spec, _type):
+                    raise TypeError(f"{_hook} expects {_type.__name__}, got {type(spec).__name__}")
+                if any(s.name == spec.name for s in _specs):
+                    raise ValueError(f"{_hook} registered {spec.name!r} twice")
+                _specs.append(spec)
 
+            # Only the arguments the implementation asks for, as pluggy itself would pass them.
+            arguments = {"register": register}
             try:
-                impl.function(register=register)
+                impl.function(**{a: arguments[a] for a in impl.argnames})
             except Exception as exc:
                 info.error = _one_line(exc)
                 continue
-            for spec in collected:
-                owners.setdefault(spec.name, []).append(info)
-                table.setdefault(spec.name, Registered(spec, info))
-        clashes = {n: ps for n, ps in owners.items() if len(ps) > 1}
-        if clashes:
-            registry.conflicts[kind] = clashes
-            for n in clashes:
-                table.pop(n, None)
-    # A plugin that raised in a later hook is broken everywhere: drop what it registered earlier.
-    for kind, _ in KINDS.values():
-        table = getattr(registry, kind)
-        for n in [n for n, r in table.items() if r.plugin.broken]:
-            del table[n]
+            collected.extend((kind, spec, info) for spec in specs)
+    owners: dict[tuple[str, str], list[Registered[Any]]] = {}
+    for kind, spec, info in collected:
+        if not info.broken:
+            owners.setdefault((kind, spec.name), []).append(Registered(spec, info))
+    for (kind, name), registered in owners.items():
+        if len(registered) == 1:
+            getattr(registry, kind)[name] = registered[0]
+        else:
+            registry.conflicts.setdefault(kind, {})[name] = [r.plugin for r in registered]
     return registry
 
 
