@@ -147,21 +147,34 @@ class StrategySpec:
 
 
 class Pretrainer(Protocol):
-    """A self-supervised pretraining method; the host runs the loop, optimiser and checkpoints.
-
-    (Draft contract, refined by the pretraining stage.)
+    """A self-supervised pretraining method. The host owns everything else: the images,
+    batching, the optimiser (AdamW over the backbone's and the method's parameters), the
+    learning-rate schedule, mixed precision, checkpoints and evaluation.
     """
 
     def setup(self, backbone: Backbone, image_size: int) -> "torch.nn.Module | None":
-        """Build the method's own modules (projection head, decoder); their parameters train too."""
+        """Build the method's own modules (projection head, decoder, augmentation) for
+        square images of ``image_size``. Called once, before training. The host moves the
+        returned module to the training device, puts it in train mode and trains its
+        parameters with the backbone's; it is never saved in checkpoints.
+        """
 
     def loss(self, backbone: Backbone, images: "torch.Tensor") -> "torch.Tensor":
-        """``images``: an un-augmented float batch in [0, 1] on the device; augment it and return the loss."""
+        """A scalar loss for one batch.
+
+        ``images`` are un-augmented float pixels in [0, 1], ``(N, 3, S, S)`` with ``N >= 2``,
+        on the training device. Augment them (per sample, as tensors), normalise with
+        ``backbone.mean`` and ``backbone.std``, and train through ``backbone.embed`` (pooled
+        features), so that one method serves every backbone.
+        """
 
 
 @dataclass(frozen=True)
 class PretrainerSpec:
-    """A self-supervised pretraining method; ``factory()`` builds a :class:`Pretrainer`."""
+    """A pretraining method, registered through ``autoft_register_pretrainers``.
+
+    ``factory()`` builds a fresh :class:`Pretrainer` for one pretraining run.
+    """
 
     name: str
     description: str

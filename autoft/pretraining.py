@@ -1,0 +1,428 @@
+"""The pretraining stage: self-supervised training of a backbone on unlabelled images.
+
+A pretraining method (a :class:`~autoft.specs.Pretrainer` plugin) supplies the loss;
+this module runs the loop, saves the backbone at several points of the budget (by
+default 25%, 50% and 100% of the epochs), and, when labelled images are at hand, scores
+every checkpoint by k-NN accuracy on frozen features.
+
+Checkpoints hold the backbone's state dict without its classifier, in a form that
+``autoft train --weights PATH`` and :func:`autoft.training.build_backbone` load.
+
+With ``out=None`` the stage lives in autoft's cache, keyed by backbone, method, images
+(a hash of the decoded pixels), image size, budget and starting weights, and a finished
+stage is reused. The cache folder is ``$AUTOFT_CACHE_DIR/pretrain``, else
+``$XDG_CACHE_HOME/autoft/pretrain``, else ``~/.cache/autoft/pretrain``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from autoft import plugins
+from autoft.data import DataSplits, ImageTensors, Normalize, decode_all, image_files, load_data, stratified_split, to_float
+from autoft.errors import AutoftError
+from autoft.io import atomic_path, read_json, write_json
+from autoft.specs import Backbone, PretrainerSpec
+from autoft.training import build_backbone, cosine_with_warmup, resolve_device, seed_everything
+
+CHECKPOINT_FRACTIONS = (0.25, 0.5, 1.0)
+PRETRAINED_FORMAT = "autoft-pretrained-backbone/1"
+METRICS_NAME = "metrics.json"
+KNN_NEIGHBOURS = 20
+
+
+# ---------------------------------------------------------------------------
+# Images
+
+
+@dataclass
+class Pool:
+    """Unlabelled images decoded once, with labels when the source had them (used only to evaluate)."""
+
+    images: torch.Tensor  # uint8 (N, 3, S, S)
+    labels: torch.Tensor | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def load_pool(source: str | os.PathLike, image_size: int, registry=None) -> Pool:
+    """Decode a flat folder of images, a class folder (labels kept aside), or any dataset source.
+
+    Unreadable files are skipped with a warning and counted; only a pool with no readable
+    image is an error.
+    """
+    path = Path(source).expanduser()
+    labels: list[int] | None = None
+    if path.is_dir():
+        files = image_files(path)
+        class_dirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+        per_class = [image_files(d) for d in class_dirs]
+        if not files and sum(bool(f) for f in per_class) >= 2:
+            labels = [i for i, f in enumerate(per_class) for _ in f]
+        files += [f for class_files in per_class for f in class_files]
+        samples: Sequence[Any] = files
+        if not samples:
+            raise AutoftError(f"no images found in {source}: expected image files in it or in its subfolders")
+    else:
+        registry = registry or plugins.registry()
+        spec, argument = registry.dataset(str(source))
+        labelled = spec.factory(argument)
+        samples, labels = labelled.samples, list(labelled.labels)
+    images, kept, skipped = decode_all(samples, image_size)
+    for src, why in skipped[:5]:
+        warnings.warn(f"skipped unreadable image {src}: {why}", stacklevel=2)
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {len(samples)}", stacklevel=2)
+    if not kept:
+        raise AutoftError(f"no readable images in {source}")
+    kept_labels = torch.as_tensor(np.asarray(labels, dtype=np.int64)[kept]) if labels is not None else None
+    return Pool(images=images, labels=kept_labels, skipped=skipped)
+
+
+def fingerprint(images: torch.Tensor) -> str:
+    """A hash of decoded pixels: the same images at the same size give the same key."""
+    digest = hashlib.sha256(str(tuple(images.shape)).encode())
+    digest.update(images.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.inference_mode()
+def embed_all(backbone: Backbone, images: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """Pooled features of uint8 images, L2-normalised, on the CPU."""
+    normalize = Normalize(backbone.mean, backbone.std).to(device)
+    backbone.model.eval()
+    features = []
+    for start in range(0, len(images), batch_size):
+        x = normalize(to_float(images[start : start + batch_size], device))
+        features.append(torch.nn.functional.normalize(backbone.embed(x).float(), dim=1).cpu())
+    return torch.cat(features)
+
+
+def knn_accuracy(backbone: Backbone, train: ImageTensors, test: ImageTensors, device: torch.device, k: int = KNN_NEIGHBOURS) -> float:
+    """Accuracy on ``test`` of a cosine k-NN vote over ``train``'s frozen features."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    knn = KNeighborsClassifier(n_neighbors=min(k, len(train)), metric="cosine", weights="distance")
+    knn.fit(embed_all(backbone, train.images, device).numpy(), train.labels.numpy())
+    predicted = knn.predict(embed_all(backbone, test.images, device).numpy())
+    return float((predicted == test.labels.numpy()).mean())
+
+
+def evaluation_split(labelled: DataSplits | None, pool: Pool, seed: int) -> tuple[ImageTensors, ImageTensors] | None:
+    """(k-NN reference, k-NN queries): a labelled split's train and val, or a split of the pool's own labels."""
+    if labelled is not None:
+        return labelled.train, labelled.val
+    if pool.labels is None:
+        return None
+    keep, held = stratified_split(pool.labels.numpy(), 0.2, seed)
+    every = ImageTensors(pool.images, pool.labels)
+    return every.subset(keep), every.subset(held)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+
+@dataclass
+class PretrainCheckpoint:
+    epoch: int
+    fraction: float  # of the planned epochs
+    path: Path
+    knn_accuracy: float | None = None
+
+    @property
+    def label(self) -> str:
+        """A short name for the checkpoint, e.g. the value of the search's ``init`` parameter."""
+        return f"epoch{self.epoch}"
+
+
+def save_pretrained(path: Path, backbone: Backbone, *, backbone_name: str, method: str, epoch: int, image_size: int) -> Path:
+    """The backbone's weights without its classifier (the fine-tuning task brings its own)."""
+    head = set(backbone.head.params)
+    state = {k: v.detach().cpu().clone() for k, v in backbone.model.state_dict().items() if k not in head}
+    payload = {
+        "format": PRETRAINED_FORMAT,
+        "backbone": backbone_name,
+        "method": method,
+        "epoch": epoch,
+        "image_size": image_size,
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+        "state_dict": state,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def checkpoint_epochs(epochs: int, fractions: Sequence[float] = CHECKPOINT_FRACTIONS) -> dict[int, float]:
+    """Epoch -> the fraction of the budget it stands for; always includes the last epoch."""
+    chosen: dict[int, float] = {}
+    for fraction in sorted(fractions):
+        chosen.setdefault(min(epochs, max(1, round(fraction * epochs))), fraction)
+    chosen[epochs] = 1.0
+    return dict(sorted(chosen.items()))
+
+
+# ---------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class PretrainResult:
+    out: Path
+    checkpoints: list[PretrainCheckpoint]
+    metrics: dict[str, Any]
+    cached: bool = False  # True when a finished stage was reused from the cache
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return self.metrics["epochs"]
+
+    @property
+    def final(self) -> PretrainCheckpoint:
+        return self.checkpoints[-1]
+
+
+def cache_root() -> Path:
+    if os.environ.get("AUTOFT_CACHE_DIR"):
+        return Path(os.environ["AUTOFT_CACHE_DIR"]).expanduser() / "pretrain"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return base / "autoft" / "pretrain"
+
+
+def _weights_identity(weights: str | None) -> Any:
+    if not weights:
+        return None
+    path = Path(weights).expanduser()
+    if path.is_file():
+        stat = path.stat()
+        return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    return weights
+
+
+def read_result(out: Path, cached: bool = False) -> PretrainResult:
+    metrics = read_json(out / METRICS_NAME)
+    checkpoints = [
+        PretrainCheckpoint(c["epoch"], c["fraction"], out / c["path"], c.get("knn_accuracy")) for c in metrics["checkpoints"]
+    ]
+    return PretrainResult(out=out, checkpoints=checkpoints, metrics=metrics, cached=cached)
+
+
+def pretrain(
+    backbone: str,
+    data: str | os.PathLike | torch.Tensor,
+    out: str | os.PathLike | None = None,
+    *,
+    method: str = "simclr",
+    epochs: int = 50,
+    batch_size: int = 128,
+    image_size: int | None = None,
+    weights: str | None = None,
+    labelled: str | DataSplits | None = None,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    checkpoints: Sequence[float] = CHECKPOINT_FRACTIONS,
+    time_budget: float | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> PretrainResult:
+    """Pretrain ``backbone`` on unlabelled images with ``method``; save checkpoints to ``out``.
+
+    ``data`` is a folder of images (flat or one subfolder per class; labels are ignored for
+    training), any dataset source (``sample:digits``), or a uint8 ``(N, 3, S, S)`` tensor.
+    ``labelled`` (a dataset source or :class:`~autoft.data.DataSplits`) scores each
+    checkpoint by k-NN accuracy on its validation split; without it a class folder's own
+    labels are used (20% held out), and a flat folder gets no score.
+    ``time_budget`` (seconds) caps the stage: after the first epoch, the planned epochs
+    shrink to what fits, and checkpoint points follow the shrunken plan.
+    ``out=None`` keeps the stage in the cache (see the module docstring) and reuses it.
+    """
+    if epochs < 1:
+        raise AutoftError("--epochs must be at least 1")
+    if batch_size < 2:
+        raise AutoftError("--batch-size must be at least 2 (contrastive methods compare images within a batch)")
+    if not checkpoints or any(not 0 < f <= 1 for f in checkpoints):
+        raise AutoftError("checkpoint points must be fractions of the budget in (0, 1]")
+    registry = plugins.registry()
+    spec, model_name = registry.backbone(backbone)  # fail on a bad name before decoding any image
+    method_spec = registry.pretrainer(method)
+    torch_device = resolve_device(device)
+    if image_size is None:
+        if isinstance(data, torch.Tensor):
+            image_size = int(data.shape[-1])
+        elif isinstance(labelled, DataSplits):
+            image_size = labelled.image_size
+        else:
+            image_size = spec.factory(model_name, num_classes=2, dropout=0.0, weights=None).input_size
+
+    if isinstance(data, torch.Tensor):
+        if data.dtype != torch.uint8 or data.dim() != 4 or data.shape[1] != 3 or data.shape[-1] != image_size:
+            raise AutoftError(f"image tensors must be uint8 (N, 3, {image_size}, {image_size}), got {data.dtype} {tuple(data.shape)}")
+        pool = Pool(images=data)
+    else:
+        pool = load_pool(data, image_size, registry)
+    if len(pool.images) < 2:
+        raise AutoftError(f"need at least 2 images to pretrain, found {len(pool.images)}")
+    if isinstance(labelled, (str, os.PathLike)):
+        labelled = load_data(str(labelled), image_size=image_size, seed=seed, registry=registry)
+
+    if out is None:
+        key_fields = {
+            "backbone": backbone, "method": method, "images": fingerprint(pool.images), "image_size": image_size,
+            "epochs": epochs, "time_budget": time_budget, "batch_size": batch_size, "lr": lr,
+            "weight_decay": weight_decay, "checkpoints": sorted(checkpoints), "weights": _weights_identity(weights), "seed": seed,
+        }  # fmt: skip
+        key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:24]
+        final = cache_root() / key
+        # The folder appears by an atomic rename only once the stage has finished, so a
+        # crashed or interrupted stage is never taken as done.
+        if (final / METRICS_NAME).is_file():
+            return read_result(final, cached=True)
+        work = cache_root() / f".{key}.{uuid.uuid4().hex[:8]}.partial"
+    else:
+        final = work = Path(out).expanduser()
+
+    try:
+        _run(
+            backbone, pool, work, method=method, method_spec=method_spec, epochs=epochs, batch_size=batch_size,
+            image_size=image_size, weights=weights, labelled=labelled, lr=lr, weight_decay=weight_decay,
+            fractions=checkpoints, time_budget=time_budget, device=torch_device, seed=seed, registry=registry,
+            on_epoch=on_epoch, on_batch=on_batch,
+        )  # fmt: skip
+    except BaseException:
+        if work != final:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if work != final:
+        try:
+            work.rename(final)
+        except OSError:  # another process finished the same stage first; theirs is as good
+            shutil.rmtree(work, ignore_errors=True)
+        return read_result(final)
+    return read_result(final)
+
+
+def _run(
+    backbone_name: str, pool: Pool, out: Path, *, method: str, method_spec: PretrainerSpec, epochs: int, batch_size: int,
+    image_size: int, weights: str | None, labelled: DataSplits | None, lr: float, weight_decay: float,
+    fractions: Sequence[float], time_budget: float | None, device: torch.device, seed: int, registry,
+    on_epoch: Callable[[dict[str, float]], None] | None, on_batch: Callable[[int, int], None] | None,
+) -> None:  # fmt: skip
+    started = time.perf_counter()
+    seed_everything(seed)
+    # The classifier is never trained nor saved; two classes keep every backbone source happy.
+    backbone = build_backbone(backbone_name, num_classes=2, weights=weights, registry=registry)
+    pretrainer = method_spec.factory()
+    extra = pretrainer.setup(backbone, image_size)
+    modules = torch.nn.ModuleList([backbone.model] + ([extra] if extra is not None else [])).to(device)
+    head = set(backbone.head.params)
+    trainable = [p for n, p in backbone.model.named_parameters() if n not in head]
+    if extra is not None:
+        trainable += list(extra.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    batch_size = min(batch_size, len(pool.images))
+    steps_per_epoch = len(pool.images) // batch_size  # full batches only: contrastive losses need company
+    planned = {"epochs": epochs}  # a time budget may shorten the plan after the first epoch
+
+    def lr_factor(step: int) -> float:
+        total = planned["epochs"] * steps_per_epoch
+        return cosine_with_warmup(total, min(steps_per_epoch, total // 10 + 1))(step)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    evaluation = evaluation_split(labelled, pool, seed)
+    generator = torch.Generator().manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def score() -> float | None:
+        if evaluation is None:
+            return None
+        accuracy = knn_accuracy(backbone, *evaluation, device)
+        modules.train()
+        return accuracy
+
+    metrics: dict[str, Any] = {
+        "backbone": backbone_name,
+        "method": method,
+        "weights": weights,
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "seed": seed,
+        "num_images": len(pool.images),
+        "skipped_images": len(pool.skipped),
+        "skipped": [{"source": s, "reason": r} for s, r in pool.skipped[:100]],
+        "planned_epochs": epochs,
+        "time_budget": time_budget,
+        "knn_accuracy_at_start": score(),
+        "epochs": [],
+        "checkpoints": [],
+    }
+    saves = checkpoint_epochs(epochs, fractions)
+    modules.train()
+    epoch = 0
+    while epoch < planned["epochs"]:
+        epoch += 1
+        epoch_started = time.perf_counter()
+        order = torch.randperm(len(pool.images), generator=generator)
+        total = 0.0
+        for step in range(steps_per_epoch):
+            index = order[step * batch_size : (step + 1) * batch_size]
+            images = to_float(pool.images[index], device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = pretrainer.loss(backbone, images)
+            if not torch.isfinite(loss):
+                raise AutoftError(f"pretraining loss is {loss.item()} at epoch {epoch}; try a lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item()
+            if on_batch:
+                on_batch(step + 1, steps_per_epoch)
+        record = {"epoch": epoch, "loss": total / steps_per_epoch, "seconds": time.perf_counter() - epoch_started}
+        metrics["epochs"].append(record)
+        if time_budget is not None:
+            elapsed = time.perf_counter() - started
+            if epoch == 1:
+                # The first epoch tells how many fit; the schedule and checkpoints follow the new plan.
+                fits = max(1, int(time_budget / max(elapsed, 1e-9)))
+                if fits < epochs:
+                    planned["epochs"] = fits
+                    saves = checkpoint_epochs(fits, fractions)
+            elif elapsed + record["seconds"] > time_budget and epoch < planned["epochs"]:
+                planned["epochs"] = epoch  # the next epoch would overrun: this one is the last
+                saves[epoch] = 1.0
+        if epoch in saves:
+            path = save_pretrained(
+                out / f"backbone-epoch{epoch}.pt", backbone, backbone_name=backbone_name, method=method, epoch=epoch, image_size=image_size
+            )
+            checkpoint = {"epoch": epoch, "fraction": saves[epoch], "path": path.name, "knn_accuracy": score()}
+            metrics["checkpoints"].append(checkpoint)
+            record["knn_accuracy"] = checkpoint["knn_accuracy"]
+        if on_epoch:
+            on_epoch(record)
+    metrics["epochs_run"] = epoch
+    metrics["seconds"] = time.perf_counter() - started
+    write_json(out / METRICS_NAME, metrics)
