@@ -37,6 +37,8 @@ def load_class_folder(source: str) -> LabelledImages:
 def load_split_folder(source: str) -> LabelledImages:
     """``DIR/{train,val,test}/<class>/*``: splits chosen by the user."""
     folder = Path(source).expanduser()
+    if not folder.is_dir():
+        raise AutoftError(f"not a folder: {source}")
     split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in _class_dirs(folder) if d.name.lower() in SPLIT_ALIASES}
     if "train" not in split_dirs:
         raise AutoftError(f"no train/ folder in {source}")

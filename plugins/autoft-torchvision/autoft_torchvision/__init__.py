@@ -101,7 +101,13 @@ def replace_classifier(model: torch.nn.Module, num_classes: int, dropout: float)
     else:  # SqueezeNet classifies with a 1x1 convolution
         width, new = layer.in_channels, torch.nn.Conv2d(layer.in_channels, num_classes, kernel_size=1)
     siblings = list(parent.named_children())
-    before = siblings[[n for n, _ in siblings].index(attr) - 1][1] if siblings[0][0] != attr else None
+    position = [n for n, _ in siblings].index(attr)
+    before = siblings[position - 1][1] if position > 0 else None
+    after = siblings[position + 1] if position + 1 < len(siblings) else None
+    if isinstance(layer, torch.nn.Conv2d) and after is not None and isinstance(after[1], torch.nn.ReLU):
+        # SqueezeNet clamps its logits at zero; a fresh head whose outputs all start
+        # negative would get no gradient at all, so the new head's logits stay unclamped.
+        setattr(parent, after[0], torch.nn.Identity())
     if isinstance(before, torch.nn.Dropout):
         before.p = dropout  # the architecture's own dropout becomes the tuned one
         setattr(parent, attr, new)
