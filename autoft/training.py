@@ -133,11 +133,27 @@ def resolve_params(strategy_name: str, n_groups: int, given: dict[str, Any], reg
     strategy = registry.strategy(strategy_name).factory()
     params = {**DEFAULT_PARAMS, **strategy.default_params(n_groups), **{k: v for k, v in given.items() if v is not None}}
     params["strategy"] = strategy_name
+    fixed = optuna.trial.FixedTrial(params)
     try:
-        strategy.suggest(optuna.trial.FixedTrial(params), n_groups)
-    except ValueError as exc:  # FixedTrial rejects values outside the declared range
+        strategy.suggest(fixed, n_groups)
+    except ValueError as exc:  # a parameter the strategy needs is missing
         raise AutoftError(f"invalid parameters for strategy {strategy_name!r}: {exc}") from None
+    for name, distribution in fixed.distributions.items():
+        if not _within(distribution, params[name]):
+            raise AutoftError(f"invalid parameters for strategy {strategy_name!r}: {name}={params[name]!r} is outside {_describe(distribution)}")
     return params
+
+
+def _within(distribution, value) -> bool:
+    if hasattr(distribution, "choices"):
+        return value in distribution.choices
+    return distribution.low <= value <= distribution.high
+
+
+def _describe(distribution) -> str:
+    if hasattr(distribution, "choices"):
+        return "{" + ", ".join(map(str, distribution.choices)) + "}"
+    return f"[{distribution.low}, {distribution.high}]"
 
 
 # ---------------------------------------------------------------------------
@@ -428,6 +444,7 @@ def train(
     if isinstance(data, str):
         probe = spec.factory(model_name, num_classes=2, dropout=0.0, weights=None)
         data = load_data(data, image_size=image_size, default_size=probe.input_size, seed=seed, registry=registry)
+    seed_everything(seed)  # weight initialisation draws from the global generator too
     given = {"lr": lr, "dropout": dropout, "weight_decay": weight_decay, "freeze_depth": freeze_depth, **(extra_params or {})}
     model = build_backbone(backbone, num_classes=data.num_classes, dropout=dropout if dropout is not None else DEFAULT_PARAMS["dropout"], weights=weights, registry=registry)
     params = resolve_params(strategy, len(model.groups), given, registry)

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from autoft import plugins
+from autoft.errors import AutoftError
+from autoft.training import build_backbone, fit, load_checkpoint, resolve_params, train
+
+TINY = ["test_resnet", "test_vit", "test_efficientnet"]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_groups_run_from_stem_to_head_and_cover_every_parameter_once(name):
+    backbone = build_backbone(name, num_classes=4)
+    names = [n for n, _ in backbone.model.named_parameters()]
+    grouped = [p for g in backbone.groups for p in g.params]
+    assert sorted(grouped) == sorted(names) and len(grouped) == len(set(grouped))
+    assert backbone.groups[0].name == "stem" and backbone.groups[-1].name == "head"
+    head_params = dict(backbone.model.named_parameters())
+    assert {head_params[p].shape[0] for p in backbone.head.params} == {4}  # the classifier's outputs
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_freeze_depth_k_freezes_exactly_the_first_k_groups(name):
+    backbone = build_backbone(name, num_classes=3)
+    n = len(backbone.groups)
+    strategy = plugins.registry().strategy("freeze").factory()
+    for depth in (0, 1, n - 1):
+        plan = strategy.apply(backbone, {"freeze_depth": depth})
+        backbone.model.zero_grad(set_to_none=True)
+        backbone.model.train()
+        backbone.model(torch.rand(2, 3, 32, 32)).sum().backward()
+        by_name = dict(backbone.model.named_parameters())
+        for i, group in enumerate(backbone.groups):
+            grads = [by_name[p].grad for p in group.params]
+            if i < depth:
+                assert all(g is None for g in grads), f"group {group.name} should be frozen at depth {depth}"
+            else:
+                assert any(g is not None and g.abs().sum() > 0 for g in grads), f"group {group.name} should train"
+        trainable = {id(p) for g in plan.param_groups for p in g["params"]}
+        assert trainable == {id(p) for p in backbone.model.parameters() if p.requires_grad}
+
+
+def test_frozen_batchnorm_keeps_its_running_statistics(digits):
+    backbone = build_backbone("test_resnet", num_classes=10)
+    before = backbone.model.bn1.running_mean.clone()
+    params = resolve_params("freeze", len(backbone.groups), {"freeze_depth": 1})
+    fit(backbone, digits, params, epochs=1, batch_size=128)
+    assert torch.equal(backbone.model.bn1.running_mean, before)  # stem frozen: stats untouched
+    assert not torch.equal(backbone.model.layer4[0].bn1.running_mean, torch.zeros_like(before[:0]))
+
+
+def test_linear_probe_trains_only_the_head():
+    backbone = build_backbone("test_resnet", num_classes=3)
+    plugins.registry().strategy("linear-probe").factory().apply(backbone, {})
+    trainable = {n for n, p in backbone.model.named_parameters() if p.requires_grad}
+    assert trainable == set(backbone.head.params)
+
+
+def test_l2sp_penalty_is_zero_at_the_start_and_grows_with_distance():
+    backbone = build_backbone("test_resnet", num_classes=3)
+    plan = plugins.registry().strategy("l2sp").factory().apply(backbone, {"freeze_depth": 1, "l2sp_alpha": 0.5})
+    assert plan.extra_loss().item() == 0.0
+    body = plan.param_groups[0]["params"]
+    assert plan.param_groups[0]["weight_decay"] == 0.0  # pulled to the start, not to zero
+    with torch.no_grad():
+        body[0].add_(1.0)
+    assert plan.extra_loss().item() == pytest.approx(0.5 * 0.5 * body[0].numel())
+
+
+def test_strategy_parameters_are_validated_against_their_ranges():
+    with pytest.raises(AutoftError, match="invalid parameters"):
+        resolve_params("freeze", 6, {"freeze_depth": 9})
+
+
+def test_short_run_on_digits_reaches_the_accuracy_floor_and_repeats_exactly(digits, tmp_path):
+    a = train("test_resnet", digits, tmp_path / "a", epochs=4, batch_size=64, seed=3)
+    assert a.metrics["val_accuracy"] >= 0.80  # chance is 0.10
+    b = train("test_resnet", digits, tmp_path / "b", epochs=4, batch_size=64, seed=3)
+    assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
+    assert a.metrics["val_accuracy"] == b.metrics["val_accuracy"]
+
+
+def test_checkpoint_rebuilds_the_same_classifier(digits, tmp_path):
+    result = train("test_resnet", digits, tmp_path, epochs=1, batch_size=128)
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.classes == digits.classes and loaded.meta["image_size"] == 32
+    x = digits.val.images[:8].float() / 255
+    expected = torch.nn.Sequential(*loaded.network()[:1], result.backbone.model.eval())(x)
+    assert torch.allclose(loaded.network()(x), expected, atol=1e-5)
+
+
+def test_weights_file_starts_the_backbone_and_skips_a_mismatched_head(tmp_path):
+    from safetensors.torch import save_file
+
+    source = build_backbone("test_resnet", num_classes=7)
+    torch.save(source.model.state_dict(), tmp_path / "w.pt")
+    save_file(source.model.state_dict(), str(tmp_path / "w.safetensors"))
+    for file in ("w.pt", "w.safetensors"):
+        target = build_backbone("test_resnet", num_classes=3, weights=str(tmp_path / file))
+        assert torch.equal(target.model.conv1.weight, source.model.conv1.weight)
+        assert target.model.fc.weight.shape[0] == 3
+
+
+def test_weights_from_another_architecture_are_refused(tmp_path):
+    torch.save(build_backbone("test_vit", num_classes=3).model.state_dict(), tmp_path / "vit.pt")
+    with pytest.raises(AutoftError, match="no tensor"):
+        build_backbone("test_resnet", num_classes=3, weights=str(tmp_path / "vit.pt"))
+
+
+def test_nan_loss_is_an_error_not_a_silent_model(digits):
+    backbone = build_backbone("test_resnet", num_classes=10)
+    params = resolve_params("full", len(backbone.groups), {"lr": 1e12})
+    with pytest.raises(FloatingPointError, match="loss is"):
+        fit(backbone, digits, params, epochs=2, batch_size=256)
