@@ -1,0 +1,84 @@
+"""`autoft train` through the CLI: outputs, and one clear line for every user mistake."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from autoft.cli import make_app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(make_app(), list(map(str, args)))
+
+
+def test_train_writes_checkpoint_metrics_and_labels(split_folder, tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train", "--backbone", "test_resnet", "--data", split_folder, "--out", out, "--epochs", "2", "--image-size", "32", "--batch-size", "8")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert {"train_loss", "val_loss", "val_accuracy"} <= set(metrics["epochs"][0])
+    assert "test_accuracy" in metrics and metrics["num_test"] == 9
+    assert json.loads((out / "labels.json").read_text()) == ["blue", "green", "red"]
+    assert (out / "model.pt").is_file()
+    assert "val accuracy" in result.output
+
+
+def test_strategy_parameters_pass_through_param(class_folder, tmp_path):
+    result = invoke(
+        "train", "--backbone", "test_resnet", "--data", class_folder, "--out", tmp_path, "--epochs", "1",
+        "--image-size", "16", "--strategy", "l2sp", "--param", "l2sp_alpha=0.05", "--freeze-depth", "2",
+    )
+    assert result.exit_code == 0, result.output
+    params = json.loads((tmp_path / "metrics.json").read_text())["params"]
+    assert params["strategy"] == "l2sp" and params["l2sp_alpha"] == 0.05 and params["freeze_depth"] == 2
+
+
+def _one_clear_line(result, *needles):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--data", "{missing}"], ["data not found"]),
+        (["--backbone", "resnet5O"], ["unknown backbone", "resnet50"]),
+        (["--strategy", "freze"], ["unknown strategy", "freeze"]),
+        (["--data", "{empty}"], ["no images found"]),
+        (["--data", "{one_class}"], ["at least two classes"]),
+        (["--weights", "{missing}/w.pt"], ["weights file not found"]),
+        (["--device", "tpu"], ["unknown device"]),
+        (["--param", "nonsense"], ["KEY=VALUE"]),
+    ],
+)
+def test_user_mistakes_end_in_one_line_and_exit_2(class_folder, tmp_path, args, needles):
+    (tmp_path / "empty").mkdir()
+    one_class = tmp_path / "one"
+    (one_class / "red").mkdir(parents=True)
+    for png in (class_folder / "red").glob("*.png"):
+        (one_class / "red" / png.name).write_bytes(png.read_bytes())
+    places = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "one_class": one_class}
+    base = {"--backbone": "test_resnet", "--data": str(class_folder), "--out": str(tmp_path / "out"), "--epochs": "1", "--image-size": "16"}
+    extra = []
+    for flag, value in zip(args[::2], args[1::2]):
+        value = value.format(**places)
+        if flag in base:
+            base[flag] = value
+        else:
+            extra += [flag, value]
+    result = invoke("train", *[x for kv in base.items() for x in kv], *extra)
+    _one_clear_line(result, *needles)
+    assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output.startswith("autoft ")
