@@ -171,13 +171,9 @@ def save_pretrained(path: Path, backbone: Backbone, *, backbone_name: str, metho
     return path
 
 
-def checkpoint_epochs(epochs: int, fractions: Sequence[float] = CHECKPOINT_FRACTIONS) -> dict[int, float]:
-    """Epoch -> the fraction of the budget it stands for; always includes the last epoch."""
-    chosen: dict[int, float] = {}
-    for fraction in sorted(fractions):
-        chosen.setdefault(min(epochs, max(1, round(fraction * epochs))), fraction)
-    chosen[epochs] = 1.0
-    return dict(sorted(chosen.items()))
+def checkpoint_epochs(epochs: int, fractions: Sequence[float] = CHECKPOINT_FRACTIONS) -> list[int]:
+    """The epochs closest to ``fractions`` of the budget, and always the last one."""
+    return sorted({min(epochs, max(1, round(f * epochs))) for f in fractions} | {epochs})
 
 
 # ---------------------------------------------------------------------------
@@ -413,12 +409,13 @@ def _run(
                     saves = checkpoint_epochs(fits, fractions)
             elif elapsed + record["seconds"] > time_budget and epoch < planned["epochs"]:
                 planned["epochs"] = epoch  # the next epoch would overrun: this one is the last
-                saves[epoch] = 1.0
+                saves.append(epoch)
         if epoch in saves:
             path = save_pretrained(
                 out / f"backbone-epoch{epoch}.pt", backbone, backbone_name=backbone_name, method=method, epoch=epoch, image_size=image_size
             )
-            checkpoint = {"epoch": epoch, "fraction": saves[epoch], "path": path.name, "knn_accuracy": score()}
+            fraction = round(epoch / planned["epochs"], 4)
+            checkpoint = {"epoch": epoch, "fraction": fraction, "path": path.name, "knn_accuracy": score()}
             metrics["checkpoints"].append(checkpoint)
             record["knn_accuracy"] = checkpoint["knn_accuracy"]
         if on_epoch:

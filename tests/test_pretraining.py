@@ -1,0 +1,173 @@
+"""The pretraining stage: methods, checkpoints, cache, unreadable files, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from autoft import plugins
+from autoft.cli import make_app
+from autoft.data import DataSplits
+from autoft.pretraining import PRETRAINED_FORMAT, checkpoint_epochs, pretrain
+from autoft.training import build_backbone, load_weights
+
+from conftest import COLOURS, make_image
+
+BUILTIN_METHODS = ["simclr", "autoencoder", "masked-autoencoder"]
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("AUTOFT_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "pretrain"
+
+
+@pytest.fixture(scope="module")
+def pool(digits) -> torch.Tensor:
+    """64 digits at 32px as an unlabelled uint8 tensor."""
+    return digits.train.images[:64]
+
+
+def test_builtin_methods_are_registered():
+    assert set(BUILTIN_METHODS) <= set(plugins.registry().pretrainers)
+
+
+@pytest.mark.parametrize("method", BUILTIN_METHODS)
+def test_short_run_lowers_loss_and_saves_checkpoints(method, pool, tmp_path):
+    result = pretrain("test_resnet", pool, tmp_path / method, method=method, epochs=4, batch_size=32, lr=3e-3, device="cpu")
+    losses = [e["loss"] for e in result.history]
+    assert len(losses) == 4
+    assert losses[-1] < losses[0]
+    assert [c.epoch for c in result.checkpoints] == [1, 2, 4]
+    assert [c.fraction for c in result.checkpoints] == [0.25, 0.5, 1.0]
+    assert all(c.path.is_file() for c in result.checkpoints)
+    written = json.loads((tmp_path / method / "metrics.json").read_text())
+    assert [e["loss"] for e in written["epochs"]] == losses
+    assert written["checkpoints"][0]["knn_accuracy"] is None  # no labels given
+
+
+def test_checkpoint_loads_into_a_fresh_backbone_of_the_same_name(pool, tmp_path):
+    result = pretrain("test_resnet", pool, tmp_path, method="autoencoder", epochs=1, batch_size=32, device="cpu")
+    payload = torch.load(result.final.path, weights_only=True)
+    assert payload["format"] == PRETRAINED_FORMAT and payload["backbone"] == "test_resnet"
+    saved = payload["state_dict"]
+
+    backbone = build_backbone("test_resnet", num_classes=10, weights=str(result.final.path))
+    own = backbone.model.state_dict()
+    assert saved and all(torch.equal(own[k], v) for k, v in saved.items())
+    # The classifier is not part of a pretrained backbone: it stays fresh, at the task's size.
+    assert not set(saved) & set(backbone.head.params)
+    assert own["fc.weight"].shape == (10, backbone.num_features)
+    fresh = build_backbone("test_resnet", num_classes=10)
+    assert sorted(load_weights(fresh.model, result.final.path)) == sorted(backbone.head.params)
+
+
+def test_vit_trains_through_the_same_methods(tmp_path):
+    # timm's test_vit has a fixed 160px input; the decoder and the patch mask follow it.
+    images = torch.randint(0, 256, (4, 3, 160, 160), dtype=torch.uint8)
+    result = pretrain("test_vit", images, tmp_path, method="masked-autoencoder", epochs=1, batch_size=4, device="cpu")
+    assert result.final.path.is_file()
+    backbone = build_backbone("test_vit", num_classes=3, weights=str(result.final.path))
+    assert torch.equal(backbone.model.state_dict()["cls_token"], torch.load(result.final.path)["state_dict"]["cls_token"])
+
+
+def test_labelled_split_scores_each_checkpoint(pool, digits, tmp_path):
+    labelled = DataSplits(train=digits.train.subset(range(100, 300)), val=digits.val.subset(range(100)), test=None, classes=digits.classes, image_size=32)
+    result = pretrain("test_resnet", pool, tmp_path, method="simclr", epochs=2, batch_size=32, labelled=labelled, device="cpu")
+    assert result.metrics["knn_accuracy_at_start"] is not None
+    for checkpoint in result.checkpoints:
+        assert 0.1 < checkpoint.knn_accuracy <= 1.0  # ten classes: far above chance even untrained
+
+
+def test_stage_is_cached_and_reused(pool, cache_dir):
+    first = pretrain("test_resnet", pool, method="autoencoder", epochs=2, batch_size=32, device="cpu")
+    assert not first.cached and first.out.parent == cache_dir
+    again = pretrain("test_resnet", pool, method="autoencoder", epochs=2, batch_size=32, device="cpu")
+    assert again.cached and again.out == first.out
+    assert [c.path for c in again.checkpoints] == [c.path for c in first.checkpoints]
+    # Another budget or other images are another stage.
+    longer = pretrain("test_resnet", pool, method="autoencoder", epochs=3, batch_size=32, device="cpu")
+    assert not longer.cached and longer.out != first.out
+    assert len(list(cache_dir.iterdir())) == 2
+
+
+def test_an_interrupted_stage_is_never_taken_as_done(pool, cache_dir):
+    def interrupt(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain("test_resnet", pool, method="autoencoder", epochs=2, batch_size=32, device="cpu", on_epoch=interrupt)
+    assert not cache_dir.exists() or not list(cache_dir.iterdir())  # no partial folder left either
+    result = pretrain("test_resnet", pool, method="autoencoder", epochs=2, batch_size=32, device="cpu")
+    assert not result.cached and result.final.epoch == 2
+
+
+def test_time_budget_shortens_the_plan(pool, tmp_path):
+    result = pretrain("test_resnet", pool, tmp_path, method="autoencoder", epochs=8, batch_size=32, time_budget=1e-3, device="cpu")
+    assert result.metrics["epochs_run"] == 1
+    assert [(c.epoch, c.fraction) for c in result.checkpoints] == [(1, 1.0)]
+
+
+def test_checkpoint_epochs():
+    assert checkpoint_epochs(20) == [5, 10, 20]
+    assert checkpoint_epochs(2) == [1, 2]  # 25% and 50% round to the same epoch
+    assert checkpoint_epochs(1) == [1]
+    assert checkpoint_epochs(10, (0.3,)) == [3, 10]
+
+
+def test_cli_class_folder_skips_unreadable_files_and_scores_with_its_labels(class_folder, tmp_path):
+    (class_folder / "red" / "broken.png").write_bytes(b"not an image")
+    (class_folder / "blue" / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    args = ["pretrain", "--backbone", "test_resnet", "--data", str(class_folder), "--out", str(out)]
+    args += ["--method", "autoencoder", "--epochs", "2", "--batch-size", "8", "--image-size", "32", "--device", "cpu"]
+    result = CliRunner().invoke(make_app(), args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["skipped_images"] == 2 and metrics["num_images"] == 8 * len(COLOURS)
+    assert {Path(s["source"]).name for s in metrics["skipped"]} == {"broken.png", "empty.jpg"}
+    assert [c["epoch"] for c in metrics["checkpoints"]] == [1, 2]
+    assert all(c["knn_accuracy"] is not None for c in metrics["checkpoints"])
+    assert (out / "backbone-epoch2.pt").is_file()
+
+
+def test_cli_flat_folder(tmp_path):
+    folder = tmp_path / "flat"
+    for i in range(6):
+        make_image(folder / f"{i}.png", (200, 100, 50), seed=i)
+    out = tmp_path / "out"
+    args = ["pretrain", "--backbone", "test_resnet", "--data", str(folder), "--out", str(out), "--epochs", "1"]
+    result = CliRunner().invoke(make_app(), args + ["--batch-size", "3", "--image-size", "32", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_images"] == 6 and metrics["skipped_images"] == 0
+    assert metrics["checkpoints"][0]["knn_accuracy"] is None  # no labels anywhere
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "simclrr"], "unknown pretraining method 'simclrr' (did you mean simclr?)"),
+        (["--backbone", "no_such_model"], "unknown backbone 'no_such_model'"),
+    ],
+)
+def test_cli_bad_names_are_one_line_errors(extra, message, tmp_path):
+    make_image(tmp_path / "flat" / "0.png", (1, 2, 3), seed=0)
+    args = ["pretrain", "--backbone", "test_resnet", "--data", str(tmp_path / "flat"), "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(make_app(), args + extra)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_cli_folder_without_readable_images_is_an_error(tmp_path):
+    folder = tmp_path / "junk"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"garbage")
+    args = ["pretrain", "--backbone", "test_resnet", "--data", str(folder), "--out", str(tmp_path / "out"), "--image-size", "32"]
+    result = CliRunner().invoke(make_app(), args)
+    assert result.exit_code == 2
+    assert "no readable images" in result.output
