@@ -25,6 +25,7 @@ def _version(value: bool) -> None:
 COMMAND_MODULES = [
     "autoft.cli.plugins_cmd",
     "autoft.cli.train_cmd",
+    "autoft.cli.pretrain_cmd",
     "autoft.cli.export_cmd",
 ]
 
