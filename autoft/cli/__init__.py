@@ -27,6 +27,8 @@ COMMAND_MODULES = [
     "autoft.cli.train_cmd",
     "autoft.cli.pretrain_cmd",
     "autoft.cli.export_cmd",
+    "autoft.cli.predict_cmd",
+    "autoft.cli.serve_cmd",
 ]
 
 
