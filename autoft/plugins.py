@@ -215,7 +215,9 @@ def _entry_points() -> list[importlib.metadata.EntryPoint]:
 
 
 def _one_line(exc: BaseException) -> str:
-    where = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    # The innermost frame in the plugin's own code; importlib's frames say nothing to its author.
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")] if exc.__traceback__ else []
+    where = [] if isinstance(exc, SyntaxError) else frames[-1:]  # a SyntaxError names its line itself
     place = f" ({Path(where[0].filename).name}:{where[0].lineno})" if where else ""
     return f"{type(exc).__name__}: {exc}{place}".replace("\n", " ")
 
