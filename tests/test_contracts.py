@@ -52,3 +52,9 @@ class TestStrategies(StrategyContract):
     @pytest.fixture(params=["full", "freeze", "linear-probe", "l2sp", "discriminative"])
     def strategy_under_test(self, request):
         return request.param
+
+
+class TestPretrainers(PretrainerContract):
+    @pytest.fixture(params=["simclr", "autoencoder", "masked-autoencoder"])
+    def pretrainer_under_test(self, request):
+        return request.param
