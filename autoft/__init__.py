@@ -7,6 +7,8 @@ The Python API mirrors the CLI; the CLI is a thin layer over it::
     print(result.metrics["val_accuracy"])
 """
 
+import sys
+import types
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 
@@ -34,3 +36,25 @@ def __getattr__(name: str):
     if name in _API:
         return getattr(import_module(_API[name]), name)
     raise AttributeError(f"module 'autoft' has no attribute {name!r}")
+
+
+class _CallableModule(types.ModuleType):
+    """A submodule named like the API function it holds (``autoft.search``), called as that function."""
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
+
+
+class _Package(types.ModuleType):
+    """Importing ``autoft.search`` or ``autoft.export`` binds the *module* to that attribute
+    of ``autoft``, shadowing the API function of the same name. Making such a module
+    callable keeps ``autoft.search(...)`` working however the imports happened, and
+    ``autoft.search.SearchSpace`` too."""
+
+    def __setattr__(self, name, value):
+        if name in _API and type(value) is types.ModuleType and value.__name__ == f"{__name__}.{name}":
+            value.__class__ = _CallableModule
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -417,7 +417,7 @@ def test_metrics(net: torch.nn.Module, data: DataSplits, device: torch.device, b
 
 def train(
     backbone: str,
-    data: str | DataSplits,
+    data: str | Path | DataSplits,
     out: str | Path | None = None,
     *,
     epochs: int = 10,
@@ -437,6 +437,8 @@ def train(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """One fine-tuning run. Writes ``model.pt``, ``metrics.json`` and ``labels.json`` to ``out``."""
+    if isinstance(data, Path):
+        data = str(data)  # a dataset source, as the CLI passes it
     if epochs < 1:
         raise AutoftError("--epochs must be at least 1")
     if metric not in METRICS:
