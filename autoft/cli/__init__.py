@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "autoft.cli.plugins_cmd",
     "autoft.cli.train_cmd",
     "autoft.cli.pretrain_cmd",
+    "autoft.cli.search_cmd",
     "autoft.cli.export_cmd",
     "autoft.cli.predict_cmd",
     "autoft.cli.serve_cmd",

@@ -1,0 +1,125 @@
+"""``autoft search``: a hyperparameter search over fine-tuning recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from autoft.cli.common import console, guarded
+
+
+class SearchProgress:
+    """Live progress: trial n of N with the best so far, and the running trial's epoch."""
+
+    def __init__(self, epochs: int, metric: str):
+        self.epochs, self.metric = epochs, metric
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self.trials = self.running = None
+
+    def __enter__(self) -> "SearchProgress":
+        self.progress.__enter__()
+        self.trials = self.progress.add_task("trials", total=None, status="")
+        self.running = self.progress.add_task("", total=None, status="", visible=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event["kind"]
+        if kind == "search_start":
+            self.progress.update(self.trials, total=event["total"], completed=event["done"])
+            if event["queued_again"]:
+                self._say(f"running again trial(s) {', '.join(map(str, event['queued_again']))}, left unfinished by a crash or an interrupt")
+        elif kind == "trial_start":
+            self.progress.update(self.running, description=f"trial {event['number']} epoch 1/{self.epochs}", completed=0, total=None, status="", visible=True)
+        elif kind == "batch":
+            self.progress.update(self.running, completed=event["step"], total=event["steps"])
+        elif kind == "epoch":
+            following = min(event["epoch"] + 1, event["epochs"])
+            self.progress.update(self.running, description=f"trial {event['number']} epoch {following}/{event['epochs']}", status=f"val {self.metric} {event['value']:.4f} at epoch {event['epoch']}")
+        elif kind == "fold":
+            self.progress.update(self.running, description=f"trial {event['number']} fold {event['fold']}/{event['folds']}", status=f"fold {self.metric} {event['value']:.4f}")
+        elif kind == "trial_end":
+            self._trial_end(event)
+        elif kind == "retrain":
+            self.progress.update(self.running, description=f"retraining best trial {event['number']}", visible=True, completed=0, total=None, status="")
+        elif kind == "export":
+            self.progress.update(self.running, description=f"exporting trial {event['number']} to ONNX", visible=True, total=None, status="")
+
+    def _trial_end(self, event: dict[str, Any]) -> None:
+        state = event["state"]
+        if state == "COMPLETE":
+            line = f"trial {event['number']}: {self.metric} {event['value']:.4f}"
+        elif state == "PRUNED":
+            line = f"trial {event['number']}: [yellow]pruned[/yellow]"
+        else:
+            line = f"trial {event['number']}: [red]{state.lower()}[/red] {event.get('reason') or ''}"
+        best = event["best_value"]
+        status = f"best {self.metric} {best:.4f} (trial {event['best_number']})" if best is not None else "no trial completed yet"
+        self._say(line)
+        self.progress.update(self.trials, completed=min(event["done"], event["total"]), status=status)
+        self.progress.update(self.running, visible=False)
+
+    def _say(self, text: str) -> None:
+        self.progress.console.print(text, highlight=False)
+
+
+def search_command(
+    backbone: Annotated[str, typer.Option(help="Backbone: a timm model name, or SOURCE:MODEL from another plugin.")],
+    data: Annotated[str, typer.Option(help="DIR/<class>/*, DIR/{train,val,test}/<class>/*, a CSV manifest, or sample:digits.")],
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the study, best/ and report.html. \\[default: runs/<study>]")] = None,
+    trials: Annotated[int, typer.Option(min=1, help="Trials the study should hold in total; a rerun resumes up to this number.")] = 20,
+    timeout: Annotated[Optional[str], typer.Option(help="Time budget for the whole command: 90s, 30m, 2h, 1h30m.")] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="The most epochs a trial may run (the pruner may stop it sooner).")] = 10,
+    strategy: Annotated[list[str], typer.Option(help="A strategy to search over; repeatable. \\[default: freeze, l2sp]")] = [],
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage: sqlite:///FILE, postgresql://..., or a journal FILE.log. \\[default: sqlite:///<out>/study.db]")] = None,
+    study: Annotated[Optional[str], typer.Option(help="Study name; one name and one storage on many machines make one search. \\[default: <backbone>-<data>]")] = None,
+    sampler: Annotated[str, typer.Option(help="tpe or random.")] = "tpe",
+    pruner: Annotated[Optional[str], typer.Option(help="hyperband, median, wilcoxon (with --cv) or none. \\[default: hyperband; wilcoxon with --cv]")] = None,
+    metric: Annotated[str, typer.Option(help="accuracy or f1_macro, on the validation split.")] = "accuracy",
+    cv: Annotated[Optional[int], typer.Option(min=2, help="Score each trial as the mean over K stratified folds (small datasets).")] = None,
+    range_: Annotated[list[str], typer.Option("--range", help="Override a range: NAME=LOW:HIGH[:log], NAME=VALUE or NAME=A,B,C. Repeatable.")] = [],
+    space: Annotated[Optional[Path], typer.Option(help="A JSON file of range overrides, {NAME: \"LOW:HIGH[:log]\", ...}.")] = None,
+    batch_size: Annotated[int, typer.Option(min=2, help="Images per batch.")] = 64,
+    image_size: Annotated[Optional[int], typer.Option(min=8, help="Training image size. \\[default: the dataset's or backbone's]")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed for sampling and training.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Search learning rate, dropout, weight decay, freeze depth and strategy; keep the best model.
+
+    Default ranges: lr 1e-5 to 1e-2 (log), dropout 0 to 0.5, weight_decay 1e-6 to 0.1 (log),
+    freeze_depth 0 to the groups before the head, l2sp_alpha 1e-4 to 1 (log).
+    """
+    import optuna
+
+    from autoft.search import DEFAULT_STRATEGIES, search
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the progress display reports each trial
+    with SearchProgress(epochs, metric) as progress:
+        result = search(
+            backbone, data, out, trials=trials, timeout=timeout, epochs=epochs, strategies=strategy or DEFAULT_STRATEGIES, storage=storage, study=study,
+            sampler=sampler, pruner=pruner, metric=metric, seed=seed, device=device, cv=cv, batch_size=batch_size, image_size=image_size,
+            ranges=range_, space_file=space, on_event=progress,
+        )
+    m = result.metrics
+    states = ", ".join(f"{n} {s.lower()}" for s, n in result.states.items())
+    summary = f"best trial {result.best_number}: val {metric} {m['value']:.4f}"
+    if f"test_{metric}" in m:
+        summary += f", test {metric} {m[f'test_{metric}']:.4f}"
+    console.print(f"[green]done:[/green] {summary} ({states}; {result.seconds:.0f}s)")
+    console.print(f"best model in {result.best_dir}, report in {result.report}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("search")(guarded(search_command))

@@ -1,0 +1,222 @@
+"""One trial: build a fresh backbone, fine-tune it on the data decoded once, report.
+
+The same objective serves the search (an Optuna trial) and the retraining of a best
+trial (``optuna.trial.FixedTrial``), so both run one code path.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import optuna
+import torch
+
+from autoft.data import DataSplits, ImageTensors
+from autoft.errors import AutoftError
+from autoft.io import write_json
+from autoft.search.space import SearchSpace
+from autoft.search.storage import process_identity
+from autoft.training import CHECKPOINT_NAME, build_backbone, fit, save_checkpoint, seed_everything
+
+Event = dict[str, Any]
+
+
+class OutOfTime(Exception):
+    """The search's time budget ran out while a trial trained."""
+
+
+@dataclass
+class SearchSetup:
+    """What every trial of one search shares; data is decoded once, before the first trial."""
+
+    backbone: str
+    data: DataSplits
+    out: Path
+    space: SearchSpace
+    strategies: dict[str, Any]  # name -> Strategy instance
+    n_groups: int
+    epochs: int
+    metric: str = "accuracy"
+    batch_size: int = 64
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    cv: int | None = None
+    deadline: float | None = None  # time.monotonic() after which training stops
+    data_source: str | None = None
+    folds: list[tuple[np.ndarray, np.ndarray]] | None = None  # train/val indices into train+val, for --cv
+    registry: Any = None
+    on_event: Callable[[Event], None] | None = None
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        if self.on_event is not None:
+            self.on_event({"kind": kind, **fields})
+
+    def trial_dir(self, number: int) -> Path:
+        return self.out / "trials" / str(number)
+
+
+def free_memory(device: torch.device) -> None:
+    """Give back what a finished trial held before the next one allocates."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Objective:
+    """``objective(trial) -> validation metric`` for ``study.optimize``."""
+
+    def __init__(self, setup: SearchSetup):
+        self.setup = setup
+
+    def __call__(self, trial: optuna.Trial | optuna.trial.FixedTrial) -> float:
+        setup = self.setup
+        for key, value in process_identity().items():
+            trial.set_user_attr(key, value)
+        params = setup.space.suggest(trial, setup.strategies, setup.n_groups)
+        setup.emit("trial_start", number=trial.number, params=params)
+        try:
+            if setup.cv:
+                return self.cross_validate(trial, params)
+            return self.train(trial, params)
+        except optuna.TrialPruned:
+            raise
+        except OutOfTime:
+            trial.set_user_attr("fail_reason", "the time budget ran out before its first epoch ended")
+            trial.set_user_attr("crashed", True)  # not a verdict on its parameters: run it again next time
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted")
+            trial.set_user_attr("crashed", True)
+            raise
+        except Exception as exc:  # bad hyperparameters, NaN loss, out of memory: record and go on
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:2000])
+            raise
+        finally:
+            free_memory(setup.device)
+
+    # -- one train/validation split ------------------------------------------
+
+    def train(self, trial, params: dict[str, Any]) -> float:
+        """Fine-tune on the train split; keep the best epoch's weights under ``trials/<n>/``."""
+        setup = self.setup
+        folder = setup.trial_dir(trial.number)
+        shutil.rmtree(folder, ignore_errors=True)  # a retried number never reuses stale files
+        history: list[dict[str, float]] = []
+        best = -math.inf
+        backbone = self._build(params)
+
+        def on_epoch(record: dict[str, float]) -> None:
+            nonlocal best
+            history.append(record)
+            value = record[f"val_{setup.metric}"]
+            if value > best:  # the weights fit() keeps: the first epoch with the top value
+                best = value
+                save_checkpoint(folder / CHECKPOINT_NAME, backbone_name=setup.backbone, backbone=backbone, classes=setup.data.classes, image_size=setup.data.image_size, params=params, data=setup.data_source, seed=setup.seed)
+            trial.set_user_attr("history", history)
+            trial.report(value, record["epoch"])
+            setup.emit("epoch", number=trial.number, epoch=record["epoch"], epochs=setup.epochs, value=value, record=record)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val {setup.metric} {value:.4f} at epoch {record['epoch']}")
+
+        try:
+            result = fit(backbone, setup.data, params, epochs=setup.epochs, batch_size=setup.batch_size, device=setup.device, seed=setup.seed, metric=setup.metric, registry=setup.registry, on_epoch=on_epoch, on_batch=self._on_batch(trial.number))
+        except OutOfTime:
+            if not history:
+                raise
+            trial.set_user_attr("cut_short", f"the time budget ran out after {len(history)} of {setup.epochs} epochs")
+            return best
+        finally:
+            del backbone
+        self._write_confusion(folder, result.val["predictions"], setup.data.val.labels)
+        return float(result.val[setup.metric])
+
+    def _build(self, params: dict[str, Any]):
+        setup = self.setup
+        seed_everything(setup.seed)  # the same initial weights in every trial: differences come from the recipe
+        return build_backbone(setup.backbone, num_classes=setup.data.num_classes, dropout=params["dropout"], weights=params.get("init"), registry=setup.registry)
+
+    def _on_batch(self, number: int) -> Callable[[int, int], None]:
+        setup = self.setup
+
+        def on_batch(step: int, steps: int) -> None:
+            setup.emit("batch", number=number, step=step, steps=steps)
+            if setup.deadline is not None and time.monotonic() > setup.deadline:
+                raise OutOfTime()
+
+        return on_batch
+
+    def _write_confusion(self, folder: Path, predictions: torch.Tensor, labels: torch.Tensor) -> None:
+        if folder.is_dir():
+            write_json(folder / "confusion.json", confusion(labels, predictions, self.setup.data.num_classes))
+
+    # -- k-fold cross-validation ---------------------------------------------
+
+    def cross_validate(self, trial, params: dict[str, Any]) -> float:
+        """Mean metric over stratified folds of train+val, one fold reported per step.
+
+        Following Optuna's advice for its WilcoxonPruner, a trial it stops returns the
+        mean of the folds it scored, and is marked ``pruned_after_folds``.
+        """
+        setup = self.setup
+        pool = ImageTensors.concat([setup.data.train, setup.data.val])
+        folds = setup.folds or stratified_folds(pool.labels.numpy(), setup.cv, setup.seed)
+        scores: list[float] = []
+        histories: dict[str, list] = {}
+        # Optuna's advice: shuffle the order per trial so pruning does not favour early folds.
+        order = np.random.default_rng(setup.seed + trial.number).permutation(len(folds))
+        for position, fold in enumerate(order):
+            train_index, val_index = folds[fold]
+            data = DataSplits(train=pool.subset(train_index), val=pool.subset(val_index), test=None, classes=setup.data.classes, image_size=setup.data.image_size, hflip=setup.data.hflip)
+            backbone = self._build(params)
+            try:
+                result = fit(backbone, data, params, epochs=setup.epochs, batch_size=setup.batch_size, device=setup.device, seed=setup.seed, metric=setup.metric, registry=setup.registry, on_batch=self._on_batch(trial.number))
+            except OutOfTime:
+                if not scores:
+                    raise
+                trial.set_user_attr("cut_short", f"the time budget ran out after {len(scores)} of {setup.cv} folds")
+                return float(np.mean(scores))
+            finally:
+                del backbone
+                free_memory(setup.device)
+            score = float(result.val[setup.metric])
+            scores.append(score)
+            histories[str(int(fold))] = result.history
+            trial.set_user_attr("fold_history", histories)
+            trial.set_user_attr("fold_scores", {str(int(k)): s for k, s in zip(order, scores)})
+            trial.report(score, int(fold))
+            setup.emit("fold", number=trial.number, fold=position + 1, folds=setup.cv, value=score)
+            if position + 1 < len(folds) and trial.should_prune():
+                trial.set_user_attr("pruned_after_folds", position + 1)
+                return float(np.mean(scores))
+        return float(np.mean(scores))
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import StratifiedKFold
+
+    smallest = int(np.bincount(labels)[np.bincount(labels) > 0].min())
+    if smallest < k:
+        raise AutoftError(f"--cv {k}: the smallest class has only {smallest} images; use --cv {max(2, smallest)} or fewer folds")
+    return list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels))
+
+
+def confusion(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> list[list[int]]:
+    """Rows are true classes, columns predicted ones."""
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(labels.numpy(), predictions.numpy(), labels=list(range(num_classes))).tolist()
+
+
+def read_confusion(folder: Path) -> list[list[int]] | None:
+    try:
+        return json.loads((folder / "confusion.json").read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,253 @@
+"""The search space: base ranges, strategy parameters, and user overrides.
+
+Every trial declares ``lr``, ``dropout``, ``weight_decay`` and ``strategy``; the chosen
+strategy then declares its own parameters (conditional on it) through its ``suggest``.
+The default strategies, ``freeze`` and ``l2sp``, both declare ``freeze_depth`` over the
+same range (0 up to the number of groups before the head), so every trial of a default
+search searches it; L2-SP adds ``l2sp_alpha``, the strength of its pull towards the
+starting weights. Strategies that train everything (``full``, ``discriminative``) declare
+no ``freeze_depth``.
+
+Ranges are overridden by name, for base and strategy parameters alike::
+
+    lr=1e-5:1e-2:log      a float range, log scale
+    freeze_depth=0:2      an int range (both ends integers)
+    dropout=0.2           a fixed value
+    init=none,a.pt,b.pt   categorical choices
+
+or a JSON file mapping names to such strings, ``{"low":..., "high":..., "log":...}``
+objects, or lists of choices.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from autoft.errors import AutoftError
+
+# Ranges that suit fine-tuning a pretrained classifier with AdamW.
+BASE_RANGES: dict[str, dict[str, Any]] = {
+    "lr": {"low": 1e-5, "high": 1e-2, "log": True},
+    "dropout": {"low": 0.0, "high": 0.5, "log": False},
+    "weight_decay": {"low": 1e-6, "high": 0.1, "log": True},
+}
+DEFAULT_STRATEGIES = ("freeze", "l2sp")
+
+
+@dataclass
+class SearchSpace:
+    """What a trial may choose. ``overrides`` replace ranges by name (base or strategy
+    parameters); ``choices`` add categorical parameters, such as ``init`` (starting
+    weights), that the objective reads from the trial's parameters."""
+
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    choices: dict[str, list[Any]] = field(default_factory=dict)
+
+    def suggest(self, trial, strategies: dict[str, Any], n_groups: int) -> dict[str, Any]:
+        """Declare every parameter on ``trial`` (an Optuna trial or FixedTrial); return the values."""
+        ranged = RangedTrial(trial, self.overrides)
+        params: dict[str, Any] = {}
+        for name, spec in BASE_RANGES.items():
+            params[name] = ranged.suggest_float(name, spec["low"], spec["high"], log=spec["log"])
+        for name, options in self.choices.items():
+            params[name] = ranged.suggest_categorical(name, list(options))
+        params["strategy"] = ranged.suggest_categorical("strategy", list(self.strategies))
+        params.update(strategies[params["strategy"]].suggest(ranged, n_groups))
+        return params
+
+    def defaults(self, strategy_name: str, strategy, n_groups: int, base: dict[str, Any]) -> dict[str, Any]:
+        """The known-good first trial, keeping only values inside the (possibly overridden) space."""
+        wanted = {**base, **strategy.default_params(n_groups), "strategy": strategy_name}
+        for name, options in self.choices.items():
+            wanted.setdefault(name, options[0])
+        return {k: v for k, v in wanted.items() if self.contains(k, v)}
+
+    def contains(self, name: str, value: Any) -> bool:
+        spec = self.overrides.get(name) or BASE_RANGES.get(name)
+        if name == "strategy":
+            return value in self.strategies
+        if name in self.choices:
+            return value in self.choices[name]
+        if spec is None:
+            return True  # a strategy parameter within the plugin's own range
+        if "choices" in spec:
+            return value in spec["choices"]
+        return spec["low"] <= value <= spec["high"]
+
+    def describe(self, n_groups: int, strategies: dict[str, Any]) -> dict[str, str]:
+        """Each parameter's range, as text, for the report and ``--help``-like listings."""
+        recorder = _RecordingTrial()
+        for name in self.strategies:
+            strategies[name].suggest(RangedTrial(recorder, self.overrides), n_groups)
+        described = {}
+        for name, spec in {**BASE_RANGES, **self.overrides}.items():
+            if name in BASE_RANGES or name in recorder.seen:
+                described[name] = _describe(spec)
+        for name, dist in recorder.seen.items():
+            described.setdefault(name, str(dist))
+        for name, options in self.choices.items():
+            described[name] = ", ".join(map(str, options))
+        described["strategy"] = ", ".join(self.strategies)
+        return described
+
+
+class RangedTrial:
+    """An Optuna trial whose ranges are replaced by the user's overrides, name by name.
+
+    Strategies declare their own parameters; wrapping the trial lets users narrow or fix
+    those too without any strategy knowing about overrides.
+    """
+
+    def __init__(self, trial, overrides: dict[str, dict[str, Any]]):
+        self._trial = trial
+        self._overrides = overrides
+
+    def __getattr__(self, name: str):
+        return getattr(self._trial, name)
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False) -> float:
+        spec = self._overrides.get(name)
+        if spec is not None:
+            if "choices" in spec:
+                return self._trial.suggest_categorical(name, spec["choices"])
+            low, high, log = float(spec["low"]), float(spec["high"]), spec.get("log", log)
+            step = None if log else step
+        return self._trial.suggest_float(name, low, high, step=step, log=log)
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
+        spec = self._overrides.get(name)
+        if spec is not None:
+            if "choices" in spec:
+                return self._trial.suggest_categorical(name, spec["choices"])
+            low, high, log = int(spec["low"]), int(spec["high"]), spec.get("log", log)
+        return self._trial.suggest_int(name, low, high, step=step, log=log)
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        spec = self._overrides.get(name)
+        if spec is not None and "choices" in spec:
+            choices = spec["choices"]
+        return self._trial.suggest_categorical(name, list(choices))
+
+
+class _RecordingTrial:
+    """Answers every suggestion with its low end and remembers what was declared."""
+
+    def __init__(self):
+        self.seen: dict[str, str] = {}
+
+    def suggest_float(self, name, low, high, *, step=None, log=False):
+        self.seen[name] = _describe({"low": low, "high": high, "log": log})
+        return low
+
+    def suggest_int(self, name, low, high, *, step=1, log=False):
+        self.seen[name] = _describe({"low": low, "high": high, "log": log})
+        return low
+
+    def suggest_categorical(self, name, choices):
+        self.seen[name] = ", ".join(map(str, choices))
+        return choices[0]
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    if "choices" in spec:
+        return ", ".join(map(str, spec["choices"]))
+    if spec["low"] == spec["high"]:
+        return f"{spec['low']:g}"
+    return f"{spec['low']:g} to {spec['high']:g}" + (" (log)" if spec.get("log") else "")
+
+
+# ---------------------------------------------------------------------------
+# Parsing overrides
+
+
+def parse_range(text: str) -> dict[str, Any]:
+    """``LOW:HIGH[:log]``, ``VALUE`` (fixed) or ``A,B,C`` (choices) -> a range spec."""
+    text = text.strip()
+    if "," in text:
+        return {"choices": [_scalar(c) for c in text.split(",") if c.strip()]}
+    parts = text.split(":")
+    if len(parts) == 1:
+        value = _scalar(parts[0])
+        if isinstance(value, str):
+            return {"choices": [value]}
+        return {"low": value, "high": value, "log": False}
+    log = len(parts) == 3 and parts[2].strip().lower() == "log"
+    if len(parts) not in (2, 3) or (len(parts) == 3 and not log):
+        raise ValueError(f"expected LOW:HIGH[:log], VALUE or A,B,C, got {text!r}")
+    low, high = _number(parts[0]), _number(parts[1])
+    return {"low": low, "high": high, "log": log}
+
+
+def _scalar(text: str) -> Any:
+    text = text.strip()
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            continue
+    return text
+
+
+def _number(text: str) -> float | int:
+    value = _scalar(text)
+    if isinstance(value, str):
+        raise ValueError(f"not a number: {text!r}")
+    return value
+
+
+def check_range(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    if "choices" in spec:
+        if not spec["choices"]:
+            raise AutoftError(f"range for {name}: no choices given")
+        return spec
+    low, high = spec["low"], spec["high"]
+    if low > high:
+        raise AutoftError(f"range for {name}: low {low} is above high {high}")
+    if spec.get("log") and low <= 0:
+        raise AutoftError(f"range for {name}: a log range must start above 0, got {low}")
+    return spec
+
+
+def load_overrides(pairs: Sequence[str] = (), file: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """Overrides from a JSON file, then ``NAME=RANGE`` pairs (which win)."""
+    overrides: dict[str, dict[str, Any]] = {}
+    if file is not None:
+        path = Path(file).expanduser()
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise AutoftError(f"search space file not found: {file}") from None
+        except json.JSONDecodeError as exc:
+            raise AutoftError(f"{file} is not valid JSON: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise AutoftError(f"{file}: expected a JSON object mapping parameter names to ranges")
+        for name, value in loaded.items():
+            overrides[name] = _spec_from_json(name, value, file)
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise AutoftError(f"--range expects NAME=LOW:HIGH[:log], NAME=VALUE or NAME=A,B,C; got {pair!r}")
+        try:
+            overrides[name.strip()] = parse_range(value)
+        except ValueError as exc:
+            raise AutoftError(f"--range {pair}: {exc}") from None
+    return {name: check_range(name, spec) for name, spec in overrides.items()}
+
+
+def _spec_from_json(name: str, value: Any, file) -> dict[str, Any]:
+    try:
+        if isinstance(value, str):
+            return parse_range(value)
+        if isinstance(value, list):
+            return {"choices": value}
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return {"low": value, "high": value, "log": False}
+        if isinstance(value, dict) and {"low", "high"} <= set(value):
+            return {"low": value["low"], "high": value["high"], "log": bool(value.get("log", False))}
+    except ValueError as exc:
+        raise AutoftError(f"{file}: {name}: {exc}") from None
+    raise AutoftError(f"{file}: {name}: expected \"LOW:HIGH[:log]\", a number, a list of choices or {{\"low\", \"high\", \"log\"}}")

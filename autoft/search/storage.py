@@ -1,0 +1,160 @@
+"""Where a study lives, and how a crashed trial is found and run again.
+
+The storage URL goes to Optuna unchanged where Optuna takes URLs:
+
+* ``sqlite:///runs/x/study.db`` (the default, embedded) and ``postgresql://...`` or
+  ``mysql://...`` for many machines: an :class:`optuna.storages.RDBStorage` with a
+  heartbeat, so a trial whose worker vanished is failed and queued again by any worker.
+* ``journal:///path/journal.log`` or any path ending in ``.log``/``.jsonl``: an Optuna
+  journal file, for several processes on one machine (``optuna-dashboard PATH`` opens it).
+
+Whatever the storage, a trial records the host and process running it. When the same
+host starts a search again, a RUNNING trial whose process is gone (killed, out of memory,
+power cut) is failed with that reason and queued again with the same parameters; a trial
+stopped with Ctrl-C is queued again too. Retried trials do not count towards ``--trials``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from autoft.errors import AutoftError
+
+HEARTBEAT_SECONDS = 60
+GRACE_SECONDS = 180  # a long eval or checkpoint write must not count as death
+MAX_RETRIES = 3
+JOURNAL_SUFFIXES = (".log", ".jsonl")
+
+
+def default_storage_url(out: Path) -> str:
+    return f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def _retry_callback() -> RetryHeartbeatStaleTrialCallback:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url``; see the module docstring for the forms accepted."""
+    retry = _retry_callback()
+    journal = url.removeprefix("journal://") if url.startswith("journal://") else None
+    if journal is None and "://" not in url and url.endswith(JOURNAL_SUFFIXES):
+        journal = url
+    if journal is not None:
+        path = Path(journal).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise AutoftError(f"--storage {url!r}: use sqlite:///FILE, postgresql://..., journal:///FILE or a FILE.log journal")
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat options
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=retry,
+                # SQLite: wait for another writer instead of failing at once.
+                engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None,
+            )
+    except ImportError as exc:
+        raise AutoftError(f"--storage {url}: a database driver is missing ({exc}); install it with pip") from None
+    except Exception as exc:  # sqlalchemy's errors for unreachable servers, bad URLs
+        raise AutoftError(f"cannot open storage {url}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+
+
+# ---------------------------------------------------------------------------
+# Which process runs a trial
+
+
+def process_identity() -> dict[str, Any]:
+    """This process, as trials record it: host, pid, and the pid's start time where known,
+    so that a recycled pid is not mistaken for the original process."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": _start_time(os.getpid())}
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        # Field 22 of /proc/PID/stat, after the parenthesised command name that may hold spaces.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _process_alive(pid: int, started: int | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, owned by someone else
+    return started is None or _start_time(pid) in (None, started)
+
+
+def owner_is_gone(trial: FrozenTrial, me: dict[str, Any]) -> bool:
+    """Whether a RUNNING trial belongs to a process on this host that no longer runs."""
+    attrs = trial.user_attrs
+    if attrs.get("host") != me["host"] or "pid" not in attrs:
+        return False
+    return not _process_alive(int(attrs["pid"]), attrs.get("pid_started"))
+
+
+# ---------------------------------------------------------------------------
+# Recovering trials left behind
+
+
+def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of trials that were queued again (Optuna records them on the retry)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+
+
+def recover_trials(study: optuna.Study) -> list[int]:
+    """Fail RUNNING trials whose process on this host is gone, and queue every trial that
+    died by a crash or an interrupt again with its parameters. Returns the queued numbers."""
+    me = process_identity()
+    storage = study._storage  # Optuna offers no public way to fail another process's trial
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if owner_is_gone(trial, me):
+            try:
+                storage.set_trial_user_attr(trial._trial_id, "fail_reason", f"process {trial.user_attrs['pid']} on {me['host']} ended while the trial ran")
+                storage.set_trial_user_attr(trial._trial_id, "crashed", True)
+                storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # another worker got there first
+    trials = study.get_trials(deepcopy=False)
+    done = retried_numbers(trials)
+    retry = _retry_callback()
+    queued = []
+    for trial in trials:
+        if trial.state == TrialState.FAIL and trial.user_attrs.get("crashed") and trial.number not in done:
+            retry(study, trial)
+            queued.append(trial.number)
+    return queued
+
+
+def counted_trials(trials: list[FrozenTrial]) -> int:
+    """Trials that count towards ``--trials``: finished ones that were not queued again,
+    crashed ones still to be retried excluded, plus those running now."""
+    retried = retried_numbers(trials)
+    count = 0
+    for t in trials:
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
+            count += 1
+        elif t.state == TrialState.FAIL and t.number not in retried and not t.user_attrs.get("crashed"):
+            count += 1
+    return count

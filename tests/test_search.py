@@ -1,0 +1,258 @@
+"""autoft search: the study's contents, pruning, failures, resume after a kill, best model, CLI."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+from PIL import Image
+from typer.testing import CliRunner
+
+from autoft.cli import make_app
+from autoft.errors import AutoftError
+from autoft.search import SearchSpace, default_study_name, load_overrides, parse_duration, search
+from autoft.search.storage import open_storage
+from autoft.training import DEFAULT_PARAMS, load_checkpoint
+
+BASE = {"lr", "dropout", "weight_decay", "strategy", "freeze_depth"}
+EPOCHS = 3
+
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 50)}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """DIR/<class>/*.png: four noisy colours, 24 images each; a tiny model learns them in a few epochs."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for name, colour in COLOURS.items():
+        (root / name).mkdir()
+        for i in range(24):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def _search(folder: Path, out: Path, trials: int):
+    # lr choices: the default recipe's 1e-3, or 1e-6, which learns nothing in 3 epochs
+    # and must be pruned; freeze depths above 5 (test_resnet has 6 groups with the head)
+    # are bad hyperparameters that make a trial fail.
+    return search(
+        "test_resnet", str(folder), out, trials=trials, epochs=EPOCHS, image_size=16, device="cpu", seed=3, batch_size=8,
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+        ranges=["lr=0.000001,0.001", "freeze_depth=0:12"],
+    )
+
+
+@pytest.fixture(scope="module")
+def searched(image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("search")
+    result = _search(image_folder, out, trials=6)
+    storage = open_storage(result.storage)
+    first = {t.number: t for t in optuna.load_study(study_name=result.study_name, storage=storage).get_trials()}
+    return result, first
+
+
+def _trials(result) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=result.study_name, storage=open_storage(result.storage)).get_trials()
+
+
+def test_study_holds_parameters_and_per_epoch_values(searched):
+    result, trials = searched
+    assert trials[0].params == {**DEFAULT_PARAMS, "freeze_depth": 0, "lr": 0.001}
+    assert trials[0].user_attrs["recipe"] == "default"
+    ran = [t for t in trials.values() if t.state != TrialState.FAIL]
+    for t in ran:
+        assert BASE <= set(t.params)
+        assert ("l2sp_alpha" in t.params) == (t.params["strategy"] == "l2sp")  # conditional on the strategy
+        assert t.user_attrs["host"] and t.user_attrs["pid"] == os.getpid()
+    for t in ran:
+        if t.state == TrialState.COMPLETE:
+            assert sorted(t.intermediate_values) == list(range(1, EPOCHS + 1))
+            assert [r["epoch"] for r in t.user_attrs["history"]] == list(range(1, EPOCHS + 1))
+    assert result.best_value >= trials[0].value  # never worse than the defaults
+
+
+def test_pruner_stops_poor_trials_early(searched):
+    _, trials = searched
+    pruned = [t for t in trials.values() if t.state == TrialState.PRUNED]
+    assert pruned, {t.number: (t.state.name, t.params["lr"]) for t in trials.values()}
+    assert all(len(t.intermediate_values) < EPOCHS for t in pruned)
+    assert all(t.state != TrialState.COMPLETE for t in trials.values() if t.params["lr"] == 1e-6)
+
+
+def test_a_failing_trial_is_recorded_and_the_search_goes_on(searched):
+    result, trials = searched
+    failed = [t for t in trials.values() if t.state == TrialState.FAIL]
+    assert failed
+    assert all(any(m in t.user_attrs["fail_reason"] for m in ("freeze depth must be within 0..6", "no parameter to train")) for t in failed)
+    assert max(trials) > min(t.number for t in failed)  # trials ran after the failure
+    assert result.states["FAIL"] == len(failed)
+
+
+def test_only_the_best_trial_keeps_its_checkpoint(searched):
+    result, _ = searched
+    assert [p.name for p in (result.out / "trials").iterdir()] == [str(result.best_number)]
+
+
+def test_best_model_onnx_runs_in_onnxruntime_and_agrees_with_pytorch(searched, image_folder):
+    result, _ = searched
+    best = result.best_dir
+    metrics = json.loads((best / "metrics.json").read_text())
+    assert metrics["trial"] == result.best_number and metrics["value"] == pytest.approx(result.best_value)
+    assert metrics["val_accuracy"] == pytest.approx(result.best_value)  # the kept weights are the scored ones
+    assert json.loads((best / "labels.json").read_text()) == sorted(COLOURS)
+    preprocess = json.loads((best / "preprocess.json").read_text())
+    assert preprocess["image_size"] == 16 and preprocess["layout"] == "NCHW" and len(preprocess["mean"]) == len(preprocess["std"]) == 3
+    check = metrics["onnx_check"]["fp32"]
+    assert all(c["top1_agreement"] == 1.0 and c["max_abs_diff"] < 1e-3 for c in check.values())
+
+    pixels = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((16, 16)))).permute(2, 0, 1) for p in sorted(image_folder.glob("*/0.png"))]).float() / 255
+    session = ort.InferenceSession(str(best / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: pixels.numpy()})[0]
+    with torch.inference_mode():
+        expected = load_checkpoint(best).network()(pixels).numpy()
+    assert got.shape == (4, 4)  # a batch of 4 through a dynamic batch dimension
+    assert np.abs(got - expected).max() < 1e-3
+    assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_report_holds_the_plots(searched):
+    result, trials = searched
+    page = result.report.read_text()
+    for title in ("Optimisation history", "Parameter importances", "Learning curves of the best trials", "Confusion matrix of the best model", "Best hyperparameters", "Trials"):
+        assert f"<h2>{title}</h2>" in page
+    assert page.count("<svg") >= 4
+    assert not any(fetch in page for fetch in ("src=", "<link", "<script", "@import", "url(http"))  # nothing to fetch
+    assert html.escape([t for t in trials.values() if t.state == TrialState.FAIL][0].user_attrs["fail_reason"]) in page  # the failure reason is in the trials table
+
+
+def test_rerun_adds_trials_and_loses_none(searched, image_folder):
+    result, first = searched
+    again = _search(image_folder, result.out, trials=8)
+    trials = {t.number: t for t in _trials(again)}
+    for number, before in first.items():
+        assert trials[number].state == before.state and trials[number].params == before.params and trials[number].value == before.value
+    assert len(trials) == len(first) + 2
+    assert again.best_value >= result.best_value
+
+
+def test_killed_search_reruns_the_interrupted_trial(image_folder, tmp_path):
+    out = tmp_path / "killed"
+    args = ["search", "--backbone", "test_resnet", "--data", str(image_folder), "--out", str(out), "--trials", "1", "--epochs", "6", "--image-size", "32", "--batch-size", "8", "--device", "cpu"]
+    child = subprocess.Popen([sys.executable, "-c", "from autoft.cli import main; main()", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    study_name = default_study_name("test_resnet", str(image_folder))
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            if (out / "study.db").exists():
+                try:
+                    running = optuna.load_study(study_name=study_name, storage=f"sqlite:///{out / 'study.db'}").get_trials(states=(TrialState.RUNNING,))
+                except (KeyError, Exception):
+                    running = []
+                if running and running[0].intermediate_values:
+                    break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the search never reported an epoch")
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+    killed = running[0]
+
+    result = CliRunner().invoke(make_app(), args)
+    assert result.exit_code == 0, result.output
+    trials = optuna.load_study(study_name=study_name, storage=f"sqlite:///{out / 'study.db'}").get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # no RUNNING zombie
+    assert f"process {child.pid}" in trials[0].user_attrs["fail_reason"]
+    assert trials[1].params == killed.params and trials[1].system_attrs["failed_trial"] == killed.number
+    assert (out / "best" / "model.onnx").is_file() and "running again trial(s) 0" in result.output
+
+
+def test_cross_validation_scores_the_mean_of_folds(image_folder, tmp_path):
+    result = search("test_resnet", str(image_folder), tmp_path / "cv", trials=2, epochs=1, image_size=16, device="cpu", cv=3, export_onnx=False, batch_size=32)
+    trials = _trials(result)
+    for t in trials:
+        assert t.state == TrialState.COMPLETE
+        assert sorted(t.intermediate_values) == [0, 1, 2]
+        assert t.value == pytest.approx(np.mean(list(t.intermediate_values.values())))
+    # The best recipe is trained again on the train split for best/.
+    assert load_checkpoint(result.best_dir).meta["params"]["lr"] == result.best_params["lr"]
+    assert json.loads((result.best_dir / "metrics.json").read_text())["cv_folds"] == 3
+
+
+def test_wilcoxon_needs_cv_and_epoch_pruners_refuse_cv(image_folder, tmp_path):
+    with pytest.raises(AutoftError, match="--cv"):
+        search("test_resnet", str(image_folder), tmp_path, pruner="wilcoxon")
+    with pytest.raises(AutoftError, match="wilcoxon or none"):
+        search("test_resnet", str(image_folder), tmp_path, cv=3, pruner="hyperband")
+
+
+def test_journal_storage_for_processes_on_one_machine(tmp_path):
+    from optuna.storages import JournalStorage
+
+    assert isinstance(open_storage(str(tmp_path / "journal.log")), JournalStorage)
+    assert isinstance(open_storage(f"journal://{tmp_path / 'j.jsonl'}"), JournalStorage)
+    with pytest.raises(AutoftError, match="--storage"):
+        open_storage("study.db")
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("2h", 7200), ("1h30m", 5400), ("45", 45), ("1.5h", 5400)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "10x", "m5", "5m3"])
+def test_bad_durations_are_user_errors(text):
+    with pytest.raises(AutoftError, match="--timeout"):
+        parse_duration(text)
+
+
+def test_range_overrides_apply_to_base_and_strategy_parameters(tmp_path):
+    file = tmp_path / "space.json"
+    file.write_text(json.dumps({"lr": {"low": 1e-4, "high": 1e-3, "log": True}, "l2sp_alpha": "0.01:0.1:log", "dropout": 0.2}))
+    overrides = load_overrides(["freeze_depth=1:2", "lr=0.0002:0.0003"], file)
+    space = SearchSpace(("l2sp",), overrides)
+    from autoft_plugins.strategies import L2SP
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        params = space.suggest(study.ask(), {"l2sp": L2SP()}, n_groups=6)
+        assert 2e-4 <= params["lr"] <= 3e-4 and params["dropout"] == 0.2
+        assert 1 <= params["freeze_depth"] <= 2 and 0.01 <= params["l2sp_alpha"] <= 0.1
+    # The default recipe keeps only values inside the overridden space.
+    assert space.defaults("l2sp", L2SP(), 6, DEFAULT_PARAMS) == {"weight_decay": 0.01, "strategy": "l2sp", "l2sp_alpha": 0.01}
+
+
+@pytest.mark.parametrize("pair, message", [("lr", "NAME=LOW"), ("lr=a:b", "not a number"), ("lr=0:1:log", "log range"), ("lr=1:0", "above high")])
+def test_bad_ranges_are_user_errors(pair, message):
+    with pytest.raises(AutoftError, match=message):
+        load_overrides([pair])
+
+
+def test_cli_bad_input_is_one_line(image_folder, tmp_path):
+    runner = CliRunner()
+    for extra, message in ((["--timeout", "soon"], "--timeout"), (["--strategy", "nope"], "strateg"), (["--range", "lr=1:0"], "above high")):
+        result = runner.invoke(make_app(), ["search", "--backbone", "test_resnet", "--data", str(image_folder), "--out", str(tmp_path), *extra])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+
+
+def test_study_names_come_from_backbone_and_data():
+    assert default_study_name("test_resnet", "sample:digits") == "test_resnet-digits"
+    assert default_study_name("resnet50", "/data/flowers/") == "resnet50-flowers"
+    assert default_study_name("timm:vit_small", "labels.csv") == "timm-vit_small-labels"
