@@ -423,3 +423,60 @@ def _run(
     metrics["epochs_run"] = epoch
     metrics["seconds"] = time.perf_counter() - started
     write_json(out / METRICS_NAME, metrics)
+
+
+# ---------------------------------------------------------------------------
+# The stage inside a search
+
+# Without --pretrain-epochs, a search with --timeout gives the pretraining stage this
+# share of its budget, and plans this many epochs as the ceiling.
+SEARCH_BUDGET_SHARE = 0.3
+SEARCH_DEFAULT_EPOCHS = 50
+
+
+def search_stage(
+    unlabelled: str | os.PathLike | torch.Tensor,
+    *,
+    method: str = "simclr",
+    epochs: int | None = None,
+    timeout: float | None = None,
+    weights: str | None = None,
+    batch_size: int = 128,
+) -> Callable[[Any, Any], PretrainResult]:
+    """A ``pre_search`` hook: pretrain once (cached), then search ``init`` over the checkpoints.
+
+    The pool is ``unlabelled`` plus the search's labelled training images; labels never
+    enter the loss, but the search's validation split scores each checkpoint by k-NN.
+    Without ``epochs``, the stage gets :data:`SEARCH_BUDGET_SHARE` of ``timeout`` (when
+    there is one) and at most :data:`SEARCH_DEFAULT_EPOCHS` epochs. ``init`` then takes
+    the values ``weights`` (or ``"scratch"``) and the path of every checkpoint.
+    """
+
+    def hook(setup, study) -> PretrainResult:
+        data: DataSplits = setup.data
+        if isinstance(unlabelled, torch.Tensor):
+            extra = unlabelled
+        else:
+            extra = load_pool(unlabelled, data.image_size, setup.registry).images
+        if extra.shape[1:] != data.train.images.shape[1:]:
+            raise AutoftError(f"unlabelled images are {tuple(extra.shape[1:])}, the labelled ones {tuple(data.train.images.shape[1:])}")
+        setup.emit("pretrain_start", method=method, images=len(extra) + len(data.train))
+        result = pretrain(
+            setup.backbone,
+            torch.cat([extra, data.train.images]),
+            None,
+            method=method,
+            epochs=epochs or SEARCH_DEFAULT_EPOCHS,
+            time_budget=None if epochs is not None or timeout is None else SEARCH_BUDGET_SHARE * timeout,
+            batch_size=batch_size,
+            weights=weights,
+            labelled=data,
+            device=str(setup.device),
+            seed=setup.seed,
+        )
+        setup.space.choices["init"] = [weights or "scratch"] + [str(c.path) for c in result.checkpoints]
+        setup.emit("pretrain_end", cached=result.cached, out=str(result.out), checkpoints=[(c.epoch, c.knn_accuracy) for c in result.checkpoints])
+        write_json(setup.out / "pretrain.json", {**{k: v for k, v in result.metrics.items() if k != "skipped"}, "cache": str(result.out), "cached": result.cached})
+        return result
+
+    return hook
