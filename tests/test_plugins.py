@@ -411,3 +411,17 @@ def test_torchvision_weights_tags_fail_offline_with_a_way_out(monkeypatch):
 def test_unknown_torchvision_model_suggests_close_names():
     result = invoke("train", "--backbone", "torchvision:resnet19", "--data", "sample:digits", "--out", "unused")
     assert result.exit_code == 2 and "resnet18" in result.output
+
+
+def test_search_on_a_torchvision_backbone_end_to_end(class_folder, tmp_path):
+    out = tmp_path / "search"
+    result = invoke(
+        "search", "--backbone", "torchvision:resnet18", "--data", class_folder, "--out", out, "--trials", "2",
+        "--epochs", "1", "--image-size", "32", "--batch-size", "8", "--strategy", "freeze", "--device", "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    from autoft.training import load_checkpoint
+
+    best = load_checkpoint(out)  # a search folder resolves to its best/ model
+    assert best.meta["backbone"] == "torchvision:resnet18"
+    assert best.meta["params"]["strategy"] == "freeze" and 0 <= best.meta["params"]["freeze_depth"] <= 4
