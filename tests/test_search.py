@@ -152,7 +152,7 @@ def test_rerun_adds_trials_and_loses_none(searched, image_folder):
 
 def test_killed_search_reruns_the_interrupted_trial(image_folder, tmp_path):
     out = tmp_path / "killed"
-    args = ["search", "--backbone", "test_resnet", "--data", str(image_folder), "--out", str(out), "--trials", "1", "--epochs", "6", "--image-size", "32", "--batch-size", "8", "--device", "cpu"]
+    args = ["search", "--backbone", "test_resnet", "--data", str(image_folder), "--out", str(out), "--trials", "1", "--epochs", "4", "--image-size", "16", "--batch-size", "8", "--device", "cpu", "--no-onnx"]
     child = subprocess.Popen([sys.executable, "-c", "from autoft.cli import main; main()", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     study_name = default_study_name("test_resnet", str(image_folder))
     try:
@@ -166,7 +166,7 @@ def test_killed_search_reruns_the_interrupted_trial(image_folder, tmp_path):
                     running = []
                 if running and running[0].intermediate_values:
                     break
-            time.sleep(0.2)
+            time.sleep(0.1)
         else:
             pytest.fail("the search never reported an epoch")
         os.kill(child.pid, signal.SIGKILL)
@@ -180,11 +180,12 @@ def test_killed_search_reruns_the_interrupted_trial(image_folder, tmp_path):
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # no RUNNING zombie
     assert f"process {child.pid}" in trials[0].user_attrs["fail_reason"]
     assert trials[1].params == killed.params and trials[1].system_attrs["failed_trial"] == killed.number
-    assert (out / "best" / "model.onnx").is_file() and "running again trial(s) 0" in result.output
+    assert (out / "best" / "model.pt").is_file() and not (out / "best" / "model.onnx").exists()
+    assert "running again trial(s) 0" in result.output
 
 
 def test_cross_validation_scores_the_mean_of_folds(image_folder, tmp_path):
-    result = search("test_resnet", str(image_folder), tmp_path / "cv", trials=2, epochs=1, image_size=16, device="cpu", cv=3, export_onnx=False, batch_size=32)
+    result = search("test_resnet", str(image_folder), tmp_path / "cv", trials=1, epochs=1, image_size=16, device="cpu", cv=3, export_onnx=False, batch_size=16)
     trials = _trials(result)
     for t in trials:
         assert t.state == TrialState.COMPLETE

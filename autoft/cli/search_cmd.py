@@ -94,6 +94,7 @@ def search_command(
     batch_size: Annotated[int, typer.Option(min=2, help="Images per batch.")] = 64,
     image_size: Annotated[Optional[int], typer.Option(min=8, help="Training image size. \\[default: the dataset's or backbone's]")] = None,
     seed: Annotated[int, typer.Option(help="Random seed for sampling and training.")] = 0,
+    onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Export the best model to best/model.onnx, checked against PyTorch.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Search learning rate, dropout, weight decay, freeze depth and strategy; keep the best model.
@@ -110,7 +111,7 @@ def search_command(
         result = search(
             backbone, data, out, trials=trials, timeout=timeout, epochs=epochs, strategies=strategy or DEFAULT_STRATEGIES, storage=storage, study=study,
             sampler=sampler, pruner=pruner, metric=metric, seed=seed, device=device, cv=cv, batch_size=batch_size, image_size=image_size,
-            ranges=range_, space_file=space, on_event=progress,
+            ranges=range_, space_file=space, export_onnx=onnx, on_event=progress,
         )
     m = result.metrics
     states = ", ".join(f"{n} {s.lower()}" for s, n in result.states.items())
