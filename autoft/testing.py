@@ -333,21 +333,22 @@ class StrategyContract(_Contract):
         return spec.factory()
 
     def sampled_params(self, name: str, registry: plugins.Registry, n_groups: int) -> list[dict[str, Any]]:
-        """What a search would try: trial.params of a few random trials."""
+        """``trial.params`` of a few random trials, drawn through ``autoft search``'s own search space."""
         import optuna
 
+        from autoft.search import SearchSpace
+
         strategy = self.strategy(name, registry)
+        space = SearchSpace(strategies=(name,))
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-        returned = []
 
         def objective(trial):
-            returned.append(strategy.suggest(trial, n_groups))
+            params = space.suggest(trial, {name: strategy}, n_groups)
+            assert params == trial.params, "suggest() must return exactly the values it declared on the trial"
             return 0.0
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study.optimize(objective, n_trials=self.trials)
-        for params, trial in zip(returned, study.trials):
-            assert set(params) == set(trial.params), "suggest() must return exactly what it declared on the trial"
         return [t.params for t in study.trials]
 
     def test_default_params_are_what_suggest_declares(self, strategy_under_test, registry, backbone):
@@ -364,12 +365,22 @@ class StrategyContract(_Contract):
         resolve_params(strategy_under_test, n, defaults, registry)  # raises when a default is outside its declared range
 
     def test_fixed_trial_replays_a_search_trial(self, strategy_under_test, registry, backbone):
+        """autoft retrains a search's best trial from its recorded parameters."""
         import optuna
 
         n = len(backbone.groups)
         strategy = self.strategy(strategy_under_test, registry)
         for params in self.sampled_params(strategy_under_test, registry, n):
-            assert strategy.suggest(optuna.trial.FixedTrial(params), n) == params
+            own = strategy.suggest(optuna.trial.FixedTrial(params), n)
+            assert own == {k: params[k] for k in own}
+
+    def test_search_space_describes_every_parameter(self, strategy_under_test, registry, backbone):
+        from autoft.search import SearchSpace
+
+        n = len(backbone.groups)
+        strategy = self.strategy(strategy_under_test, registry)
+        described = SearchSpace(strategies=(strategy_under_test,)).describe(n, {strategy_under_test: strategy})
+        assert set(strategy.default_params(n)) <= set(described)
 
     def test_plan_trains_only_grouped_parameters(self, strategy_under_test, registry, backbone):
         from autoft.training import resolve_params
