@@ -1,11 +1,15 @@
-"""The built-in plugins and the example distribution pass the contract kit plugin authors use."""
+"""The built-in plugins and the example distribution pass the contract kit plugin authors use,
+and the kit fails plugins that break the contract."""
 
 from __future__ import annotations
 
 import pytest
 
 import autoft_torchvision  # the example distribution: `pip install -e plugins/autoft-torchvision`
-from autoft.testing import BackboneContract, DatasetContract, PretrainerContract, StrategyContract
+from autoft import hookimpl
+from autoft.specs import BackboneSpec, ParamGroup, StrategySpec, TrainPlan
+from autoft.testing import BackboneContract, DatasetContract, PretrainerContract, StrategyContract, registry_with
+from autoft.training import build_backbone
 
 from conftest import COLOURS, make_image
 
@@ -58,3 +62,67 @@ class TestPretrainers(PretrainerContract):
     @pytest.fixture(params=["simclr", "autoencoder", "masked-autoencoder"])
     def pretrainer_under_test(self, request):
         return request.param
+
+
+# ---------------------------------------------------------------------------
+# The kit fails plugins that break the contract
+
+
+class Sloppy:
+    """A backbone source and a strategy with the mistakes plugin authors make."""
+
+    @hookimpl
+    def autoft_register_backbones(self, register):
+        from autoft_plugins.timm_backbones import create
+
+        def reordered(model_name, **kwargs):
+            backbone = create("test_resnet", **kwargs)
+            body = backbone.groups[:-1]
+            backbone.groups = [*reversed(body), backbone.head]  # head last, but the body runs output to input
+            return backbone
+
+        def wrong_head(model_name, **kwargs):
+            backbone = create("test_resnet", **kwargs)
+            stem, *rest, head = backbone.groups
+            backbone.groups = [ParamGroup("stem", stem.params + head.params), *rest, ParamGroup("head", ())]
+            return backbone
+
+        factories = {"reordered": reordered, "wrong-head": wrong_head}
+        register(BackboneSpec("sloppy", "", lambda name, **kw: factories[name](name, **kw), lambda: list(factories), factories.__contains__))
+
+    @hookimpl
+    def autoft_register_strategies(self, register):
+        class LeavesParametersOut:
+            def default_params(self, n_groups):
+                return {}
+
+            def suggest(self, trial, n_groups):
+                return {}
+
+            def apply(self, backbone, params):
+                head = [p for n, p in backbone.model.named_parameters() if n in backbone.head.params]
+                return TrainPlan([{"params": head}])  # but nothing was frozen
+
+        register(StrategySpec("leaky", "", LeavesParametersOut))
+
+
+@pytest.fixture
+def sloppy_registry():
+    return registry_with(Sloppy())
+
+
+def test_the_kit_fails_groups_out_of_order(sloppy_registry):
+    with pytest.raises(AssertionError, match="input to output"):
+        BackboneContract().test_groups_cover_every_parameter_once_and_in_order("sloppy:reordered", sloppy_registry)
+
+
+def test_the_kit_fails_a_head_group_that_is_not_the_classifier(sloppy_registry):
+    with pytest.raises(AssertionError, match="class-sized parameters outside the head group"):
+        BackboneContract().test_head_is_the_last_group_and_the_only_one_sized_by_classes("sloppy:wrong-head", sloppy_registry)
+
+
+def test_the_kit_fails_a_strategy_that_trains_parameters_outside_its_plan(sloppy_registry):
+    contract = StrategyContract()
+    backbone = build_backbone(contract.backbone_name, num_classes=3, registry=sloppy_registry)
+    with pytest.raises(AssertionError, match="trainable parameters in no optimizer group"):
+        contract.test_plan_trains_only_grouped_parameters("leaky", sloppy_registry, backbone)
