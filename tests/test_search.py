@@ -196,6 +196,28 @@ def test_cross_validation_scores_the_mean_of_folds(image_folder, tmp_path):
     assert json.loads((result.best_dir / "metrics.json").read_text())["cv_folds"] == 3
 
 
+def test_time_budget_keeps_a_cut_trial_and_reruns_an_unstarted_one(image_folder, tmp_path):
+    setups = []
+
+    def out_of_time_after_first_epoch(event):
+        if event["kind"] == "epoch":
+            setups[0].deadline = 0.0  # as if --timeout ran out now
+
+    result = search(
+        "test_resnet", str(image_folder), tmp_path, trials=2, epochs=3, image_size=16, device="cpu", batch_size=16, export_onnx=False,
+        pre_search=[lambda setup, study: setups.append(setup)], on_event=out_of_time_after_first_epoch,
+    )
+    cut, unstarted = _trials(result)
+    assert cut.state == TrialState.COMPLETE and len(cut.intermediate_values) == 1 and "after 1 of 3 epochs" in cut.user_attrs["cut_short"]
+    assert unstarted.state == TrialState.FAIL and unstarted.user_attrs["crashed"] and "time budget" in unstarted.user_attrs["fail_reason"]
+    assert result.best_number == cut.number and (result.best_dir / "model.pt").is_file()
+
+
+def test_a_budget_too_short_for_any_trial_is_one_clear_error(image_folder, tmp_path):
+    result = CliRunner().invoke(make_app(), ["search", "--backbone", "test_resnet", "--data", str(image_folder), "--out", str(tmp_path), "--timeout", "0.1s", "--device", "cpu"])
+    assert result.exit_code == 2 and "--timeout" in result.output
+
+
 def test_wilcoxon_needs_cv_and_epoch_pruners_refuse_cv(image_folder, tmp_path):
     with pytest.raises(AutoftError, match="--cv"):
         search("test_resnet", str(image_folder), tmp_path, pruner="wilcoxon")
@@ -247,7 +269,8 @@ def test_bad_ranges_are_user_errors(pair, message):
 
 def test_cli_bad_input_is_one_line(image_folder, tmp_path):
     runner = CliRunner()
-    for extra, message in ((["--timeout", "soon"], "--timeout"), (["--strategy", "nope"], "strateg"), (["--range", "lr=1:0"], "above high")):
+    cases = ((["--timeout", "soon"], "--timeout"), (["--strategy", "nope"], "strateg"), (["--range", "lr=1:0"], "above high"), (["--range", "learning_rate=0.1"], "no such parameter"), (["--strategy", "full", "--range", "l2sp_alpha=0.1"], "no such parameter"))
+    for extra, message in cases:
         result = runner.invoke(make_app(), ["search", "--backbone", "test_resnet", "--data", str(image_folder), "--out", str(tmp_path), *extra])
         assert result.exit_code == 2, result.output
         assert message in result.output and "Traceback" not in result.output

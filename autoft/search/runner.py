@@ -168,6 +168,7 @@ def search(
     probe = build_backbone(backbone, num_classes=2, registry=registry)
     n_groups, input_size = len(probe.groups), probe.input_size
     del probe
+    space.check_names(n_groups, strategy_objects)
     data_source = data if isinstance(data, str) else None
     if isinstance(data, str):
         data = load_data(data, image_size=image_size, default_size=input_size, seed=seed, registry=registry)
@@ -306,6 +307,8 @@ def finish(study: optuna.Study, setup: SearchSetup, info: dict[str, Any], storag
     if best is None:
         reasons = [f"trial {t.number}: {t.user_attrs['fail_reason']}" for t in all_trials if t.user_attrs.get("fail_reason")]
         _write_report_quietly(study, setup.out, info, setup)
+        if setup.deadline is not None and time.monotonic() > setup.deadline and not states.get("COMPLETE"):
+            raise AutoftError("the time budget (--timeout) ran out before any trial completed an epoch; give the search more time or fewer --epochs")
         raise AutoftError(f"no trial completed ({', '.join(f'{n} {k.lower()}' for k, n in states.items()) or 'none ran'})" + (f"; {reasons[0]}" if reasons else ""))
     best_dir = setup.out / BEST_FOLDER
     metrics = _current_best(best_dir, best.number, export_onnx)

@@ -78,13 +78,21 @@ class SearchSpace:
             return value in spec["choices"]
         return spec["low"] <= value <= spec["high"]
 
-    def describe(self, n_groups: int, strategies: dict[str, Any]) -> dict[str, str]:
+    def check_names(self, n_groups: int, strategies: dict[str, Any]) -> None:
+        """An override for a parameter nothing declares is a typo, not a silent no-op."""
+        known = set(self.describe(n_groups, strategies, overrides=False))
+        unknown = sorted(set(self.overrides) - known)
+        if unknown:
+            raise AutoftError(f"--range {unknown[0]}: no such parameter in this search; searched: {', '.join(sorted(known))}")
+
+    def describe(self, n_groups: int, strategies: dict[str, Any], overrides: bool = True) -> dict[str, str]:
         """Each parameter's range, as text, for the report and ``--help``-like listings."""
         recorder = _RecordingTrial()
+        used = self.overrides if overrides else {}
         for name in self.strategies:
-            strategies[name].suggest(RangedTrial(recorder, self.overrides), n_groups)
+            strategies[name].suggest(RangedTrial(recorder, used), n_groups)
         described = {}
-        for name, spec in {**BASE_RANGES, **self.overrides}.items():
+        for name, spec in {**BASE_RANGES, **used}.items():
             if name in BASE_RANGES or name in recorder.seen:
                 described[name] = _describe(spec)
         for name, dist in recorder.seen.items():
