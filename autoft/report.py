@@ -153,6 +153,7 @@ def _history_plot(trials: list[FrozenTrial], metric: str) -> str:
     ax.step([t.number for t in ordered], best, where="post", color="#c0392b", label="best so far")
     ax.set_xlabel("trial")
     ax.set_ylabel(metric)
+    _integer_ticks(ax)
     ax.legend(loc="lower right", fontsize=8)
     return _svg(fig)
 
@@ -192,6 +193,8 @@ def _curves_plot(complete: list[FrozenTrial], metric: str) -> str:
         right.plot(epochs, [r["val_loss"] for r in history], color=line.get_color(), label=f"trial {t.number} val")
     left.set(xlabel="epoch", ylabel=f"validation {metric}")
     right.set(xlabel="epoch", ylabel="loss (dashed: train)")
+    _integer_ticks(left)
+    _integer_ticks(right)
     left.legend(fontsize=8)
     return _svg(fig)
 
@@ -233,6 +236,12 @@ def _svg(fig) -> str:
     plt.close(fig)
     text = buffer.getvalue()
     return "<figure>" + text[text.index("<svg") :] + "</figure>"
+
+
+def _integer_ticks(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _section(title: str, body: str) -> str:

@@ -225,9 +225,13 @@ def test_wilcoxon_needs_cv_and_epoch_pruners_refuse_cv(image_folder, tmp_path):
         search("test_resnet", str(image_folder), tmp_path, cv=3, pruner="hyperband")
 
 
-def test_journal_storage_for_processes_on_one_machine(tmp_path):
+def test_journal_storage_for_processes_on_one_machine(image_folder, tmp_path):
     from optuna.storages import JournalStorage
 
+    journal = tmp_path / "shared" / "journal.log"
+    result = search("test_resnet", str(image_folder), tmp_path / "out", trials=1, epochs=1, image_size=16, device="cpu", storage=str(journal), study="shared", export_onnx=False)
+    assert journal.is_file() and not (tmp_path / "out" / "study.db").exists()
+    assert [t.state for t in _trials(result)] == [TrialState.COMPLETE]
     assert isinstance(open_storage(str(tmp_path / "journal.log")), JournalStorage)
     assert isinstance(open_storage(f"journal://{tmp_path / 'j.jsonl'}"), JournalStorage)
     with pytest.raises(AutoftError, match="--storage"):

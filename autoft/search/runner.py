@@ -95,7 +95,8 @@ def make_pruner(name: str | optuna.pruners.BasePruner | None, epochs: int, cv: i
     if not cv and name == "wilcoxon":
         raise AutoftError("--pruner wilcoxon compares per-fold scores; use it with --cv K")
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+        # The first epoch is mostly learning-rate warmup: judging a trial on it alone is noise.
+        return optuna.pruners.HyperbandPruner(min_resource=2 if epochs >= 4 else 1, max_resource=epochs, reduction_factor=3)
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     if name == "wilcoxon":
