@@ -184,6 +184,21 @@ def test_killed_search_reruns_the_interrupted_trial(image_folder, tmp_path):
     assert "running again trial(s) 0" in result.output
 
 
+def test_an_interrupted_trial_runs_again_on_the_next_run(image_folder, tmp_path):
+    def ctrl_c(event):
+        if event["kind"] == "epoch":
+            raise KeyboardInterrupt
+
+    run = dict(trials=1, epochs=1, image_size=16, device="cpu", batch_size=16, export_onnx=False)
+    with pytest.raises(KeyboardInterrupt):
+        search("test_resnet", str(image_folder), tmp_path, on_event=ctrl_c, **run)
+    assert (tmp_path / "report.html").is_file()  # a report even for an interrupted search
+    result = search("test_resnet", str(image_folder), tmp_path, **run)
+    interrupted, rerun = _trials(result)
+    assert interrupted.state == TrialState.FAIL and interrupted.user_attrs["fail_reason"] == "interrupted"
+    assert rerun.state == TrialState.COMPLETE and rerun.params == interrupted.params and result.queued_again == [0]
+
+
 def test_cross_validation_scores_the_mean_of_folds(image_folder, tmp_path):
     result = search("test_resnet", str(image_folder), tmp_path / "cv", trials=1, epochs=1, image_size=16, device="cpu", cv=3, export_onnx=False, batch_size=16)
     trials = _trials(result)
