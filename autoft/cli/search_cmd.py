@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from autoft.cli.common import console, guarded
+from autoft.cli.progress import EpochProgress
 
 
 class SearchProgress:
@@ -16,26 +16,25 @@ class SearchProgress:
 
     def __init__(self, epochs: int, metric: str):
         self.epochs, self.metric = epochs, metric
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            console=console,
-        )
+        self.progress = EpochProgress(epochs).progress  # the same columns as autoft train
         self.trials = self.running = None
 
     def __enter__(self) -> "SearchProgress":
-        self.progress.__enter__()
-        self.trials = self.progress.add_task("trials", total=None, status="")
-        self.running = self.progress.add_task("", total=None, status="", visible=False)
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
+        if self.trials is not None:
+            self.progress.__exit__(*exc)
+
+    def _start(self) -> None:
+        # Shown from the first event on, so errors while loading data print cleanly.
+        if self.trials is None:
+            self.progress.__enter__()
+            self.trials = self.progress.add_task("trials", total=None, status="")
+            self.running = self.progress.add_task("", total=None, status="", visible=False)
 
     def __call__(self, event: dict[str, Any]) -> None:
+        self._start()
         kind = event["kind"]
         if kind == "search_start":
             self.progress.update(self.trials, total=event["total"], completed=event["done"])
