@@ -80,9 +80,9 @@ class Objective:
         setup = self.setup
         for key, value in process_identity().items():
             trial.set_user_attr(key, value)
-        params = setup.space.suggest(trial, setup.strategies, setup.n_groups)
-        setup.emit("trial_start", number=trial.number, params=params)
         try:
+            params = setup.space.suggest(trial, setup.strategies, setup.n_groups)
+            setup.emit("trial_start", number=trial.number, params=params)
             if setup.cv:
                 return self.cross_validate(trial, params)
             return self.train(trial, params)
