@@ -449,7 +449,8 @@ def search_stage(
     enter the loss, but the search's validation split scores each checkpoint by k-NN.
     Without ``epochs``, the stage gets :data:`SEARCH_BUDGET_SHARE` of ``timeout`` (when
     there is one) and at most :data:`SEARCH_DEFAULT_EPOCHS` epochs. ``init`` then takes
-    the values ``weights`` (or ``"scratch"``) and the path of every checkpoint.
+    the path of every checkpoint, the longest-trained first (the default first trial
+    takes the first choice), and ``weights`` (or ``"scratch"``).
     """
 
     def hook(setup, study) -> PretrainResult:
@@ -474,7 +475,7 @@ def search_stage(
             device=str(setup.device),
             seed=setup.seed,
         )
-        setup.space.choices["init"] = [weights or "scratch"] + [str(c.path) for c in result.checkpoints]
+        setup.space.choices["init"] = [str(c.path) for c in reversed(result.checkpoints)] + [weights or "scratch"]
         setup.emit("pretrain_end", cached=result.cached, out=str(result.out), checkpoints=[(c.epoch, c.knn_accuracy) for c in result.checkpoints])
         write_json(setup.out / "pretrain.json", {**{k: v for k, v in result.metrics.items() if k != "skipped"}, "cache": str(result.out), "cached": result.cached})
         return result
