@@ -3,6 +3,12 @@
 :func:`search` decodes the data once, runs one :class:`~autoft.search.objective.Objective`
 per trial in an Optuna study (any Optuna storage, resumable, shareable by many workers),
 then writes the best model, its ONNX export and an offline ``report.html``.
+
+Extending the search: ``search(pre_search=[hook])`` calls ``hook(setup, study)`` once the
+data is decoded and the study is open, inside the time budget (``setup.deadline``). A hook
+may add a categorical parameter through ``setup.space.choices`` (for instance ``init``, a
+list of starting-weight files or ``"none"``); the objective passes ``params["init"]`` to
+:func:`autoft.training.build_backbone` as ``weights=``.
 """
 
 from autoft.search.objective import Objective, SearchSetup
