@@ -225,10 +225,14 @@ def fit(
     registry=None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    state_file: Path | None = None,
 ) -> FitResult:
     """Fine-tune ``backbone`` in place with ``params``; keep the weights of the best epoch.
 
     ``on_epoch`` sees each epoch's record and may raise (``optuna.TrialPruned``) to stop.
+    With ``state_file``, the whole training state is written there (atomically) after
+    every epoch, and a run that finds one resumes after its last epoch: the epochs it
+    restores are passed to ``on_epoch`` again, marked ``"resumed": True``.
     """
     device = resolve_device(device) if isinstance(device, str) else device
     registry = registry or plugins.registry()
@@ -266,7 +270,22 @@ def fit(
 
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, torch.Tensor], dict[str, Any]] | None = None
-    for epoch in range(1, epochs + 1):
+    first_epoch = 1
+    if state_file is not None and Path(state_file).is_file():
+        state = torch.load(state_file, map_location="cpu", weights_only=False)  # our own file: RNG states, optimiser
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        history, best = state["history"], state["best"]
+        first_epoch = history[-1]["epoch"] + 1
+        for record in history:
+            if on_epoch:
+                on_epoch({**record, "resumed": True})
+    for epoch in range(first_epoch, epochs + 1):
         started = time.perf_counter()
         net.train()
         freeze_batchnorm(model)
@@ -306,11 +325,28 @@ def fit(
         history.append(record)
         if best is None or val[metric] > best[0]:
             best = (val[metric], epoch, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}, val)
+        if state_file is not None:
+            _save_fit_state(state_file, model, optimizer, scheduler, generator, history, best, device)
         if on_epoch:
             on_epoch(record)
     assert best is not None, "epochs must be at least 1"
     model.load_state_dict(best[2])
     return FitResult(history=history, best_epoch=best[1], val=best[3])
+
+
+def _save_fit_state(path, model, optimizer, scheduler, generator, history, best, device) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+        "history": history,
+        "best": best,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 # ---------------------------------------------------------------------------

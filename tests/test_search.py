@@ -180,6 +180,12 @@ def test_killed_search_reruns_the_interrupted_trial(image_folder, tmp_path):
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # no RUNNING zombie
     assert f"process {child.pid}" in trials[0].user_attrs["fail_reason"]
     assert trials[1].params == killed.params and trials[1].system_attrs["failed_trial"] == killed.number
+    # it continued after the killed trial's last finished epoch instead of starting over
+    assert trials[1].user_attrs["resumed_from"]["trial"] == killed.number
+    assert trials[1].user_attrs["resumed_from"]["epoch"] >= len(killed.intermediate_values)
+    for epoch, value in killed.intermediate_values.items():
+        assert trials[1].intermediate_values[epoch] == value
+    assert not (out / "trials" / str(killed.number)).exists()  # resumed from, then cleaned up
     assert (out / "best" / "model.pt").is_file() and not (out / "best" / "model.onnx").exists()
     assert "running again trial(s) 0" in result.output
 

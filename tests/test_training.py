@@ -113,3 +113,33 @@ def test_nan_loss_is_an_error_not_a_silent_model(digits):
     params = resolve_params("full", len(backbone.groups), {"lr": 1e12})
     with pytest.raises(FloatingPointError, match="loss is"):
         fit(backbone, digits, params, epochs=2, batch_size=256)
+
+
+def test_an_interrupted_fit_resumes_from_its_state_file_exactly(digits, tmp_path):
+    small = digits.__class__(**{**digits.__dict__, "train": digits.train.subset(range(256))})
+
+    def run(state_file=None, stop_at=None):
+        torch.manual_seed(0)
+        backbone = build_backbone("test_resnet", num_classes=10)
+        params = resolve_params("l2sp", len(backbone.groups), {"freeze_depth": 1})
+        seen = []
+
+        def on_epoch(record):
+            seen.append(record)
+            if record["epoch"] == stop_at:
+                raise KeyboardInterrupt  # a crash right after the epoch's state was written
+
+        try:
+            result = fit(backbone, small, params, epochs=3, batch_size=64, state_file=state_file, on_epoch=on_epoch)
+        except KeyboardInterrupt:
+            return None, seen, backbone
+        return result, seen, backbone
+
+    straight, _, straight_model = run()
+    state = tmp_path / "state.pt"
+    assert run(state, stop_at=2)[0] is None and state.is_file()
+    resumed, seen, resumed_model = run(state)
+    assert [r.get("resumed", False) for r in seen] == [True, True, False]
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
+    for a, b in zip(straight_model.model.state_dict().values(), resumed_model.model.state_dict().values()):
+        assert torch.equal(a, b)

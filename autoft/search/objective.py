@@ -27,6 +27,7 @@ from autoft.search.storage import process_identity
 from autoft.training import CHECKPOINT_NAME, build_backbone, fit, save_checkpoint, seed_everything
 
 Event = dict[str, Any]
+STATE_NAME = "state.pt"  # the training state after the last finished epoch, for resuming
 
 
 class OutOfTime(Exception):
@@ -105,36 +106,52 @@ class Objective:
     # -- one train/validation split ------------------------------------------
 
     def train(self, trial, params: dict[str, Any]) -> float:
-        """Fine-tune on the train split; keep the best epoch's weights under ``trials/<n>/``."""
+        """Fine-tune on the train split; keep the best epoch's weights under ``trials/<n>/``.
+
+        A trial queued again after a crash continues from the last epoch its crashed
+        original finished (``trials/<original>/state.pt``) instead of starting over.
+        """
         setup = self.setup
         folder = setup.trial_dir(trial.number)
         shutil.rmtree(folder, ignore_errors=True)  # a retried number never reuses stale files
+        origin = retried_from(trial)
+        if origin is not None and (setup.trial_dir(origin) / STATE_NAME).is_file():
+            shutil.copytree(setup.trial_dir(origin), folder)
         history: list[dict[str, float]] = []
         best = -math.inf
         backbone = self._build(params)
 
         def on_epoch(record: dict[str, float]) -> None:
             nonlocal best
+            resumed = record.pop("resumed", False)
             history.append(record)
             value = record[f"val_{setup.metric}"]
             if value > best:  # the weights fit() keeps: the first epoch with the top value
                 best = value
-                save_checkpoint(folder / CHECKPOINT_NAME, backbone_name=setup.backbone, backbone=backbone, classes=setup.data.classes, image_size=setup.data.image_size, params=params, data=setup.data_source, seed=setup.seed)
+                if not resumed:  # a resumed epoch's best weights came with the copied folder
+                    save_checkpoint(folder / CHECKPOINT_NAME, backbone_name=setup.backbone, backbone=backbone, classes=setup.data.classes, image_size=setup.data.image_size, params=params, data=setup.data_source, seed=setup.seed)
             trial.set_user_attr("history", history)
             trial.report(value, record["epoch"])
+            if resumed:
+                trial.set_user_attr("resumed_from", {"trial": origin, "epoch": record["epoch"]})
             setup.emit("epoch", number=trial.number, epoch=record["epoch"], epochs=setup.epochs, value=value, record=record)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val {setup.metric} {value:.4f} at epoch {record['epoch']}")
 
+        state_file = folder / STATE_NAME
         try:
-            result = fit(backbone, setup.data, params, epochs=setup.epochs, batch_size=setup.batch_size, device=setup.device, seed=setup.seed, metric=setup.metric, registry=setup.registry, on_epoch=on_epoch, on_batch=self._on_batch(trial.number))
+            result = fit(backbone, setup.data, params, epochs=setup.epochs, batch_size=setup.batch_size, device=setup.device, seed=setup.seed, metric=setup.metric, registry=setup.registry, on_epoch=on_epoch, on_batch=self._on_batch(trial.number), state_file=state_file)
         except OutOfTime:
             if not history:
                 raise
             trial.set_user_attr("cut_short", f"the time budget ran out after {len(history)} of {setup.epochs} epochs")
             return best
+        except (optuna.TrialPruned, FloatingPointError, AutoftError):
+            state_file.unlink(missing_ok=True)  # a verdict on its parameters: it will not run again
+            raise
         finally:
             del backbone
+        state_file.unlink(missing_ok=True)
         self._write_confusion(folder, result.val["predictions"], setup.data.val.labels)
         return float(result.val[setup.metric])
 
@@ -197,6 +214,15 @@ class Objective:
                 trial.set_user_attr("pruned_after_folds", position + 1)
                 return float(np.mean(scores))
         return float(np.mean(scores))
+
+
+def retried_from(trial) -> int | None:
+    """The number of the crashed trial that ``trial`` runs again, if it is such a retry."""
+    study = getattr(trial, "study", None)  # a FixedTrial has none
+    if study is None:
+        return None
+    frozen = next((t for t in study.get_trials(deepcopy=False) if t.number == trial.number), None)
+    return frozen.system_attrs.get("failed_trial") if frozen else None  # set by Optuna's retry callback
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

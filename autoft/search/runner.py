@@ -270,11 +270,14 @@ def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 def prune_checkpoints(out: Path, trials: list[optuna.trial.FrozenTrial], best: optuna.trial.FrozenTrial | None) -> None:
-    """Keep the checkpoints of the best trial and of unfinished ones; delete the rest."""
+    """Keep the checkpoints of the best trial, of unfinished ones, and of crashed ones whose
+    retry has not started yet (it resumes from them); delete the rest."""
     folder = out / "trials"
     if not folder.is_dir():
         return
     keep = {t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)}
+    resumed = {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs and t.state != TrialState.WAITING}
+    keep |= {t.number for t in trials if t.user_attrs.get("crashed") and t.number not in resumed}
     if best is not None:
         keep.add(best.number)
     for child in folder.iterdir():
