@@ -455,10 +455,8 @@ def search_stage(
 
     def hook(setup, study) -> PretrainResult:
         data: DataSplits = setup.data
-        if isinstance(unlabelled, torch.Tensor):
-            extra = unlabelled
-        else:
-            extra = load_pool(unlabelled, data.image_size, setup.registry).images
+        pool = Pool(unlabelled) if isinstance(unlabelled, torch.Tensor) else load_pool(unlabelled, data.image_size, setup.registry)
+        extra = pool.images
         if extra.shape[1:] != data.train.images.shape[1:]:
             raise AutoftError(f"unlabelled images are {tuple(extra.shape[1:])}, the labelled ones {tuple(data.train.images.shape[1:])}")
         setup.emit("pretrain_start", method=method, images=len(extra) + len(data.train))
@@ -477,7 +475,8 @@ def search_stage(
         )
         setup.space.choices["init"] = [str(c.path) for c in reversed(result.checkpoints)] + [weights or "scratch"]
         setup.emit("pretrain_end", cached=result.cached, out=str(result.out), checkpoints=[(c.epoch, c.knn_accuracy) for c in result.checkpoints])
-        write_json(setup.out / "pretrain.json", {**{k: v for k, v in result.metrics.items() if k != "skipped"}, "cache": str(result.out), "cached": result.cached})
+        skipped = {"skipped_images": len(pool.skipped), "skipped": [{"source": s, "reason": r} for s, r in pool.skipped[:100]]}
+        write_json(setup.out / "pretrain.json", {**result.metrics, **skipped, "cache": str(result.out), "cached": result.cached})
         return result
 
     return hook

@@ -171,3 +171,47 @@ def test_cli_folder_without_readable_images_is_an_error(tmp_path):
     result = CliRunner().invoke(make_app(), args)
     assert result.exit_code == 2
     assert "no readable images" in result.output
+
+
+def test_search_with_unlabelled_reuses_the_cached_stage_and_searches_init(class_folder, cache_dir, tmp_path):
+    unlabelled = tmp_path / "unlabelled"
+    for i in range(10):
+        make_image(unlabelled / f"{i}.png", (120, 120, 40), seed=500 + i)
+    (unlabelled / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    base = ["search", "--backbone", "test_resnet", "--data", str(class_folder), "--unlabelled", str(unlabelled)]
+    base += ["--pretrain", "autoencoder", "--pretrain-epochs", "2", "--trials", "2", "--epochs", "1", "--batch-size", "8"]
+    base += ["--image-size", "32", "--no-onnx", "--device", "cpu"]
+    runs = []
+    for name in ("first", "second"):
+        result = CliRunner().invoke(make_app(), base + ["--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        runs.append(json.loads((tmp_path / name / "pretrain.json").read_text()))
+    assert [r["cached"] for r in runs] == [False, True]
+    assert runs[0]["cache"] == runs[1]["cache"] and len(list(cache_dir.iterdir())) == 1
+    assert runs[0]["skipped_images"] == 1
+    # The pool is the unlabelled images plus the labelled training split (24 images, 20% held out for validation).
+    assert runs[0]["num_images"] == 10 + 24 - 5
+    import optuna
+
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'second' / 'study.db'}")
+    choices = study.trials[0].distributions["init"].choices
+    assert choices[-1] == "scratch" and len(choices) == 3  # epochs 1 and 2, then scratch
+    assert all(t.params["init"] in choices for t in study.trials)
+    assert all(Path(c).is_file() for c in choices[:-1])
+
+
+def test_search_timeout_gives_pretraining_its_share(class_folder, cache_dir, tmp_path):
+    from autoft.pretraining import SEARCH_BUDGET_SHARE, SEARCH_DEFAULT_EPOCHS
+    from autoft.search import search
+
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    result = search(
+        "test_resnet", str(class_folder), tmp_path / "out", trials=1, epochs=1, timeout=20, batch_size=8, image_size=32,
+        device="cpu", export_onnx=False, unlabelled=images, pretrain="autoencoder",
+    )  # fmt: skip
+    stage = json.loads((tmp_path / "out" / "pretrain.json").read_text())
+    assert stage["time_budget"] == pytest.approx(SEARCH_BUDGET_SHARE * 20)
+    assert stage["planned_epochs"] == SEARCH_DEFAULT_EPOCHS
+    # Planned from the first epoch, stopped before an epoch that would overrun: within the share, give or take one epoch.
+    assert stage["seconds"] < stage["time_budget"] + 2 * max(e["seconds"] for e in stage["epochs"])
+    assert "init" in result.best_params

@@ -55,6 +55,12 @@ class SearchProgress:
             self.progress.update(self.running, description=f"retraining best trial {event['number']}", visible=True, completed=0, total=None, status="")
         elif kind == "export":
             self.progress.update(self.running, description=f"exporting trial {event['number']} to ONNX", visible=True, total=None, status="")
+        elif kind == "pretrain_start":
+            self.progress.update(self.running, description=f"pretraining ({event['method']}) on {event['images']} images", visible=True, total=None, status="")
+        elif kind == "pretrain_end":
+            scores = ", ".join(f"epoch {e}" + (f" k-NN {a:.3f}" if a is not None else "") for e, a in event["checkpoints"])
+            self._say(f"pretraining {'reused from' if event['cached'] else 'saved in'} {event['out']}: {scores}")
+            self.progress.update(self.running, visible=False)
 
     def _trial_end(self, event: dict[str, Any]) -> None:
         state = event["state"]
@@ -95,6 +101,14 @@ def search_command(
     seed: Annotated[int, typer.Option(help="Random seed for sampling and training.")] = 0,
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Export the best model to best/model.onnx, checked against PyTorch.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    unlabelled: Annotated[
+        Optional[str],
+        typer.Option(help="Unlabelled images (a folder, flat or by class) to pretrain on first; `init` then searches scratch and each pretraining checkpoint."),
+    ] = None,
+    pretrain: Annotated[str, typer.Option(help="Pretraining method for --unlabelled (see `autoft plugins`).")] = "simclr",
+    pretrain_epochs: Annotated[
+        Optional[int], typer.Option(min=1, help="Pretraining epochs. \\[default: 30% of --timeout, at most 50; 50 without --timeout]")
+    ] = None,
 ) -> None:
     """Search learning rate, dropout, weight decay, freeze depth and strategy; keep the best model.
 
@@ -110,7 +124,7 @@ def search_command(
         result = search(
             backbone, data, out, trials=trials, timeout=timeout, epochs=epochs, strategies=strategy or DEFAULT_STRATEGIES, storage=storage, study=study,
             sampler=sampler, pruner=pruner, metric=metric, seed=seed, device=device, cv=cv, batch_size=batch_size, image_size=image_size,
-            ranges=range_, space_file=space, export_onnx=onnx, on_event=progress,
+            ranges=range_, space_file=space, export_onnx=onnx, unlabelled=unlabelled, pretrain=pretrain, pretrain_epochs=pretrain_epochs, on_event=progress,
         )
     m = result.metrics
     states = ", ".join(f"{n} {s.lower()}" for s, n in result.states.items())

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from autoft import plugins
@@ -134,6 +135,9 @@ def search(
     space: SearchSpace | None = None,
     export_onnx: bool = True,
     pre_search: Sequence[Callable[[SearchSetup, optuna.Study], None]] = (),
+    unlabelled: str | Path | torch.Tensor | None = None,
+    pretrain: str = "simclr",
+    pretrain_epochs: int | None = None,
     on_event: Callable[[Event], None] | None = None,
 ) -> SearchResult:
     """Search fine-tuning recipes for ``backbone`` on ``data``; write the best model and a report.
@@ -142,8 +146,13 @@ def search(
     keeps every finished trial and runs crashed ones again. ``timeout`` bounds the whole
     call. ``pre_search`` hooks run once the data is decoded and the study is open, within
     the time budget (a pretraining stage may add an ``init`` choice to ``setup.space``).
+    ``unlabelled`` (a folder, a dataset source or uint8 images) adds that stage: ``pretrain``
+    runs once on it plus the labelled training images (cached, see :mod:`autoft.pretraining`)
+    for ``pretrain_epochs``, or else for a share of ``timeout``, and ``init`` chooses among
+    its checkpoints and scratch.
     ``on_event`` receives progress events (``search_start``, ``trial_start``, ``batch``,
-    ``epoch``, ``fold``, ``trial_end``, ``retrain``, ``export``).
+    ``epoch``, ``fold``, ``trial_end``, ``retrain``, ``export``, and ``pretrain_start`` and
+    ``pretrain_end`` with ``unlabelled``).
     """
     started = time.monotonic()
     seconds = parse_duration(timeout)
@@ -164,6 +173,13 @@ def search(
     space = space or SearchSpace(tuple(strategy_objects), load_overrides(ranges, space_file))
     pruner_object = make_pruner(pruner, epochs, cv)
     make_sampler(sampler, seed)  # a bad name fails before any image is decoded
+    if unlabelled is not None:
+        from autoft.pretraining import search_stage
+
+        registry.pretrainer(pretrain)
+        if pretrain_epochs is not None and pretrain_epochs < 1:
+            raise AutoftError("--pretrain-epochs must be at least 1")
+        pre_search = [search_stage(unlabelled, method=pretrain, epochs=pretrain_epochs, timeout=seconds), *pre_search]
     torch_device = resolve_device(device)
 
     probe = build_backbone(backbone, num_classes=2, registry=registry)
@@ -188,9 +204,6 @@ def search(
     # first worker's random draws, so its sampler seed also depends on who and when.
     sampler_seed = seed if not existing and storage is None else zlib.crc32(f"{seed}/{len(existing)}/{socket.gethostname()}/{id(optuna_study)}/{time.time_ns()}".encode())
     optuna_study.sampler = make_sampler(sampler, sampler_seed)
-    if not existing:
-        first = "freeze" if "freeze" in strategy_objects else next(iter(strategy_objects))
-        optuna_study.enqueue_trial(space.defaults(first, strategy_objects[first], n_groups, DEFAULT_PARAMS), user_attrs={"recipe": "default"})
 
     deadline = None if seconds is None else started + seconds - min(60.0, 0.1 * seconds)  # leave time for export and report
     setup = SearchSetup(
@@ -199,6 +212,9 @@ def search(
     )
     for hook in pre_search:
         hook(setup, optuna_study)
+    if not existing:  # after the hooks, so that the default recipe includes the choices they add
+        first = "freeze" if "freeze" in strategy_objects else next(iter(strategy_objects))
+        optuna_study.enqueue_trial(space.defaults(first, strategy_objects[first], n_groups, DEFAULT_PARAMS), user_attrs={"recipe": "default"})
     info = {"study": study_name, "storage": storage_url, "backbone": backbone, "data": data_source or "(in memory)", "metric": metric, "epochs": epochs, "cv": cv, "trials": trials, "space": space.describe(n_groups, strategy_objects)}
 
     remaining = trials - counted_trials(optuna_study.get_trials(deepcopy=False))
