@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -313,7 +312,6 @@ def pretrain(
             work.rename(final)
         except OSError:  # another process finished the same stage first; theirs is as good
             shutil.rmtree(work, ignore_errors=True)
-        return read_result(final)
     return read_result(final)
 
 

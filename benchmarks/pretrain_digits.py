@@ -86,10 +86,16 @@ def main() -> None:
         )  # fmt: skip
         pretrained_seconds = time.perf_counter() - started
 
+    def trials(result) -> str:
+        return ", ".join(f"{n} {state.lower()}" for state, n in result.states.items())
+
     a, b = scratch.metrics["test_accuracy"], pretrained.metrics["test_accuracy"]
     init = Path(str(pretrained.best_params.get("init", "scratch"))).stem
-    print(f"scratch:    test accuracy {a:.3f}  ({scratch_seconds:.0f} s)")
-    print(f"pretrained: test accuracy {b:.3f}  ({pretrained_seconds:.0f} s with {args.pretrain_epochs} epochs of {args.method}; best init {init})")
+    print(f"scratch:    test accuracy {a:.3f}  ({scratch_seconds:.0f} s; {trials(scratch)})")
+    print(
+        f"pretrained: test accuracy {b:.3f}  ({pretrained_seconds:.0f} s with {args.pretrain_epochs} epochs of {args.method}; "
+        f"{trials(pretrained)}; best init {init})"
+    )
     print(f"difference: {100 * (b - a):+.1f} points (aim: +10)")
 
 
