@@ -7,8 +7,6 @@ The Python API mirrors the CLI; the CLI is a thin layer over it::
     print(result.metrics["val_accuracy"])
 """
 
-import sys
-import types
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 
@@ -21,12 +19,14 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 # Public API, imported on first use so that `import autoft` stays light (no torch import).
+# The modules are named for the stage (training, searching) and the functions for the verb
+# (train, search), so importing a submodule never shadows an API function.
 _API = {
     "train": "autoft.training",
     "load_checkpoint": "autoft.training",
-    "search": "autoft.search",
+    "search": "autoft.searching",
     "pretrain": "autoft.pretraining",
-    "export": "autoft.export",
+    "export": "autoft.exporting",
 }
 
 __all__ = ["AutoftError", "hookimpl", "__version__", *_API]
@@ -37,24 +37,3 @@ def __getattr__(name: str):
         return getattr(import_module(_API[name]), name)
     raise AttributeError(f"module 'autoft' has no attribute {name!r}")
 
-
-class _CallableModule(types.ModuleType):
-    """A submodule named like the API function it holds (``autoft.search``), called as that function."""
-
-    def __call__(self, *args, **kwargs):
-        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
-
-
-class _Package(types.ModuleType):
-    """Importing ``autoft.search`` or ``autoft.export`` binds the *module* to that attribute
-    of ``autoft``, shadowing the API function of the same name. Making such a module
-    callable keeps ``autoft.search(...)`` working however the imports happened, and
-    ``autoft.search.SearchSpace`` too."""
-
-    def __setattr__(self, name, value):
-        if name in _API and type(value) is types.ModuleType and value.__name__ == f"{__name__}.{name}":
-            value.__class__ = _CallableModule
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -221,7 +221,7 @@ class BackboneContract(_Contract):
         """Through ``autoft export``'s own path: ONNX with normalisation inside, any batch
         size, checked against PyTorch in onnxruntime (it raises when they differ)."""
         from autoft.data import ImageTensors
-        from autoft.export import export
+        from autoft.exporting import export
         from autoft.training import save_checkpoint
 
         backbone = self.build(backbone_under_test, registry)
@@ -336,7 +336,7 @@ class StrategyContract(_Contract):
         """``trial.params`` of a few random trials, drawn through ``autoft search``'s own search space."""
         import optuna
 
-        from autoft.search import SearchSpace
+        from autoft.searching import SearchSpace
 
         strategy = self.strategy(name, registry)
         space = SearchSpace(strategies=(name,))
@@ -375,7 +375,7 @@ class StrategyContract(_Contract):
             assert own == {k: params[k] for k in own}
 
     def test_search_space_describes_every_parameter(self, strategy_under_test, registry, backbone):
-        from autoft.search import SearchSpace
+        from autoft.searching import SearchSpace
 
         n = len(backbone.groups)
         strategy = self.strategy(strategy_under_test, registry)

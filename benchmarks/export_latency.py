@@ -1,7 +1,7 @@
 """onnxruntime fp32 and int8 against PyTorch eager: latency at batch 1 and 32, int8 accuracy change.
 
 A realistic network (resnet18 by default, random init) is trained briefly on the digits
-sample at 64px, exported through ``autoft.export`` (fp32, then int8 calibrated on training
+sample at 64px, exported through ``autoft.exporting`` (fp32, then int8 calibrated on training
 images), and each runtime is timed in this same run on the same CPU threads. Ratios are
 speed-ups over PyTorch eager. Aims on a CPU: fp32 >= 1.3x at batch 1; int8 >= 2x with at
 most 1 point of validation accuracy lost.

@@ -64,7 +64,7 @@ def main() -> None:
 
     import optuna
 
-    from autoft.search import search
+    from autoft.searching import search
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore")

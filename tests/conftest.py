@@ -62,7 +62,7 @@ def digits_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_onnx(digits_run: Path, tmp_path_factory) -> Path:
     """``digits_run`` exported to fp32 ONNX with a Triton repository: the export folder."""
-    from autoft.export import export
+    from autoft.exporting import export
 
     out = tmp_path_factory.mktemp("digits_onnx")
     export(digits_run, out, triton=True)

@@ -24,8 +24,8 @@ def test_import_autoft_is_light():
 
 @pytest.mark.parametrize("name", ["train", "search", "pretrain", "export", "load_checkpoint"])
 def test_the_api_functions_are_callable_however_submodules_were_imported(name):
-    import autoft.export
-    import autoft.search  # binds the *module* autoft.search to the package attribute
+    import autoft.exporting
+    import autoft.searching  # binds its module to the package: it must not shadow autoft.search
 
     assert name in autoft.__all__
     assert callable(getattr(autoft, name))
@@ -35,7 +35,7 @@ def test_the_api_functions_are_callable_however_submodules_were_imported(name):
 
 
 def test_train_pretrain_and_export_return_result_objects(class_folder, tmp_path):
-    from autoft.export import ExportResult
+    from autoft.exporting import ExportResult
     from autoft.pretraining import PretrainResult
     from autoft.training import LoadedModel, TrainResult
 

@@ -15,7 +15,7 @@ import autoft
 from autoft import export as export_module
 from autoft.cli import make_app
 from autoft.errors import AutoftError
-from autoft.export import export
+from autoft.exporting import export
 from autoft.inference import create_session
 from autoft.io import read_json
 from autoft.training import load_checkpoint

@@ -202,7 +202,7 @@ def test_search_with_unlabelled_reuses_the_cached_stage_and_searches_init(class_
 
 def test_search_timeout_gives_pretraining_its_share(class_folder, cache_dir, tmp_path):
     from autoft.pretraining import SEARCH_BUDGET_SHARE, SEARCH_DEFAULT_EPOCHS
-    from autoft.search import search
+    from autoft.searching import search
 
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     result = search(

@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 
 from autoft.cli import make_app
 from autoft.errors import AutoftError
-from autoft.search import SearchSpace, default_study_name, load_overrides, parse_duration, search
-from autoft.search.storage import open_storage
+from autoft.searching import SearchSpace, default_study_name, load_overrides, parse_duration, search
+from autoft.searching.storage import open_storage
 from autoft.training import DEFAULT_PARAMS, load_checkpoint
 
 BASE = {"lr", "dropout", "weight_decay", "strategy", "freeze_depth"}

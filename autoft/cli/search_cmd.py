@@ -117,7 +117,7 @@ def search_command(
     """
     import optuna
 
-    from autoft.search import DEFAULT_STRATEGIES, search
+    from autoft.searching import DEFAULT_STRATEGIES, search
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the progress display reports each trial
     with SearchProgress(epochs, metric) as progress:

@@ -22,8 +22,8 @@ import torch
 from autoft.data import DataSplits, ImageTensors
 from autoft.errors import AutoftError
 from autoft.io import write_json
-from autoft.search.space import SearchSpace
-from autoft.search.storage import process_identity
+from autoft.searching.space import SearchSpace
+from autoft.searching.storage import process_identity
 from autoft.training import CHECKPOINT_NAME, build_backbone, fit, save_checkpoint, seed_everything
 
 Event = dict[str, Any]

@@ -21,9 +21,9 @@ from autoft import plugins
 from autoft.data import DataSplits, load_data
 from autoft.errors import AutoftError
 from autoft.io import atomic_path, read_json, write_json
-from autoft.search.objective import Event, Objective, SearchSetup, confusion, free_memory, read_confusion, stratified_folds
-from autoft.search.space import DEFAULT_STRATEGIES, SearchSpace, load_overrides
-from autoft.search.storage import counted_trials, default_storage_url, open_storage, recover_trials
+from autoft.searching.objective import Event, Objective, SearchSetup, confusion, free_memory, read_confusion, stratified_folds
+from autoft.searching.space import DEFAULT_STRATEGIES, SearchSpace, load_overrides
+from autoft.searching.storage import counted_trials, default_storage_url, open_storage, recover_trials
 from autoft.training import CHECKPOINT_NAME, DEFAULT_PARAMS, METRICS, build_backbone, evaluate, load_checkpoint, resolve_device, test_metrics
 
 SAMPLERS = ("tpe", "random")
@@ -383,7 +383,7 @@ def _build_best(study: optuna.Study, best: optuna.trial.FrozenTrial, setup: Sear
     }
     del net
     if export_onnx:
-        from autoft.export import export
+        from autoft.exporting import export
 
         setup.emit("export", number=best.number)
         images = setup.data.val.subset(range(min(VERIFY_IMAGES, len(setup.data.val))))
