@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 import autoft
-from autoft import export as export_module
+from autoft import exporting as export_module
 from autoft.cli import make_app
 from autoft.errors import AutoftError
 from autoft.exporting import export
