@@ -25,18 +25,24 @@ from autoft.inference import create_session
 from autoft.training import load_checkpoint
 
 
-def interleaved_median_ms(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median milliseconds per call, timing the runtimes in turn so that a busy CPU hits each alike."""
-    for call in calls.values():
+def median_ms(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median milliseconds per call, each runtime timed in its own block.
+
+    Not interleaved: onnxruntime's worker threads spin for a while after each run, and a
+    PyTorch call made during that spin would be measured against a busy CPU.
+    """
+    result = {}
+    for name, call in calls.items():
+        time.sleep(0.5)  # let the previous runtime's threads go idle
         for _ in range(warmup):
             call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
+        times = []
+        for _ in range(repeats):
             started = time.perf_counter()
             call()
-            times[name].append(time.perf_counter() - started)
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+            times.append(time.perf_counter() - started)
+        result[name] = 1000 * statistics.median(times)
+    return result
 
 
 def main() -> None:
@@ -68,7 +74,7 @@ def main() -> None:
                     net(x)
 
             calls = {"PyTorch eager": eager, **{name: (lambda s=session: s.run(["logits"], feed)) for name, session in sessions.items()}}
-            timings = interleaved_median_ms(calls, args.repeats)
+            timings = median_ms(calls, args.repeats)
             baseline = timings["PyTorch eager"]
             for name, ms in timings.items():
                 print(f"{name:<20}{batch:>6}{ms:>10.2f}{baseline / ms:>9.2f}x")
