@@ -292,7 +292,8 @@ def pretrain(
         # crashed or interrupted stage is never taken as done.
         if (final / METRICS_NAME).is_file():
             return read_result(final, cached=True)
-        work = cache_root() / f".{key}.{uuid.uuid4().hex[:8]}.partial"
+        remove_abandoned(cache_root(), key)
+        work = cache_root() / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
     else:
         final = work = Path(out).expanduser()
 
@@ -313,6 +314,18 @@ def pretrain(
         except OSError:  # another process finished the same stage first; theirs is as good
             shutil.rmtree(work, ignore_errors=True)
     return read_result(final)
+
+
+def remove_abandoned(root: Path, key: str) -> None:
+    """Delete unfinished stages of ``key`` left by processes that no longer run (a kill -9)."""
+    for partial in root.glob(f".{key}.*.partial"):
+        try:
+            pid = int(partial.name.split(".")[2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(partial, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue  # not ours to judge: a name we did not write, or another user's live process
 
 
 def _run(

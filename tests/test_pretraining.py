@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,24 @@ def test_an_interrupted_stage_is_never_taken_as_done(pool, cache_dir):
     assert not cache_dir.exists() or not list(cache_dir.iterdir())  # no partial folder left either
     result = pretrain("test_resnet", pool, method="autoencoder", epochs=2, batch_size=32, device="cpu")
     assert not result.cached and result.final.epoch == 2
+
+
+def test_a_killed_stage_leaves_nothing_behind_once_the_next_one_starts(pool, cache_dir):
+    import subprocess
+    import sys
+
+    from autoft.pretraining import remove_abandoned
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs, as after a kill -9
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    abandoned = cache_dir / f".abc.{dead.pid}.0000.partial"
+    alive = cache_dir / f".abc.{os.getpid()}.0000.partial"
+    other = cache_dir / f".xyz.{dead.pid}.0000.partial"
+    for folder in (abandoned, alive, other):
+        folder.mkdir()
+    remove_abandoned(cache_dir, "abc")
+    assert not abandoned.exists() and alive.exists() and other.exists()
 
 
 def test_time_budget_shortens_the_plan(pool, tmp_path):
