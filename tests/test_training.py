@@ -143,3 +143,17 @@ def test_an_interrupted_fit_resumes_from_its_state_file_exactly(digits, tmp_path
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
     for a, b in zip(straight_model.model.state_dict().values(), resumed_model.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_pretrained_tag_offline_is_a_clear_error_naming_weights_path(monkeypatch):
+    import huggingface_hub.constants
+
+    from autoft_plugins import timm_backbones
+
+    monkeypatch.setattr(timm_backbones, "_hub_reachable", lambda *a, **k: False)
+    # restored after the test: the plugin switches the hub to its local cache when offline
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", "/nonexistent-autoft-test-cache")  # nothing cached
+    with pytest.raises(AutoftError, match=r"--weights PATH"):
+        build_backbone("test_resnet", num_classes=3, weights="pretrained")
