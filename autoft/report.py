@@ -175,7 +175,7 @@ def _importance_plot(study: optuna.Study, complete: list[FrozenTrial]) -> str:
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1))
     ax.barh(names, [importances[n] for n in names], color="#2874a6")
     ax.set_xlabel("importance (fANOVA, over completed trials)")
-    return _svg(fig) + _note("Only parameters present in every completed trial are assessed; a strategy's own parameters are not when several strategies ran.")
+    return _svg(fig) + _note(f"Optuna's fANOVA importance evaluator over the {len(complete)} completed trials; with this few, read it as a hint.")
 
 
 def _curves_plot(complete: list[FrozenTrial], metric: str) -> str:
