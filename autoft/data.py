@@ -104,6 +104,14 @@ def decode_all(
     return images, kept, skipped
 
 
+def warn_skipped(skipped: Sequence[tuple[str, str]], total: int) -> None:
+    """One warning for all the images that could not be decoded, with a few examples."""
+    if skipped:
+        examples = "; ".join(f"{src} ({why})" for src, why in skipped[:3])
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {total}: {examples}{more}", stacklevel=3)
+
+
 # ---------------------------------------------------------------------------
 # Loading and splitting
 
@@ -146,10 +154,7 @@ def prepare(labelled: LabelledImages, *, image_size: int, val_fraction: float = 
     if not labelled.samples:
         raise AutoftError("no images found")
     images, kept, skipped = decode_all(labelled.samples, image_size)
-    for src, why in skipped[:5]:
-        warnings.warn(f"skipped unreadable image {src}: {why}", stacklevel=2)
-    if skipped:
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {len(labelled.samples)}", stacklevel=2)
+    warn_skipped(skipped, len(labelled.samples))
     if not kept:
         raise AutoftError("no readable images found")
     labels = np.asarray(labelled.labels, dtype=np.int64)[kept]

@@ -22,7 +22,6 @@ import os
 import shutil
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from autoft import plugins
-from autoft.data import DataSplits, ImageTensors, Normalize, decode_all, image_files, load_data, stratified_split, to_float
+from autoft.data import DataSplits, ImageTensors, Normalize, decode_all, image_files, load_data, stratified_split, to_float, warn_skipped
 from autoft.errors import AutoftError
 from autoft.io import atomic_path, read_json, write_json
 from autoft.specs import Backbone, PretrainerSpec
@@ -80,10 +79,7 @@ def load_pool(source: str | os.PathLike, image_size: int, registry=None) -> Pool
         labelled = spec.factory(argument)
         samples, labels = labelled.samples, list(labelled.labels)
     images, kept, skipped = decode_all(samples, image_size)
-    for src, why in skipped[:5]:
-        warnings.warn(f"skipped unreadable image {src}: {why}", stacklevel=2)
-    if skipped:
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {len(samples)}", stacklevel=2)
+    warn_skipped(skipped, len(samples))
     if not kept:
         raise AutoftError(f"no readable images in {source}")
     kept_labels = torch.as_tensor(np.asarray(labels, dtype=np.int64)[kept]) if labels is not None else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -134,7 +135,9 @@ def resolve_params(strategy_name: str, n_groups: int, given: dict[str, Any], reg
     params["strategy"] = strategy_name
     fixed = optuna.trial.FixedTrial(params)
     try:
-        strategy.suggest(fixed, n_groups)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # out-of-range values get our clearer error below
+            strategy.suggest(fixed, n_groups)
     except ValueError as exc:  # a parameter the strategy needs is missing
         raise AutoftError(f"invalid parameters for strategy {strategy_name!r}: {exc}") from None
     for name, distribution in fixed.distributions.items():
