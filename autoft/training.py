@@ -269,7 +269,10 @@ def fit(
     # On a GPU the whole uint8 training set usually fits; moving it once beats a copy per batch.
     train_images, train_labels = data.train.images, data.train.labels
     if device.type == "cuda":
-        train_images, train_labels = train_images.to(device), train_labels.to(device)
+        try:
+            train_images, train_labels = train_images.to(device), train_labels.to(device)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()  # too big for this GPU: copy it batch by batch instead
 
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, torch.Tensor], dict[str, Any]] | None = None
@@ -298,8 +301,8 @@ def fit(
             index = order[start : start + batch_size]
             if len(index) < 2 and len(order) > 1:
                 continue  # BatchNorm cannot train on a batch of one
-            if device.type == "cuda":
-                index = index.to(device)
+            if train_images.device != index.device:
+                index = index.to(train_images.device)
             x = _layout(augment(to_float(train_images[index], device)), device)
             y = train_labels[index].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
