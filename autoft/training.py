@@ -296,7 +296,8 @@ def fit(
         net.train()
         freeze_batchnorm(model)
         order = torch.randperm(len(data.train), generator=generator)
-        total_loss, seen = 0.0, 0
+        # Summed on the device: reading the loss every step would stall a GPU on each batch.
+        total_loss, seen = torch.zeros((), device=device), 0
         for step, start in enumerate(range(0, len(order), batch_size)):
             index = order[start : start + batch_size]
             if len(index) < 2 and len(order) > 1:
@@ -309,20 +310,21 @@ def fit(
                 loss = F.cross_entropy(net(x).float(), y, label_smoothing=0.1)
             if plan.extra_loss is not None:
                 loss = loss + plan.extra_loss()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}; the learning rate may be too high")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total_loss += loss.item() * len(index)
+            total_loss += loss.detach() * len(index)
             seen += len(index)
             if on_batch:
                 on_batch(step + 1, steps_per_epoch)
+        train_loss = total_loss.item() / max(seen, 1)
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"loss is {train_loss} in epoch {epoch}; the learning rate may be too high")
         val = evaluate(net, data.val, device, batch_size * 2)
         record = {
             "epoch": epoch,
-            "train_loss": total_loss / max(seen, 1),
+            "train_loss": train_loss,
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
             "val_f1_macro": val["f1_macro"],
