@@ -150,6 +150,25 @@ def test_rerun_adds_trials_and_loses_none(searched, image_folder):
     assert again.best_value >= result.best_value
 
 
+def test_weights_start_every_trial(image_folder, tmp_path):
+    from autoft.training import build_backbone
+
+    source = build_backbone("test_resnet", num_classes=3)
+    torch.save(source.model.state_dict(), tmp_path / "start.pt")
+    # freeze_depth 5 leaves only the head training: everything else must be the file's
+    result = search(
+        "test_resnet", str(image_folder), tmp_path / "run", trials=2, epochs=1, image_size=16, device="cpu", batch_size=16,
+        strategies=["freeze"], ranges=["freeze_depth=5"], weights=str(tmp_path / "start.pt"), export_onnx=False,
+    )
+    best = load_checkpoint(result.best_dir).backbone
+    head = set(best.head.params)
+    for name, tensor in source.model.state_dict().items():
+        if name.rpartition(".")[0] + ".weight" not in head and name not in head:
+            assert torch.equal(best.model.state_dict()[name], tensor), name
+    with pytest.raises(AutoftError, match="weights"):  # a rerun from other weights is another search
+        search("test_resnet", str(image_folder), tmp_path / "run", trials=3, epochs=1, image_size=16, device="cpu", export_onnx=False)
+
+
 def test_killed_search_reruns_the_interrupted_trial(image_folder, tmp_path):
     out = tmp_path / "killed"
     args = ["search", "--backbone", "test_resnet", "--data", str(image_folder), "--out", str(out), "--trials", "1", "--epochs", "4", "--image-size", "16", "--batch-size", "8", "--device", "cpu", "--no-onnx"]

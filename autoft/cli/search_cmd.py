@@ -101,9 +101,12 @@ def search_command(
     seed: Annotated[int, typer.Option(help="Random seed for sampling and training.")] = 0,
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Export the best model to best/model.onnx, checked against PyTorch.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    weights: Annotated[
+        Optional[str], typer.Option(help="Starting weights for every trial: a state-dict/.safetensors PATH, or a pretrained tag the source can fetch.")
+    ] = None,
     unlabelled: Annotated[
         Optional[str],
-        typer.Option(help="Unlabelled images (a folder, flat or by class) to pretrain on first; `init` then searches scratch and each pretraining checkpoint."),
+        typer.Option(help="Unlabelled images (a folder, flat or by class) to pretrain on first; `init` then searches each pretraining checkpoint and scratch (or --weights)."),
     ] = None,
     pretrain: Annotated[str, typer.Option(help="Pretraining method for --unlabelled (see `autoft plugins`).")] = "simclr",
     pretrain_epochs: Annotated[
@@ -124,7 +127,7 @@ def search_command(
         result = search(
             backbone, data, out, trials=trials, timeout=timeout, epochs=epochs, strategies=strategy or DEFAULT_STRATEGIES, storage=storage, study=study,
             sampler=sampler, pruner=pruner, metric=metric, seed=seed, device=device, cv=cv, batch_size=batch_size, image_size=image_size,
-            ranges=range_, space_file=space, export_onnx=onnx, unlabelled=unlabelled, pretrain=pretrain, pretrain_epochs=pretrain_epochs, on_event=progress,
+            ranges=range_, space_file=space, export_onnx=onnx, weights=weights, unlabelled=unlabelled, pretrain=pretrain, pretrain_epochs=pretrain_epochs, on_event=progress,
         )
     m = result.metrics
     states = ", ".join(f"{n} {s.lower()}" for s, n in result.states.items())

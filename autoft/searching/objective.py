@@ -52,6 +52,7 @@ class SearchSetup:
     cv: int | None = None
     deadline: float | None = None  # time.monotonic() after which training stops
     data_source: str | None = None
+    weights: str | None = None  # where every trial starts, unless a searched `init` says otherwise
     folds: list[tuple[np.ndarray, np.ndarray]] | None = None  # train/val indices into train+val, for --cv
     registry: Any = None
     on_event: Callable[[Event], None] | None = None
@@ -158,7 +159,7 @@ class Objective:
     def _build(self, params: dict[str, Any]):
         setup = self.setup
         seed_everything(setup.seed)  # the same initial weights in every trial: differences come from the recipe
-        return build_backbone(setup.backbone, num_classes=setup.data.num_classes, dropout=params["dropout"], weights=params.get("init"), registry=setup.registry)
+        return build_backbone(setup.backbone, num_classes=setup.data.num_classes, dropout=params["dropout"], weights=params.get("init", setup.weights), registry=setup.registry)
 
     def _on_batch(self, number: int) -> Callable[[int, int], None]:
         setup = self.setup

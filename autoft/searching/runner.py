@@ -135,6 +135,7 @@ def search(
     space: SearchSpace | None = None,
     export_onnx: bool = True,
     pre_search: Sequence[Callable[[SearchSetup, optuna.Study], None]] = (),
+    weights: str | None = None,
     unlabelled: str | Path | torch.Tensor | None = None,
     pretrain: str = "simclr",
     pretrain_epochs: int | None = None,
@@ -146,7 +147,8 @@ def search(
     keeps every finished trial and runs crashed ones again. ``timeout`` bounds the whole
     call. ``pre_search`` hooks run once the data is decoded and the study is open, within
     the time budget (a pretraining stage may add an ``init`` choice to ``setup.space``).
-    ``unlabelled`` (a folder, a dataset source or uint8 images) adds that stage: ``pretrain``
+    ``weights`` (a file or a source's pretrained tag) starts every trial; ``unlabelled``
+    (a folder, a dataset source or uint8 images) adds a pretraining stage: ``pretrain``
     runs once on it plus the labelled training images (cached, see :mod:`autoft.pretraining`)
     for ``pretrain_epochs``, or else for a share of ``timeout``, and ``init`` chooses among
     its checkpoints and scratch.
@@ -179,10 +181,10 @@ def search(
         registry.pretrainer(pretrain)
         if pretrain_epochs is not None and pretrain_epochs < 1:
             raise AutoftError("--pretrain-epochs must be at least 1")
-        pre_search = [search_stage(unlabelled, method=pretrain, epochs=pretrain_epochs, timeout=seconds), *pre_search]
+        pre_search = [search_stage(unlabelled, method=pretrain, epochs=pretrain_epochs, timeout=seconds, weights=weights), *pre_search]
     torch_device = resolve_device(device)
 
-    probe = build_backbone(backbone, num_classes=2, registry=registry)
+    probe = build_backbone(backbone, num_classes=2, weights=weights, registry=registry)  # a bad weights file fails here
     n_groups, input_size = len(probe.groups), probe.input_size
     del probe
     space.check_names(n_groups, strategy_objects)
@@ -196,7 +198,7 @@ def search(
     out.mkdir(parents=True, exist_ok=True)
     storage_url = storage or default_storage_url(out)
     optuna_study = optuna.create_study(study_name=study_name, storage=open_storage(storage_url), direction="maximize", pruner=pruner_object, sampler=optuna.samplers.RandomSampler(), load_if_exists=True)
-    config = {"backbone": backbone, "data": data_source, "metric": metric, "cv": cv, "image_size": data.image_size, "num_classes": data.num_classes}
+    config = {"backbone": backbone, "weights": weights, "data": data_source, "metric": metric, "cv": cv, "image_size": data.image_size, "num_classes": data.num_classes}
     _check_config(optuna_study, config, study_name)
     queued_again = recover_trials(optuna_study)
     existing = optuna_study.get_trials(deepcopy=False)
@@ -209,13 +211,14 @@ def search(
     setup = SearchSetup(
         backbone=backbone, data=data, out=out, space=space, strategies=strategy_objects, n_groups=n_groups, epochs=epochs, metric=metric,
         batch_size=batch_size, device=torch_device, seed=seed, cv=cv, deadline=deadline, data_source=data_source, registry=registry, on_event=on_event, folds=folds,
+        weights=weights,
     )
     for hook in pre_search:
         hook(setup, optuna_study)
     if not existing:  # after the hooks, so that the default recipe includes the choices they add
         first = "freeze" if "freeze" in strategy_objects else next(iter(strategy_objects))
         optuna_study.enqueue_trial(space.defaults(first, strategy_objects[first], n_groups, DEFAULT_PARAMS), user_attrs={"recipe": "default"})
-    info = {"study": study_name, "storage": storage_url, "backbone": backbone, "data": data_source or "(in memory)", "metric": metric, "epochs": epochs, "cv": cv, "trials": trials, "space": space.describe(n_groups, strategy_objects)}
+    info = {"study": study_name, "storage": storage_url, "backbone": backbone, "weights": weights or "scratch", "data": data_source or "(in memory)", "metric": metric, "epochs": epochs, "cv": cv, "trials": trials, "space": space.describe(n_groups, strategy_objects)}
 
     remaining = trials - counted_trials(optuna_study.get_trials(deepcopy=False))
     setup.emit("search_start", study=study_name, total=trials, done=trials - max(remaining, 0), queued_again=queued_again)
@@ -247,7 +250,7 @@ def _check_config(study: optuna.Study, config: dict[str, Any], name: str) -> Non
     if stored is None:
         study.set_user_attr("autoft", config)
         return
-    for key in ("backbone", "metric", "cv", "num_classes"):
+    for key in ("backbone", "weights", "metric", "cv", "num_classes"):
         if stored.get(key) != config[key]:
             raise AutoftError(
                 f"study {name!r} in this storage was started with {key} {stored.get(key)!r}, not {config[key]!r}; "
