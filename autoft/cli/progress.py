@@ -1,18 +1,20 @@
-"""Rich progress for training epochs."""
+"""Rich progress for training epochs, shared by ``autoft train`` and ``autoft search``."""
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from autoft.cli.common import console
 
 
-class EpochProgress:
-    """A bar per epoch's batches, and a line per finished epoch with loss and accuracy."""
+class LazyProgress(ABC):
+    """A Rich progress display that appears on its first update, so that errors raised while
+    loading data print cleanly. Subclasses add their tasks in ``_add_tasks``."""
 
-    def __init__(self, epochs: int, label: str = "epoch"):
-        self.epochs = epochs
-        self.label = label
+    def __init__(self):
+        self.started = False
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -22,21 +24,37 @@ class EpochProgress:
             console=console,
             transient=False,
         )
-        self.task = None
-        self.epoch = 1
 
-    def __enter__(self) -> "EpochProgress":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.task is not None:
+        if self.started:
             self.progress.__exit__(*exc)
 
     def _start(self) -> None:
-        # Shown from the first batch on, so errors while loading data print cleanly.
-        if self.task is None:
+        if not self.started:
+            self.started = True
             self.progress.__enter__()
-            self.task = self.progress.add_task(f"{self.label} 1/{self.epochs}", total=None, status="")
+            self._add_tasks()
+
+    @abstractmethod
+    def _add_tasks(self) -> None:
+        """Add this display's tasks to ``self.progress``."""
+
+
+class EpochProgress(LazyProgress):
+    """A bar per epoch's batches, and a line per finished epoch with loss and accuracy."""
+
+    def __init__(self, epochs: int, label: str = "epoch"):
+        super().__init__()
+        self.epochs = epochs
+        self.label = label
+        self.task = None
+        self.epoch = 1
+
+    def _add_tasks(self) -> None:
+        self.task = self.progress.add_task(f"{self.label} 1/{self.epochs}", total=None, status="")
 
     def batch_done(self, step: int, steps: int) -> None:
         self._start()

@@ -8,30 +8,20 @@ from typing import Annotated, Any, Optional
 import typer
 
 from autoft.cli.common import console, guarded
-from autoft.cli.progress import EpochProgress
+from autoft.cli.progress import LazyProgress
 
 
-class SearchProgress:
+class SearchProgress(LazyProgress):
     """Live progress: trial n of N with the best so far, and the running trial's epoch."""
 
     def __init__(self, epochs: int, metric: str):
+        super().__init__()  # the same columns as autoft train
         self.epochs, self.metric = epochs, metric
-        self.progress = EpochProgress(epochs).progress  # the same columns as autoft train
         self.trials = self.running = None
 
-    def __enter__(self) -> "SearchProgress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.trials is not None:
-            self.progress.__exit__(*exc)
-
-    def _start(self) -> None:
-        # Shown from the first event on, so errors while loading data print cleanly.
-        if self.trials is None:
-            self.progress.__enter__()
-            self.trials = self.progress.add_task("trials", total=None, status="")
-            self.running = self.progress.add_task("", total=None, status="", visible=False)
+    def _add_tasks(self) -> None:
+        self.trials = self.progress.add_task("trials", total=None, status="")
+        self.running = self.progress.add_task("", total=None, status="", visible=False)
 
     def __call__(self, event: dict[str, Any]) -> None:
         self._start()
