@@ -1,0 +1,78 @@
+"""Ensembles of trials: greedy selection (Caruana et al., 2004) and one averaging network.
+
+Selection runs on the predictions every trial made for images it did not train on (its
+validation split, or its folds' out-of-fold predictions): start from the best single
+model, then repeatedly add, with replacement, the model whose addition most improves
+the metric of the averaged probabilities. Members picked several times weigh more.
+AutoGluon's ``WeightedEnsemble`` does the same.
+
+The ensemble ships as one network whose output is the log of the members' weighted mean
+probability, so ``softmax`` of it (what ``predict`` and ``serve`` compute from logits)
+is exactly that mean, and it exports, verifies and serves like any single model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+Score = Callable[[np.ndarray, np.ndarray], float]  # (labels, probabilities) -> higher is better
+
+ROUNDS = 25
+
+
+@dataclass
+class EnsembleChoice:
+    weights: dict[int, float]  # trial number -> weight, summing to 1
+    value: float  # the metric of the weighted mean on the selection images
+    single: int  # the best single trial
+    single_value: float
+
+    @property
+    def gain(self) -> float:
+        return self.value - self.single_value
+
+
+def greedy_selection(predictions: Mapping[int, np.ndarray], labels: np.ndarray, score: Score, max_members: int, rounds: int = ROUNDS) -> EnsembleChoice:
+    """Caruana's forward selection with replacement, at most ``max_members`` distinct members.
+
+    The best prefix of the ``rounds`` additions is kept, so an addition that only adds
+    noise is dropped again.
+    """
+    if not predictions:
+        raise ValueError("no predictions to select an ensemble from")
+    singles = {number: score(labels, p) for number, p in predictions.items()}
+    best_single = max(singles, key=lambda n: (singles[n], -n))
+    picked = [best_single]
+    total = np.array(predictions[best_single], dtype=np.float64)
+    history = [(singles[best_single], 1)]
+    for _ in range(rounds - 1):
+        allowed = [n for n in predictions if n in picked or len(set(picked)) < max_members]
+        scored = {n: score(labels, (total + predictions[n]) / (len(picked) + 1)) for n in allowed}
+        chosen = max(scored, key=lambda n: (scored[n], -n))
+        picked.append(chosen)
+        total += predictions[chosen]
+        history.append((scored[chosen], len(picked)))
+    value, length = max(history, key=lambda h: (h[0], -h[1]))  # the shortest best prefix
+    counts: dict[int, int] = {}
+    for number in picked[:length]:
+        counts[number] = counts.get(number, 0) + 1
+    return EnsembleChoice({n: c / length for n, c in counts.items()}, float(value), best_single, float(singles[best_single]))
+
+
+class AveragedMembers(torch.nn.Module):
+    """Normalised images -> log of the members' weighted mean class probabilities."""
+
+    def __init__(self, members: Sequence[torch.nn.Module], weights: Sequence[float]):
+        super().__init__()
+        if len(members) != len(weights) or not members:
+            raise ValueError("an ensemble needs one weight per member, and at least one member")
+        self.members = torch.nn.ModuleList(members)
+        self.register_buffer("weights", torch.tensor([float(w) for w in weights]) / float(sum(weights)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = sum(w * m(x).float().softmax(1) for w, m in zip(self.weights, self.members))
+        return torch.log(mean.clamp_min(1e-12))

@@ -1,0 +1,78 @@
+"""Pseudo-labels by label propagation, and the two reference baselines."""
+
+import numpy as np
+import pytest
+import torch
+
+from autoft.baselines import pixel_baseline
+from autoft.ensemble import AveragedMembers, greedy_selection
+from autoft.semisupervised import pseudo_label
+
+
+def accuracy(labels, probabilities):
+    return float((probabilities.argmax(1) == labels).mean())
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    images = torch.from_numpy((x.reshape(-1, 1, 8, 8) / 16 * 255).astype(np.uint8)).repeat(1, 3, 1, 1)
+    rng = np.random.default_rng(0)
+    labelled = np.concatenate([rng.choice(np.flatnonzero(y == c), 10, replace=False) for c in range(10)])
+    rest = np.setdiff1d(np.arange(len(y)), labelled)
+    return images, y, labelled, rest
+
+
+def test_the_most_confident_pseudo_labels_are_the_most_accurate(digits):
+    images, y, labelled, rest = digits
+    pseudo = pseudo_label(images[labelled], y[labelled], images[rest], 10)
+    index, labels = pseudo.most_confident(0.5)
+    assert len(index) == round(0.5 * len(rest))
+    confident_accuracy = (labels == y[rest][index]).mean()
+    _, every = pseudo.most_confident(1.0)
+    assert confident_accuracy > 0.97
+    assert confident_accuracy > (every == y[rest]).mean()
+    assert len(pseudo.most_confident(0.0)[0]) == 0
+
+
+def test_a_better_feature_space_is_chosen_by_held_out_labelled_images(digits):
+    images, y, labelled, rest = digits
+    truth = np.concatenate([y[labelled], y[rest]])
+    cheat = lambda x: np.eye(10)[truth[: len(x)]] + 0.01 * np.random.default_rng(0).normal(size=(len(x), 10))
+    noise = lambda x: np.random.default_rng(1).normal(size=(len(x), 10))
+    assert pseudo_label(images[labelled], y[labelled], images[rest], 10, embedders={"oracle": cheat}).features == "oracle"
+    assert pseudo_label(images[labelled], y[labelled], images[rest], 10, embedders={"noise": noise}).features == "pixels"
+
+
+def test_pixel_baseline_scores_every_validation_image_once(digits):
+    images, y, labelled, _ = digits
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = list(StratifiedKFold(5, shuffle=True, random_state=0).split(np.zeros(len(labelled)), y[labelled]))
+    result = pixel_baseline(images[labelled], y[labelled], folds, 10, accuracy)
+    assert result.probabilities.shape == (len(labelled), 10)
+    assert 0.6 < result.value <= 1.0  # far above chance (0.1) on 100 digits
+
+
+def test_greedy_selection_adds_a_member_only_when_it_helps():
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    a = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.6, 0.4], [0.6, 0.4], [0.6, 0.4]])  # 4/6
+    b = np.array([[0.6, 0.4], [0.4, 0.6], [0.1, 0.9], [0.1, 0.9], [0.6, 0.4], [0.4, 0.6]])  # 5/6
+    c = np.full((6, 2), 0.5)
+    choice = greedy_selection({0: a, 1: b, 2: c}, labels, accuracy, max_members=3)
+    assert choice.single == 1 and choice.single_value == pytest.approx(5 / 6)
+    assert choice.value >= choice.single_value
+    assert 2 not in choice.weights  # a useless member is never kept
+    assert sum(choice.weights.values()) == pytest.approx(1.0)
+    assert greedy_selection({0: a, 1: b}, labels, accuracy, max_members=1).weights == {1: 1.0}
+
+
+def test_averaged_members_output_log_mean_probabilities():
+    torch.manual_seed(0)
+    members = [torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)]
+    net = AveragedMembers(members, [3, 1])
+    x = torch.randn(5, 4)
+    expected = 0.75 * members[0](x).softmax(1) + 0.25 * members[1](x).softmax(1)
+    assert torch.allclose(net(x).softmax(1), expected, atol=1e-6)
