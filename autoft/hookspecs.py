@@ -29,3 +29,13 @@ def autoft_register_strategies(register):
 @hookspec
 def autoft_register_pretrainers(register):
     """Register self-supervised pretraining methods: ``register(PretrainerSpec(...))``."""
+
+
+@hookspec
+def autoft_register_regularizers(register):
+    """Register regularisers that combine with any strategy: ``register(RegularizerSpec(...))``."""
+
+
+@hookspec
+def autoft_register_metrics(register):
+    """Register validation metrics: ``register(MetricSpec(...))``."""

@@ -29,7 +29,7 @@ import pluggy
 
 from autoft import hookspecs
 from autoft.errors import AutoftError
-from autoft.specs import BackboneSpec, DatasetSpec, PretrainerSpec, StrategySpec
+from autoft.specs import BackboneSpec, DatasetSpec, MetricSpec, PretrainerSpec, RegularizerSpec, StrategySpec
 
 ENTRY_POINT_GROUP = "autoft"
 BUILTIN_DISTRIBUTION = "autoft"
@@ -42,6 +42,8 @@ KINDS: dict[str, tuple[str, type]] = {
     "autoft_register_datasets": ("datasets", DatasetSpec),
     "autoft_register_strategies": ("strategies", StrategySpec),
     "autoft_register_pretrainers": ("pretrainers", PretrainerSpec),
+    "autoft_register_regularizers": ("regularizers", RegularizerSpec),
+    "autoft_register_metrics": ("metrics", MetricSpec),
 }
 
 
@@ -72,6 +74,8 @@ class Registry:
     datasets: dict[str, Registered[DatasetSpec]] = field(default_factory=dict)
     strategies: dict[str, Registered[StrategySpec]] = field(default_factory=dict)
     pretrainers: dict[str, Registered[PretrainerSpec]] = field(default_factory=dict)
+    regularizers: dict[str, Registered[RegularizerSpec]] = field(default_factory=dict)
+    metrics: dict[str, Registered[MetricSpec]] = field(default_factory=dict)
     # kind -> name -> every plugin that registered it, when more than one did
     conflicts: dict[str, dict[str, list[PluginInfo]]] = field(default_factory=dict)
 
@@ -100,6 +104,12 @@ class Registry:
 
     def pretrainer(self, name: str) -> PretrainerSpec:
         return self._get("pretrainers", name, "pretraining method")
+
+    def regularizer(self, name: str) -> RegularizerSpec:
+        return self._get("regularizers", name, "regularizer")
+
+    def metric(self, name: str) -> MetricSpec:
+        return self._get("metrics", name, "metric")
 
     def backbone(self, name: str) -> tuple[BackboneSpec, str]:
         """Resolve ``SOURCE:MODEL`` or a bare model name to its source and model name."""

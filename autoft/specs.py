@@ -2,6 +2,9 @@
 
 A plugin registers *specs*: dataclasses with a name, a description and a factory.
 Describing a plugin never builds a model or reads data; only calling the factory does.
+
+Strategies and regularisers see the training loop through a lifecycle (API version
+:data:`STRATEGY_API`): see :class:`TrainCallback` and :class:`autoft.lifecycle.TrainContext`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ if TYPE_CHECKING:
     import optuna
     import torch
     from PIL import Image
+
+    from autoft.lifecycle import TrainContext
 
 # ---------------------------------------------------------------------------
 # Backbones
@@ -51,6 +56,16 @@ class Backbone:
 
 
 @dataclass(frozen=True)
+class BackboneInfo:
+    """What autoft needs to know about a model before building it, like timm's pretrained configs."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    num_groups: int
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     """A source of backbones, such as timm or torchvision.
 
@@ -58,7 +73,9 @@ class BackboneSpec:
     ``weights`` is ``None`` (random initialisation) or a pretrained tag the source can
     fetch; weight *files* are loaded by autoft itself after the factory returns.
     ``list_models()`` names the models it offers (used for suggestions), and
-    ``has_model(name)`` says whether it can build one.
+    ``has_model(name)`` says whether it can build one. ``describe(name)``, optional,
+    returns a :class:`BackboneInfo` without building the model; without it autoft builds
+    the model once to learn the same.
     """
 
     name: str
@@ -66,6 +83,7 @@ class BackboneSpec:
     factory: Callable[..., Backbone]
     list_models: Callable[[], Iterable[str]]
     has_model: Callable[[str], bool]
+    describe: Callable[[str], BackboneInfo] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -108,20 +126,56 @@ class DatasetSpec:
 
 
 # ---------------------------------------------------------------------------
-# Strategies
+# Strategies and regularisers
+
+STRATEGY_API = 2  # the version of the strategy and regulariser API described here
 
 
 @dataclass
 class TrainPlan:
-    """How a strategy trains a model: optimizer groups and an optional extra loss.
+    """Which parameters a strategy trains first: optimizer groups.
 
     Each optimizer group is a dict with ``params`` and optionally ``lr_scale`` (multiplies
-    the trial's learning rate). Parameters in no group must have ``requires_grad`` off;
-    BatchNorm layers whose parameters are all frozen keep their running statistics.
+    the trial's learning rate) and ``weight_decay``. Parameters in no group must have
+    ``requires_grad`` off; BatchNorm layers whose parameters are all frozen keep their
+    running statistics. ``extra_loss`` is API version 1's loss term, kept for strategies
+    written for it (deprecated: implement ``loss_term`` instead).
     """
 
     param_groups: list[dict[str, Any]]
     extra_loss: Callable[[], "torch.Tensor"] | None = None
+
+
+class TrainCallback(Protocol):
+    """The training loop's lifecycle, seen by strategies and regularisers. Every method is
+    optional; ``ctx`` is the loop's :class:`~autoft.lifecycle.TrainContext`.
+
+    An "epoch" is one evaluation period: a pass over the training images, or a fixed
+    number of optimizer steps when a search plans training in steps.
+    """
+
+    def on_epoch_start(self, ctx: "TrainContext") -> None:
+        """Before an epoch's first batch: ``ctx.epoch`` of ``ctx.epochs``, ``ctx.step`` of
+        ``ctx.steps``. ``ctx.unfreeze(...)`` makes more parameters train from now on."""
+
+    def transform_batch(self, ctx: "TrainContext", images: "torch.Tensor", targets: "torch.Tensor") -> "tuple[torch.Tensor, torch.Tensor]":
+        """Augmented float images in [0, 1] ``(N, 3, S, S)`` and soft targets ``(N, C)`` in,
+        the same shapes out (mixup, cutmix)."""
+
+    def loss_term(self, ctx: "TrainContext", logits: "torch.Tensor", targets: "torch.Tensor", features: "torch.Tensor") -> "torch.Tensor | None":
+        """A scalar added to the cross-entropy: ``logits`` ``(N, C)``, soft ``targets``
+        ``(N, C)``, pooled ``features`` ``(N, num_features)`` (the head's input); the
+        model is ``ctx.model``."""
+
+    def on_epoch_end(self, ctx: "TrainContext") -> None:
+        """After an epoch's evaluation; ``ctx.record`` holds its losses and metrics."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What resuming needs (tensors, numbers, strings, lists and dicts of them); saved
+        with the loop's state after each epoch."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, before training resumes."""
 
 
 class Strategy(Protocol):
@@ -132,14 +186,61 @@ class Strategy(Protocol):
         """Declare this strategy's hyperparameters on ``trial`` (an Optuna trial or ``FixedTrial``)."""
 
     def apply(self, backbone: Backbone, params: dict[str, Any]) -> TrainPlan:
-        """Set ``requires_grad`` on ``backbone.model`` and say how to optimise it."""
+        """Set ``requires_grad`` on ``backbone.model`` and say how to optimise it first.
+        A strategy may also implement any :class:`TrainCallback` method."""
 
 
 @dataclass(frozen=True)
 class StrategySpec:
+    """A fine-tuning strategy. ``api_version`` is the strategy API the plugin was written
+    for: 2 (:data:`STRATEGY_API`) for the lifecycle; 1, the default, runs through an
+    adapter with a deprecation warning."""
+
     name: str
     description: str
     factory: Callable[[], Strategy]
+    api_version: int = 1
+
+
+class Regularizer(Protocol):
+    """A training-loop addition that combines with any strategy (mixup, BSS). Besides these
+    two methods it implements the :class:`TrainCallback` methods it needs, and reads its
+    parameters from ``ctx.params``."""
+
+    def default_params(self) -> dict[str, Any]:
+        """A known-good value for each parameter ``suggest`` declares."""
+
+    def suggest(self, trial: "optuna.Trial") -> dict[str, Any]:
+        """Declare this regulariser's hyperparameters on ``trial``."""
+
+
+@dataclass(frozen=True)
+class RegularizerSpec:
+    """A regulariser, registered through ``autoft_register_regularizers``. ``factory()``
+    builds a fresh :class:`Regularizer` for one training run."""
+
+    name: str
+    description: str
+    factory: Callable[[], Regularizer]
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A validation metric, registered through ``autoft_register_metrics``.
+
+    ``compute(labels, probabilities)`` gets int labels ``(N,)`` and class probabilities
+    ``(N, C)`` as numpy arrays and returns a float. ``greater_is_better`` says whether
+    the search maximises it.
+    """
+
+    name: str
+    description: str
+    compute: Callable[["np.ndarray", "np.ndarray"], float]
+    greater_is_better: bool = True
 
 
 # ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@ import torch
 
 from autoft import plugins
 from autoft.errors import AutoftError
+from autoft.events import EpochEnd
 from autoft.training import build_backbone, fit, load_checkpoint, resolve_params, train
 
 TINY = ["test_resnet", "test_vit", "test_efficientnet"]
@@ -58,13 +59,16 @@ def test_linear_probe_trains_only_the_head():
 
 def test_l2sp_penalty_is_zero_at_the_start_and_grows_with_distance():
     backbone = build_backbone("test_resnet", num_classes=3)
-    plan = plugins.registry().strategy("l2sp").factory().apply(backbone, {"freeze_depth": 1, "l2sp_alpha": 0.5})
-    assert plan.extra_loss().item() == 0.0
+    strategy = plugins.registry().strategy("l2sp").factory()
+    plan = strategy.apply(backbone, {"freeze_depth": 1, "l2sp_alpha": 0.5})
+    assert plan.extra_loss is None  # API 2: a loss term, not TrainPlan.extra_loss
+    penalty = lambda: strategy.loss_term(None, None, None, None)  # noqa: E731 - L2-SP reads only its own state
+    assert penalty().item() == 0.0
     body = plan.param_groups[0]["params"]
     assert plan.param_groups[0]["weight_decay"] == 0.0  # pulled to the start, not to zero
     with torch.no_grad():
         body[0].add_(1.0)
-    assert plan.extra_loss().item() == pytest.approx(0.5 * 0.5 * body[0].numel())
+    assert penalty().item() == pytest.approx(0.5 * 0.5 * body[0].numel())
 
 
 def test_strategy_parameters_are_validated_against_their_ranges():
@@ -124,13 +128,14 @@ def test_an_interrupted_fit_resumes_from_its_state_file_exactly(digits, tmp_path
         params = resolve_params("l2sp", len(backbone.groups), {"freeze_depth": 1})
         seen = []
 
-        def on_epoch(record):
-            seen.append(record)
-            if record["epoch"] == stop_at:
-                raise KeyboardInterrupt  # a crash right after the epoch's state was written
+        def on_event(event):
+            if isinstance(event, EpochEnd):
+                seen.append(event)
+                if event.epoch == stop_at:
+                    raise KeyboardInterrupt  # a crash right after the epoch's state was written
 
         try:
-            result = fit(backbone, small, params, epochs=3, batch_size=64, state_file=state_file, on_epoch=on_epoch)
+            result = fit(backbone, small, params, epochs=3, batch_size=64, state_file=state_file, state_interval=0, on_event=on_event)
         except KeyboardInterrupt:
             return None, seen, backbone
         return result, seen, backbone
@@ -139,7 +144,7 @@ def test_an_interrupted_fit_resumes_from_its_state_file_exactly(digits, tmp_path
     state = tmp_path / "state.pt"
     assert run(state, stop_at=2)[0] is None and state.is_file()
     resumed, seen, resumed_model = run(state)
-    assert [r.get("resumed", False) for r in seen] == [True, True, False]
+    assert [e.resumed for e in seen] == [True, True, False]
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
     for a, b in zip(straight_model.model.state_dict().values(), resumed_model.model.state_dict().values()):
         assert torch.equal(a, b)

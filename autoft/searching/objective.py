@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,14 +22,15 @@ from autoft.errors import AutoftError
 from autoft.io import write_json
 from autoft.searching.space import SearchSpace
 from autoft.searching.storage import process_identity
-from autoft.training import CHECKPOINT_NAME, build_backbone, fit, save_checkpoint, seed_everything
+from autoft.backbones import build_backbone
+from autoft.checkpoints import CHECKPOINT_NAME, save_checkpoint
+from autoft.events import BatchEnd, EpochEnd
+from autoft.metrics import is_better
+from autoft.runtime import seed_everything
+from autoft.trainer import OutOfTime, Trainer, TrainerConfig
 
 Event = dict[str, Any]
 STATE_NAME = "state.pt"  # the training state after the last finished epoch, for resuming
-
-
-class OutOfTime(Exception):
-    """The search's time budget ran out while a trial trained."""
 
 
 @dataclass
@@ -119,15 +118,20 @@ class Objective:
         if origin is not None and (setup.trial_dir(origin) / STATE_NAME).is_file():
             shutil.copytree(setup.trial_dir(origin), folder)
         history: list[dict[str, float]] = []
-        best = -math.inf
+        best: float | None = None
         backbone = self._build(params)
+        config = self._trainer_config(state_file=folder / STATE_NAME)
+        metric = setup.registry.metric(setup.metric) if setup.registry else None
 
-        def on_epoch(record: dict[str, float]) -> None:
+        def on_event(event) -> None:
             nonlocal best
-            resumed = record.pop("resumed", False)
+            if not isinstance(event, EpochEnd):
+                self._on_batch(trial.number, event, config)
+                return
+            record, resumed = dict(event.record), event.resumed
             history.append(record)
             value = record[f"val_{setup.metric}"]
-            if value > best:  # the weights fit() keeps: the first epoch with the top value
+            if metric is None or is_better(metric, value, best):  # the weights the Trainer keeps: the first epoch with the top value
                 best = value
                 if not resumed:  # a resumed epoch's best weights came with the copied folder
                     save_checkpoint(folder / CHECKPOINT_NAME, backbone_name=setup.backbone, backbone=backbone, classes=setup.data.classes, image_size=setup.data.image_size, params=params, data=setup.data_source, seed=setup.seed)
@@ -135,41 +139,44 @@ class Objective:
             trial.report(value, record["epoch"])
             if resumed:
                 trial.set_user_attr("resumed_from", {"trial": origin, "epoch": record["epoch"]})
-            setup.emit("epoch", number=trial.number, epoch=record["epoch"], epochs=setup.epochs, value=value, record=record)
+            setup.emit("epoch", number=trial.number, epoch=record["epoch"], epochs=event.epochs, value=value, record=record)
+            config.deadline = setup.deadline  # a hook may have moved the deadline
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val {setup.metric} {value:.4f} at epoch {record['epoch']}")
 
         state_file = folder / STATE_NAME
         try:
-            result = fit(backbone, setup.data, params, epochs=setup.epochs, batch_size=setup.batch_size, device=setup.device, seed=setup.seed, metric=setup.metric, registry=setup.registry, on_epoch=on_epoch, on_batch=self._on_batch(trial.number), state_file=state_file)
-        except OutOfTime:
-            if not history:
-                raise
-            trial.set_user_attr("cut_short", f"the time budget ran out after {len(history)} of {setup.epochs} epochs")
-            return best
+            result = Trainer(backbone, setup.data, params, config, registry=setup.registry, on_event=on_event).fit()
         except (optuna.TrialPruned, FloatingPointError, AutoftError):
             state_file.unlink(missing_ok=True)  # a verdict on its parameters: it will not run again
             raise
         finally:
             del backbone
+        if result.stopped == "interrupted":
+            raise KeyboardInterrupt
+        if result.stopped == "deadline":
+            trial.set_user_attr("cut_short", f"the time budget ran out after {len(history)} of {setup.epochs} epochs")
+            return best
         state_file.unlink(missing_ok=True)
         self._write_confusion(folder, result.val["predictions"], setup.data.val.labels)
         return float(result.val[setup.metric])
+
+    def _trainer_config(self, state_file: Path | None = None) -> TrainerConfig:
+        setup = self.setup
+        return TrainerConfig(
+            epochs=setup.epochs, batch_size=setup.batch_size, device=setup.device, seed=setup.seed, metric=setup.metric,
+            deadline=setup.deadline, state_file=state_file, state_interval=0,
+        )  # fmt: skip
 
     def _build(self, params: dict[str, Any]):
         setup = self.setup
         seed_everything(setup.seed)  # the same initial weights in every trial: differences come from the recipe
         return build_backbone(setup.backbone, num_classes=setup.data.num_classes, dropout=params["dropout"], weights=params.get("init", setup.weights), registry=setup.registry)
 
-    def _on_batch(self, number: int) -> Callable[[int, int], None]:
-        setup = self.setup
-
-        def on_batch(step: int, steps: int) -> None:
-            setup.emit("batch", number=number, step=step, steps=steps)
-            if setup.deadline is not None and time.monotonic() > setup.deadline:
-                raise OutOfTime()
-
-        return on_batch
+    def _on_batch(self, number: int, event, config: TrainerConfig) -> None:
+        if isinstance(event, BatchEnd):
+            self.setup.emit("batch", number=number, step=event.step, steps=event.steps)
+            config.deadline = self.setup.deadline
 
     def _write_confusion(self, folder: Path, predictions: torch.Tensor, labels: torch.Tensor) -> None:
         if folder.is_dir():
@@ -194,8 +201,13 @@ class Objective:
             train_index, val_index = folds[fold]
             data = DataSplits(train=pool.subset(train_index), val=pool.subset(val_index), test=None, classes=setup.data.classes, image_size=setup.data.image_size, hflip=setup.data.hflip)
             backbone = self._build(params)
+            config = self._trainer_config()
             try:
-                result = fit(backbone, data, params, epochs=setup.epochs, batch_size=setup.batch_size, device=setup.device, seed=setup.seed, metric=setup.metric, registry=setup.registry, on_batch=self._on_batch(trial.number))
+                result = Trainer(backbone, data, params, config, registry=setup.registry, on_event=lambda event: self._on_batch(trial.number, event, config)).fit()
+                if result.stopped == "interrupted":
+                    raise KeyboardInterrupt
+                if result.stopped == "deadline":
+                    raise OutOfTime()  # a fold cut short is not a fold's score
             except OutOfTime:
                 if not scores:
                     raise

@@ -24,7 +24,10 @@ from autoft.io import atomic_path, read_json, write_json
 from autoft.searching.objective import Event, Objective, SearchSetup, confusion, free_memory, read_confusion, stratified_folds
 from autoft.searching.space import DEFAULT_STRATEGIES, SearchSpace, load_overrides
 from autoft.searching.storage import counted_trials, default_storage_url, open_storage, recover_trials
-from autoft.training import CHECKPOINT_NAME, DEFAULT_PARAMS, METRICS, build_backbone, evaluate, load_checkpoint, resolve_device, test_metrics
+from autoft.backbones import build_backbone
+from autoft.checkpoints import CHECKPOINT_NAME, load_checkpoint
+from autoft.metrics import evaluate, test_metrics
+from autoft.runtime import resolve_device
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("hyperband", "median", "wilcoxon", "none")
@@ -162,13 +165,12 @@ def search(
         raise AutoftError("--trials must be at least 1")
     if epochs < 1:
         raise AutoftError("--epochs must be at least 1")
-    if metric not in METRICS:
-        raise AutoftError(f"unknown metric {metric!r}; use {' or '.join(METRICS)}")
     if cv is not None and cv < 2:
         raise AutoftError("--cv needs at least 2 folds")
     if seconds is not None and seconds <= 0:
         raise AutoftError("--timeout must be longer than zero")
     registry = plugins.registry()
+    direction = "maximize" if registry.metric(metric).greater_is_better else "minimize"  # an unknown metric fails here
     if not strategies:
         raise AutoftError("give at least one --strategy")
     strategy_objects = {name: registry.strategy(name).factory() for name in dict.fromkeys(strategies)}
@@ -197,7 +199,7 @@ def search(
     out = Path(out).expanduser() if out is not None else Path("runs") / study_name
     out.mkdir(parents=True, exist_ok=True)
     storage_url = storage or default_storage_url(out)
-    optuna_study = optuna.create_study(study_name=study_name, storage=open_storage(storage_url), direction="maximize", pruner=pruner_object, sampler=optuna.samplers.RandomSampler(), load_if_exists=True)
+    optuna_study = optuna.create_study(study_name=study_name, storage=open_storage(storage_url), direction=direction, pruner=pruner_object, sampler=optuna.samplers.RandomSampler(), load_if_exists=True)
     config = {"backbone": backbone, "weights": weights, "data": data_source, "metric": metric, "cv": cv, "image_size": data.image_size, "num_classes": data.num_classes}
     _check_config(optuna_study, config, study_name)
     queued_again = recover_trials(optuna_study)
@@ -217,7 +219,7 @@ def search(
         hook(setup, optuna_study)
     if not existing:  # after the hooks, so that the default recipe includes the choices they add
         first = "freeze" if "freeze" in strategy_objects else next(iter(strategy_objects))
-        optuna_study.enqueue_trial(space.defaults(first, strategy_objects[first], n_groups, DEFAULT_PARAMS), user_attrs={"recipe": "default"})
+        optuna_study.enqueue_trial(space.defaults(first, strategy_objects[first], n_groups), user_attrs={"recipe": "default"})
     info = {"study": study_name, "storage": storage_url, "backbone": backbone, "weights": weights or "scratch", "data": data_source or "(in memory)", "metric": metric, "epochs": epochs, "cv": cv, "trials": trials, "space": space.describe(n_groups, strategy_objects)}
 
     remaining = trials - counted_trials(optuna_study.get_trials(deepcopy=False))

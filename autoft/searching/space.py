@@ -1,14 +1,16 @@
-"""The search space: base ranges, strategy parameters, and user overrides.
+"""The search space: base ranges, strategy and regulariser parameters, and user overrides.
 
-Every trial declares ``lr``, ``dropout``, ``weight_decay`` and ``strategy``; the chosen
-strategy then declares its own parameters (conditional on it) through its ``suggest``.
-The default strategies, ``freeze`` and ``l2sp``, both declare ``freeze_depth`` over the
-same range (0 up to the number of groups before the head), so every trial of a default
-search searches it; L2-SP adds ``l2sp_alpha``, the strength of its pull towards the
-starting weights. Strategies that train everything (``full``, ``discriminative``) declare
-no ``freeze_depth``.
+Every trial declares the base parameters of :data:`autoft.recipe.PARAMS` (``lr``,
+``dropout``, ``weight_decay``, ``label_smoothing``, ``augment`` and, with RandAugment,
+``augment_magnitude``), a ``strategy`` and a ``regularizer``; the chosen strategy and
+regulariser then declare their own parameters (conditional on them) through their
+``suggest``. The default strategies, ``freeze``, ``l2sp`` and ``lp-ft``: the first two
+declare ``freeze_depth`` over the same range (0 up to the number of groups before the
+head); L2-SP adds ``l2sp_alpha``, the strength of its pull towards the starting weights;
+LP-FT its probe's share of the epochs. The regulariser is ``none``, ``mixup``, ``cutmix``
+(their ``*_alpha``) or ``bss`` (``bss_weight``).
 
-Ranges are overridden by name, for base and strategy parameters alike::
+Ranges are overridden by name, for base, strategy and regulariser parameters alike::
 
     lr=1e-5:1e-2:log      a float range, log scale
     freeze_depth=0:2      an int range (both ends integers)
@@ -27,53 +29,84 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from autoft.errors import AutoftError
+from autoft.recipe import NO_REGULARIZER, PARAMS, default_params
 
-# Ranges that suit fine-tuning a pretrained classifier with AdamW.
-BASE_RANGES: dict[str, dict[str, Any]] = {
-    "lr": {"low": 1e-5, "high": 1e-2, "log": True},
-    "dropout": {"low": 0.0, "high": 0.5, "log": False},
-    "weight_decay": {"low": 1e-6, "high": 0.1, "log": True},
-}
-DEFAULT_STRATEGIES = ("freeze", "l2sp")
+# Ranges of the base parameters, from the recipe's table.
+BASE_RANGES: dict[str, dict[str, Any]] = {p.name: p.search_range for p in PARAMS if p.search_range is not None}
+BASE_CHOICES: dict[str, list[Any]] = {p.name: list(p.choices) for p in PARAMS if p.choices is not None}
+PLUGIN_CHOSEN = ("strategy", "regularizer")  # choices come from --strategy and the installed regularisers
+DEFAULT_STRATEGIES = ("freeze", "l2sp", "lp-ft")
+DEFAULT_REGULARIZERS = (NO_REGULARIZER, "mixup", "cutmix", "bss")
 
 
 @dataclass
 class SearchSpace:
-    """What a trial may choose. ``overrides`` replace ranges by name (base or strategy
-    parameters); ``choices`` add categorical parameters, such as ``init`` (starting
-    weights), that the objective reads from the trial's parameters."""
+    """What a trial may choose. ``overrides`` replace ranges by name (base, strategy or
+    regulariser parameters); ``choices`` add categorical parameters, such as ``init``
+    (starting weights), that the objective reads from the trial's parameters."""
 
     strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     choices: dict[str, list[Any]] = field(default_factory=dict)
+    regularizers: tuple[str, ...] = DEFAULT_REGULARIZERS
+    regularizer_objects: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        chosen = self.overrides.get("regularizer", {}).get("choices")
+        if chosen:
+            self.regularizers = tuple(chosen)
+
+    def _regularizers(self) -> dict[str, Any]:
+        if self.regularizer_objects is None:
+            from autoft import plugins
+
+            registry = plugins.registry()
+            self.regularizer_objects = {n: registry.regularizer(n).factory() for n in self.regularizers if n != NO_REGULARIZER}
+        return self.regularizer_objects
 
     def suggest(self, trial, strategies: dict[str, Any], n_groups: int) -> dict[str, Any]:
         """Declare every parameter on ``trial`` (an Optuna trial or FixedTrial); return the values."""
         ranged = RangedTrial(trial, self.overrides)
         params: dict[str, Any] = {}
-        for name, spec in BASE_RANGES.items():
-            params[name] = ranged.suggest_float(name, spec["low"], spec["high"], log=spec["log"])
+        for p in PARAMS:
+            if p.name in PLUGIN_CHOSEN or not p.applies(params):
+                continue
+            if p.search_range is None:
+                params[p.name] = ranged.suggest_categorical(p.name, list(p.choices))
+            elif p.type is int:
+                params[p.name] = ranged.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
+            else:
+                params[p.name] = ranged.suggest_float(p.name, p.low, p.high, log=p.log)
         for name, options in self.choices.items():
             params[name] = ranged.suggest_categorical(name, list(options))
         params["strategy"] = ranged.suggest_categorical("strategy", list(self.strategies))
         params.update(strategies[params["strategy"]].suggest(ranged, n_groups))
+        params["regularizer"] = ranged.suggest_categorical("regularizer", list(self.regularizers))
+        if params["regularizer"] != NO_REGULARIZER:
+            params.update(self._regularizers()[params["regularizer"]].suggest(ranged))
         return params
 
-    def defaults(self, strategy_name: str, strategy, n_groups: int, base: dict[str, Any]) -> dict[str, Any]:
+    def defaults(self, strategy_name: str, strategy, n_groups: int, base: dict[str, Any] | None = None) -> dict[str, Any]:
         """The known-good first trial, keeping only values inside the (possibly overridden) space."""
-        wanted = {**base, **strategy.default_params(n_groups), "strategy": strategy_name}
+        wanted = {**(base or default_params()), **strategy.default_params(n_groups), "strategy": strategy_name}
+        if wanted.get("regularizer") not in self.regularizers:
+            wanted["regularizer"] = self.regularizers[0]
+        if wanted["regularizer"] != NO_REGULARIZER:
+            wanted.update(self._regularizers()[wanted["regularizer"]].default_params())
         for name, options in self.choices.items():
             wanted.setdefault(name, options[0])
         return {k: v for k, v in wanted.items() if self.contains(k, v)}
 
     def contains(self, name: str, value: Any) -> bool:
-        spec = self.overrides.get(name) or BASE_RANGES.get(name)
         if name == "strategy":
             return value in self.strategies
+        if name == "regularizer":
+            return value in self.regularizers
         if name in self.choices:
             return value in self.choices[name]
+        spec = self.overrides.get(name) or BASE_RANGES.get(name) or ({"choices": BASE_CHOICES[name]} if name in BASE_CHOICES else None)
         if spec is None:
-            return True  # a strategy parameter within the plugin's own range
+            return True  # a plugin's parameter within the plugin's own range
         if "choices" in spec:
             return value in spec["choices"]
         return spec["low"] <= value <= spec["high"]
@@ -91,15 +124,19 @@ class SearchSpace:
         used = self.overrides if overrides else {}
         for name in self.strategies:
             strategies[name].suggest(RangedTrial(recorder, used), n_groups)
+        for regularizer in self._regularizers().values():
+            regularizer.suggest(RangedTrial(recorder, used))
         described = {}
-        for name, spec in {**BASE_RANGES, **used}.items():
-            if name in BASE_RANGES or name in recorder.seen:
+        base = {**BASE_RANGES, **{k: {"choices": v} for k, v in BASE_CHOICES.items()}}
+        for name, spec in {**base, **used}.items():
+            if name in base or name in recorder.seen:
                 described[name] = _describe(spec)
         for name, dist in recorder.seen.items():
             described.setdefault(name, str(dist))
         for name, options in self.choices.items():
             described[name] = ", ".join(map(str, options))
         described["strategy"] = ", ".join(self.strategies)
+        described["regularizer"] = ", ".join(self.regularizers)
         return described
 
 

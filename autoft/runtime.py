@@ -1,0 +1,104 @@
+"""Where and how training runs: the device, seeds, mixed precision, and stopping on request.
+
+A first Ctrl-C asks every training loop in the process to stop after its current batch
+(:func:`stop_requested`); a second one aborts at once. :func:`graceful_interrupts` installs
+that behaviour for a command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import threading
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from autoft.errors import AutoftError
+
+_stop = threading.Event()
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AutoftError("--device cuda was asked for, but no CUDA GPU is usable here; use --device cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise AutoftError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def as_device(device: torch.device | str) -> torch.device:
+    return resolve_device(device) if isinstance(device, str) else device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 mixed precision on CUDA; full precision elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def layout(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Channels-last on CUDA, where convolutions run faster with it."""
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor at each step: linear warm-up, then a cosine to zero."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# ---------------------------------------------------------------------------
+# Stopping after the current batch
+
+
+def stop_requested() -> bool:
+    """Whether the user asked every training loop to stop after its current batch."""
+    return _stop.is_set()
+
+
+def request_stop() -> None:
+    _stop.set()
+
+
+def clear_stop() -> None:
+    _stop.clear()
+
+
+@contextlib.contextmanager
+def graceful_interrupts(on_first: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """Within the block, a first Ctrl-C sets :func:`stop_requested` and calls ``on_first``
+    (which prints "stopping after this batch; Ctrl-C again to abort"); a second raises
+    ``KeyboardInterrupt``. Outside the main thread it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame) -> None:
+        if _stop.is_set():
+            raise KeyboardInterrupt
+        _stop.set()
+        on_first()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _stop.clear()
