@@ -51,10 +51,10 @@ def digits():
 
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory) -> Path:
-    """A test_resnet trained briefly on digits at 32px: a run folder with model.pt (export, predict, serve)."""
+    """A test_resnet trained briefly on digits at 32px: a run folder ``digits`` with model.pt (export, predict, serve)."""
     from autoft.training import train
 
-    out = tmp_path_factory.mktemp("digits_run")
+    out = tmp_path_factory.mktemp("runs") / "digits"  # a train run: exports serve it as "digits"
     train("test_resnet", "sample:digits", out, epochs=2, batch_size=64, lr=3e-3, freeze_depth=0, image_size=32, device="cpu")
     return out
 
