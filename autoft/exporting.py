@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import re
 import shutil
 import sys
 import tempfile
@@ -32,8 +31,8 @@ import torch
 
 from autoft.data import ImageTensors, load_data
 from autoft.errors import AutoftError
-from autoft.inference import LABELS_FILE, MODEL_FILE, PREPROCESS_FILE, create_session
-from autoft.io import atomic_path, write_json, write_text
+from autoft.inference import LABELS_FILE, MODEL_FILE, PREPROCESS_FILE, create_session, model_name
+from autoft.io import atomic_path, read_json, write_json, write_text
 from autoft.training import LoadedModel, find_checkpoint, load_checkpoint
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -98,7 +97,7 @@ def export(
             raise AutoftError("pass out= when exporting a model loaded in memory")
         out = folder if precision == "fp32" else folder / precision
     out = Path(out).expanduser()
-    name = model_name(name or loaded.meta["backbone"])
+    name = model_name(name or run_name(folder if folder is not None else out))
     images, calibration = _verification_images(loaded, images, calibration, need_calibration=precision == "int8", registry=registry)
     if len(images) == 0:
         raise AutoftError("no validation images to verify the export on")
@@ -136,9 +135,17 @@ def export(
     return ExportResult(out=out, model=model_path, report=report, triton=triton_root)
 
 
-def model_name(text: str) -> str:
-    """A name Triton and URL paths accept: letters, digits, ``_``, ``-`` and ``.``."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.") or "model"
+def run_name(folder: Path) -> str:
+    """The name a model is served under unless given one: the study a search recorded in
+    ``metrics.json``, else the run folder's name (the search folder's, for its ``best/``)."""
+    try:
+        study = read_json(folder / "metrics.json").get("study")
+    except (OSError, ValueError, AttributeError):  # no metrics, unreadable, or not an object
+        study = None
+    if isinstance(study, str) and study.strip():
+        return study
+    folder = folder.expanduser().resolve()
+    return folder.parent.name if folder.name == "best" else folder.name
 
 
 def preprocess_config(loaded: LoadedModel, name: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ whichever way it arrives.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -63,6 +64,11 @@ def create_session(model: str | os.PathLike, device: str = "auto", threads: int 
         raise
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise AutoftError(f"onnxruntime cannot load {model}: {exc}") from None
+
+
+def model_name(text: str) -> str:
+    """A name Triton and URL paths accept: letters, digits, ``_``, ``-`` and ``.``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.") or "model"
 
 
 def find_model(path: str | os.PathLike) -> Path:

@@ -51,10 +51,10 @@ def digits():
 
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory) -> Path:
-    """A test_resnet trained briefly on digits at 32px: a run folder with model.pt (export, predict, serve)."""
+    """A test_resnet trained briefly on digits at 32px: a run folder ``digits`` with model.pt (export, predict, serve)."""
     from autoft.training import train
 
-    out = tmp_path_factory.mktemp("digits_run")
+    out = tmp_path_factory.mktemp("runs") / "digits"  # a train run: exports serve it as "digits"
     train("test_resnet", "sample:digits", out, epochs=2, batch_size=64, lr=3e-3, freeze_depth=0, image_size=32, device="cpu")
     return out
 
@@ -67,3 +67,91 @@ def digits_onnx(digits_run: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits_onnx")
     export(digits_run, out, triton=True)
     return out
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL: a real server for the storage tests, started once per session
+
+
+def _postgres_bin() -> Path | None:
+    """Debian's server binaries (/usr/lib/postgresql/<version>/bin), newest first, or PATH's."""
+    import shutil
+
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    if found:
+        return found[-1].parent
+    on_path = shutil.which("pg_ctl")
+    return Path(on_path).resolve().parent if on_path else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server of its own on 127.0.0.1 (initdb in a temporary folder, trust auth);
+    yields its base URL ``postgresql://postgres@127.0.0.1:PORT``. Under root, which initdb
+    refuses, the server runs as the ``postgres`` user (``nobody`` where there is none)."""
+    import os
+    import pwd
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed; .ci/run installs Debian's postgresql package")
+        pytest.skip("PostgreSQL is not installed (apt-get install -y postgresql); CI always runs these tests")
+    root = Path(tempfile.mkdtemp(prefix="autoft-pg-"))
+    run_as: list[str] = []
+    if os.geteuid() == 0:
+        user = next((u for u in ("postgres", "nobody") if _user_exists(u)), None)
+        assert user is not None, "no unprivileged user to run PostgreSQL as"
+        entry = pwd.getpwnam(user)
+        os.chown(root, entry.pw_uid, entry.pw_gid)
+        run_as = ["runuser", "-u", user, "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = root / "data"
+
+    def pg(tool: str, *args: str) -> None:
+        subprocess.run([*run_as, str(bin_dir / tool), *args], check=True, capture_output=True, text=True, cwd=root)
+
+    try:
+        pg("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        pg("pg_ctl", "-D", str(data), "-o", options, "-l", str(root / "server.log"), "-w", "-t", "60", "start")
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(f"PostgreSQL did not start: {exc.stderr or exc.stdout}")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True, cwd=root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> str:
+    """A new, empty database on the session's PostgreSQL server: ``postgresql://.../<db>``,
+    as ``--storage`` takes it. Dropped after the test."""
+    import uuid
+
+    import psycopg
+
+    name = f"autoft_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"{postgres_server}/postgres", autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    yield f"{postgres_server}/{name}"
+    with psycopg.connect(f"{postgres_server}/postgres", autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -73,14 +73,14 @@ def test_normalisation_is_inside_the_graph(digits_onnx, digits_run, digits):
 
 
 def test_triton_repository_is_loadable_as_is(digits_onnx):
-    model_dir = digits_onnx / "triton" / "test_resnet"
+    model_dir = digits_onnx / "triton" / "digits"  # the run folder's name, as served
     assert sorted(str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file()) == [
         "1/model.onnx",
         "config.pbtxt",
         "labels.txt",
     ]
     config = (model_dir / "config.pbtxt").read_text()
-    assert re.search(r'^name: "test_resnet"$', config, re.M)  # Triton requires the folder name
+    assert re.search(r'^name: "digits"$', config, re.M)  # Triton requires the folder name
     assert 'platform: "onnxruntime_onnx"' in config
     assert re.search(r"^max_batch_size: 32$", config, re.M)
     assert re.search(r"dynamic_batching \{\s*max_queue_delay_microseconds: \d+\s*\}", config)

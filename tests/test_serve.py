@@ -17,7 +17,7 @@ import tritonclient.http as triton
 from PIL import Image
 
 from autoft.inference import OnnxClassifier
-from autoft.serving import Batcher, create_app
+from autoft.serving import Batcher, ServeConfig, create_app
 
 MAX_BODY = 256 * 1024
 
@@ -38,7 +38,7 @@ def server(classifier):
     """A live uvicorn server on 127.0.0.1, in a thread; yields (base URL, app)."""
     import uvicorn
 
-    app = create_app(classifier, max_batch=8, max_delay_ms=30, max_body_bytes=MAX_BODY)
+    app = create_app(classifier, ServeConfig(max_batch=8, max_delay_ms=30, max_body_bytes=MAX_BODY))
     port = _free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -72,10 +72,10 @@ def _pixels(digits, n: int) -> np.ndarray:
 def test_health_and_metadata_through_tritonclient(server, classifier):
     client = triton.InferenceServerClient(server[0])
     assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("test_resnet")
+    assert client.is_model_ready("digits")
     assert not client.is_model_ready("no_such_model")
-    metadata = client.get_model_metadata("test_resnet")
-    assert metadata["name"] == "test_resnet"
+    metadata = client.get_model_metadata("digits")
+    assert metadata["name"] == "digits"
     assert {i["name"]: (i["datatype"], i["shape"]) for i in metadata["inputs"]} == {"input": ("FP32", [-1, 3, 32, 32]), "image": ("BYTES", [-1])}
     assert client.get_server_metadata()["name"] == "autoft"
 
@@ -86,7 +86,7 @@ def test_fp32_infer_through_tritonclient_matches_onnxruntime(server, classifier,
     tensor = triton.InferInput("input", list(pixels.shape), "FP32")
     tensor.set_data_from_numpy(pixels, binary_data=False)
     outputs = [triton.InferRequestedOutput(name, binary_data=False) for name in ("logits", "probabilities")]
-    result = client.infer("test_resnet", [tensor], outputs=outputs, request_id="r1")
+    result = client.infer("digits", [tensor], outputs=outputs, request_id="r1")
     np.testing.assert_allclose(result.as_numpy("logits"), classifier.logits(pixels), atol=1e-5)
     probabilities = result.as_numpy("probabilities")
     assert probabilities.shape == (3, 10)
@@ -100,7 +100,7 @@ def test_encoded_images_as_bytes_through_tritonclient(server, classifier, digits
     encoded = np.array([base64.b64encode(f) for f in files], dtype=object)
     tensor = triton.InferInput("image", [2], "BYTES")
     tensor.set_data_from_numpy(encoded, binary_data=False)
-    result = client.infer("test_resnet", [tensor], outputs=[triton.InferRequestedOutput("probabilities", binary_data=False)])
+    result = client.infer("digits", [tensor], outputs=[triton.InferRequestedOutput("probabilities", binary_data=False)])
     expected = classifier.probabilities(classifier.pixels([io.BytesIO(f) for f in files]))
     np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
     assert result.as_numpy("logits") is None  # only what was asked for
@@ -109,11 +109,11 @@ def test_encoded_images_as_bytes_through_tritonclient(server, classifier, digits
 def test_plain_http_endpoints(http, classifier, digits):
     assert http.get("/v2/health/live").status_code == 200
     assert http.get("/v2/health/ready").status_code == 200
-    assert http.get("/v2/models/test_resnet").json()["parameters"]["labels"] == classifier.classes
-    assert http.get("/v2/models/test_resnet/ready").json() == {"name": "test_resnet", "ready": True}
+    assert http.get("/v2/models/digits").json()["parameters"]["labels"] == classifier.classes
+    assert http.get("/v2/models/digits/ready").json() == {"name": "digits", "ready": True}
     pixels = _pixels(digits, 2)
     body = {"inputs": [{"name": "input", "shape": [2, 3, 32, 32], "datatype": "FP32", "data": pixels.reshape(-1).tolist()}]}
-    reply = http.post("/v2/models/test_resnet/infer", json=body)
+    reply = http.post("/v2/models/digits/infer", json=body)
     assert reply.status_code == 200
     outputs = {o["name"]: o for o in reply.json()["outputs"]}
     assert outputs["logits"]["shape"] == [2, 10] and outputs["logits"]["datatype"] == "FP32"
@@ -157,7 +157,7 @@ def _valid_body(digits):
     ],
 )
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(http, digits, case, status, message):
-    infer = "/v2/models/test_resnet/infer"
+    infer = "/v2/models/digits/infer"
     body = _valid_body(digits)
     tensor = body["inputs"][0]
     if case == "malformed json":
@@ -205,7 +205,7 @@ def test_concurrent_requests_are_batched_into_one_call(server, digits):
     tensor = triton.InferInput("input", [1, 3, 32, 32], "FP32")
     tensor.set_data_from_numpy(pixels, binary_data=False)
     calls_before = len(app.state.batcher.batch_sizes)
-    pending = [client.async_infer("test_resnet", [tensor]) for _ in range(16)]
+    pending = [client.async_infer("digits", [tensor]) for _ in range(16)]
     results = [p.get_result() for p in pending]
     sizes = app.state.batcher.batch_sizes[calls_before:]
     assert sum(sizes) == 16 and max(sizes) > 1 and max(sizes) <= 8

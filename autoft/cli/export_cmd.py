@@ -16,7 +16,7 @@ def export_command(
     precision: Annotated[str, typer.Option(help="fp32; int8 (static QDQ, calibrated on training images, for CPUs); fp16 (for GPUs).")] = "fp32",
     opset: Annotated[Optional[int], typer.Option(min=7, help="ONNX opset. [default: the exporter's]")] = None,
     triton: Annotated[bool, typer.Option("--triton", help="Also write a Triton model repository to OUT/triton.")] = False,
-    name: Annotated[Optional[str], typer.Option(help="Model name for serving and Triton. [default: the backbone's]")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Model name for serving and Triton. [default: the search's study name, else the run folder's name]")] = None,
     max_accuracy_drop: Annotated[float, typer.Option(min=0.0, max=1.0, help="int8: the most validation accuracy it may lose (0.01 = 1 point).")] = 0.01,
     max_batch: Annotated[int, typer.Option(min=1, help="Triton max_batch_size.")] = 32,
 ) -> None:

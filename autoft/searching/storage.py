@@ -2,9 +2,11 @@
 
 The storage URL goes to Optuna unchanged where Optuna takes URLs:
 
-* ``sqlite:///runs/x/study.db`` (the default, embedded) and ``postgresql://...`` or
-  ``mysql://...`` for many machines: an :class:`optuna.storages.RDBStorage` with a
-  heartbeat, so a trial whose worker vanished is failed and queued again by any worker.
+* ``sqlite:///runs/x/study.db`` (the default, embedded) and ``postgresql://...`` (with
+  ``pip install 'autoft[postgres]'``) or ``mysql://...`` for many machines: an
+  :class:`optuna.storages.RDBStorage` with a heartbeat, so a trial whose worker vanished is
+  failed and queued again by any worker. Workers started at the same moment on a new
+  database race to create Optuna's tables; the losers open the storage again.
 * ``journal:///path/journal.log`` or any path ending in ``.log``/``.jsonl``: an Optuna
   journal file, for several processes on one machine (``optuna-dashboard PATH`` opens it).
 
@@ -17,7 +19,9 @@ stopped with Ctrl-C is queued again too. Retried trials do not count towards ``-
 from __future__ import annotations
 
 import os
+import random
 import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ from autoft.errors import AutoftError
 HEARTBEAT_SECONDS = 60
 GRACE_SECONDS = 180  # a long eval or checkpoint write must not count as death
 MAX_RETRIES = 3
+CREATE_ATTEMPTS = 8  # opening a storage that another worker is creating: at most about 12 s of waits
 JOURNAL_SUFFIXES = (".log", ".jsonl")
 
 
@@ -60,21 +65,57 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         raise AutoftError(f"--storage {url!r}: use sqlite:///FILE, postgresql://..., journal:///FILE or a FILE.log journal")
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat options
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=GRACE_SECONDS,
-                heartbeat_stale_trial_callback=retry,
-                # SQLite: wait for another writer instead of failing at once.
-                engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None,
-            )
-    except ImportError as exc:
-        raise AutoftError(f"--storage {url}: a database driver is missing ({exc}); install it with pip") from None
-    except Exception as exc:  # sqlalchemy's errors for unreachable servers, bad URLs
-        raise AutoftError(f"cannot open storage {url}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    attempt = 0
+    while True:
+        try:
+            return _rdb_storage(url, retry)
+        except ImportError as exc:
+            raise AutoftError(f"--storage {url}: a database driver is missing ({_first_line(exc)}); {_driver_hint(url)}") from None
+        except Exception as exc:  # sqlalchemy's errors for unreachable servers, bad URLs, and the race below
+            attempt += 1
+            if attempt == CREATE_ATTEMPTS or not _lost_creation_race(exc):
+                raise AutoftError(f"cannot open storage {url}: {type(exc).__name__}: {_first_line(exc)}") from None
+            time.sleep(min(2.0, 0.05 * 2**attempt) * (1 + random.random()))  # jittered, so the losers do not collide again
+
+
+def _rdb_storage(url: str, retry: RetryHeartbeatStaleTrialCallback) -> optuna.storages.RDBStorage:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat options
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=retry,
+            # SQLite: wait for another writer instead of failing at once.
+            engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None,
+        )
+
+
+def _lost_creation_race(exc: Exception) -> bool:
+    """Whether another worker created Optuna's tables (or its version row) at the same moment.
+
+    Workers started together on a new database all find no tables, and all but one fail to
+    create them: PostgreSQL with a unique violation on its catalogue, SQLite and MySQL with
+    "already exists". The tables exist by then, so opening the storage again succeeds.
+    """
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    if isinstance(exc, IntegrityError):
+        return True
+    return isinstance(exc, (OperationalError, ProgrammingError)) and "already exists" in str(exc)
+
+
+def _driver_hint(url: str) -> str:
+    scheme = url.split("://", 1)[0].split("+", 1)[0]
+    if scheme == "postgresql":
+        return "install it with: pip install 'autoft[postgres]'"
+    if scheme == "mysql":
+        return "install one with pip (PyMySQL, and mysql+pymysql:// in the URL)"
+    return "install the one the URL names with pip"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 # ---------------------------------------------------------------------------
