@@ -208,6 +208,16 @@ def epochs_run(trial: FrozenTrial) -> int:
     return len(trial.intermediate_values)
 
 
+def describe_ensemble(ensemble: EnsembleSummary) -> str:
+    """Its note and measured latency against the best single model, in one line."""
+    parts = [ensemble.note] if ensemble.note else []
+    if ensemble.latency_ms is not None and ensemble.single_latency_ms:
+        batch = f" per batch of {ensemble.batch_size}" if ensemble.batch_size else ""
+        ratio = ensemble.latency_ms / ensemble.single_latency_ms
+        parts.append(f"latency {ensemble.latency_ms:.1f} ms vs {ensemble.single_latency_ms:.1f} ms for the best single model{batch} ({ratio:.1f}x)")
+    return "; ".join(parts)
+
+
 def format_value(value: Any, digits: int = 4) -> str:
     if value is None:
         return ""
@@ -343,7 +353,7 @@ def _references(best: FrozenTrial | None, metric: str, extras: ReportExtras) -> 
     rows += [("reference", b.name, b.value, b.note) for b in extras.baselines]
     ensemble = extras.ensemble
     if ensemble is not None:
-        rows.append(("reference", f"ensemble of trials {', '.join(map(str, ensemble.members))}", ensemble.value, _ensemble_note(ensemble)))
+        rows.append(("reference", f"ensemble of trials {', '.join(map(str, ensemble.members))}", ensemble.value, describe_ensemble(ensemble)))
     rows.sort(key=lambda r: -r[2])
     body = "".join(
         f'<tr class="{kind}"><td>{_e(name)}</td><td class="number">{value:.4f}</td><td>{_e(note)}</td></tr>' for kind, name, value, note in rows
@@ -351,15 +361,6 @@ def _references(best: FrozenTrial | None, metric: str, extras: ReportExtras) -> 
     return f"<table><thead><tr><th>model</th><th>{_e(metric)}</th><th>note</th></tr></thead><tbody>{body}</tbody></table>" + _note(
         "Reference models are scored on the same split with the same metric as the trials."
     )
-
-
-def _ensemble_note(ensemble: EnsembleSummary) -> str:
-    parts = [ensemble.note] if ensemble.note else []
-    if ensemble.latency_ms is not None and ensemble.single_latency_ms:
-        batch = f" per batch of {ensemble.batch_size}" if ensemble.batch_size else ""
-        ratio = ensemble.latency_ms / ensemble.single_latency_ms
-        parts.append(f"latency {ensemble.latency_ms:.1f} ms vs {ensemble.single_latency_ms:.1f} ms for the best single model{batch} ({ratio:.1f}x)")
-    return "; ".join(parts)
 
 
 def _plan_rows(plan: SearchPlan) -> dict[str, Any]:
