@@ -23,7 +23,7 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Sequence, TypeVar
 
 import pluggy
 
@@ -33,6 +33,7 @@ from autoft.specs import BackboneSpec, DatasetSpec, MetricSpec, PretrainerSpec, 
 
 ENTRY_POINT_GROUP = "autoft"
 BUILTIN_DISTRIBUTION = "autoft"
+LOCAL_VERSION = "local"  # the version shown for modules loaded from a plugins folder
 
 SpecT = TypeVar("SpecT")
 
@@ -46,6 +47,14 @@ KINDS: dict[str, tuple[str, type]] = {
     "autoft_register_metrics": ("metrics", MetricSpec),
 }
 
+# registry attribute -> what the user calls one of its entries, in messages
+KIND_NAMES: dict[str, str] = {
+    "backbones": "backbone source",
+    "datasets": "dataset format",
+    "strategies": "strategy",
+    "pretrainers": "pretraining method",
+}
+
 
 @dataclass
 class PluginInfo:
@@ -57,6 +66,15 @@ class PluginInfo:
     @property
     def broken(self) -> bool:
         return self.error is not None
+
+    @property
+    def origin(self) -> str:
+        """``package acme 1.2 (entry point strategies)``, or the module of a plugins folder."""
+        if self.version == LOCAL_VERSION:
+            return f"module {self.name}.py in {self.package}"
+        if not self.version:  # registered by hand: the name is all there is
+            return f"plugin {self.name}"
+        return f"package {self.package} {self.version} (entry point {self.name})"
 
 
 @dataclass
@@ -81,7 +99,8 @@ class Registry:
 
     # -- lookups ------------------------------------------------------------
 
-    def _get(self, kind: str, name: str, what: str) -> Any:
+    def _get(self, kind: str, name: str) -> Any:
+        what = KIND_NAMES.get(kind, kind)
         clash = self.conflicts.get(kind, {}).get(name)
         if clash:
             owners = " and ".join(f"{p.package} ({p.name})" for p in clash)
@@ -100,10 +119,10 @@ class Registry:
         return f" (note: broken plugin(s) from {', '.join(broken)} registered nothing; see `autoft plugins`)"
 
     def strategy(self, name: str) -> StrategySpec:
-        return self._get("strategies", name, "strategy")
+        return self._get("strategies", name)
 
     def pretrainer(self, name: str) -> PretrainerSpec:
-        return self._get("pretrainers", name, "pretraining method")
+        return self._get("pretrainers", name)
 
     def regularizer(self, name: str) -> RegularizerSpec:
         return self._get("regularizers", name, "regularizer")
@@ -115,7 +134,7 @@ class Registry:
         """Resolve ``SOURCE:MODEL`` or a bare model name to its source and model name."""
         source, sep, model_name = name.partition(":")
         if sep and (source in self.backbones or source in self.conflicts.get("backbones", {})):
-            spec = self._get("backbones", source, "backbone source")
+            spec = self._get("backbones", source)
             if not spec.has_model(model_name):
                 hint = _did_you_mean(model_name, list(spec.list_models()))
                 raise AutoftError(f"unknown backbone {name!r}{hint}")
@@ -136,7 +155,7 @@ class Registry:
         fmt, sep, rest = source.partition(":")
         # "C:\\data" is a path, not format "C".
         if sep and len(fmt) > 1 and (fmt in self.datasets or fmt in self.conflicts.get("datasets", {})):
-            return self._get("datasets", fmt, "dataset format"), rest
+            return self._get("datasets", fmt), rest
         if sep and len(fmt) > 1 and not Path(source).exists() and not fmt.startswith((".", "/", "~")):
             hint = _did_you_mean(fmt, self.datasets)
             raise AutoftError(f"unknown dataset format {fmt!r} in {source!r}{hint}{self._broken_note()}")
@@ -149,6 +168,38 @@ class Registry:
             f"no dataset format recognises {source!r}; expected DIR/<class>/*, DIR/{{train,val,test}}/<class>/* "
             "or a CSV manifest (path,label)"
         )
+
+
+    def describe_origin(self, item: Any, kind: str | None = None) -> str:
+        """Name a registered spec (or a name) with where it comes from, for error messages:
+        ``strategy 'lp-ft' from package acme-finetune 1.2 (entry point strategies)``."""
+        kinds = [kind] if kind else [attr for attr, _ in KINDS.values()]
+        name = item if isinstance(item, str) else getattr(item, "name", repr(item))
+        for attr in kinds:
+            registered = getattr(self, attr, {}).get(name)
+            if registered is not None and (isinstance(item, str) or registered.spec is item or registered.spec == item):
+                return f"{KIND_NAMES.get(attr, attr)} {name!r} from {registered.plugin.origin}"
+            clash = self.conflicts.get(attr, {}).get(name)
+            if clash:
+                return f"{KIND_NAMES.get(attr, attr)} {name!r} from " + " and ".join(p.origin for p in clash)
+        what = KIND_NAMES.get(kinds[0], kinds[0]) if len(kinds) == 1 else _kind_of(item)
+        return f"{what} {name!r} (not registered by any loaded plugin)"
+
+
+def _kind_of(item: Any) -> str:
+    for attr, spec_type in KINDS.values():
+        if isinstance(item, spec_type):
+            return KIND_NAMES.get(attr, attr)
+    return "plugin item"
+
+
+def describe_origin(item: Any, kind: str | None = None, registry: Registry | None = None) -> str:
+    """:meth:`Registry.describe_origin` on ``registry`` (default: the process-wide one).
+
+    ``item`` is a spec (``StrategySpec`` ...) or a registered name; ``kind`` (``"strategies"``,
+    ``"backbones"`` ...) narrows a bare name to one kind.
+    """
+    return (registry or build_registry(default_plugin_manager())).describe_origin(item, kind)
 
 
 def _did_you_mean(name: str, choices: Any) -> str:
@@ -177,7 +228,7 @@ def get_plugin_manager(plugins_dir: str | os.PathLike | None = None) -> pluggy.P
         try:
             register_plugin(pm, ep.load(), name)
         except Exception as exc:  # a broken plugin must not stop the others
-            info.error = _one_line(exc)
+            info.error = _one_line(exc, _module_roots(ep.module))
         pm.autoft_info[name] = info
     folder = plugins_dir or os.environ.get("AUTOFT_PLUGINS_DIR")
     if folder:
@@ -191,7 +242,7 @@ def load_plugins_dir(pm: pluggy.PluginManager, folder: Path) -> None:
         raise AutoftError(f"plugins folder not found: {folder}")
     for path in sorted(folder.glob("*.py")):
         name = f"{folder.name}:{path.stem}"
-        info = PluginInfo(name=path.stem, package=str(folder), version="local")
+        info = PluginInfo(name=path.stem, package=str(folder), version=LOCAL_VERSION)
         module_name = f"autoft_local_plugins.{path.stem}"
         try:
             spec = importlib.util.spec_from_file_location(module_name, path)
@@ -201,7 +252,7 @@ def load_plugins_dir(pm: pluggy.PluginManager, folder: Path) -> None:
             register_plugin(pm, module, name)
         except Exception as exc:
             sys.modules.pop(module_name, None)
-            info.error = _one_line(exc)
+            info.error = _one_line(exc, [path])
         pm.autoft_info[name] = info
 
 
@@ -216,20 +267,54 @@ def register_plugin(pm: pluggy.PluginManager, plugin: object, name: str) -> None
     if unknown:
         pm.unregister(plugin, name=name)
         known = [n for n in dir(hookspecs) if n.startswith("autoft_")]
-        hints = [f"{n}{_did_you_mean(n, known)}" for n in unknown]
+        hints = [f"{n}{_did_you_mean(n, known)}{_defined_at(getattr(plugin, n, None))}" for n in unknown]
         raise AttributeError(f"unknown hook {', '.join(hints)}")
+
+
+def _defined_at(function: Any) -> str:
+    code = getattr(function, "__code__", None)
+    return f" at {code.co_filename}:{code.co_firstlineno}" if code else ""
 
 
 def _entry_points() -> list[importlib.metadata.EntryPoint]:
     return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
 
 
-def _one_line(exc: BaseException) -> str:
-    # The innermost frame in the plugin's own code; importlib's frames say nothing to its author.
+def _one_line(exc: BaseException, plugin_files: Sequence[Path] = ()) -> str:
+    """``Type: message (file:line)``, the line being the innermost one in the plugin's own code.
+
+    A plugin's author needs the line of *their* code: not json's decoder that raised, nor
+    autoft's check that refused what the plugin registered, nor importlib's frames.
+    """
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")] if exc.__traceback__ else []
-    where = [] if isinstance(exc, SyntaxError) else frames[-1:]  # a SyntaxError names its line itself
-    place = f" ({Path(where[0].filename).name}:{where[0].lineno})" if where else ""
+    own = [f for f in frames if _within(f.filename, plugin_files)]
+    # Without the plugin's files, never point at autoft's or pluggy's own lines: they are not the mistake.
+    outside = [f for f in frames if not _within(f.filename, _HOST_FILES)]
+    where = [] if isinstance(exc, SyntaxError) else (own or outside)[-1:]  # a SyntaxError names its line itself
+    place = f" ({where[0].filename}:{where[0].lineno})" if where else ""
     return f"{type(exc).__name__}: {exc}{place}".replace("\n", " ")
+
+
+_HOST_FILES = (Path(__file__).parent, Path(pluggy.__file__).parent)
+
+
+def _within(filename: str, roots: Sequence[Path]) -> bool:
+    path = Path(filename).resolve()
+    return any(path == root or root in path.parents for root in (r.resolve() for r in roots))
+
+
+def _module_roots(module: str) -> list[Path]:
+    """The files of the distribution a module belongs to: its top-level package's folders, or the module's file."""
+    top = module.split(".")[0]
+    try:
+        spec = importlib.util.find_spec(top) if top not in sys.modules else getattr(sys.modules[top], "__spec__", None)
+    except (ImportError, ValueError):
+        return []
+    if spec is None:
+        return []
+    if spec.submodule_search_locations:
+        return [Path(p) for p in spec.submodule_search_locations]
+    return [Path(spec.origin)] if spec.origin and spec.origin not in ("built-in", "frozen") else []
 
 
 def plugin_info(pm: pluggy.PluginManager, plugin_name: str) -> PluginInfo:
@@ -271,7 +356,7 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
             try:
                 impl.function(**{a: arguments[a] for a in impl.argnames})
             except Exception as exc:
-                info.error = _one_line(exc)
+                info.error = _one_line(exc, [Path(impl.function.__code__.co_filename), *_module_roots(impl.function.__module__)])
                 continue
             collected.extend((kind, spec, info) for spec in specs)
     owners: dict[tuple[str, str], list[Registered[Any]]] = {}

@@ -1,8 +1,11 @@
-"""`autoft train` through the CLI: outputs, and one clear line for every user mistake."""
+"""The CLI: `autoft train`'s outputs, one clear line for every user mistake, and help text that reads plainly."""
 
 import json
+import re
 
 import pytest
+import typer.main
+from rich.text import Text
 from typer.testing import CliRunner
 
 from autoft.cli import make_app
@@ -82,3 +85,62 @@ def test_user_mistakes_end_in_one_line_and_exit_2(class_folder, tmp_path, args, 
 def test_version():
     result = invoke("--version")
     assert result.exit_code == 0 and result.output.startswith("autoft ")
+
+
+# ---------------------------------------------------------------------------
+# Help text
+
+TYPE_LABELS = re.compile(r"<(str|int|float|bool|path|Path|list\[[^\]]*\])( range)?>")
+COMMANDS = ["plugins", "train", "pretrain", "search", "export", "predict", "serve"]
+
+
+def help_of(*command):
+    result = runner.invoke(make_app(), [*command, "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in COMMANDS)], ids=["autoft", *COMMANDS])
+def test_help_shows_plain_metavars(command):
+    text = help_of(*command)
+    assert "Show this message and exit." in text
+    assert not TYPE_LABELS.search(text), TYPE_LABELS.search(text).group(0)
+
+
+def test_help_metavars_name_the_value():
+    search = help_of("search")
+    assert re.search(r"--trials\s+INTEGER \[x>=1\]", search)
+    assert re.search(r"--timeout\s+DURATION ", search) and re.search(r"--weights\s+PATH\|TAG ", search)
+    assert re.search(r"--onnx\s+--no-onnx\s+Export", search)  # a flag takes no value
+    predict = help_of("predict")
+    assert re.search(r"MODEL_OR_RUN\s+model\.onnx", predict) and re.search(r"--top-k\s+INTEGER \[x>=1\]", predict)
+
+
+def _options():
+    root = typer.main.get_command(make_app())
+    return [(name, p) for name, command in root.commands.items() for p in command.params]
+
+
+def test_every_default_written_in_help_is_shown():
+    """Rich reads "[default: x]" as markup and drops it: each one must be escaped."""
+    written = [(name, p) for name, p in _options() if p.help and "default:" in p.help]
+    assert len(written) >= 15
+    for name, p in written:
+        assert "[default:" in Text.from_markup(p.help).plain, f"{name} --{p.name}: {p.help}"
+    export = help_of("export")
+    assert "[default: the run folder for fp32" in export and "[default: torch.onnx's for the dynamo exporter" in export
+    assert "[default: random initialisation" in help_of("search")
+
+
+def test_batch_size_has_one_minimum_for_training():
+    minimums = {name: p.min for name, p in _options() if p.name == "batch_size" and name in ("train", "search", "pretrain")}
+    assert minimums == {"train": 2, "search": 2, "pretrain": 2}
+    result = invoke("train", "--backbone", "test_resnet", "--data", "sample:digits", "--out", "unused", "--batch-size", "1")
+    assert result.exit_code == 2 and "greater than or equal to 2" in result.output, result.output
+
+
+@pytest.mark.parametrize("timeout, said", [("5", True), ("2.5", True), ("5s", False), ("30m", False)])
+def test_a_bare_timeout_is_taken_as_seconds_and_said(timeout, said):
+    result = invoke("search", "--backbone", "resnet5O", "--data", "sample:digits", "--timeout", timeout)
+    assert result.exit_code == 2 and "unknown backbone" in result.output  # the value passed through to the search
+    assert (f"warning: --timeout {timeout} is taken as {timeout} seconds" in result.output) == said, result.output

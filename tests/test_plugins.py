@@ -227,6 +227,72 @@ def test_mistakes_in_a_plugin_folder_module_are_reported_as_broken(tmp_path, hoo
     assert "freeze" in registry.strategies
 
 
+@pytest.mark.parametrize(
+    "body, line",
+    [
+        ("import json\n\nSETTINGS = json.loads('{not json')\n", 3),  # raised inside json's decoder
+        ("from autoft import hookimpl\n\n@hookimpl\ndef autoft_register_strategies(register):\n    register('freeze')\n", 5),  # refused by autoft
+        ("from autoft import hookimpl\nimport json\n\n@hookimpl\ndef autoft_register_datasets(register):\n    json.loads('[')\n", 6),  # in a hook
+    ],
+    ids=["import-time-stdlib", "refused-registration", "hook-calls-stdlib"],
+)
+def test_a_load_error_points_at_the_plugins_own_line(installed, tmp_path, body, line):
+    mod = module_name("faulty")
+    installed("faulty-plugin", {mod: body}, {"faulty": mod})
+    error = plugins.build_registry(plugins.get_plugin_manager()).plugins["faulty-plugin:faulty"].error
+    assert error.endswith(f"({tmp_path / mod}.py:{line})"), error
+    assert "decoder.py" not in error and "plugins.py" not in error
+
+    folder = tmp_path / "local"
+    folder.mkdir()
+    (folder / "faulty.py").write_text(body)
+    error = plugins.build_registry(plugins.get_plugin_manager(folder)).plugins["local:faulty"].error
+    assert error.endswith(f"({folder / 'faulty.py'}:{line})"), error
+
+
+def test_a_misspelt_hook_names_where_it_is_defined(tmp_path):
+    folder = tmp_path / "local"
+    folder.mkdir()
+    (folder / "typo.py").write_text("from autoft import hookimpl\n\n\n@hookimpl\ndef autoft_register_strategy(register):\n    pass\n")
+    error = plugins.build_registry(plugins.get_plugin_manager(folder)).plugins["local:typo"].error
+    assert "did you mean autoft_register_strategies" in error and f"at {folder / 'typo.py'}:4" in error
+    assert "plugins.py" not in error and "pluggy" not in error
+
+
+def test_describe_origin_names_the_package_version_and_entry_point(installed, plugins_folder):
+    mod = module_name("acme_strategies")
+    installed("acme-autoft", {mod: GOOD_PLUGIN.format(name="acme-head")}, {"headwork": mod}, version="2.0.1")
+    registry = use(plugins.get_plugin_manager(plugins_folder))
+    expected = "strategy 'acme-head' from package acme-autoft 2.0.1 (entry point headwork)"
+    assert plugins.describe_origin(registry.strategy("acme-head")) == expected  # a spec
+    assert plugins.describe_origin("acme-head", registry=registry) == expected  # a name
+    assert registry.describe_origin("freeze", "strategies") == "strategy 'freeze' from package autoft 0.1.0 (entry point strategies)"
+    assert registry.describe_origin("timm") == "backbone source 'timm' from package autoft 0.1.0 (entry point timm)"
+    assert registry.describe_origin("house-head") == f"strategy 'house-head' from module house_rules.py in {plugins_folder}"
+    assert registry.describe_origin("nothing", "pretrainers") == "pretraining method 'nothing' (not registered by any loaded plugin)"
+    assert registry.describe_origin(StrategySpec("ghost", "", LinearProbe)) == "strategy 'ghost' (not registered by any loaded plugin)"
+
+
+def test_describe_origin_of_a_name_two_plugins_registered_names_both():
+    pm = plugins.get_plugin_manager()
+    for owner in ("acme-finetune", "globex-finetune"):
+        pm.register(type("Plugin", (), {"autoft_register_strategies": hookimpl(lambda self, register: register(StrategySpec("sharp", "", LinearProbe)))})(), name=owner)
+    assert plugins.build_registry(pm).describe_origin("sharp") == "strategy 'sharp' from plugin acme-finetune and plugin globex-finetune"
+
+
+def test_the_listing_shows_entry_point_names(installed):
+    mod = module_name("acme_strategies")
+    installed("acme-autoft", {mod: GOOD_PLUGIN.format(name="acme-head")}, {"headwork": mod}, version="2.0.1")
+    use(plugins.get_plugin_manager())
+    rows = {r["name"]: r for r in json.loads(invoke("plugins", "--json").output)["plugins"]}
+    assert rows["acme-head"]["plugin"] == "headwork" and rows["freeze"]["plugin"] == "strategies" and rows["timm"]["plugin"] == "timm"
+    table = invoke("plugins", env={"COLUMNS": "250"})
+    assert table.exit_code == 0, table.output
+    assert "entry point" in table.output.splitlines()[1]
+    row = next(line for line in table.output.splitlines() if "acme-head" in line)
+    assert [cell.strip() for cell in row.strip("│ ").split("│")][:4] == ["strategy", "acme-head", "acme-autoft 2.0.1", "headwork"]
+
+
 def test_a_command_that_does_not_need_a_broken_plugin_still_works(installed, class_folder, tmp_path):
     bad = module_name("crashes")
     installed("crashing-plugin", {bad: "raise SystemError('corrupt install')\n"}, {"crashes": bad})

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from autoft.cli import make_app
 from autoft.errors import AutoftError
 from autoft.inference import OnnxClassifier, providers_for
-from autoft.predict import predict
+from autoft.predict import MIN_IMAGES_FOR_ONE_CLASS, degenerate_predictions, predict
 from autoft.training import load_checkpoint
 
 
@@ -90,3 +90,58 @@ def test_cpu_provider_without_a_gpu_and_no_provider_noise(digits_onnx, digit_fol
     assert run.returncode == 0, run.stderr
     assert len(json.loads(run.stdout)) == 2
     assert "Provider" not in run.stderr and "CUDA" not in run.stderr and "[E:" not in run.stderr and "[W:" not in run.stderr
+
+
+# ---------------------------------------------------------------------------
+# A model that has not learned is called out
+
+
+def confident(n: int, classes: int, seed: int = 0) -> np.ndarray:
+    """Peaked rows with varied winners: what a model that learned gives."""
+    rng = np.random.default_rng(seed)
+    rows = np.full((n, classes), 0.1 / (classes - 1))
+    rows[np.arange(n), rng.integers(0, classes, n)] = 0.9
+    return rows
+
+
+def test_near_uniform_predictions_are_named_with_the_numbers():
+    classes = ["cat", "coffee", "car", "cup", "cow"]
+    flat = np.full((12, 5), 0.2) + np.random.default_rng(0).normal(0, 0.005, (12, 5))
+    message = degenerate_predictions(flat / flat.sum(1, keepdims=True), classes)
+    assert message and "near-uniform" in message and "100% of 12 image(s)" in message and "0.200 for a guess among 5 classes" in message
+    assert degenerate_predictions(confident(12, 5), classes) is None
+    assert degenerate_predictions(np.array([[0.52, 0.48], [0.47, 0.53], [0.51, 0.49]])) is not None  # two classes: a coin toss
+    assert degenerate_predictions(np.array([[0.8, 0.2], [0.3, 0.7], [0.51, 0.49]])) is None  # one unsure image of three
+
+
+def test_one_class_for_every_image_is_named_only_when_the_batch_says_something():
+    collapsed = np.tile([0.05, 0.9, 0.05], (MIN_IMAGES_FOR_ONE_CLASS, 1))
+    message = degenerate_predictions(collapsed, ["red", "green", "blue"])
+    assert message and f"'green' for all {MIN_IMAGES_FOR_ONE_CLASS} images" in message
+    assert degenerate_predictions(collapsed[:5], ["red", "green", "blue"]) is None  # five photos of one thing are no sign
+
+
+class ConstantSession:
+    """An onnxruntime session stand-in whose model answers the same logits for every image."""
+
+    def __init__(self, logits):
+        self.row = np.asarray(logits, dtype=np.float32)
+
+    def run(self, outputs, feeds):
+        return [np.tile(self.row, (len(next(iter(feeds.values()))), 1))]
+
+
+def test_predict_warns_once_when_the_model_predicts_chance(digit_folder, monkeypatch):
+    flat = OnnxClassifier(ConstantSession(np.zeros(5)), Path("model.onnx"), "flat", ["cat", "coffee", "car", "cup", "cow"], 16, "input", "logits")
+    monkeypatch.setattr(OnnxClassifier, "load", classmethod(lambda cls, model, device="auto", threads=None: flat))
+    result = CliRunner().invoke(make_app(), ["predict", "unused.onnx", str(digit_folder), "--batch-size", "2", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(result.stdout)[0]["predictions"][0]["probability"]] == [pytest.approx(0.2)]
+    warned = [line for line in result.stderr.splitlines() if "near-uniform" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: the model's predictions are near-uniform: for 100% of 6 image(s)")
+
+
+def test_a_trained_model_is_not_called_degenerate(digits_onnx, digit_folder):
+    result = CliRunner().invoke(make_app(), ["predict", str(digits_onnx), str(digit_folder)])
+    assert result.exit_code == 0, result.output
+    assert "skipped" in result.stderr and "near-uniform" not in result.stderr and "for all" not in result.stderr

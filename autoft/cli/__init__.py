@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from importlib import import_module
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from autoft import __version__
 
@@ -19,6 +20,43 @@ def _version(value: bool) -> None:
     if value:
         typer.echo(f"autoft {__version__}")
         raise typer.Exit()
+
+
+# Typer labels option values by Python type (<str>, <list[str]>, <int range>); help shows
+# the plain names click users know instead. A flag takes no value, so it shows none.
+PLAIN_METAVARS = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "path": "PATH", "Path": "PATH", "bool": ""}
+
+
+def plain_metavar(typer_label: str) -> str:
+    """``<int range>`` -> ``INTEGER``; ``<list[str]>`` -> ``TEXT`` (the help says "repeatable")."""
+    label = typer_label.strip("<>").removesuffix(" range")
+    if label.startswith("list[") and label.endswith("]"):
+        label = label[5:-1]
+    return PLAIN_METAVARS.get(label, label.upper())
+
+
+class PlainHelp:
+    """Gives every parameter without a ``metavar=`` of its own a plain one, just before help is drawn."""
+
+    def format_help(self, ctx: typer.Context, formatter: Any) -> None:
+        for param in self.get_params(ctx):
+            if not hasattr(param, "display_type"):  # Typer before its own type labels: click's are plain
+                continue
+            plain = "" if getattr(param, "is_flag", False) else plain_metavar(param.display_type(ctx))
+            if param.param_type_name == "argument":
+                # Its metavar names it already (MODEL_OR_RUN); Typer draws the type apart, and only that needs plain words.
+                param.display_type_rich = lambda ctx, _plain="" if param.metavar else plain: _plain
+            elif param.metavar is None:
+                param.metavar = plain
+        super().format_help(ctx, formatter)
+
+
+class PlainHelpGroup(PlainHelp, TyperGroup):
+    pass
+
+
+class PlainHelpCommand(PlainHelp, TyperCommand):
+    pass
 
 
 # Each module defines register(app); one line per command group.
@@ -40,6 +78,7 @@ def make_app() -> typer.Typer:
         no_args_is_help=True,
         pretty_exceptions_enable=False,
         add_completion=False,
+        cls=PlainHelpGroup,
     )
 
     @app.callback()
@@ -58,6 +97,9 @@ def make_app() -> typer.Typer:
 
     for module in COMMAND_MODULES:
         import_module(module).register(app)
+    for command in app.registered_commands:
+        if command.cls in (None, TyperCommand):  # a command's own class is left alone
+            command.cls = PlainHelpCommand
     return app
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from autoft.errors import AutoftError
 
@@ -45,6 +47,18 @@ def guarded(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def warn(message: str) -> None:
+    """One yellow line on stderr, as every warning the CLI shows."""
+    console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     if issubclass(category, UserWarning) and not issubclass(category, DeprecationWarning):
-        console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+        warn(message)
+
+
+def bare_seconds_warning(value: str | None) -> str | None:
+    """A ``--timeout`` callback: a number without a unit is accepted as seconds, and the user is told so."""
+    if value is not None and re.fullmatch(r"\d+(\.\d+)?", value.strip()):
+        warn(f"--timeout {value.strip()} is taken as {value.strip()} seconds; write 90s, 30m or 2h to say which unit")
+    return value

@@ -12,11 +12,11 @@ from autoft.cli.common import console, guarded
 
 def export_command(
     model: Annotated[str, typer.Argument(metavar="RUN_OR_CHECKPOINT", help="model.pt, a train output folder, or a search folder.")],
-    out: Annotated[Optional[Path], typer.Option(help="Output folder. [default: the run folder for fp32, RUN/fp16 or RUN/int8 otherwise]")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder. \\[default: the run folder for fp32, RUN/fp16 or RUN/int8 otherwise]")] = None,
     precision: Annotated[str, typer.Option(help="fp32; int8 (static QDQ, calibrated on training images, for CPUs); fp16 (for GPUs).")] = "fp32",
-    opset: Annotated[Optional[int], typer.Option(min=7, help="ONNX opset. [default: the exporter's]")] = None,
+    opset: Annotated[Optional[int], typer.Option(min=7, help="ONNX opset. \\[default: torch.onnx's for the dynamo exporter, 17 for the TorchScript fallback; export.json records it]")] = None,
     triton: Annotated[bool, typer.Option("--triton", help="Also write a Triton model repository to OUT/triton.")] = False,
-    name: Annotated[Optional[str], typer.Option(help="Model name for serving and Triton. [default: the search's study name, else the run folder's name]")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Model name for serving and Triton. \\[default: the search's study name, else the run folder's name]")] = None,
     max_accuracy_drop: Annotated[float, typer.Option(min=0.0, max=1.0, help="int8: the most validation accuracy it may lose (0.01 = 1 point).")] = 0.01,
     max_batch: Annotated[int, typer.Option(min=1, help="Triton max_batch_size.")] = 32,
 ) -> None:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from autoft.cli.common import guarded
@@ -22,7 +23,9 @@ def describe() -> dict:
     for kind, label in KIND_LABELS.items():
         for name, registered in getattr(reg, kind).items():
             info = registered.plugin
-            rows.append({"kind": label, "name": name, "description": registered.spec.description, "package": info.package, "version": info.version})
+            rows.append(
+                {"kind": label, "name": name, "description": registered.spec.description, "package": info.package, "version": info.version, "plugin": info.name}
+            )
     conflicts = [
         {"kind": KIND_LABELS[kind], "name": name, "packages": [p.package for p in owners]}
         for kind, names in reg.conflicts.items()
@@ -39,13 +42,13 @@ def plugins_command(as_json: Annotated[bool, typer.Option("--json", help="Print 
         typer.echo(json.dumps(found, indent=2))
         return
     out = Console()
-    table = Table("kind", "name", "package", "description")
+    table = Table("kind", "name", "package", "entry point", "description")
     for row in found["plugins"]:
-        table.add_row(row["kind"], row["name"], f"{row['package']} {row['version']}", row["description"])
+        table.add_row(row["kind"], escape(row["name"]), escape(f"{row['package']} {row['version']}"), escape(row["plugin"]), escape(row["description"]))
     for row in found["conflicts"]:
-        table.add_row(row["kind"], f"[red]{row['name']}[/red]", " and ".join(row["packages"]), "[red]conflict: registered by more than one plugin, unusable[/red]")
+        table.add_row(row["kind"], f"[red]{escape(row['name'])}[/red]", escape(" and ".join(row["packages"])), "", "[red]conflict: registered by more than one plugin, unusable[/red]")
     for row in found["broken"]:
-        table.add_row("[red]broken[/red]", row["plugin"], f"{row['package']} {row['version']}", f"[red]{row['error']}[/red]")
+        table.add_row("[red]broken[/red]", "", escape(f"{row['package']} {row['version']}"), escape(row["plugin"]), f"[red]{escape(row['error'])}[/red]")
     out.print(table)
 
 

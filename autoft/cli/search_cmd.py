@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from autoft.cli.common import console, guarded
+from autoft.cli.common import bare_seconds_warning, console, guarded
 from autoft.cli.progress import LazyProgress
 
 
@@ -75,7 +75,7 @@ def search_command(
     data: Annotated[str, typer.Option(help="DIR/<class>/*, DIR/{train,val,test}/<class>/*, a CSV manifest, or sample:digits.")],
     out: Annotated[Optional[Path], typer.Option(help="Folder for the study, best/ and report.html. \\[default: runs/<study>]")] = None,
     trials: Annotated[int, typer.Option(min=1, help="Trials the study should hold in total; a rerun resumes up to this number.")] = 20,
-    timeout: Annotated[Optional[str], typer.Option(help="Time budget for the whole command: 90s, 30m, 2h, 1h30m.")] = None,
+    timeout: Annotated[Optional[str], typer.Option(metavar="DURATION", callback=bare_seconds_warning, help="Time budget for the whole command: 90s, 30m, 2h, 1h30m. \\[default: no limit]")] = None,
     epochs: Annotated[int, typer.Option(min=1, help="The most epochs a trial may run (the pruner may stop it sooner).")] = 10,
     strategy: Annotated[list[str], typer.Option(help="A strategy to search over; repeatable. \\[default: freeze, l2sp]")] = [],
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage: sqlite:///FILE, postgresql://..., or a journal FILE.log. \\[default: sqlite:///<out>/study.db]")] = None,
@@ -84,7 +84,7 @@ def search_command(
     pruner: Annotated[Optional[str], typer.Option(help="hyperband, median, wilcoxon (with --cv) or none. \\[default: hyperband; wilcoxon with --cv]")] = None,
     metric: Annotated[str, typer.Option(help="accuracy or f1_macro, on the validation split.")] = "accuracy",
     cv: Annotated[Optional[int], typer.Option(min=2, help="Score each trial as the mean over K stratified folds (small datasets).")] = None,
-    range_: Annotated[list[str], typer.Option("--range", help="Override a range: NAME=LOW:HIGH[:log], NAME=VALUE or NAME=A,B,C. Repeatable.")] = [],
+    range_: Annotated[list[str], typer.Option("--range", metavar="NAME=RANGE", help="Override a range: NAME=LOW:HIGH[:log], NAME=VALUE or NAME=A,B,C. Repeatable.")] = [],
     space: Annotated[Optional[Path], typer.Option(help="A JSON file of range overrides, {NAME: \"LOW:HIGH[:log]\", ...}.")] = None,
     batch_size: Annotated[int, typer.Option(min=2, help="Images per batch.")] = 64,
     image_size: Annotated[Optional[int], typer.Option(min=8, help="Training image size. \\[default: the dataset's or backbone's]")] = None,
@@ -92,7 +92,11 @@ def search_command(
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Export the best model to best/model.onnx, checked against PyTorch.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     weights: Annotated[
-        Optional[str], typer.Option(help="Starting weights for every trial: a state-dict/.safetensors PATH, or a pretrained tag the source can fetch.")
+        Optional[str],
+        typer.Option(
+            metavar="PATH|TAG",
+            help="Starting weights for every trial: a state-dict/.safetensors PATH, or a pretrained tag the source can fetch. \\[default: random initialisation; with --unlabelled, `init` chooses among its checkpoints and scratch]",
+        ),
     ] = None,
     unlabelled: Annotated[
         Optional[str],

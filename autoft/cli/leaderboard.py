@@ -1,0 +1,67 @@
+"""The leaderboard printed at the end of a search: the best trials beside the reference models.
+
+Like AutoGluon's leaderboard, one table ranks what was tried: the top trials with their
+strategy, key parameters, epochs and time, the default recipe for comparison, and reference
+baselines and an ensemble, drawn apart so that no one mistakes them for trials.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from optuna.trial import FrozenTrial, TrialState
+from rich.table import Table
+
+from autoft.report import Baseline, EnsembleSummary, describe_ensemble, epochs_run, format_duration, trial_seconds
+
+TOP = 5
+BASELINE_STYLE = "italic dim"
+ENSEMBLE_STYLE = "bold magenta"
+DEFAULT_RECIPE_STYLE = "dim"
+
+
+def leaderboard(
+    trials: Sequence[FrozenTrial],
+    metric: str,
+    *,
+    baselines: Sequence[Baseline] = (),
+    ensemble: EnsembleSummary | None = None,
+    top: int = TOP,
+) -> Table:
+    """A Rich table of the ``top`` completed trials by ``metric`` (higher is better), the default
+    recipe when it is not among them, and the baselines and ensemble ranked among them by value."""
+    ranked = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.value is not None), key=lambda t: -t.value)
+    shown = ranked[:top]
+    default = next((t for t in ranked[top:] if t.user_attrs.get("recipe") == "default"), None)
+    rows: list[tuple[float, list[str], str]] = [(t.value, _trial_cells(t, ranked.index(t) + 1), "") for t in shown]
+    rows += [(b.value, ["ref", b.name, f"{b.value:.4f}", "baseline", "", b.note, "", ""], BASELINE_STYLE) for b in baselines]
+    if ensemble is not None:
+        members = f"ensemble of trials {', '.join(map(str, ensemble.members))}"
+        rows.append((ensemble.value, ["ref", members, f"{ensemble.value:.4f}", "ensemble", "", describe_ensemble(ensemble), "", ""], ENSEMBLE_STYLE))
+    rows.sort(key=lambda row: -row[0])
+
+    table = Table("rank", "model", f"val {metric}", "state", "strategy", "key parameters", "epochs", "time", title=f"Top {min(top, len(ranked))} of {len(trials)} trials")
+    for column in (0, 2, 6, 7):
+        table.columns[column].justify = "right"
+    for _, cells, style in rows:
+        table.add_row(*cells, style=style or None)
+    if default is not None:  # below a line, out of order: what the search is measured against
+        table.add_section()
+        table.add_row(*_trial_cells(default, ranked.index(default) + 1), style=DEFAULT_RECIPE_STYLE)
+    if not ranked:
+        table.caption = "no trial completed"
+    return table
+
+
+def _trial_cells(trial: FrozenTrial, rank: int) -> list[str]:
+    name = f"trial {trial.number}" + (" (default recipe)" if trial.user_attrs.get("recipe") == "default" else "")
+    state = "cut short" if trial.user_attrs.get("cut_short") else "complete"
+    folds = trial.user_attrs.get("fold_scores")
+    epochs = f"{len(folds)} folds" if folds else str(epochs_run(trial))
+    return [str(rank), name, f"{trial.value:.4f}", state, str(trial.params.get("strategy", "")), key_parameters(trial.params), epochs, format_duration(trial_seconds(trial))]
+
+
+def key_parameters(params: dict) -> str:
+    """``lr=0.00032 freeze_depth=2 dropout=0.12``: learning rate first, the strategy left to its own column."""
+    names = sorted((n for n in params if n != "strategy"), key=lambda n: (n != "lr", n))
+    return " ".join(f"{n}={params[n]:.2g}" if isinstance(params[n], float) else f"{n}={params[n]}" for n in names)
