@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from autoft.data import decode_all, image_files
+from autoft.data import decode_all, find_images, warn_left_out
 from autoft.errors import AutoftError
 from autoft.inference import OnnxClassifier, to_pixels
 
@@ -30,14 +30,18 @@ class Prediction:
 
 
 def expand_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files as given; folders searched recursively for images. A missing path is an error."""
+    """Files as given; folders searched recursively for images, by the rule of :func:`autoft.data.find_images`.
+
+    A missing path is an error; what a folder scan leaves out is one warning.
+    """
     files: list[Path] = []
     for given in paths:
         path = Path(given).expanduser()
         if path.is_file():
             files.append(path)
         elif path.is_dir():
-            found = [f for folder in sorted([path, *(p for p in path.rglob("*") if p.is_dir())]) for f in image_files(folder)]
+            found, left_out = find_images(path)
+            warn_left_out(path, left_out)
             if not found:
                 warnings.warn(f"no images in {path}", stacklevel=2)
             files += found

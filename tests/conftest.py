@@ -20,6 +20,15 @@ def make_image(path: Path, colour: tuple[int, int, int], seed: int, size: int = 
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """autoft's cache (decoded images, pretraining) in a folder of this test session, never the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        root = tmp_path_factory.mktemp("autoft-cache")
+        patch.setenv("AUTOFT_CACHE_DIR", str(root))
+        yield root
+
+
 @pytest.fixture
 def class_folder(tmp_path: Path) -> Path:
     """DIR/<class>/*.png with three colour classes, 8 images each."""

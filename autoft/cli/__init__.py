@@ -68,6 +68,7 @@ COMMAND_MODULES = [
     "autoft.cli.export_cmd",
     "autoft.cli.predict_cmd",
     "autoft.cli.serve_cmd",
+    "autoft.cli.cache_cmd",
 ]
 
 

@@ -1,10 +1,14 @@
-"""Rich progress for training epochs, shared by ``autoft train`` and ``autoft search``."""
+"""Rich progress for decoding images and training epochs, shared by ``autoft train``, ``search`` and ``pretrain``."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from typing import Iterator
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.errors import LiveError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 from autoft.cli.common import console
 
@@ -70,3 +74,53 @@ class EpochProgress(LazyProgress):
         self.epoch = record["epoch"] + 1
         if self.epoch <= self.epochs:
             self.progress.update(self.task, description=f"{self.label} {self.epoch}/{self.epochs}", completed=0)
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.0f} images/s" if task.speed else "", style="progress.data.speed")
+
+
+class DecodeProgress:
+    """Count, rate and ETA while images decode: a ``(done, total)`` callback for :func:`autoft.data.prepare`.
+
+    Nothing shows when the images come from the cache; the bar appears with the first
+    decoded image and stops with the last, before any training display starts.
+    """
+
+    def __init__(self):
+        self.progress: Progress | None = None
+        self.task = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn("[bold]decoding images"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                TextColumn("eta"), TimeRemainingColumn(), console=console,
+            )  # fmt: skip
+            try:
+                self.progress.start()
+            except LiveError:  # another display is live (decoding inside a running search): stay quiet
+                self.progress = Progress(console=console, disable=True)
+            self.task = self.progress.add_task("decode", total=total)
+        self.progress.update(self.task, completed=done, total=total)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+@contextmanager
+def decoding_progress() -> Iterator[None]:
+    """Show decoding progress for whatever the block loads (``with decoding_progress(): train(...)``)."""
+    from autoft.data import reporting_progress
+
+    display = DecodeProgress()
+    try:
+        with reporting_progress(display):
+            yield
+    finally:
+        display.close()

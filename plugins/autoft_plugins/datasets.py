@@ -1,4 +1,10 @@
-"""Built-in dataset formats: class folders, pre-split folders, CSV manifests, sample data."""
+"""Built-in dataset formats: class folders, pre-split folders, CSV manifests, sample data.
+
+Folders follow :mod:`autoft.data`'s rule: a class folder's images are all the image files in
+it and its subfolders (``DIR/<class>/album/x.jpg`` belongs to ``<class>``); hidden files,
+files that are not images and files outside any class folder are left out, and one warning
+lists them with the reason.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import csv
 from pathlib import Path
 
 from autoft import hookimpl
-from autoft.data import image_files
+from autoft.data import LeftOut, find_images, warn_left_out
 from autoft.errors import AutoftError
 from autoft.specs import DatasetSpec, LabelledImages
 
@@ -14,45 +20,67 @@ SPLIT_NAMES = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _scan_classes(folder: Path, left_out: LeftOut) -> dict[str, list[Path]]:
+    """``{class name: images}`` for each non-hidden subfolder of ``folder`` that holds images, recursively."""
+    classes = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            left_out.append((entry, "hidden"))
+        elif not entry.is_dir():
+            left_out.append((entry, "outside a class folder"))
+        else:
+            images, skipped = find_images(entry)
+            left_out += skipped
+            if images:
+                classes[entry.name] = images
+            else:
+                left_out.append((entry, "class folder without images"))
+    return classes
 
 
 def load_class_folder(source: str) -> LabelledImages:
-    """``DIR/<class>/*``: one subfolder per class."""
+    """``DIR/<class>/**``: one subfolder per class, its own subfolders included."""
     folder = Path(source).expanduser()
     if not folder.is_dir():
         raise AutoftError(f"not a folder: {source}")
-    classes = [d for d in _class_dirs(folder) if image_files(d)]
+    left_out: LeftOut = []
+    classes = _scan_classes(folder, left_out)
     if not classes:
         raise AutoftError(f"no images found in {source}: expected {source}/<class>/<image>")
+    warn_left_out(folder, left_out)
     samples, labels = [], []
-    for label, class_dir in enumerate(classes):
-        files = image_files(class_dir)
+    for label, files in enumerate(classes.values()):
         samples += files
         labels += [label] * len(files)
-    return LabelledImages(samples=samples, labels=labels, classes=[d.name for d in classes])
+    return LabelledImages(samples=samples, labels=labels, classes=list(classes))
 
 
 def load_split_folder(source: str) -> LabelledImages:
-    """``DIR/{train,val,test}/<class>/*``: splits chosen by the user."""
+    """``DIR/{train,val,test}/<class>/**``: splits chosen by the user."""
     folder = Path(source).expanduser()
     if not folder.is_dir():
         raise AutoftError(f"not a folder: {source}")
-    split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in _class_dirs(folder) if d.name.lower() in SPLIT_ALIASES}
+    left_out: LeftOut = []
+    split_dirs = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir() and not entry.name.startswith(".") and entry.name.lower() in SPLIT_ALIASES:
+            split_dirs[SPLIT_ALIASES[entry.name.lower()]] = entry
+        else:
+            left_out.append((entry, "hidden" if entry.name.startswith(".") else "outside the train/val/test folders"))
     if "train" not in split_dirs:
         raise AutoftError(f"no train/ folder in {source}")
-    names = sorted({c.name for d in split_dirs.values() for c in _class_dirs(d) if image_files(c)})
+    per_split = {split: _scan_classes(split_dir, left_out) for split, split_dir in split_dirs.items()}
+    names = sorted({name for classes in per_split.values() for name in classes})
+    if not names:
+        raise AutoftError(f"no images found in {source}: expected {source}/train/<class>/<image>")
+    warn_left_out(folder, left_out)
     index = {name: i for i, name in enumerate(names)}
     samples, labels, splits = [], [], []
-    for split, split_dir in split_dirs.items():
-        for class_dir in _class_dirs(split_dir):
-            files = image_files(class_dir)
+    for split, classes in per_split.items():
+        for name, files in classes.items():
             samples += files
-            labels += [index[class_dir.name]] * len(files)
+            labels += [index[name]] * len(files)
             splits += [split] * len(files)
-    if not samples:
-        raise AutoftError(f"no images found in {source}: expected {source}/train/<class>/<image>")
     return LabelledImages(samples=samples, labels=labels, classes=names, splits=splits)
 
 
