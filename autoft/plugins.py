@@ -53,6 +53,8 @@ KIND_NAMES: dict[str, str] = {
     "datasets": "dataset format",
     "strategies": "strategy",
     "pretrainers": "pretraining method",
+    "regularizers": "regulariser",
+    "metrics": "metric",
 }
 
 
@@ -125,10 +127,10 @@ class Registry:
         return self._get("pretrainers", name)
 
     def regularizer(self, name: str) -> RegularizerSpec:
-        return self._get("regularizers", name, "regularizer")
+        return self._get("regularizers", name)
 
     def metric(self, name: str) -> MetricSpec:
-        return self._get("metrics", name, "metric")
+        return self._get("metrics", name)
 
     def backbone(self, name: str) -> tuple[BackboneSpec, str]:
         """Resolve ``SOURCE:MODEL`` or a bare model name to its source and model name."""
