@@ -8,7 +8,7 @@ run code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,18 +62,41 @@ def save_checkpoint(
     return path
 
 
+def save_ensemble(path: Path, members: list[Path], weights: list[float]) -> Path:
+    """One checkpoint for ``members`` (checkpoints of one backbone, classes and image size),
+    averaged with ``weights``; a single member is copied as it is."""
+    payloads = [_safe_load(Path(m), "checkpoint") for m in members]
+    first = dict(payloads[0])
+    if len(payloads) > 1:
+        first["members"] = [{"params": p["params"], "state_dict": p["state_dict"], "weight": float(w)} for p, w in zip(payloads, weights)]
+    with atomic_path(path) as tmp:
+        torch.save(first, tmp)
+    return path
+
+
 @dataclass
 class LoadedModel:
+    """A checkpoint's model, or an ensemble's: ``backbone`` is the (first) member, ``members``
+    every member's model and ``weights`` their weights when there are several."""
+
     backbone: Backbone
-    meta: dict[str, Any]  # the checkpoint without its state dict
+    meta: dict[str, Any]  # the checkpoint without its state dicts
+    members: list[torch.nn.Module] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
 
     @property
     def classes(self) -> list[str]:
         return self.meta["classes"]
 
     def network(self) -> torch.nn.Module:
-        """The classifier with normalisation inside: float NCHW pixels in [0, 1] -> logits."""
-        return torch.nn.Sequential(Normalize(self.meta["mean"], self.meta["std"]), self.backbone.model).eval()
+        """The classifier with normalisation inside: float NCHW pixels in [0, 1] -> logits
+        (for an ensemble, the log of its members' weighted mean probabilities)."""
+        model: torch.nn.Module = self.backbone.model
+        if len(self.members) > 1:
+            from autoft.ensemble import AveragedMembers
+
+            model = AveragedMembers(self.members, self.weights)
+        return torch.nn.Sequential(Normalize(self.meta["mean"], self.meta["std"]), model).eval()
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -91,12 +114,19 @@ def load_checkpoint(path: str | Path, registry: plugins.Registry | None = None) 
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise AutoftError(f"{file} is not an autoft checkpoint")
     state = payload.pop("state_dict")
-    backbone = build_backbone(
-        payload["backbone"], num_classes=len(payload["classes"]), dropout=payload["params"].get("dropout", 0.0), registry=registry
-    )
-    backbone.model.load_state_dict(state)
+    members = payload.pop("members", None) or [{"params": payload["params"], "state_dict": state, "weight": 1.0}]
+    backbones = [_build_member(payload, member, registry) for member in members]
+    if len(backbones) == 1:
+        return LoadedModel(backbones[0], payload)
+    payload["ensemble"] = [{"params": m["params"], "weight": m["weight"]} for m in members]
+    return LoadedModel(backbones[0], payload, [b.model for b in backbones], [m["weight"] for m in members])
+
+
+def _build_member(meta: dict[str, Any], member: dict[str, Any], registry: plugins.Registry | None) -> Backbone:
+    backbone = build_backbone(meta["backbone"], num_classes=len(meta["classes"]), dropout=member["params"].get("dropout", 0.0), registry=registry)
+    backbone.model.load_state_dict(member["state_dict"])
     backbone.model.eval()
-    return LoadedModel(backbone, payload)
+    return backbone
 
 
 # ---------------------------------------------------------------------------

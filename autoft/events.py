@@ -131,3 +131,30 @@ class PretrainEnd(Event):
 
 
 OnEvent = Callable[[Event], None]
+
+
+# -- what the search decided before its trials --------------------------------
+
+
+@dataclass(frozen=True)
+class WeightsNotice(Event):
+    """``--weights auto`` fell back to random weights; ``text`` says where it looked and what to do."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class PlanMade(Event):
+    """The budget planner's choice, as the one line printed before the search and as data."""
+
+    line: str
+    plan: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Refit(Event):
+    """Trial ``number``'s recipe trains once more, on ``images`` labelled images, for ``steps`` steps."""
+
+    number: int
+    steps: int
+    images: int

@@ -66,6 +66,15 @@ class BackboneInfo:
 
 
 @dataclass(frozen=True)
+class PretrainedWeights:
+    """Whether a source's pretrained weights for a model are at hand (cached, or downloadable
+    now), and where the source reads them from: the notice names it when they are not."""
+
+    available: bool
+    location: str
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     """A source of backbones, such as timm or torchvision.
 
@@ -75,7 +84,9 @@ class BackboneSpec:
     ``list_models()`` names the models it offers (used for suggestions), and
     ``has_model(name)`` says whether it can build one. ``describe(name)``, optional,
     returns a :class:`BackboneInfo` without building the model; without it autoft builds
-    the model once to learn the same.
+    the model once to learn the same. ``pretrained(name)``, optional, returns
+    :class:`PretrainedWeights`: what ``--weights auto`` asks before choosing pretrained
+    weights over random ones.
     """
 
     name: str
@@ -84,6 +95,7 @@ class BackboneSpec:
     list_models: Callable[[], Iterable[str]]
     has_model: Callable[[str], bool]
     describe: Callable[[str], BackboneInfo] | None = None
+    pretrained: Callable[[str], PretrainedWeights] | None = None
 
 
 # ---------------------------------------------------------------------------

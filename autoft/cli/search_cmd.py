@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -9,62 +10,79 @@ import typer
 
 from autoft.cli.common import bare_seconds_warning, console, guarded
 from autoft.cli.progress import LazyProgress
+from autoft.events import (
+    BatchEnd, EpochEnd, Event, Export, FoldEnd, PlanMade, PretrainEnd, PretrainStart, Refit, SearchStart, TrialEnd, TrialEvent, TrialStart, WeightsNotice,
+)  # fmt: skip
+from autoft.planning import duration
 
 
 class SearchProgress(LazyProgress):
-    """Live progress: trial n of N with the best so far, and the running trial's epoch."""
+    """Live progress: trials done with the best so far and the time left; the running trial's evaluations."""
 
-    def __init__(self, epochs: int, metric: str):
+    def __init__(self, metric: str, budget: float | None):
         super().__init__()  # the same columns as autoft train
-        self.epochs, self.metric = epochs, metric
+        self.metric, self.budget, self.began = metric, budget, time.monotonic()
         self.trials = self.running = None
+        self.status = ""
 
     def _add_tasks(self) -> None:
         self.trials = self.progress.add_task("trials", total=None, status="")
         self.running = self.progress.add_task("", total=None, status="", visible=False)
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: Event) -> None:
         self._start()
-        kind = event["kind"]
-        if kind == "search_start":
-            self.progress.update(self.trials, total=event["total"], completed=event["done"])
-            if event["queued_again"]:
-                self._say(f"running again trial(s) {', '.join(map(str, event['queued_again']))}, left unfinished by a crash or an interrupt")
-        elif kind == "trial_start":
-            self.progress.update(self.running, description=f"trial {event['number']} epoch 1/{self.epochs}", completed=0, total=None, status="", visible=True)
-        elif kind == "batch":
-            self.progress.update(self.running, completed=event["step"], total=event["steps"])
-        elif kind == "epoch":
-            following = min(event["epoch"] + 1, event["epochs"])
-            self.progress.update(self.running, description=f"trial {event['number']} epoch {following}/{event['epochs']}", status=f"val {self.metric} {event['value']:.4f} at epoch {event['epoch']}")
-        elif kind == "fold":
-            self.progress.update(self.running, description=f"trial {event['number']} fold {event['fold']}/{event['folds']}", status=f"fold {self.metric} {event['value']:.4f}")
-        elif kind == "trial_end":
-            self._trial_end(event)
-        elif kind == "retrain":
-            self.progress.update(self.running, description=f"retraining best trial {event['number']}", visible=True, completed=0, total=None, status="")
-        elif kind == "export":
-            self.progress.update(self.running, description=f"exporting trial {event['number']} to ONNX", visible=True, total=None, status="")
-        elif kind == "pretrain_start":
-            self.progress.update(self.running, description=f"pretraining ({event['method']}) on {event['images']} images", visible=True, total=None, status="")
-        elif kind == "pretrain_end":
-            scores = ", ".join(f"epoch {e}" + (f" k-NN {a:.3f}" if a is not None else "") for e, a in event["checkpoints"])
-            self._say(f"pretraining {'reused from' if event['cached'] else 'saved in'} {event['out']}: {scores}")
-            self.progress.update(self.running, visible=False)
+        match event:
+            case PlanMade(line=line):
+                self._say(f"[bold]{line}[/bold]")
+            case WeightsNotice(text=text):
+                self._say(f"[yellow]note:[/yellow] {text}")
+            case SearchStart(total=total, done=done, queued_again=again):
+                self.progress.update(self.trials, total=total, completed=done)
+                if again:
+                    self._say(f"running again trial(s) {', '.join(map(str, again))}, left unfinished by a crash or an interrupt")
+            case TrialStart(number=number):
+                self.progress.update(self.running, description=f"trial {number}", completed=0, total=None, status="", visible=True)
+            case TrialEvent(number=number, event=BatchEnd(global_step=step, total_steps=steps)):
+                self.progress.update(self.running, completed=step, total=steps)
+                self._tick()
+            case TrialEvent(number=number, event=EpochEnd(epoch=epoch, epochs=epochs, value=value)):
+                self.progress.update(self.running, description=f"trial {number} evaluation {epoch}/{epochs}", status=f"val {self.metric} {value:.4f}")
+            case FoldEnd(number=number, fold=fold, folds=folds, value=value):
+                self.progress.update(self.running, description=f"trial {number} fold {fold}/{folds}", status=f"fold {self.metric} {value:.4f}")
+            case TrialEnd():
+                self._trial_end(event)
+            case Refit(number=number, steps=steps, images=images):
+                self.progress.update(self.running, description=f"refitting trial {number} on {images} labelled images", visible=True, completed=0, total=steps, status="")
+            case Export(number=number):
+                self.progress.update(self.running, description="exporting the best model to ONNX", visible=True, total=None, status="")
+            case PretrainStart(method=method, images=images):
+                self.progress.update(self.running, description=f"pretraining ({method}) on {images} images", visible=True, total=None, status="")
+            case PretrainEnd(cached=cached, out=out, checkpoints=checkpoints):
+                scores = ", ".join(f"epoch {e}" + (f" k-NN {a:.3f}" if a is not None else "") for e, a in checkpoints)
+                self._say(f"pretraining {'reused from' if cached else 'saved in'} {out}: {scores}")
+                self.progress.update(self.running, visible=False)
 
-    def _trial_end(self, event: dict[str, Any]) -> None:
-        state = event["state"]
-        if state == "COMPLETE":
-            line = f"trial {event['number']}: {self.metric} {event['value']:.4f}"
-        elif state == "PRUNED":
-            line = f"trial {event['number']}: [yellow]pruned[/yellow]"
+    def _tick(self) -> None:
+        if self.budget is not None:
+            left = max(0.0, self.budget - (time.monotonic() - self.began))
+            self.progress.update(self.trials, status=f"{self.status}  {duration(left)} of {duration(self.budget)} left")
+
+    def _trial_end(self, event: TrialEnd) -> None:
+        if event.state == "COMPLETE":
+            line = f"trial {event.number}: {self.metric} {event.value:.4f}"
+        elif event.state == "PRUNED":
+            line = f"trial {event.number}: [yellow]pruned[/yellow]"
         else:
-            line = f"trial {event['number']}: [red]{state.lower()}[/red] {event.get('reason') or ''}"
-        best = event["best_value"]
-        status = f"best {self.metric} {best:.4f} (trial {event['best_number']})" if best is not None else "no trial completed yet"
+            line = f"trial {event.number}: [red]{event.state.lower()}[/red] {event.reason or ''}"
+        self.status = f"best {self.metric} {event.best_value:.4f} (trial {event.best_number})" if event.best_value is not None else "no trial completed yet"
         self._say(line)
-        self.progress.update(self.trials, completed=min(event["done"], event["total"]), status=status)
+        self.progress.update(self.trials, completed=event.done, total=max(event.total, event.done), status=self.status)
         self.progress.update(self.running, visible=False)
+        self._tick()
+
+    def say(self, text: str) -> None:
+        self._start()
+        self._say(text)
 
     def _say(self, text: str) -> None:
         self.progress.console.print(text, highlight=False)
@@ -74,62 +92,83 @@ def search_command(
     backbone: Annotated[str, typer.Option(help="Backbone: a timm model name, or SOURCE:MODEL from another plugin.")],
     data: Annotated[str, typer.Option(help="DIR/<class>/*, DIR/{train,val,test}/<class>/*, a CSV manifest, or sample:digits.")],
     out: Annotated[Optional[Path], typer.Option(help="Folder for the study, best/ and report.html. \\[default: runs/<study>]")] = None,
-    trials: Annotated[int, typer.Option(min=1, help="Trials the study should hold in total; a rerun resumes up to this number.")] = 20,
-    timeout: Annotated[Optional[str], typer.Option(metavar="DURATION", callback=bare_seconds_warning, help="Time budget for the whole command: 90s, 30m, 2h, 1h30m. \\[default: no limit]")] = None,
-    epochs: Annotated[int, typer.Option(min=1, help="The most epochs a trial may run (the pruner may stop it sooner).")] = 10,
-    strategy: Annotated[list[str], typer.Option(help="A strategy to search over; repeatable. \\[default: freeze, l2sp]")] = [],
+    timeout: Annotated[Optional[str], typer.Option(metavar="DURATION", callback=bare_seconds_warning, help="Time budget for the whole command: 90s, 30m, 2h, 1h30m. The plan (image size, training length, folds, trials) is made to fit it. \\[default: no limit]")] = None,
+    trials: Annotated[Optional[int], typer.Option(min=1, help="The most trials the study may hold; a rerun resumes up to it. \\[default: as many as --timeout allows; 20 without it]")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs a trial trains, evaluated after each. \\[default: planned in steps from the data and the budget]")] = None,
+    strategy: Annotated[list[str], typer.Option(help="A strategy to search over; repeatable. \\[default: freeze, l2sp, lp-ft]")] = [],
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage: sqlite:///FILE, postgresql://..., or a journal FILE.log. \\[default: sqlite:///<out>/study.db]")] = None,
     study: Annotated[Optional[str], typer.Option(help="Study name; one name and one storage on many machines make one search. \\[default: <backbone>-<data>]")] = None,
     sampler: Annotated[str, typer.Option(help="tpe or random.")] = "tpe",
-    pruner: Annotated[Optional[str], typer.Option(help="hyperband, median, wilcoxon (with --cv) or none. \\[default: hyperband; wilcoxon with --cv]")] = None,
-    metric: Annotated[str, typer.Option(help="accuracy or f1_macro, on the validation split.")] = "accuracy",
-    cv: Annotated[Optional[int], typer.Option(min=2, help="Score each trial as the mean over K stratified folds (small datasets).")] = None,
+    pruner: Annotated[Optional[str], typer.Option(help="hyperband, median, wilcoxon (cross-validated) or none. \\[default: hyperband; wilcoxon when cross-validated]")] = None,
+    metric: Annotated[str, typer.Option(help="The metric trials are chosen on (see `autoft plugins`): accuracy, f1_macro, balanced_accuracy, ...")] = "accuracy",
+    cv: Annotated[Optional[int], typer.Option(min=2, help="Score each trial over K stratified folds. \\[default: 5 or fewer folds when a validation split would hold under 300 images]")] = None,
+    no_cv: Annotated[bool, typer.Option("--no-cv", help="Keep a single validation split, however small.")] = False,
+    refit: Annotated[bool, typer.Option("--refit/--no-refit", help="Train the chosen recipe once more on every labelled image; --no-refit keeps the best trial's own weights.")] = True,
+    ensemble: Annotated[int, typer.Option(min=1, help="The most trials a greedy ensemble may average; 1 turns ensembles off.")] = 5,
     range_: Annotated[list[str], typer.Option("--range", metavar="NAME=RANGE", help="Override a range: NAME=LOW:HIGH[:log], NAME=VALUE or NAME=A,B,C. Repeatable.")] = [],
     space: Annotated[Optional[Path], typer.Option(help="A JSON file of range overrides, {NAME: \"LOW:HIGH[:log]\", ...}.")] = None,
-    batch_size: Annotated[int, typer.Option(min=2, help="Images per batch.")] = 64,
-    image_size: Annotated[Optional[int], typer.Option(min=8, help="Training image size. \\[default: the dataset's or backbone's]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=2, help="Images per batch. \\[default: 64, less for tiny datasets]")] = None,
+    image_size: Annotated[Optional[int], typer.Option(min=8, help="Training image size. \\[default: the images' median short side, from 32 up to the backbone's size]")] = None,
     seed: Annotated[int, typer.Option(help="Random seed for sampling and training.")] = 0,
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Export the best model to best/model.onnx, checked against PyTorch.")] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     weights: Annotated[
-        Optional[str],
-        typer.Option(
-            metavar="PATH|TAG",
-            help="Starting weights for every trial: a state-dict/.safetensors PATH, or a pretrained tag the source can fetch. \\[default: random initialisation; with --unlabelled, `init` chooses among its checkpoints and scratch]",
-        ),
-    ] = None,
+        str,
+        typer.Option(metavar="auto|scratch|PATH|TAG", help="Starting weights for every trial: auto (the source's pretrained weights when at hand, else random, said out loud), scratch, a state-dict/.safetensors PATH, or a pretrained tag."),
+    ] = "auto",
     unlabelled: Annotated[
         Optional[str],
-        typer.Option(help="Unlabelled images (a folder, flat or by class) to pretrain on first; `init` then searches each pretraining checkpoint and scratch (or --weights)."),
+        typer.Option(help="Unlabelled images (a folder, flat or by class): a pretraining stage whose checkpoints `init` searches, and pseudo-labels the search may train on."),
     ] = None,
     pretrain: Annotated[str, typer.Option(help="Pretraining method for --unlabelled (see `autoft plugins`).")] = "simclr",
-    pretrain_epochs: Annotated[
-        Optional[int], typer.Option(min=1, help="Pretraining epochs. \\[default: 30% of --timeout, at most 50; 50 without --timeout]")
-    ] = None,
+    pretrain_epochs: Annotated[Optional[int], typer.Option(min=1, help="Pretraining epochs. \\[default: planned, about 20% of --timeout]")] = None,
 ) -> None:
-    """Search learning rate, dropout, weight decay, freeze depth and strategy; keep the best model.
+    """Search how to fine-tune BACKBONE on your images within --timeout; keep, refit and export the best model.
 
-    Default ranges: lr 1e-5 to 1e-2 (log), dropout 0 to 0.5, weight_decay 1e-6 to 0.1 (log),
-    freeze_depth 0 to the groups before the head, l2sp_alpha 1e-4 to 1 (log).
+    Searched: learning rate, dropout, weight decay, label smoothing, augmentation, strategy
+    (freeze depth, L2-SP, LP-FT), regulariser (mixup, cutmix, BSS), and with --unlabelled the
+    pretraining checkpoint and the pseudo-labels. Ranges: `autoft search ... --range NAME=...`.
     """
     import optuna
 
-    from autoft.searching import DEFAULT_STRATEGIES, search
+    from autoft.runtime import graceful_interrupts
+    from autoft.searching import parse_duration, search
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the progress display reports each trial
-    with SearchProgress(epochs, metric) as progress:
+    with SearchProgress(metric, parse_duration(timeout)) as progress, graceful_interrupts(lambda: progress.say("[yellow]stopping after this batch; Ctrl-C again to abort[/yellow]")):
         result = search(
-            backbone, data, out, trials=trials, timeout=timeout, epochs=epochs, strategies=strategy or DEFAULT_STRATEGIES, storage=storage, study=study,
-            sampler=sampler, pruner=pruner, metric=metric, seed=seed, device=device, cv=cv, batch_size=batch_size, image_size=image_size,
+            backbone, data, out, trials=trials, timeout=timeout, epochs=epochs, strategies=strategy, storage=storage, study=study, sampler=sampler, pruner=pruner,
+            metric=metric, seed=seed, device=device, cv=cv, no_cv=no_cv, refit=refit, ensemble=ensemble, batch_size=batch_size, image_size=image_size,
             ranges=range_, space_file=space, export_onnx=onnx, weights=weights, unlabelled=unlabelled, pretrain=pretrain, pretrain_epochs=pretrain_epochs, on_event=progress,
-        )
+        )  # fmt: skip
+    _print_summary(result, metric)
+
+
+def _print_summary(result, metric: str) -> None:
+    from autoft.cli.leaderboard import leaderboard
+    from autoft.report import Baseline
+
     m = result.metrics
+    study = _study(result)
+    if study is not None:
+        baselines = [Baseline(b["name"], b["value"]) for b in m.get("baselines", [])]
+        console.print(leaderboard(study.get_trials(deepcopy=False), metric, baselines=baselines))
     states = ", ".join(f"{n} {s.lower()}" for s, n in result.states.items())
-    summary = f"best trial {result.best_number}: val {metric} {m['value']:.4f}"
-    if f"test_{metric}" in m:
-        summary += f", test {metric} {m[f'test_{metric}']:.4f}"
-    console.print(f"[green]done:[/green] {summary} ({states}; {result.seconds:.0f}s)")
+    line = m["summary"] + (f"; test {metric} {m[f'test_{metric}']:.4f}" if f"test_{metric}" in m else "")
+    colour = "yellow" if "did not beat" in line or "WARNING" in line else "green"
+    console.print(f"[{colour}]done:[/{colour}] {line} ({states}; {result.seconds:.0f}s)", highlight=False)
+    for note in m.get("notes", []):
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     console.print(f"best model in {result.best_dir}, report in {result.report}", highlight=False)
+
+
+def _study(result):
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=result.study_name, storage=result.storage)
+    except Exception:  # noqa: BLE001 - the summary line still tells the essentials
+        return None
 
 
 def register(app: typer.Typer) -> None:

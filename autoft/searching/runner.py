@@ -1,9 +1,14 @@
-"""The Python API behind ``autoft search``: one Optuna study over fine-tuning recipes."""
+"""The Python API behind ``autoft search``: prepare, run the trials, finish.
+
+:func:`search` is a thin wrapper over :class:`~autoft.searching.config.SearchConfig`;
+:func:`run_search` runs the three phases: :func:`~autoft.searching.preparing.prepare`
+(weights, calibration and the plan, decoding, the study, pretraining and baselines),
+:func:`run_trials` (the Optuna study, within the budget) and :func:`finish` (the model
+chosen, refit, exported, published and reported).
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import re
 import shutil
 import socket
 import time
@@ -11,29 +16,29 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
+import numpy as np
 import optuna
-import torch
 from optuna.trial import TrialState
 
-from autoft import plugins
-from autoft.data import DataSplits, load_data
 from autoft.errors import AutoftError
-from autoft.io import atomic_path, read_json, write_json
-from autoft.searching.objective import Event, Objective, SearchSetup, confusion, free_memory, read_confusion, stratified_folds
-from autoft.searching.space import DEFAULT_STRATEGIES, SearchSpace, load_overrides
-from autoft.searching.storage import counted_trials, default_storage_url, open_storage, recover_trials
-from autoft.backbones import build_backbone
-from autoft.checkpoints import CHECKPOINT_NAME, load_checkpoint
-from autoft.metrics import evaluate, test_metrics
-from autoft.runtime import resolve_device
+from autoft.events import SearchStart, TrialEnd
+from autoft.io import file_lock
+from autoft.metrics import test_metrics
+from autoft.planning import duration
+from autoft.searching.config import SearchConfig, parse_duration
+from autoft.searching.finishing import BEST_FOLDER, FinalModel, best_trial, build_final, chance_level, publish_best, selection_evidence, wall_time
+from autoft.searching.objective import Objective
+from autoft.searching.preparing import finish_preparing, prepare
+from autoft.searching.session import Session
+from autoft.searching.storage import counted_trials, recover_trials
 
-SAMPLERS = ("tpe", "random")
-PRUNERS = ("hyperband", "median", "wilcoxon", "none")
-VERIFY_IMAGES = 256  # validation images the ONNX export is checked on
-BEST_FOLDER = "best"
 REPORT_FILE = "report.html"
+PORTFOLIO = (  # tried first on a fresh study, after the default recipe: strong, different recipes
+    {"regularizer": "mixup"},
+    {"augment": "trivialaugment", "lr": 3e-3},
+)
 
 
 @dataclass
@@ -50,57 +55,104 @@ class SearchResult:
     metrics: dict[str, Any]
     seconds: float
     queued_again: list[int] = field(default_factory=list)  # crashed trials run again
+    plan: dict[str, Any] = field(default_factory=dict)
+
+
+def search(backbone: str, data: Any, out: str | Path | None = None, **options: Any) -> SearchResult:
+    """Search fine-tuning recipes for ``backbone`` on ``data``; write the best model and a report.
+
+    ``options`` are :class:`~autoft.searching.config.SearchConfig` fields (``timeout="6m"``,
+    ``unlabelled=``, ``trials=``, ``cv=``, ...). Running the same call again resumes:
+    finished trials are kept and crashed ones run again.
+    """
+    return run_search(SearchConfig(backbone, data, out, **options))
+
+
+def run_search(config: SearchConfig) -> SearchResult:
+    session = prepare(config)
+    queued_again = open_study(session)
+    finish_preparing(session)
+    for hook in config.pre_search:
+        hook(session)
+    try:
+        with session.timed("trials"):
+            run_trials(session, queued_again)
+    except KeyboardInterrupt:
+        write_report_quietly(session)
+        raise
+    return finish(session, queued_again)
 
 
 # ---------------------------------------------------------------------------
-# Small parsers
+# The study
 
 
-def parse_duration(text: str | float | int | None) -> float | None:
-    """``90s``, ``30m``, ``2h``, ``1h30m`` or plain seconds -> seconds."""
-    if text is None or isinstance(text, (int, float)):
-        return None if text is None else float(text)
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    cleaned = text.strip().lower().replace(" ", "")
-    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd]?)", cleaned)
-    if not cleaned or "".join(n + u for n, u in parts) != cleaned or (len(parts) > 1 and not all(u for _, u in parts)):
-        raise AutoftError(f"--timeout {text!r}: expected a duration such as 90s, 30m, 2h or 1h30m")
-    return sum(float(n) * units[u or "s"] for n, u in parts)
+def open_study(session: Session) -> list[int]:
+    """Check the study is this search's, recover crashed trials, and seed a fresh one."""
+    study, config = session.study, session.config
+    stored = {"backbone": config.backbone, "weights": session.weights, "data": session.data_source, "metric": config.metric,
+              "num_classes": session.data.num_classes, "image_size": session.data.image_size, "folds": session.plan.folds}  # fmt: skip
+    _check_config(study, stored)
+    queued_again = recover_trials(study)
+    existing = study.get_trials(deepcopy=False)
+    # Same seed, same fresh search; a resumed or parallel worker must not replay the first
+    # worker's random draws, so its sampler seed also depends on who and when.
+    seed = config.seed if not existing and config.storage is None else zlib.crc32(f"{config.seed}/{len(existing)}/{socket.gethostname()}/{time.time_ns()}".encode())
+    study.sampler = make_sampler(config.sampler, seed)
+    study.pruner = make_pruner(config.pruner, session.plan.evaluations, session.cross_validated)
+    study.set_user_attr("plan", session.plan.as_dict())
+    if not existing:
+        _enqueue_portfolio(session)
+    return queued_again
 
 
-def default_study_name(backbone: str, data: str | DataSplits) -> str:
-    """``<backbone>-<dataset>``: ``resnet50-flowers`` for ``--data ~/data/flowers/``."""
-    source = data if isinstance(data, str) else "data"
-    if ":" in source and not Path(source).expanduser().exists() and not re.match(r"^[A-Za-z]:[\\/]", source):
-        source = source.split(":", 1)[1]
-    tail = Path(source.rstrip("/\\")).stem or "data"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{backbone}-{tail}").strip("-.") or "search"
+def _check_config(study: optuna.Study, config: dict[str, Any]) -> None:
+    stored = study.user_attrs.get("autoft")
+    if stored is None:
+        study.set_user_attr("autoft", config)
+        return
+    for key in ("backbone", "weights", "metric", "num_classes", "image_size", "folds"):
+        if key in stored and stored.get(key) != config[key]:
+            raise AutoftError(
+                f"study {study.study_name!r} in this storage was started with {key} {stored.get(key)!r}, not {config[key]!r}; "
+                "pass another --study (or --out) to start a new search, or the same flags to resume it"
+            )
 
 
-def make_sampler(name: str | optuna.samplers.BaseSampler, seed: int) -> optuna.samplers.BaseSampler:
+def _enqueue_portfolio(session: Session) -> None:
+    """The known-good default recipe first, then a few strong, different ones."""
+    space, strategies = session.space, session.strategies
+    first = "freeze" if "freeze" in strategies else next(iter(strategies))
+    default = space.defaults(first, strategies[first], session.n_groups)
+    if session.unlabelled is not None:
+        default = {**default, **{k: v for k, v in {"pseudo_labels": "propagate", "pseudo_fraction": 0.6}.items() if space.contains(k, v)}}
+    session.study.enqueue_trial(default, user_attrs={"recipe": "default"})
+    for change in PORTFOLIO:
+        recipe = {**default, **change}
+        if all(space.contains(k, v) for k, v in change.items()):
+            session.study.enqueue_trial(recipe, user_attrs={"recipe": "portfolio"})
+
+
+def make_sampler(name: Any, seed: int) -> optuna.samplers.BaseSampler:
     if isinstance(name, optuna.samplers.BaseSampler):
         return name
-    if name == "tpe":
-        # constant_liar: parallel workers do not all sample next to the same running trial.
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    raise AutoftError(f"unknown sampler {name!r}; use {' or '.join(SAMPLERS)}")
+    # constant_liar: parallel workers do not all sample next to the same running trial.
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=5)
 
 
-def make_pruner(name: str | optuna.pruners.BasePruner | None, epochs: int, cv: int | None) -> optuna.pruners.BasePruner:
+def make_pruner(name: Any, evaluations: int, folds: bool) -> optuna.pruners.BasePruner:
     if isinstance(name, optuna.pruners.BasePruner):
         return name
-    name = name or ("wilcoxon" if cv else "hyperband")
-    if name not in PRUNERS:
-        raise AutoftError(f"unknown pruner {name!r}; use {', '.join(PRUNERS)}")
-    if cv and name in ("hyperband", "median"):
-        raise AutoftError(f"--pruner {name} compares epochs, but with --cv a trial reports one score per fold; use --pruner wilcoxon or none")
-    if not cv and name == "wilcoxon":
-        raise AutoftError("--pruner wilcoxon compares per-fold scores; use it with --cv K")
+    name = name or ("wilcoxon" if folds else "hyperband")
+    if folds and name in ("hyperband", "median"):
+        raise AutoftError(f"--pruner {name} compares evaluations, but cross-validated trials report one score per fold; use --pruner wilcoxon or none")
+    if not folds and name == "wilcoxon":
+        raise AutoftError("--pruner wilcoxon compares per-fold scores; use it with cross-validation (--cv K)")
     if name == "hyperband":
-        # The first epoch is mostly learning-rate warmup: judging a trial on it alone is noise.
-        return optuna.pruners.HyperbandPruner(min_resource=2 if epochs >= 4 else 1, max_resource=epochs, reduction_factor=3)
+        # The first evaluation is mostly learning-rate warmup: judging a trial on it alone is noise.
+        return optuna.pruners.HyperbandPruner(min_resource=2 if evaluations >= 4 else 1, max_resource=evaluations, reduction_factor=3)
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
     if name == "wilcoxon":
@@ -111,291 +163,138 @@ def make_pruner(name: str | optuna.pruners.BasePruner | None, epochs: int, cv: i
 
 
 # ---------------------------------------------------------------------------
-# The search
+# The trials
 
 
-def search(
-    backbone: str,
-    data: str | DataSplits,
-    out: str | Path | None = None,
-    *,
-    trials: int = 20,
-    timeout: str | float | None = None,
-    epochs: int = 10,
-    strategies: Sequence[str] = DEFAULT_STRATEGIES,
-    storage: str | None = None,
-    study: str | None = None,
-    sampler: str | optuna.samplers.BaseSampler = "tpe",
-    pruner: str | optuna.pruners.BasePruner | None = None,
-    metric: str = "accuracy",
-    seed: int = 0,
-    device: str = "auto",
-    cv: int | None = None,
-    batch_size: int = 64,
-    image_size: int | None = None,
-    ranges: Sequence[str] = (),
-    space_file: str | Path | None = None,
-    space: SearchSpace | None = None,
-    export_onnx: bool = True,
-    pre_search: Sequence[Callable[[SearchSetup, optuna.Study], None]] = (),
-    weights: str | None = None,
-    unlabelled: str | Path | torch.Tensor | None = None,
-    pretrain: str = "simclr",
-    pretrain_epochs: int | None = None,
-    on_event: Callable[[Event], None] | None = None,
-) -> SearchResult:
-    """Search fine-tuning recipes for ``backbone`` on ``data``; write the best model and a report.
-
-    ``trials`` is the total the study should reach: running the same call again resumes,
-    keeps every finished trial and runs crashed ones again. ``timeout`` bounds the whole
-    call. ``pre_search`` hooks run once the data is decoded and the study is open, within
-    the time budget (a pretraining stage may add an ``init`` choice to ``setup.space``).
-    ``weights`` (a file or a source's pretrained tag) starts every trial; ``unlabelled``
-    (a folder, a dataset source or uint8 images) adds a pretraining stage: ``pretrain``
-    runs once on it plus the labelled training images (cached, see :mod:`autoft.pretraining`)
-    for ``pretrain_epochs``, or else for a share of ``timeout``, and ``init`` chooses among
-    its checkpoints and scratch.
-    ``on_event`` receives progress events (``search_start``, ``trial_start``, ``batch``,
-    ``epoch``, ``fold``, ``trial_end``, ``retrain``, ``export``, and ``pretrain_start`` and
-    ``pretrain_end`` with ``unlabelled``).
-    """
-    started = time.monotonic()
-    seconds = parse_duration(timeout)
-    if trials < 1:
-        raise AutoftError("--trials must be at least 1")
-    if epochs < 1:
-        raise AutoftError("--epochs must be at least 1")
-    if cv is not None and cv < 2:
-        raise AutoftError("--cv needs at least 2 folds")
-    if seconds is not None and seconds <= 0:
-        raise AutoftError("--timeout must be longer than zero")
-    registry = plugins.registry()
-    direction = "maximize" if registry.metric(metric).greater_is_better else "minimize"  # an unknown metric fails here
-    if not strategies:
-        raise AutoftError("give at least one --strategy")
-    strategy_objects = {name: registry.strategy(name).factory() for name in dict.fromkeys(strategies)}
-    space = space or SearchSpace(tuple(strategy_objects), load_overrides(ranges, space_file))
-    pruner_object = make_pruner(pruner, epochs, cv)
-    make_sampler(sampler, seed)  # a bad name fails before any image is decoded
-    if unlabelled is not None:
-        from autoft.pretraining import search_stage
-
-        registry.pretrainer(pretrain)
-        if pretrain_epochs is not None and pretrain_epochs < 1:
-            raise AutoftError("--pretrain-epochs must be at least 1")
-        pre_search = [search_stage(unlabelled, method=pretrain, epochs=pretrain_epochs, timeout=seconds, weights=weights), *pre_search]
-    torch_device = resolve_device(device)
-
-    probe = build_backbone(backbone, num_classes=2, weights=weights, registry=registry)  # a bad weights file fails here
-    n_groups, input_size = len(probe.groups), probe.input_size
-    del probe
-    space.check_names(n_groups, strategy_objects)
-    data_source = data if isinstance(data, str) else None
-    if isinstance(data, str):
-        data = load_data(data, image_size=image_size, default_size=input_size, seed=seed, registry=registry)
-    folds = stratified_folds(_pool_labels(data), cv, seed) if cv else None
-
-    study_name = study or default_study_name(backbone, data_source or data)
-    out = Path(out).expanduser() if out is not None else Path("runs") / study_name
-    out.mkdir(parents=True, exist_ok=True)
-    storage_url = storage or default_storage_url(out)
-    optuna_study = optuna.create_study(study_name=study_name, storage=open_storage(storage_url), direction=direction, pruner=pruner_object, sampler=optuna.samplers.RandomSampler(), load_if_exists=True)
-    config = {"backbone": backbone, "weights": weights, "data": data_source, "metric": metric, "cv": cv, "image_size": data.image_size, "num_classes": data.num_classes}
-    _check_config(optuna_study, config, study_name)
-    queued_again = recover_trials(optuna_study)
-    existing = optuna_study.get_trials(deepcopy=False)
-    # Same seed, same fresh search; a resumed or parallel worker must not replay the
-    # first worker's random draws, so its sampler seed also depends on who and when.
-    sampler_seed = seed if not existing and storage is None else zlib.crc32(f"{seed}/{len(existing)}/{socket.gethostname()}/{id(optuna_study)}/{time.time_ns()}".encode())
-    optuna_study.sampler = make_sampler(sampler, sampler_seed)
-
-    deadline = None if seconds is None else started + seconds - min(60.0, 0.1 * seconds)  # leave time for export and report
-    setup = SearchSetup(
-        backbone=backbone, data=data, out=out, space=space, strategies=strategy_objects, n_groups=n_groups, epochs=epochs, metric=metric,
-        batch_size=batch_size, device=torch_device, seed=seed, cv=cv, deadline=deadline, data_source=data_source, registry=registry, on_event=on_event, folds=folds,
-        weights=weights,
-    )
-    for hook in pre_search:
-        hook(setup, optuna_study)
-    if not existing:  # after the hooks, so that the default recipe includes the choices they add
-        first = "freeze" if "freeze" in strategy_objects else next(iter(strategy_objects))
-        optuna_study.enqueue_trial(space.defaults(first, strategy_objects[first], n_groups), user_attrs={"recipe": "default"})
-    info = {"study": study_name, "storage": storage_url, "backbone": backbone, "weights": weights or "scratch", "data": data_source or "(in memory)", "metric": metric, "epochs": epochs, "cv": cv, "trials": trials, "space": space.describe(n_groups, strategy_objects)}
-
-    remaining = trials - counted_trials(optuna_study.get_trials(deepcopy=False))
-    setup.emit("search_start", study=study_name, total=trials, done=trials - max(remaining, 0), queued_again=queued_again)
-    if remaining > 0 and (deadline is None or time.monotonic() < deadline):
-        after_trial = _AfterTrial(setup, trials, info)
-        try:
-            optuna_study.optimize(
-                Objective(setup),
-                n_trials=remaining,
-                timeout=None if deadline is None else max(0.0, deadline - time.monotonic()),
-                catch=(Exception,),
-                callbacks=[after_trial],
-                gc_after_trial=False,  # the objective frees what it used
-            )
-        except KeyboardInterrupt:
-            _write_report_quietly(optuna_study, out, info, setup)
-            raise
-    return finish(optuna_study, setup, info, storage_url, started, queued_again, export_onnx=export_onnx)
-
-
-def _pool_labels(data: DataSplits):
-    import numpy as np
-
-    return np.concatenate([data.train.labels.numpy(), data.val.labels.numpy()])
-
-
-def _check_config(study: optuna.Study, config: dict[str, Any], name: str) -> None:
-    stored = study.user_attrs.get("autoft")
-    if stored is None:
-        study.set_user_attr("autoft", config)
+def run_trials(session: Session, queued_again: list[int]) -> None:
+    """Trials until the cap (``--trials``), or while time remains for another one."""
+    config, study = session.config, session.study
+    total = config.trials if config.trials is not None else (None if config.seconds is not None else 20)
+    done = counted_trials(study.get_trials(deepcopy=False))
+    session.emit(SearchStart(study=study.study_name, total=total or session.plan.expected_trials, done=done, queued_again=queued_again))
+    if total is not None and done >= total:
         return
-    for key in ("backbone", "weights", "metric", "cv", "num_classes"):
-        if stored.get(key) != config[key]:
-            raise AutoftError(
-                f"study {name!r} in this storage was started with {key} {stored.get(key)!r}, not {config[key]!r}; "
-                "pass another --study (or --out) to start a new search"
-            )
+    study.optimize(Objective(session), n_trials=None if total is None else total - done, catch=(Exception,), callbacks=[_AfterTrial(session, total)], gc_after_trial=False)
 
 
 class _AfterTrial:
-    """After each trial: drop checkpoints that cannot be the best, refresh the report, stop at the total."""
+    """After each trial: drop weights that cannot be used, refresh the report, stop at the cap or the budget."""
 
-    def __init__(self, setup: SearchSetup, total: int, info: dict[str, Any]):
-        self.setup, self.total, self.info = setup, total, info
+    def __init__(self, session: Session, total: int | None):
+        self.session, self.total = session, total
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        all_trials = study.get_trials(deepcopy=False)
-        best = _best_trial(study)
-        prune_checkpoints(self.setup.out, all_trials, best)
-        _write_report_quietly(study, self.setup.out, self.info, self.setup)
-        self.setup.emit(
-            "trial_end", number=trial.number, state=trial.state.name, value=trial.value, reason=trial.user_attrs.get("fail_reason"),
-            best_value=best.value if best else None, best_number=best.number if best else None, done=counted_trials(all_trials), total=self.total,
-        )
-        if counted_trials(all_trials) - _running(all_trials) >= self.total:
-            study.stop()  # other workers have reached the total too
+        session = self.session
+        trials = study.get_trials(deepcopy=False)
+        best = best_trial(study)
+        with file_lock(session.out / ".cleanup.lock", wait=False) as held:
+            if held:  # only one worker deletes trial folders at a time
+                prune_trial_folders(session.out, trials, best, keep_predictions=session.config.ensemble > 1)
+        write_report_quietly(session)
+        done = counted_trials(trials)
+        session.emit(TrialEnd(
+            number=trial.number, state=_state_label(trial), value=trial.value, reason=trial.user_attrs.get("fail_reason"),
+            best_value=best.value if best else None, best_number=best.number if best else None, done=done, total=self.total or done,
+        ))  # fmt: skip
+        if self.total is not None and done >= self.total:
+            study.stop()  # other workers count toward the same total
+        left = session.trials_deadline and session.trials_deadline - time.monotonic()
+        if left is not None and left < 0.5 * session.plan.trial_seconds:
+            study.stop()  # too little time for another trial to say anything: it goes to the refit
 
 
-def _running(trials) -> int:
-    return sum(t.state == TrialState.RUNNING for t in trials)
+def _state_label(trial: optuna.trial.FrozenTrial) -> str:
+    return trial.state.name
 
 
-def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:  # no trial completed yet
-        return None
-
-
-def prune_checkpoints(out: Path, trials: list[optuna.trial.FrozenTrial], best: optuna.trial.FrozenTrial | None) -> None:
-    """Keep the checkpoints of the best trial, of unfinished ones, and of crashed ones whose
-    retry has not started yet (it resumes from them); delete the rest."""
+def prune_trial_folders(out: Path, trials: list[optuna.trial.FrozenTrial], best: optuna.trial.FrozenTrial | None, keep_predictions: bool) -> None:
+    """Keep the weights of the best trial and of unfinished or crashed ones (a retry resumes
+    from them); keep every completed trial's predictions when ensembles are on; delete the rest."""
     folder = out / "trials"
     if not folder.is_dir():
         return
+    by_number = {t.number: t for t in trials}
     keep = {t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)}
     resumed = {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs and t.state != TrialState.WAITING}
     keep |= {t.number for t in trials if t.user_attrs.get("crashed") and t.number not in resumed}
     if best is not None:
         keep.add(best.number)
     for child in folder.iterdir():
-        if child.is_dir() and child.name.isdigit() and int(child.name) not in keep:
+        if not (child.is_dir() and child.name.isdigit()) or int(child.name) in keep:
+            continue
+        trial = by_number.get(int(child.name))
+        if keep_predictions and trial is not None and trial.state == TrialState.COMPLETE:
+            for item in child.iterdir():
+                if item.name != "predictions.npy":
+                    item.unlink(missing_ok=True) if item.is_file() else shutil.rmtree(item, ignore_errors=True)
+        elif trial is None or trial.state != TrialState.RUNNING:
             shutil.rmtree(child, ignore_errors=True)
 
 
-def _write_report_quietly(study: optuna.Study, out: Path, info: dict[str, Any], setup: SearchSetup) -> None:
+# ---------------------------------------------------------------------------
+# The end
+
+
+def finish(session: Session, queued_again: list[int]) -> SearchResult:
+    study = session.study
+    trials = study.get_trials(deepcopy=False)
+    states = {s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
+    best = best_trial(study)
+    if best is None:
+        write_report_quietly(session)
+        reasons = [f"trial {t.number}: {t.user_attrs['fail_reason']}" for t in trials if t.user_attrs.get("fail_reason")]
+        raise AutoftError(f"no trial completed ({', '.join(f'{n} {k.lower()}' for k, n in states.items()) or 'none ran'})" + (f"; {reasons[0]}" if reasons else ""))
+    with session.timed("refit"):
+        final = build_final(session, best)
+    metrics = describe_final(session, best, final, states)
+    best_dir = publish_best(session, final, metrics)
+    session.timings["total"] = wall_time(session)
+    write_report_quietly(session, metrics)
+    return SearchResult(
+        out=session.out, study_name=study.study_name, storage=session.storage_url, best_number=best.number, best_value=float(best.value),
+        best_params=dict(best.params), best_dir=best_dir, report=session.out / REPORT_FILE, states=states, metrics=metrics,
+        seconds=wall_time(session), queued_again=queued_again, plan=session.plan.as_dict(),
+    )  # fmt: skip
+
+
+def describe_final(session: Session, best: optuna.trial.FrozenTrial, final: FinalModel, states: dict[str, int]) -> dict[str, Any]:
+    """best/metrics.json: what was chosen, on what evidence, against which references."""
+    config, plan = session.config, session.plan
+    value = final.choice.value if final.is_ensemble and final.choice else float(best.value)
+    evidence = f"{plan.folds}-fold cross-validation" + (f" x{plan.repeats}" if plan.repeats > 1 else "") + f" on {len(session.pool)} images" if plan.folds else f"a validation split of {len(session.splits[0][1])} images"
+    model = f"ensemble of {len(final.trials)}" if final.is_ensemble else f"trial {best.number}"
+    if final.refit:
+        model += f", refit on {final.refit['images']} images"
+    summary = f"best {value:.4f} ({model})"
+    baselines = [{"name": b.name, "value": b.value} for b in session.baselines]
+    if baselines:
+        top = max(session.baselines, key=lambda b: b.value)
+        summary += f" vs {top.name} {top.value:.4f}"
+        if value <= top.value:
+            summary += f": the search did not beat {top.name}"
+    metrics: dict[str, Any] = {
+        "study": session.study.study_name, "trial": best.number, "metric": config.metric, "value": value, "best_trial_value": float(best.value),
+        "selection": evidence, "summary": summary, "baselines": baselines, "model": {"members": final.trials, "weights": final.weights, "refit": final.refit},
+        "notes": final.notes, "plan": plan.as_dict(), "trial_states": states, "timings": dict(session.timings), "params": dict(best.params),
+        "history": best.user_attrs.get("history", []), "num_labelled": len(session.pool), "num_unlabelled": 0 if session.unlabelled is None else len(session.unlabelled),
+    }  # fmt: skip
+    chance = chance_level(session.pool.labels.numpy())
+    if config.metric == "accuracy" and value <= chance + 0.02:
+        metrics["warning"] = f"the best model is no better than chance ({chance:.3f}, always the most common class)"
+        metrics["summary"] += f"; WARNING: {metrics['warning']}"
+    if session.data.test is not None and len(session.data.test):
+        from autoft.checkpoints import load_checkpoint
+
+        net = load_checkpoint(final.checkpoints[0] if not final.is_ensemble else final.checkpoints[0], registry=session.registry).network().to(session.device)
+        metrics.update(test_metrics(net, session.data, session.device, 256))
+    return metrics
+
+
+def write_report_quietly(session: Session, metrics: dict[str, Any] | None = None) -> None:
     """A report failure must never stop a search; say so and go on."""
-    from autoft.report import write_report
+    from autoft.searching.reporting import write_search_report
 
     try:
-        best = _best_trial(study)
-        matrix = read_confusion(setup.trial_dir(best.number)) if best else None
-        write_report(study, out / REPORT_FILE, info=info, classes=setup.data.classes, confusion=matrix)
+        write_search_report(session, session.out / REPORT_FILE, metrics)
     except Exception as exc:  # noqa: BLE001 - matplotlib and importance errors vary
         warnings.warn(f"could not write {REPORT_FILE}: {type(exc).__name__}: {exc}", stacklevel=2)
-
-
-# ---------------------------------------------------------------------------
-# The best model
-
-
-def finish(study: optuna.Study, setup: SearchSetup, info: dict[str, Any], storage_url: str, started: float, queued_again: list[int], *, export_onnx: bool = True) -> SearchResult:
-    """Put the best trial's model in ``best/`` with its metrics and ONNX export; write the report."""
-    from autoft.report import write_report
-
-    all_trials = study.get_trials(deepcopy=False)
-    states = {s.name: sum(t.state == s for t in all_trials) for s in TrialState if any(t.state == s for t in all_trials)}
-    best = _best_trial(study)
-    if best is None:
-        reasons = [f"trial {t.number}: {t.user_attrs['fail_reason']}" for t in all_trials if t.user_attrs.get("fail_reason")]
-        _write_report_quietly(study, setup.out, info, setup)
-        if setup.deadline is not None and time.monotonic() > setup.deadline and not states.get("COMPLETE"):
-            raise AutoftError("the time budget (--timeout) ran out before any trial completed an epoch; give the search more time or fewer --epochs")
-        raise AutoftError(f"no trial completed ({', '.join(f'{n} {k.lower()}' for k, n in states.items()) or 'none ran'})" + (f"; {reasons[0]}" if reasons else ""))
-    best_dir = setup.out / BEST_FOLDER
-    metrics = _current_best(best_dir, best.number, export_onnx)
-    if metrics is None:
-        metrics = _build_best(study, best, setup, best_dir, export_onnx)
-    write_report(study, setup.out / REPORT_FILE, info=info, classes=setup.data.classes, confusion=metrics.get("confusion"))
-    return SearchResult(
-        out=setup.out, study_name=study.study_name, storage=storage_url, best_number=best.number, best_value=float(best.value), best_params=dict(best.params),
-        best_dir=best_dir, report=setup.out / REPORT_FILE, states=states, metrics=metrics, seconds=time.monotonic() - started, queued_again=queued_again,
-    )
-
-
-def _current_best(best_dir: Path, number: int, export_onnx: bool) -> dict[str, Any] | None:
-    """The metrics of ``best/`` when it already holds trial ``number`` completely (a rerun)."""
-    try:
-        metrics = read_json(best_dir / "metrics.json")
-    except (OSError, ValueError):
-        return None
-    complete = (best_dir / CHECKPOINT_NAME).is_file() and (not export_onnx or "onnx_check" in metrics)
-    return metrics if metrics.get("trial") == number and complete else None
-
-
-def _build_best(study: optuna.Study, best: optuna.trial.FrozenTrial, setup: SearchSetup, best_dir: Path, export_onnx: bool) -> dict[str, Any]:
-    checkpoint = setup.trial_dir(best.number) / CHECKPOINT_NAME
-    if not checkpoint.is_file():
-        # Cross-validated trials keep no weights, and the best trial may have run on
-        # another machine: train its recipe again on the train split (FixedTrial).
-        setup.emit("retrain", number=best.number)
-        Objective(dataclasses.replace(setup, cv=None, deadline=None))(optuna.trial.FixedTrial(best.params, best.number))
-    best_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(best_dir / CHECKPOINT_NAME) as tmp:
-        shutil.copyfile(checkpoint, tmp)
-    loaded = load_checkpoint(best_dir, registry=setup.registry)
-    net = loaded.network().to(setup.device)
-    val = evaluate(net, setup.data.val, setup.device, setup.batch_size * 2)
-    metrics: dict[str, Any] = {
-        "study": study.study_name,
-        "trial": best.number,
-        "metric": setup.metric,
-        "value": float(best.value),
-        **({"cv_folds": setup.cv} if setup.cv else {}),
-        "val_loss": val["loss"],
-        "val_accuracy": val["accuracy"],
-        "val_f1_macro": val["f1_macro"],
-        **test_metrics(net, setup.data, setup.device, setup.batch_size * 2),
-        "num_train": len(setup.data.train),
-        "num_val": len(setup.data.val),
-        "num_test": len(setup.data.test) if setup.data.test is not None else 0,
-        "params": dict(best.params),
-        "epochs": best.user_attrs.get("history", []),
-        "confusion": confusion(setup.data.val.labels, val["predictions"], setup.data.num_classes),
-    }
-    del net
-    if export_onnx:
-        from autoft.exporting import export
-
-        setup.emit("export", number=best.number)
-        images = setup.data.val.subset(range(min(VERIFY_IMAGES, len(setup.data.val))))
-        exported = export(loaded, best_dir, images=images, registry=setup.registry)
-        metrics["onnx_check"] = exported.report.get("checks", {})
-    else:
-        write_json(best_dir / "labels.json", setup.data.classes)
-    free_memory(setup.device)
-    write_json(best_dir / "metrics.json", metrics)
-    return metrics

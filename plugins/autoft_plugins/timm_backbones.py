@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 
 from autoft import hookimpl
 from autoft.errors import AutoftError
-from autoft.specs import Backbone, BackboneSpec, ParamGroup
+from autoft.specs import Backbone, BackboneSpec, ParamGroup, PretrainedWeights
 
 
 @cache
@@ -55,6 +56,31 @@ def create(model_name: str, *, num_classes: int, dropout: float = 0.0, weights: 
         mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
         std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
     )
+
+
+def pretrained(model_name: str) -> PretrainedWeights:
+    """Where timm reads ``model_name``'s pretrained weights, and whether they are there (or reachable)."""
+    import huggingface_hub
+    import huggingface_hub.constants
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(model_name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        return PretrainedWeights(False, f"timm, which has no pretrained weights for {model_name}")
+    if cfg.hf_hub_id:
+        repo = cfg.hf_hub_id.split("@")[0]
+        for filename in filter(None, (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")):
+            cached = huggingface_hub.try_to_load_from_cache(repo, filename)
+            if isinstance(cached, str):
+                return PretrainedWeights(True, cached)
+        location = str(Path(huggingface_hub.constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}")
+    else:
+        import torch
+
+        location = str(Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name)
+        if Path(location).is_file():
+            return PretrainedWeights(True, location)
+    return PretrainedWeights(_hub_reachable(), location)
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -111,5 +137,6 @@ def autoft_register_backbones(register):
             factory=create,
             list_models=list_models,
             has_model=has_model,
+            pretrained=pretrained,
         )
     )

@@ -1,0 +1,184 @@
+"""After the trials: choose the model, refit it on every labelled image, export, report.
+
+The model shipped is the one the evidence chose. Trials are compared on their
+validation split or folds; an ensemble of trials (greedy selection on the predictions
+they made for images they did not train on) replaces the best trial when it beats it
+there by more than :data:`ENSEMBLE_MARGIN`. Then each chosen recipe is trained once more
+on every labelled image (train and validation, with its pseudo-labels) for the number of
+steps at which its trial peaked, scaled to the larger set, within what is left of the
+budget. ``best/`` is built in a staging folder and published by one atomic swap.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from autoft.checkpoints import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from autoft.ensemble import EnsembleChoice, greedy_selection
+from autoft.errors import AutoftError
+from autoft.events import Export, Refit
+from autoft.io import publish_dir, write_json
+from autoft.metrics import score as metric_score
+from autoft.searching.objective import Objective, load_predictions
+from autoft.searching.session import Session
+from autoft.trainer import OutOfTime
+
+ENSEMBLE_MARGIN = 0.005  # an ensemble must beat the best single model by more than this
+BEST_FOLDER = "best"
+VERIFY_IMAGES = 256  # validation images the ONNX export is checked on
+MIN_REFIT_SECONDS = 3.0
+
+
+@dataclass
+class FinalModel:
+    """What ``best/`` holds: one or more members, each a recipe with its trained weights."""
+
+    checkpoints: list[Path]  # one checkpoint per member
+    weights: list[float]
+    trials: list[int]
+    refit: dict[str, Any] | None  # images and steps of the refit, None when trial weights are kept
+    choice: EnsembleChoice | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.checkpoints) > 1
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:  # no trial completed yet
+        return None
+
+
+def selection_evidence(session: Session, best: optuna.trial.FrozenTrial) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """(pool indices, probabilities by trial) on the images the best trial was scored on,
+    for every completed trial that predicted all of them."""
+    own = load_predictions(session.trial_dir(best.number))
+    if own is None:
+        return np.zeros(0, np.int64), {}
+    index, _ = own
+    found = {}
+    for trial in session.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        saved = load_predictions(session.trial_dir(trial.number))
+        if saved is not None and np.array_equal(saved[0], index):
+            found[trial.number] = saved[1]
+    return index, found
+
+
+def choose_members(session: Session, best: optuna.trial.FrozenTrial) -> tuple[dict[int, float], EnsembleChoice | None]:
+    """{trial: weight}: the best trial alone, or an ensemble that beats it on the same evidence."""
+    index, predictions = selection_evidence(session, best)
+    if session.config.ensemble < 2 or len(predictions) < 2:
+        return {best.number: 1.0}, None
+    labels = session.pool.labels.numpy()[index]
+    spec = session.registry.metric(session.config.metric)
+    score = lambda y, p: metric_score(spec, y, p, session.registry)
+    choice = greedy_selection(predictions, labels, score, max_members=session.config.ensemble)
+    if len(choice.weights) < 2 or choice.gain <= ENSEMBLE_MARGIN:
+        return {best.number: 1.0}, choice
+    return dict(sorted(choice.weights.items(), key=lambda kv: -kv[1])), choice
+
+
+def build_final(session: Session, best: optuna.trial.FrozenTrial) -> FinalModel:
+    members, choice = choose_members(session, best)
+    trials = {t.number: t for t in session.study.get_trials(deepcopy=False)}
+    work = session.out / "refit"
+    work.mkdir(parents=True, exist_ok=True)
+    built: list[tuple[int, Path, float]] = []
+    refit: dict[str, Any] | None = None
+    notes: list[str] = []
+    for number, weight in members.items():
+        trial = trials[number]
+        path, info = _member(session, trial, work / f"{number}.pt", remaining=len(members) - len(built))
+        if path is None:
+            notes.append(info.get("note", f"trial {number} could not be refit in the time left"))
+            continue
+        built.append((number, path, weight))
+        refit = refit or info.get("refit")
+    if not built:
+        raise AutoftError("the best trial left no weights and there was no time to train it again; give the search more time")
+    if choice is not None and len(built) < len(members):
+        notes.append(f"ensemble reduced to {len(built)} of {len(members)} members by the time left")
+    return FinalModel([p for _, p, _ in built], [w for _, _, w in built], [n for n, _, _ in built], refit, choice if len(built) > 1 else None, notes)
+
+
+def _member(session: Session, trial: optuna.trial.FrozenTrial, path: Path, remaining: int) -> tuple[Path | None, dict[str, Any]]:
+    """Train ``trial``'s recipe on every labelled image, or keep its own weights (``--no-refit``)."""
+    own = session.trial_dir(trial.number) / CHECKPOINT_NAME
+    if not session.config.refit and own.is_file():
+        return own, {}
+    steps = _refit_steps(session, trial, remaining)
+    if steps is None:
+        return (own, {"note": "no time left to refit on every image: the best trial's own weights are kept"}) if own.is_file() else (None, {})
+    session.emit(Refit(number=trial.number, steps=steps, images=len(session.pool)))
+    objective = Objective(session)
+    split = None if session.config.refit else 0
+    try:
+        result, backbone = objective.fit(dict(trial.params), split, number=trial.number, steps=steps, eval_every=steps, deadline=session.deadline)
+    except OutOfTime:
+        return (own, {"note": "the refit ran out of time: the best trial's own weights are kept"}) if own.is_file() else (None, {})
+    images = len(session.fit_data(split, dict(trial.params)).train)
+    save_checkpoint(path, backbone_name=session.config.backbone, backbone=backbone, classes=session.data.classes, image_size=session.data.image_size,
+                    params=dict(trial.params), data=session.data_source, seed=session.config.seed)  # fmt: skip
+    return path, {"refit": {"images": images, "labelled": len(session.pool) if split is None else len(session.splits[0][0]), "steps": result.history[-1]["step"]}}
+
+
+def _refit_steps(session: Session, trial: optuna.trial.FrozenTrial, remaining: int) -> int | None:
+    """The steps at which the trial peaked, scaled from its training set to the refit's,
+    cut to what the time left can train (``remaining`` members still to train)."""
+    plan = session.plan
+    peak = int(trial.user_attrs.get("best_step") or plan.steps)
+    fit_train = len(session.splits[0][0])
+    steps = max(plan.eval_every, round(peak * len(session.pool) / max(fit_train, 1))) if session.config.refit else peak
+    left = session.time_left()
+    if left is None:
+        return steps
+    share = left / max(remaining, 1) - plan.fit_seconds + plan.steps * plan.step_seconds  # less building and one evaluation
+    if share < MIN_REFIT_SECONDS:
+        return None
+    return max(1, min(steps, int(share / max(plan.step_seconds, 1e-9))))
+
+
+def publish_best(session: Session, final: FinalModel, metrics: dict[str, Any]) -> Path:
+    """Write ``best/`` in a staging folder (model, ONNX export, metrics), then swap it in at once."""
+    target = session.out / BEST_FOLDER
+    staging = session.out / f".{BEST_FOLDER}.{uuid.uuid4().hex[:8]}.partial"
+    staging.mkdir(parents=True)
+    from autoft.checkpoints import save_ensemble
+
+    save_ensemble(staging / CHECKPOINT_NAME, final.checkpoints, final.weights)
+    loaded = load_checkpoint(staging / CHECKPOINT_NAME, registry=session.registry)
+    if session.config.export_onnx:
+        from autoft.exporting import export
+
+        session.emit(Export(number=final.trials[0]))
+        with session.timed("export"):
+            verify = session.pool.subset(session.splits[0][1][:VERIFY_IMAGES])
+            exported = export(loaded, staging, images=verify, name=session.study.study_name, registry=session.registry)
+        metrics["onnx_check"] = exported.report.get("checks", {})
+        metrics["latency_ms"] = exported.report.get("latency_ms")
+    else:
+        write_json(staging / "labels.json", session.data.classes)
+    write_json(staging / "metrics.json", metrics)
+    publish_dir(staging, target)
+    return target
+
+
+def chance_level(labels: np.ndarray) -> float:
+    """The accuracy of always answering the most common class."""
+    counts = np.bincount(labels)
+    return float(counts.max() / counts.sum()) if counts.sum() else 0.0
+
+
+def wall_time(session: Session) -> float:
+    return time.monotonic() - session.started

@@ -1,0 +1,148 @@
+"""Everything a search prepares before its first trial, and shares with every trial.
+
+:func:`prepare` runs the stages in the order the budget needs them: check the options,
+choose the starting weights, measure the device, plan, decode the images at the planned
+size, open the study, pretrain, fit the reference baselines. Each stage's wall time is
+kept for the report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import optuna
+import torch
+
+from autoft import plugins
+from autoft.baselines import BaselineResult, pixel_baseline, probe_baseline
+from autoft.data import DataSplits, ImageTensors
+from autoft.errors import AutoftError
+from autoft.planning import Plan
+from autoft.searching.config import SearchConfig
+from autoft.semisupervised import PseudoLabels, pseudo_label
+
+Split = tuple[np.ndarray, np.ndarray]  # (train, validation) indices into the labelled pool
+PSEUDO_DEFAULT = 0.6  # share of pseudo-labels the default recipe keeps
+
+
+@dataclass
+class Session:
+    """One search's shared state. ``pool`` is every labelled image the trials may use
+    (train and validation splits together); ``splits`` index into it: one train/validation
+    pair, or k folds (repeated)."""
+
+    config: SearchConfig
+    registry: plugins.Registry
+    device: torch.device
+    data: DataSplits
+    pool: ImageTensors
+    splits: list[Split]
+    plan: Plan
+    study: optuna.Study
+    out: Path
+    space: Any
+    strategies: dict[str, Any]
+    n_groups: int
+    weights: str | None
+    started: float
+    deadline: float | None = None  # monotonic time the command must end by (before export)
+    unlabelled: torch.Tensor | None = None
+    data_source: str | None = None
+    baselines: list[BaselineResult] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    embedders: dict[str, Callable[[torch.Tensor], np.ndarray]] = field(default_factory=dict)
+    _pseudo: dict[int, PseudoLabels] = field(default_factory=dict)
+    on_event: Callable[[Any], None] | None = None
+
+    @property
+    def cross_validated(self) -> bool:
+        return self.plan.folds is not None
+
+    @property
+    def trials_deadline(self) -> float | None:
+        """When trials must stop so that the refit still fits before the command's deadline."""
+        if self.deadline is None:
+            return None
+        return self.deadline - self.plan.refit_seconds
+
+    def time_left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def emit(self, event: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def trial_dir(self, number: int) -> Path:
+        return self.out / "trials" / str(number)
+
+    def timed(self, stage: str):
+        return _Timer(self.timings, stage)
+
+    # -- the data of one fit -------------------------------------------------
+
+    def fit_data(self, split: int | None, params: dict[str, Any]) -> DataSplits:
+        """Train and validation images of split ``split`` (``None``: every labelled image,
+        validated on the validation split, for the refit), with the recipe's pseudo-labels."""
+        if split is None:
+            train_index, val_index = np.arange(len(self.pool)), self.splits[0][1]
+        else:
+            train_index, val_index = self.splits[split]
+        train = self.pool.subset(train_index)
+        fraction = float(params.get("pseudo_fraction", 0.0)) if params.get("pseudo_labels", "none") == "propagate" else 0.0
+        if fraction > 0 and self.unlabelled is not None:
+            index, labels = self.pseudo(split, train_index).most_confident(fraction)
+            extra = ImageTensors(self.unlabelled[torch.as_tensor(index)], torch.as_tensor(labels))
+            train = ImageTensors.concat([train, extra])
+        return DataSplits(train=train, val=self.pool.subset(val_index), test=None, classes=self.data.classes, image_size=self.data.image_size, hflip=self.data.hflip)
+
+    def pseudo(self, split: int | None, train_index: np.ndarray) -> PseudoLabels:
+        """Pseudo-labels propagated from this split's training labels only, so that no
+        validation label leaks into what a trial trains on; computed once per split."""
+        key = -1 if split is None else split
+        if key not in self._pseudo:
+            labels = self.pool.labels[torch.as_tensor(train_index)].numpy()
+            images = self.pool.images[torch.as_tensor(train_index)]
+            self._pseudo[key] = pseudo_label(images, labels, self.unlabelled, self.data.num_classes, embedders=self.embedders, seed=self.config.seed)
+        return self._pseudo[key]
+
+
+class _Timer:
+    def __init__(self, timings: dict[str, float], stage: str):
+        self.timings, self.stage = timings, stage
+
+    def __enter__(self) -> None:
+        self.started = time.monotonic()
+
+    def __exit__(self, *exc) -> None:
+        self.timings[self.stage] = self.timings.get(self.stage, 0.0) + time.monotonic() - self.started
+
+
+def make_splits(labels: np.ndarray, n_train: int, folds: int | None, repeats: int, seed: int) -> list[Split]:
+    """k stratified folds (``repeats`` times, reshuffled) of the pool, or its train/validation split.
+
+    The pool holds the train split's ``n_train`` images first, then the validation split's.
+    """
+    if folds is None:
+        return [(np.arange(n_train), np.arange(n_train, len(labels)))]
+    from sklearn.model_selection import RepeatedStratifiedKFold
+
+    smallest = int(np.bincount(labels)[np.bincount(labels) > 0].min())
+    if smallest < folds:
+        raise AutoftError(f"--cv {folds}: the smallest class has only {smallest} images; use --cv {max(2, smallest)} or fewer folds")
+    splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
+    return [(np.asarray(a), np.asarray(b)) for a, b in splitter.split(np.zeros(len(labels)), labels)]
+
+
+def fit_baselines(session: Session, score: Callable[[np.ndarray, np.ndarray], float], embed: Callable[[torch.Tensor], np.ndarray] | None) -> list[BaselineResult]:
+    """Logistic regression on pixels and a linear probe on the starting weights' features,
+    on exactly the trials' splits."""
+    labels = session.pool.labels.numpy()
+    found = [pixel_baseline(session.pool.images, labels, session.splits, session.data.num_classes, score)]
+    if embed is not None:
+        source = session.weights or "random"
+        found.append(probe_baseline(embed, session.pool.images, labels, session.splits, session.data.num_classes, score, f"{source} {session.config.backbone}"))
+    return found
