@@ -174,7 +174,7 @@ def candidate_sizes(median_side: int | None, native: int, pretrained: bool) -> l
 # Calibration
 
 
-def calibrate(make_model: Callable[[], "object"], sizes: Sequence[int], batch_size: int, device, num_classes: int, seconds: float = 2.0) -> dict[int, Throughput]:
+def calibrate(make_model: Callable[[], "object"], sizes: Sequence[int], batch_size: int, device, num_classes: int, seconds: float = 1.0) -> dict[int, Throughput]:
     """Time a few training steps and one evaluation batch at each size: seconds, not minutes."""
     import torch
 

@@ -24,6 +24,7 @@ from autoft.cli import make_app
 from autoft.errors import AutoftError
 from autoft.searching import SearchSpace, default_study_name, load_overrides, parse_duration, search
 from autoft.searching.storage import open_storage
+from autoft.events import EpochEnd, TrialEvent
 from autoft.recipe import default_params
 from autoft.training import load_checkpoint
 
@@ -55,7 +56,7 @@ def _search(folder: Path, out: Path, trials: int):
     return search(
         "test_resnet", str(folder), out, trials=trials, epochs=EPOCHS, image_size=16, device="cpu", seed=0, batch_size=8,
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
-        ranges=["lr=0.000001,0.001", "freeze_depth=0:12"],
+        ranges=["lr=0.000001,0.001", "freeze_depth=0:12"], no_cv=True, ensemble=1,
     )
 
 
@@ -75,6 +76,7 @@ def _trials(result) -> list[optuna.trial.FrozenTrial]:
 def test_study_holds_parameters_and_per_epoch_values(searched):
     result, trials = searched
     assert trials[0].params == {**default_params(), "freeze_depth": 0, "lr": 0.001}
+    assert trials[1].params["regularizer"] == "mixup" and trials[1].user_attrs["recipe"] == "portfolio"  # a strong, different recipe next
     assert trials[0].user_attrs["recipe"] == "default"
     ran = [t for t in trials.values() if t.state != TrialState.FAIL]
     for t in ran:
@@ -108,6 +110,7 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(searched):
 def test_only_the_best_trial_keeps_its_checkpoint(searched):
     result, _ = searched
     assert [p.name for p in (result.out / "trials").iterdir()] == [str(result.best_number)]
+    assert not list(result.out.glob(".best.*"))  # the staging folder was swapped in, not left behind
 
 
 def test_best_model_onnx_runs_in_onnxruntime_and_agrees_with_pytorch(searched, image_folder):
@@ -115,7 +118,10 @@ def test_best_model_onnx_runs_in_onnxruntime_and_agrees_with_pytorch(searched, i
     best = result.best_dir
     metrics = json.loads((best / "metrics.json").read_text())
     assert metrics["trial"] == result.best_number and metrics["value"] == pytest.approx(result.best_value)
-    assert metrics["val_accuracy"] == pytest.approx(result.best_value)  # the kept weights are the scored ones
+    assert metrics["model"]["refit"]["images"] == 96  # best/ was trained again on every labelled image
+    assert metrics["selection"] == "a validation split of 19 images"
+    assert [b["name"] for b in metrics["baselines"]] == ["logistic regression on pixels", "linear probe on random test_resnet features"]
+    assert metrics["summary"].startswith(f"best {result.best_value:.4f}")
     assert json.loads((best / "labels.json").read_text()) == sorted(COLOURS)
     preprocess = json.loads((best / "preprocess.json").read_text())
     assert preprocess["image_size"] == 16 and preprocess["layout"] == "NCHW" and len(preprocess["mean"]) == len(preprocess["std"]) == 3
@@ -160,7 +166,7 @@ def test_weights_start_every_trial(image_folder, tmp_path):
     # freeze_depth 5 leaves only the head training: everything else must be the file's
     result = search(
         "test_resnet", str(image_folder), tmp_path / "run", trials=2, epochs=1, image_size=16, device="cpu", batch_size=16,
-        strategies=["freeze"], ranges=["freeze_depth=5"], weights=str(tmp_path / "start.pt"), export_onnx=False,
+        strategies=["freeze"], ranges=["freeze_depth=5", "regularizer=none"], weights=str(tmp_path / "start.pt"), export_onnx=False, no_cv=True,
     )
     best = load_checkpoint(result.best_dir).backbone
     head = set(best.head.params)
@@ -173,8 +179,9 @@ def test_weights_start_every_trial(image_folder, tmp_path):
 
 def test_killed_search_reruns_the_interrupted_trial(image_folder, tmp_path):
     out = tmp_path / "killed"
-    args = ["search", "--backbone", "test_resnet", "--data", str(image_folder), "--out", str(out), "--trials", "1", "--epochs", "4", "--image-size", "16", "--batch-size", "8", "--device", "cpu", "--no-onnx"]
-    child = subprocess.Popen([sys.executable, "-c", "from autoft.cli import main; main()", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = ["search", "--backbone", "test_resnet", "--data", str(image_folder), "--out", str(out), "--trials", "1", "--epochs", "4", "--image-size", "16", "--batch-size", "8", "--device", "cpu", "--no-onnx", "--no-cv"]
+    env = {**os.environ, "AUTOFT_STATE_INTERVAL": "0"}  # write the resumable state after every evaluation
+    child = subprocess.Popen([sys.executable, "-c", "from autoft.cli import main; main()", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     study_name = default_study_name("test_resnet", str(image_folder))
     try:
         deadline = time.monotonic() + 120
@@ -213,10 +220,10 @@ def test_killed_search_reruns_the_interrupted_trial(image_folder, tmp_path):
 
 def test_an_interrupted_trial_runs_again_on_the_next_run(image_folder, tmp_path):
     def ctrl_c(event):
-        if event["kind"] == "epoch":
+        if isinstance(event, TrialEvent) and isinstance(event.event, EpochEnd):
             raise KeyboardInterrupt
 
-    run = dict(trials=1, epochs=1, image_size=16, device="cpu", batch_size=16, export_onnx=False)
+    run = dict(trials=1, epochs=1, image_size=16, device="cpu", batch_size=16, export_onnx=False, no_cv=True)
     with pytest.raises(KeyboardInterrupt):
         search("test_resnet", str(image_folder), tmp_path, on_event=ctrl_c, **run)
     assert (tmp_path / "report.html").is_file()  # a report even for an interrupted search
@@ -233,26 +240,37 @@ def test_cross_validation_scores_the_mean_of_folds(image_folder, tmp_path):
         assert t.state == TrialState.COMPLETE
         assert sorted(t.intermediate_values) == [0, 1, 2]
         assert t.value == pytest.approx(np.mean(list(t.intermediate_values.values())))
-    # The best recipe is trained again on the train split for best/.
+    # The best recipe is trained again on every labelled image for best/.
     assert load_checkpoint(result.best_dir).meta["params"]["lr"] == result.best_params["lr"]
-    assert json.loads((result.best_dir / "metrics.json").read_text())["cv_folds"] == 3
+    metrics = json.loads((result.best_dir / "metrics.json").read_text())
+    assert metrics["selection"] == "3-fold cross-validation on 96 images" and metrics["model"]["refit"]["images"] == 96
 
 
-def test_time_budget_keeps_a_cut_trial_and_reruns_an_unstarted_one(image_folder, tmp_path):
-    setups = []
+def test_small_data_is_cross_validated_unless_told_not_to(image_folder, tmp_path):
+    run = dict(trials=1, epochs=1, image_size=16, device="cpu", export_onnx=False, batch_size=16)
+    auto = search("test_resnet", str(image_folder), tmp_path / "auto", **run)
+    assert auto.plan["folds"] == 5 and auto.plan["repeats"] == 2  # 96 images: a validation split would hold 19; repeated when under 100
+    assert "validation split would hold 19 images" in auto.plan["line"]
+    assert sorted(_trials(auto)[0].intermediate_values) == list(range(10))
+    single = search("test_resnet", str(image_folder), tmp_path / "single", no_cv=True, **run)
+    assert single.plan["folds"] is None and len(_trials(single)[0].intermediate_values) == 1
+
+
+def test_time_budget_keeps_a_cut_trial_and_starts_no_other(image_folder, tmp_path):
+    sessions = []
 
     def out_of_time_after_first_epoch(event):
-        if event["kind"] == "epoch":
-            setups[0].deadline = 0.0  # as if --timeout ran out now
+        if isinstance(event, TrialEvent) and isinstance(event.event, EpochEnd):
+            sessions[0].deadline = 0.0  # as if --timeout ran out now
 
     result = search(
-        "test_resnet", str(image_folder), tmp_path, trials=2, epochs=3, image_size=16, device="cpu", batch_size=16, export_onnx=False,
-        pre_search=[lambda setup, study: setups.append(setup)], on_event=out_of_time_after_first_epoch,
+        "test_resnet", str(image_folder), tmp_path, trials=2, epochs=3, image_size=16, device="cpu", batch_size=16, export_onnx=False, no_cv=True,
+        pre_search=[sessions.append], on_event=out_of_time_after_first_epoch,
     )
-    cut, unstarted = _trials(result)
-    assert cut.state == TrialState.COMPLETE and len(cut.intermediate_values) == 1 and "after 1 of 3 epochs" in cut.user_attrs["cut_short"]
-    assert unstarted.state == TrialState.FAIL and unstarted.user_attrs["crashed"] and "time budget" in unstarted.user_attrs["fail_reason"]
+    (cut,) = _trials(result)  # the second trial never started: no time was left for it to say anything
+    assert cut.state == TrialState.COMPLETE and len(cut.intermediate_values) == 1 and "after 1 of 3 evaluations" in cut.user_attrs["cut_short"]
     assert result.best_number == cut.number and (result.best_dir / "model.pt").is_file()
+    assert "no time left to refit" in json.loads((result.best_dir / "metrics.json").read_text())["notes"][0]  # its own weights were kept
 
 
 def test_a_budget_too_short_for_any_trial_is_one_clear_error(image_folder, tmp_path):
@@ -262,16 +280,16 @@ def test_a_budget_too_short_for_any_trial_is_one_clear_error(image_folder, tmp_p
 
 def test_wilcoxon_needs_cv_and_epoch_pruners_refuse_cv(image_folder, tmp_path):
     with pytest.raises(AutoftError, match="--cv"):
-        search("test_resnet", str(image_folder), tmp_path, pruner="wilcoxon")
+        search("test_resnet", str(image_folder), tmp_path, pruner="wilcoxon", no_cv=True, trials=1, epochs=1)
     with pytest.raises(AutoftError, match="wilcoxon or none"):
-        search("test_resnet", str(image_folder), tmp_path, cv=3, pruner="hyperband")
+        search("test_resnet", str(image_folder), tmp_path, cv=3, pruner="hyperband", trials=1, epochs=1)
 
 
 def test_journal_storage_for_processes_on_one_machine(image_folder, tmp_path):
     from optuna.storages import JournalStorage
 
     journal = tmp_path / "shared" / "journal.log"
-    result = search("test_resnet", str(image_folder), tmp_path / "out", trials=1, epochs=1, image_size=16, device="cpu", storage=str(journal), study="shared", export_onnx=False)
+    result = search("test_resnet", str(image_folder), tmp_path / "out", trials=1, epochs=1, image_size=16, device="cpu", storage=str(journal), study="shared", export_onnx=False, no_cv=True)
     assert journal.is_file() and not (tmp_path / "out" / "study.db").exists()
     assert [t.state for t in _trials(result)] == [TrialState.COMPLETE]
     assert isinstance(open_storage(str(tmp_path / "journal.log")), JournalStorage)

@@ -86,6 +86,10 @@ class SearchConfig:
             raise AutoftError(f"unknown sampler {self.sampler!r}; use {' or '.join(SAMPLERS)}")
         if isinstance(self.pruner, str) and self.pruner not in PRUNERS:
             raise AutoftError(f"unknown pruner {self.pruner!r}; use {', '.join(PRUNERS)}")
+        if self.pruner == "wilcoxon" and self.no_cv:
+            raise AutoftError("--pruner wilcoxon compares per-fold scores; it cannot work with --no-cv (use --cv K)")
+        if self.pruner in ("hyperband", "median") and self.cv:
+            raise AutoftError(f"--pruner {self.pruner} compares evaluations, but with --cv a trial reports one score per fold; use --pruner wilcoxon or none")
 
 
 def parse_duration(text: str | float | int | None) -> float | None:

@@ -14,6 +14,7 @@ The same objective serves the search (an Optuna trial) and the retraining of a t
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from autoft.io import atomic_path
 from autoft.runtime import seed_everything
 from autoft.searching.session import Session
 from autoft.searching.storage import process_identity
-from autoft.trainer import FitResult, OutOfTime, Trainer, TrainerConfig
+from autoft.trainer import STATE_INTERVAL, FitResult, OutOfTime, Trainer, TrainerConfig
 
 STATE_NAME = "state.pt"  # the training state after the last finished evaluation, for resuming
 PREDICTIONS_NAME = "predictions.npy"  # probabilities for the images the trial did not train on
@@ -86,13 +87,18 @@ class Objective:
         config = TrainerConfig(
             steps=steps or plan.steps, eval_every=eval_every or plan.eval_every, batch_size=plan.batch_size, device=session.device, seed=session.config.seed,
             metric=session.config.metric, deadline=deadline if deadline is not None else session.trials_deadline, state_file=state_file,
+            state_interval=float(os.environ.get("AUTOFT_STATE_INTERVAL", STATE_INTERVAL)),
         )  # fmt: skip
+
+        following = deadline is None  # the trials' deadline may move (a hook, another worker's news)
 
         def on_event(event) -> None:
             if isinstance(event, EpochEnd) and on_epoch is not None:
                 on_epoch(event)
             if isinstance(event, (BatchEnd, EpochEnd)):
                 session.emit(TrialEvent(number=number, event=event))
+                if following:
+                    config.deadline = session.trials_deadline
 
         data = session.fit_data(split, params)
         result = Trainer(backbone, data, params, config, registry=session.registry, on_event=on_event, unlabelled=session.unlabelled).fit()

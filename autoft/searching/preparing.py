@@ -136,10 +136,12 @@ def _data_shape(labelled: Any, unlabelled: int) -> Any:
         classes = len(labelled.classes)
     counts = np.bincount(labels, minlength=classes) if len(labels) else np.zeros(1, np.int64)
     val_counts = np.bincount(val_labels, minlength=classes) if len(val_labels) else np.zeros(1, np.int64)
-    if len(val_labels) and not isinstance(labelled, DataSplits) and labelled.splits is None:
-        val_counts = np.maximum(1, np.round(counts * VAL_FRACTION)).astype(int)  # what the stratified split will hold
+    val_total = int(val_counts.sum())
+    if len(val_labels) and not isinstance(labelled, DataSplits) and labelled.splits is None:  # what the stratified split will hold
+        val_counts = np.floor(counts * VAL_FRACTION).astype(int)
+        val_total = max(int((counts > 0).sum()), round(len(labels) * VAL_FRACTION))
     shape = DataShape(
-        labelled=len(labels), val=int(val_counts.sum()), smallest_class=int(counts[counts > 0].min()) if counts.any() else 0,
+        labelled=len(labels), val=val_total, smallest_class=int(counts[counts > 0].min()) if counts.any() else 0,
         smallest_val_class=int(val_counts[counts > 0].min()) if counts.any() else 0, unlabelled=unlabelled,
         extra_train=int(PSEUDO_DEFAULT * unlabelled),
     )  # fmt: skip

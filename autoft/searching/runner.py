@@ -127,7 +127,8 @@ def _enqueue_portfolio(session: Session) -> None:
     if session.unlabelled is not None:
         default = {**default, **{k: v for k, v in {"pseudo_labels": "propagate", "pseudo_fraction": 0.6}.items() if space.contains(k, v)}}
     session.study.enqueue_trial(default, user_attrs={"recipe": "default"})
-    for change in PORTFOLIO:
+    room = len(PORTFOLIO) if session.config.trials is None else session.config.trials - 1
+    for change in PORTFOLIO[: max(0, room)]:
         recipe = {**default, **change}
         if all(space.contains(k, v) for k, v in change.items()):
             session.study.enqueue_trial(recipe, user_attrs={"recipe": "portfolio"})
