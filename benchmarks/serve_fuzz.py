@@ -262,17 +262,22 @@ def images_body(encoded: list[str]) -> bytes:
     return json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(encoded)], "data": encoded}]}).encode()
 
 
-def attack_memory(server: LiveServer, tally: Tally) -> None:
-    """Decompression bombs, eight at once, and requests of many tiny images."""
+def attack_memory(server: LiveServer, tally: Tally) -> dict[str, list[int | None]]:
+    """Decompression bombs, eight at once, and requests of many tiny images; the statuses."""
     infer = f"/v2/models/{server.name}/infer"
     bomb = bomb_png()
     bomb_body = images_body([base64.b64encode(bomb).decode()])
+
+    def status(reply: httpx.Response | None) -> int | None:
+        return None if reply is None else reply.status_code
+
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda i: post(server, infer, tally, f"bomb {i}", content=bomb_body), range(8)))
-    post(server, "/predict", tally, "bomb upload", files={"file": ("bomb.png", bomb, "image/png")})
+        statuses = {"8 bombs at once": [status(r) for r in pool.map(lambda i: post(server, infer, tally, f"bomb {i}", content=bomb_body), range(8))]}
+    statuses["bomb upload to /predict"] = [status(post(server, "/predict", tally, "bomb upload", files={"file": ("bomb.png", bomb, "image/png")}))]
     tiny = tiny_png()
     for count in (300_000, 20_000):
-        post(server, infer, tally, f"{count} tiny images", content=images_body([tiny] * count))
+        statuses[f"{count:,} tiny images"] = [status(post(server, infer, tally, f"{count} tiny images", content=images_body([tiny] * count)))]
+    return statuses
 
 
 # ---------------------------------------------------------------------------
@@ -286,6 +291,7 @@ class Summary:
     after_attacks_rss_mib: float
     live: bool
     seconds: float
+    attacks: dict[str, list[int | None]]  # statuses of the memory attacks
 
 
 def run(model: Path, *, examples: int = 300, seconds: float = 120.0, serve_args: tuple[str, ...] = ()) -> Summary:
@@ -298,13 +304,13 @@ def run(model: Path, *, examples: int = 300, seconds: float = 120.0, serve_args:
         post(server, f"/v2/models/{server.name}/infer", tally, "warm-up", content=warm)  # sessions and arenas allocated
         idle, _ = server.rss_mib()
         cap_memory(server)
-        attack_memory(server, tally)
+        attacks = attack_memory(server, tally)
         after, _ = server.rss_mib()
         fuzz_kserve(server, tally, examples, deadline)
         fuzz_schema(server, tally, examples, deadline)
         _, peak = server.rss_mib()
         live = server.live()
-    return Summary(tally, idle, peak, after, live and tally.dead_after is None, time.monotonic() - started)
+    return Summary(tally, idle, peak, after, live and tally.dead_after is None, time.monotonic() - started, attacks)
 
 
 def report(summary: Summary, print_: Callable[[str], None] = print) -> None:
@@ -314,6 +320,8 @@ def report(summary: Summary, print_: Callable[[str], None] = print) -> None:
     print_(f"server RSS: idle {summary.idle_rss_mib:.0f} MiB, after the memory attacks {summary.after_attacks_rss_mib:.0f} MiB "
            f"({summary.after_attacks_rss_mib / summary.idle_rss_mib:.2f}x idle), largest {summary.peak_rss_mib:.0f} MiB "
            f"({summary.peak_rss_mib / summary.idle_rss_mib:.2f}x idle)")
+    for attack, statuses in summary.attacks.items():
+        print_(f"{attack}: {', '.join(map(str, statuses))}")
     print_(f"server live after every request: {'yes' if summary.live else 'no, dead after ' + str(t.dead_after)}")
     for error in t.server_errors[:10]:
         print_(f"  {error}")
