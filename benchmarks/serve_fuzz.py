@@ -186,7 +186,7 @@ def fuzz_schema(server: LiveServer, tally: Tally, examples: int, deadline: float
     send()
 
 
-def kserve_bodies(name: str):
+def kserve_bodies():
     """Hypothesis strategy for raw KServe v2 infer bodies, valid and hostile."""
     from hypothesis import strategies as st
 
@@ -225,7 +225,7 @@ def fuzz_kserve(server: LiveServer, tally: Tally, examples: int, deadline: float
     from hypothesis import HealthCheck, given, settings
 
     @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(body=kserve_bodies(server.name))
+    @given(body=kserve_bodies())
     def send(body: bytes) -> None:
         if time.monotonic() <= deadline:
             post(server, f"/v2/models/{server.name}/infer", tally, body.decode("utf-8", "replace"), content=body, headers={"content-type": "application/json"})
