@@ -367,6 +367,8 @@ def test_serve_flags_set_the_limits_and_the_name(monkeypatch, digits_onnx):
     (model, config, options), = calls
     assert config == ServeConfig(max_batch=4, max_body_bytes=2**20, max_images=8, max_image_pixels=2_500_000, decode_workers=3, max_queue=99, max_connections=7)
     assert options["name"] == "photos" and model == str(digits_onnx)
+    assert CliRunner().invoke(make_app(), ["serve", str(digits_onnx)]).exit_code == 0
+    assert calls[-1][1] == ServeConfig()  # the flags' defaults are the library's
 
 
 def test_serve_refuses_limits_that_cannot_work_in_one_line(digits_onnx):
