@@ -15,7 +15,7 @@ tried, responses by status class, the server's idle and largest RSS, its RSS aft
 memory attacks, and whether it stayed live. Aim: 0 responses 5xx, live throughout, RSS
 after the attacks within 1.5x of idle.
 
-    python benchmarks/serve_fuzz.py [--model EXPORT_DIR] [--examples 300] [--seconds 120]
+    python benchmarks/serve_fuzz.py [--model EXPORT_DIR] [--examples 300] [--seconds 120] [--serve-args "..."]
 
 Without ``--model`` a test_resnet is trained briefly on scikit-learn's digits and exported.
 """
@@ -28,6 +28,7 @@ import contextlib
 import io
 import json
 import resource
+import shlex
 import socket
 import struct
 import subprocess
@@ -340,10 +341,11 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="an export folder or model.onnx; default: a test_resnet trained on digits")
     parser.add_argument("--examples", type=int, default=300, help="cases per generator (schemathesis, KServe bodies)")
     parser.add_argument("--seconds", type=float, default=120.0, help="time for the generated cases")
+    parser.add_argument("--serve-args", default="", help='more autoft serve flags, e.g. "--max-megapixels 1000" to see the bombs without the pixel limit')
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         model = args.model or trained_export(Path(work))
-        report(run(model, examples=args.examples, seconds=args.seconds))
+        report(run(model, examples=args.examples, seconds=args.seconds, serve_args=tuple(shlex.split(args.serve_args))))
 
 
 if __name__ == "__main__":
