@@ -15,7 +15,7 @@ tried, responses by status class, the server's idle and largest RSS, its RSS aft
 memory attacks, and whether it stayed live. Aim: 0 responses 5xx, live throughout, RSS
 after the attacks within 1.5x of idle.
 
-    python benchmarks/serve_fuzz.py [--model EXPORT_DIR] [--examples 300] [--seconds 120]
+    python benchmarks/serve_fuzz.py [--model EXPORT_DIR] [--examples 300] [--seconds 120] [--serve-args "..."]
 
 Without ``--model`` a test_resnet is trained briefly on scikit-learn's digits and exported.
 """
@@ -28,6 +28,7 @@ import contextlib
 import io
 import json
 import resource
+import shlex
 import socket
 import struct
 import subprocess
@@ -186,7 +187,7 @@ def fuzz_schema(server: LiveServer, tally: Tally, examples: int, deadline: float
     send()
 
 
-def kserve_bodies(name: str):
+def kserve_bodies():
     """Hypothesis strategy for raw KServe v2 infer bodies, valid and hostile."""
     from hypothesis import strategies as st
 
@@ -225,7 +226,7 @@ def fuzz_kserve(server: LiveServer, tally: Tally, examples: int, deadline: float
     from hypothesis import HealthCheck, given, settings
 
     @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(body=kserve_bodies(server.name))
+    @given(body=kserve_bodies())
     def send(body: bytes) -> None:
         if time.monotonic() <= deadline:
             post(server, f"/v2/models/{server.name}/infer", tally, body.decode("utf-8", "replace"), content=body, headers={"content-type": "application/json"})
@@ -262,17 +263,22 @@ def images_body(encoded: list[str]) -> bytes:
     return json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(encoded)], "data": encoded}]}).encode()
 
 
-def attack_memory(server: LiveServer, tally: Tally) -> None:
-    """Decompression bombs, eight at once, and requests of many tiny images."""
+def attack_memory(server: LiveServer, tally: Tally) -> dict[str, list[int | None]]:
+    """Decompression bombs, eight at once, and requests of many tiny images; the statuses."""
     infer = f"/v2/models/{server.name}/infer"
     bomb = bomb_png()
     bomb_body = images_body([base64.b64encode(bomb).decode()])
+
+    def status(reply: httpx.Response | None) -> int | None:
+        return None if reply is None else reply.status_code
+
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda i: post(server, infer, tally, f"bomb {i}", content=bomb_body), range(8)))
-    post(server, "/predict", tally, "bomb upload", files={"file": ("bomb.png", bomb, "image/png")})
+        statuses = {"8 bombs at once": [status(r) for r in pool.map(lambda i: post(server, infer, tally, f"bomb {i}", content=bomb_body), range(8))]}
+    statuses["bomb upload to /predict"] = [status(post(server, "/predict", tally, "bomb upload", files={"file": ("bomb.png", bomb, "image/png")}))]
     tiny = tiny_png()
     for count in (300_000, 20_000):
-        post(server, infer, tally, f"{count} tiny images", content=images_body([tiny] * count))
+        statuses[f"{count:,} tiny images"] = [status(post(server, infer, tally, f"{count} tiny images", content=images_body([tiny] * count)))]
+    return statuses
 
 
 # ---------------------------------------------------------------------------
@@ -286,6 +292,7 @@ class Summary:
     after_attacks_rss_mib: float
     live: bool
     seconds: float
+    attacks: dict[str, list[int | None]]  # statuses of the memory attacks
 
 
 def run(model: Path, *, examples: int = 300, seconds: float = 120.0, serve_args: tuple[str, ...] = ()) -> Summary:
@@ -298,13 +305,13 @@ def run(model: Path, *, examples: int = 300, seconds: float = 120.0, serve_args:
         post(server, f"/v2/models/{server.name}/infer", tally, "warm-up", content=warm)  # sessions and arenas allocated
         idle, _ = server.rss_mib()
         cap_memory(server)
-        attack_memory(server, tally)
+        attacks = attack_memory(server, tally)
         after, _ = server.rss_mib()
         fuzz_kserve(server, tally, examples, deadline)
         fuzz_schema(server, tally, examples, deadline)
         _, peak = server.rss_mib()
         live = server.live()
-    return Summary(tally, idle, peak, after, live and tally.dead_after is None, time.monotonic() - started)
+    return Summary(tally, idle, peak, after, live and tally.dead_after is None, time.monotonic() - started, attacks)
 
 
 def report(summary: Summary, print_: Callable[[str], None] = print) -> None:
@@ -314,6 +321,8 @@ def report(summary: Summary, print_: Callable[[str], None] = print) -> None:
     print_(f"server RSS: idle {summary.idle_rss_mib:.0f} MiB, after the memory attacks {summary.after_attacks_rss_mib:.0f} MiB "
            f"({summary.after_attacks_rss_mib / summary.idle_rss_mib:.2f}x idle), largest {summary.peak_rss_mib:.0f} MiB "
            f"({summary.peak_rss_mib / summary.idle_rss_mib:.2f}x idle)")
+    for attack, statuses in summary.attacks.items():
+        print_(f"{attack}: {', '.join(map(str, statuses))}")
     print_(f"server live after every request: {'yes' if summary.live else 'no, dead after ' + str(t.dead_after)}")
     for error in t.server_errors[:10]:
         print_(f"  {error}")
@@ -332,10 +341,11 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="an export folder or model.onnx; default: a test_resnet trained on digits")
     parser.add_argument("--examples", type=int, default=300, help="cases per generator (schemathesis, KServe bodies)")
     parser.add_argument("--seconds", type=float, default=120.0, help="time for the generated cases")
+    parser.add_argument("--serve-args", default="", help='more autoft serve flags, e.g. "--max-megapixels 1000" to see the bombs without the pixel limit')
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         model = args.model or trained_export(Path(work))
-        report(run(model, examples=args.examples, seconds=args.seconds))
+        report(run(model, examples=args.examples, seconds=args.seconds, serve_args=tuple(shlex.split(args.serve_args))))
 
 
 if __name__ == "__main__":

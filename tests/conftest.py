@@ -1,4 +1,5 @@
-"""Shared fixtures: small generated image folders and digits decoded once per session."""
+"""Shared fixtures: small generated image folders, digits decoded once per session, a trained
+and exported run, live HTTP servers, and a real PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -76,6 +77,38 @@ def digits_onnx(digits_run: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits_onnx")
     export(digits_run, out, triton=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def live_app():
+    """Start an ASGI app on uvicorn at 127.0.0.1 (a real socket, as clients reach it), in a
+    thread: ``address = live_app(app)``. The servers stop when the test module ends."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    started = []
+
+    def start(app) -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        started.append((server, thread))
+        for _ in range(400):
+            if server.started:
+                return f"127.0.0.1:{port}"
+            time.sleep(0.05)
+        raise RuntimeError("the server did not start")
+
+    yield start
+    for server, thread in started:
+        server.should_exit = True
+        thread.join(10)
 
 
 # ---------------------------------------------------------------------------

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import socket
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import httpx
 import numpy as np
@@ -20,12 +21,8 @@ from autoft.inference import OnnxClassifier
 from autoft.serving import Batcher, ServeConfig, create_app
 
 MAX_BODY = 256 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+MAX_IMAGES = 4
+MAX_PIXELS = 48 * 48  # the digits are 32x32
 
 
 @pytest.fixture(scope="module")
@@ -34,23 +31,11 @@ def classifier(digits_onnx):
 
 
 @pytest.fixture(scope="module")
-def server(classifier):
-    """A live uvicorn server on 127.0.0.1, in a thread; yields (base URL, app)."""
-    import uvicorn
-
-    app = create_app(classifier, ServeConfig(max_batch=8, max_delay_ms=30, max_body_bytes=MAX_BODY))
-    port = _free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if uv.started:
-            break
-        time.sleep(0.05)
-    assert uv.started, "the server did not start"
-    yield f"127.0.0.1:{port}", app
-    uv.should_exit = True
-    thread.join(10)
+def server(classifier, live_app):
+    """A live uvicorn server on 127.0.0.1, in a thread; yields (address, app)."""
+    config = ServeConfig(max_batch=8, max_delay_ms=30, max_body_bytes=MAX_BODY, max_images=MAX_IMAGES, max_image_pixels=MAX_PIXELS, max_queue=64)
+    app = create_app(classifier, config)
+    return live_app(app), app
 
 
 @pytest.fixture
@@ -135,67 +120,71 @@ def _valid_body(digits):
     return {"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": _pixels(digits, 1).reshape(-1).tolist()}]}
 
 
-@pytest.mark.parametrize(
-    "case, status, message",
-    [
-        ("malformed json", 400, "not valid JSON"),
-        ("not an object", 400, "JSON object"),
-        ("wrong tensor name", 400, "unknown input 'pixels'"),
-        ("wrong shape", 400, "has shape [-1, 3, 32, 32]"),
-        ("data does not fill the shape", 400, "needs 6144 values"),
-        ("wrong datatype", 400, "has datatype FP32"),
-        ("text in the data", 400, "only numbers"),
-        ("undecodable image", 400, "cannot be decoded"),
-        ("not base64", 400, "not valid base64"),
-        ("unknown output", 400, "unknown output 'scores'"),
-        ("unknown model", 404, "unknown model 'other'"),
-        ("body over the limit", 413, "over the limit"),
-        ("chunked body over the limit", 413, "over the limit"),
-        ("predict without an image", 400, "no image"),
-        ("predict with an undecodable upload", 400, "cannot be decoded"),
-        ("unknown route", 404, "Not Found"),
-    ],
-)
-def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(http, digits, case, status, message):
-    infer = "/v2/models/digits/infer"
-    body = _valid_body(digits)
-    tensor = body["inputs"][0]
-    if case == "malformed json":
-        reply = http.post(infer, content=b'{"inputs": [', headers={"content-type": "application/json"})
-    elif case == "not an object":
-        reply = http.post(infer, json=[1, 2])
-    elif case == "wrong tensor name":
-        reply = http.post(infer, json={"inputs": [{**tensor, "name": "pixels"}]})
-    elif case == "wrong shape":
-        reply = http.post(infer, json={"inputs": [{**tensor, "shape": [1, 3, 16, 16]}]})
-    elif case == "data does not fill the shape":
-        reply = http.post(infer, json={"inputs": [{**tensor, "shape": [2, 3, 32, 32]}]})
-    elif case == "wrong datatype":
-        reply = http.post(infer, json={"inputs": [{**tensor, "datatype": "INT64"}]})
-    elif case == "text in the data":
-        reply = http.post(infer, json={"inputs": [{**tensor, "data": ["a"] * 3072}]})
-    elif case == "undecodable image":
-        reply = http.post(infer, json={"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(b"not an image").decode()]}]})
-    elif case == "not base64":
-        reply = http.post(infer, json={"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}]})
-    elif case == "unknown output":
-        reply = http.post(infer, json={**body, "outputs": [{"name": "scores"}]})
-    elif case == "unknown model":
-        reply = http.post("/v2/models/other/infer", json=body)
-    elif case == "body over the limit":
-        reply = http.post(infer, content=b"x" * (MAX_BODY + 1), headers={"content-type": "application/json"})
-    elif case == "chunked body over the limit":  # no Content-Length: counted as it arrives
-        reply = http.post(infer, content=iter([b"x" * 65536] * 5), headers={"content-type": "application/json"})
-    elif case == "predict without an image":
-        reply = http.post("/predict", content=b"")
-    elif case == "predict with an undecodable upload":
-        reply = http.post("/predict", files={"file": ("x.png", b"garbage", "image/png")})
-    else:
-        reply = http.get("/v3/anything")
+def _images_body(files: list[bytes]) -> dict:
+    return {"inputs": [{"name": "image", "shape": [len(files)], "datatype": "BYTES", "data": [base64.b64encode(f).decode() for f in files]}]}
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "0.5" + "]" * depth
+
+
+def _png_of_size(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+INFER = "/v2/models/digits/infer"
+FILLED = 3 * 32 * 32
+# case -> (the request, as (method, path, httpx keyword arguments), status, message)
+BAD_REQUESTS = {
+    "malformed json": (lambda d: ("POST", INFER, {"content": b'{"inputs": [', "headers": {"content-type": "application/json"}}), 400, "not valid JSON"),
+    "not an object": (lambda d: ("POST", INFER, {"json": [1, 2]}), 400, "JSON object"),
+    "inputs not a list": (lambda d: ("POST", INFER, {"json": {"inputs": 5}}), 400, "inputs: Input should be a valid"),
+    "wrong tensor name": (lambda d: ("POST", INFER, {"json": {"inputs": [{**_valid_body(d)["inputs"][0], "name": "pixels"}]}}), 400, "unknown input 'pixels'"),
+    "wrong shape": (lambda d: ("POST", INFER, {"json": {"inputs": [{**_valid_body(d)["inputs"][0], "shape": [1, 3, 16, 16]}]}}), 400, "has shape [-1, 3, 32, 32]"),
+    "shape of strings": (lambda d: ("POST", INFER, {"json": {"inputs": [{**_valid_body(d)["inputs"][0], "shape": ["1", 3, 32, 32]}]}}), 400, "inputs.0.shape.0"),
+    "negative shape": (lambda d: ("POST", INFER, {"json": {"inputs": [{**_valid_body(d)["inputs"][0], "shape": [-1, 3, 32, 32]}]}}), 400, "inputs.0.shape.0"),
+    "data does not fill the shape": (lambda d: ("POST", INFER, {"json": {"inputs": [{**_valid_body(d)["inputs"][0], "shape": [2, 3, 32, 32]}]}}), 400, "needs 6144 values"),
+    "wrong datatype": (lambda d: ("POST", INFER, {"json": {"inputs": [{**_valid_body(d)["inputs"][0], "datatype": "INT64"}]}}), 400, "has datatype FP32"),
+    "text in the data": (lambda d: ("POST", INFER, {"json": {"inputs": [{**_valid_body(d)["inputs"][0], "data": ["a"] * FILLED}]}}), 400, "only numbers"),
+    "data not a list": (lambda d: ("POST", INFER, {"json": {"inputs": [{**_valid_body(d)["inputs"][0], "data": "x"}]}}), 400, "inputs.0.data"),
+    "NaN pixels": (lambda d: ("POST", INFER, {"content": json.dumps({"inputs": [{**_valid_body(d)["inputs"][0], "data": [float("nan")] * FILLED}]})}), 400, "NaN or infinite"),
+    "1e400 pixels": (lambda d: ("POST", INFER, {"content": '{"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [' + ",".join(["1e400"] * FILLED) + "]}]}"}), 400, "NaN or infinite"),
+    "1e39 pixels, beyond float32": (lambda d: ("POST", INFER, {"json": {"inputs": [{**_valid_body(d)["inputs"][0], "data": [1e39] * FILLED}]}}), 400, "beyond float32's range"),
+    "1e38 pixels, finite but with infinite logits": (lambda d: ("POST", INFER, {"json": {"inputs": [{**_valid_body(d)["inputs"][0], "data": [1e38] * FILLED}]}}), 400, "send pixels in [0, 1]"),
+    "deeply nested data": (lambda d: ("POST", INFER, {"content": '{"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": ' + _nested(100_000) + "}]}"}), 400, "not valid JSON"),
+    "nested deeper than numpy allows": (lambda d: ("POST", INFER, {"content": '{"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": ' + _nested(100) + "}]}"}), 400, "evenly nested"),
+    "output parameters not an object": (lambda d: ("POST", INFER, {"json": {**_valid_body(d), "outputs": [{"name": "logits", "parameters": "x"}]}}), 400, "outputs.0.parameters"),
+    "binary outputs": (lambda d: ("POST", INFER, {"json": {**_valid_body(d), "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}}), 400, "binary tensor data is not supported"),
+    "id not a string": (lambda d: ("POST", INFER, {"json": {**_valid_body(d), "id": 5}}), 400, "id: Input should be a valid string"),
+    "undecodable image": (lambda d: ("POST", INFER, {"json": _images_body([b"not an image"])}), 400, "image 0 cannot be decoded: cannot identify image file"),
+    "not base64": (lambda d: ("POST", INFER, {"json": {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["%%%"]}]}}), 400, "not valid base64"),
+    "more images than --max-images": (lambda d: ("POST", INFER, {"json": _images_body([_png(d, 0)] * (MAX_IMAGES + 1))}), 413, f"5 images in one request; the limit is {MAX_IMAGES} (--max-images)"),
+    "an image over --max-megapixels": (lambda d: ("POST", INFER, {"json": _images_body([_png(d, 0), _png_of_size(100, 100)])}), 413, "image 1 is 100x100 pixels, over the limit"),
+    "unknown output": (lambda d: ("POST", INFER, {"json": {**_valid_body(d), "outputs": [{"name": "scores"}]}}), 400, "unknown output 'scores'"),
+    "unknown model": (lambda d: ("POST", "/v2/models/other/infer", {"json": _valid_body(d)}), 404, "unknown model 'other'"),
+    "body over the limit": (lambda d: ("POST", INFER, {"content": b"x" * (MAX_BODY + 1), "headers": {"content-type": "application/json"}}), 413, "over the limit"),
+    # No Content-Length: counted as it arrives.
+    "chunked body over the limit": (lambda d: ("POST", INFER, {"content": iter([b"x" * 65536] * 5), "headers": {"content-type": "application/json"}}), 413, "over the limit"),
+    "predict without an image": (lambda d: ("POST", "/predict", {"content": b""}), 400, "no image"),
+    "predict with an undecodable upload": (lambda d: ("POST", "/predict", {"files": {"file": ("x.png", b"garbage", "image/png")}}), 400, "upload 'x.png' cannot be decoded: cannot identify image file"),
+    "predict with a truncated upload": (lambda d: ("POST", "/predict", {"files": {"file": ("cut.png", _png_of_size(40, 40)[:-30], "image/png")}}), 400, "upload 'cut.png' cannot be decoded: "),
+    "predict with an image over --max-megapixels": (lambda d: ("POST", "/predict", {"files": {"file": ("big.png", _png_of_size(100, 100), "image/png")}}), 413, "upload 'big.png' is 100x100 pixels"),
+    "predict with top_k not a number": (lambda d: ("POST", "/predict?top_k=abc", {"content": b"x"}), 400, "top_k"),
+    "unknown route": (lambda d: ("GET", "/v3/anything", {}), 404, "Not Found"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(http, digits, case):
+    build, status, message = BAD_REQUESTS[case]
+    method, path, kwargs = build(digits)
+    reply = http.request(method, path, **kwargs)
     assert reply.status_code == status, reply.text
     assert message in reply.json()["error"]
     # The same server still answers a good request.
-    assert http.post(infer, json=body).status_code == 200
+    assert http.post(INFER, json=_valid_body(digits)).status_code == 200
 
 
 def test_concurrent_requests_are_batched_into_one_call(server, digits):
@@ -267,3 +256,184 @@ def test_serve_binds_localhost_by_default():
 
     assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
     assert inspect.signature(serve_command).parameters["host"].default == "127.0.0.1"
+
+
+# ---------------------------------------------------------------------------
+# Load: the queue and the decoders are bounded
+
+
+def _slow(classifier: OnnxClassifier, seconds: float) -> OnnxClassifier:
+    slow = replace(classifier)
+
+    def logits(pixels):
+        time.sleep(seconds)
+        return classifier.logits(pixels)
+
+    slow.logits = logits
+    return slow
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_full_queue_is_answered_503_with_retry_after(classifier, live_app, digits):
+    app = create_app(_slow(classifier, 1.5), ServeConfig(max_batch=1, max_delay_ms=0, max_images=1, max_queue=2))
+    url = f"http://{live_app(app)}{INFER}"
+    batcher = app.state.batcher
+    body = _valid_body(digits)
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(httpx.post, url, json=body, timeout=60)
+        _wait_for(lambda: batcher.admitted == 1)
+        waiting = pool.submit(httpx.post, url, json=body, timeout=60)
+        _wait_for(lambda: batcher.admitted == 2)
+        shed = httpx.post(url, json=body, timeout=60)
+        assert shed.status_code == 503, shed.text
+        assert shed.headers["retry-after"] == "1"
+        assert "--max-queue 2" in shed.json()["error"]
+        assert running.result().status_code == 200 and waiting.result().status_code == 200
+    assert batcher.admitted == 0
+    assert httpx.post(url, json=body, timeout=60).status_code == 200  # served again once drained
+
+
+def test_images_are_decoded_at_most_decode_workers_at_once(classifier, live_app, digits, monkeypatch):
+    from autoft import serving
+
+    decode, lock = serving.decode, threading.Lock()
+    active, peak = [0], [0]
+
+    def tracked(source, size):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.2)
+            return decode(source, size)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(serving, "decode", tracked)
+    url = f"http://{live_app(create_app(classifier, ServeConfig(decode_workers=2)))}{INFER}"
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda i: httpx.post(url, json=_images_body([_png(digits, i)]), timeout=60), range(6)))
+    assert [r.status_code for r in replies] == [200] * 6
+    assert peak[0] == 2
+
+
+def test_the_batcher_admits_rows_up_to_its_queue():
+    from autoft.serving import Overloaded
+
+    batcher = Batcher(lambda batch: batch, max_queue=3)
+    with batcher.admit(2):
+        with pytest.raises(Overloaded, match="--max-queue 3"):
+            with batcher.admit(2):
+                pass
+        with batcher.admit(1):
+            assert batcher.admitted == 3
+    assert batcher.admitted == 0
+
+
+@pytest.mark.parametrize(
+    "limits, message",
+    [
+        ({"max_images": 16, "max_queue": 8}, "--max-queue (8) must be at least --max-images (16)"),
+        ({"decode_workers": 0}, "--decode-workers must be at least 1"),
+        ({"max_images": 0}, "--max-images must be at least 1"),
+        ({"max_batch": 0}, "--max-batch must be at least 1"),
+    ],
+)
+def test_unusable_limits_are_refused(limits, message):
+    from autoft.errors import AutoftError
+
+    with pytest.raises(AutoftError) as caught:
+        ServeConfig(**limits).check()
+    assert message in str(caught.value)
+
+
+def test_serve_flags_set_the_limits_and_the_name(monkeypatch, digits_onnx):
+    from typer.testing import CliRunner
+
+    from autoft.cli import make_app
+
+    calls = []
+    monkeypatch.setattr("autoft.serving.serve", lambda model, config, **options: calls.append((model, config, options)))
+    flags = ["--max-images", "8", "--max-megapixels", "2.5", "--decode-workers", "3", "--max-queue", "99", "--max-connections", "7", "--max-body-mb", "1"]
+    result = CliRunner().invoke(make_app(), ["serve", str(digits_onnx), *flags, "--max-batch", "4", "--name", "photos"])
+    assert result.exit_code == 0, result.output
+    (model, config, options), = calls
+    assert config == ServeConfig(max_batch=4, max_body_bytes=2**20, max_images=8, max_image_pixels=2_500_000, decode_workers=3, max_queue=99, max_connections=7)
+    assert options["name"] == "photos" and model == str(digits_onnx)
+    assert CliRunner().invoke(make_app(), ["serve", str(digits_onnx)]).exit_code == 0
+    assert calls[-1][1] == ServeConfig()  # the flags' defaults are the library's
+
+
+def test_serve_refuses_limits_that_cannot_work_in_one_line(digits_onnx):
+    from typer.testing import CliRunner
+
+    from autoft.cli import make_app
+
+    result = CliRunner().invoke(make_app(), ["serve", str(digits_onnx), "--max-images", "8", "--max-queue", "4"])
+    assert result.exit_code == 2
+    assert [line for line in result.output.splitlines() if line.strip()] == ["error: --max-queue (4) must be at least --max-images (8), or no full request could be admitted"]
+
+
+# ---------------------------------------------------------------------------
+# The served name: the run's, recorded by the export
+
+
+def test_the_default_name_is_the_searchs_study_else_the_run_folders(tmp_path):
+    from autoft.exporting import run_name
+    from autoft.io import write_json
+
+    best = tmp_path / "runs" / "photos" / "best"
+    best.mkdir(parents=True)
+    assert run_name(best) == "photos"  # a search folder's best/, before its metrics are written
+    write_json(best / "metrics.json", {"study": "photos-2024"})
+    assert run_name(best) == "photos-2024"
+    write_json(best / "metrics.json", ["not", "an object"])
+    assert run_name(best) == "photos"
+    one = tmp_path / "one"
+    one.mkdir()
+    write_json(one / "metrics.json", {"val_accuracy": 0.9})  # a train run records no study
+    assert run_name(one) == "one"
+
+
+def test_export_triton_predict_and_serve_agree_on_the_study_name(tmp_path, digits_run, digits, live_app):
+    import shutil
+
+    from autoft.exporting import export
+    from autoft.io import read_json, write_json
+
+    search = tmp_path / "runs" / "photos"
+    (search / "best").mkdir(parents=True)
+    shutil.copyfile(digits_run / "model.pt", search / "best" / "model.pt")
+    write_json(search / "best" / "metrics.json", {"study": "photos:v2"})
+    export(search, triton=True, images=digits.val.subset(range(32)))
+    name = "photos_v2"  # the study name, made safe for URLs and Triton
+    assert read_json(search / "best" / "preprocess.json")["name"] == name
+    assert f'name: "{name}"' in (search / "best" / "triton" / name / "config.pbtxt").read_text()
+    classifier = OnnxClassifier.load(search, device="cpu")  # what predict and serve load
+    assert classifier.name == name
+    address = live_app(create_app(classifier))
+    assert httpx.get(f"http://{address}/v2/models/{name}/ready").json() == {"name": name, "ready": True}
+    assert httpx.get(f"http://{address}/v2/models/test_resnet/ready").status_code == 404
+
+
+def test_serve_name_overrides_the_recorded_one(monkeypatch, digits_onnx, live_app):
+    from autoft.errors import AutoftError
+    from autoft.serving import serve
+
+    started = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **options: started.append((app, options)))
+    serve(digits_onnx, name="photos", device="cpu")
+    (app, options), = started
+    assert options["host"] == "127.0.0.1" and options["limit_concurrency"] == ServeConfig().max_connections
+    address = live_app(app)
+    assert httpx.get(f"http://{address}/v2/models/photos/ready").status_code == 200
+    assert httpx.get(f"http://{address}/v2/models/digits/ready").status_code == 404
+    with pytest.raises(AutoftError, match="--name 'my model': use letters, digits"):
+        serve(digits_onnx, name="my model", device="cpu")
