@@ -100,6 +100,6 @@ def test_accuracy(model_dir: Path, folders: DigitFolders) -> float:
 
 
 def parse_seconds(timeout: str) -> float:
-    from autoft.searching.runner import parse_duration
+    from autoft.searching import parse_duration
 
     return float(parse_duration(timeout))

@@ -39,7 +39,7 @@ def main() -> None:
             rows.append((per_class, run, baseline))
             print(f"{per_class}/class: autoft {run.test_accuracy} vs logistic regression {baseline:.3f}, {run.seconds:.0f}s of {budget:.0f}s", flush=True)
     print()
-    print(f"| labelled a class | autoft search test acc. | logistic regression on pixels | difference | wall time / budget | best model |")
+    print("| labelled a class | autoft search test acc. | logistic regression on pixels | difference | wall time / budget | best model |")
     print("|---|---|---|---|---|---|")
     for per_class, run, baseline in rows:
         accuracy = f"{run.test_accuracy:.3f}" if run.test_accuracy is not None else f"failed (exit {run.returncode})"

@@ -110,7 +110,7 @@ def test_help_shows_plain_metavars(command):
 def test_help_metavars_name_the_value():
     search = help_of("search")
     assert re.search(r"--trials\s+INTEGER \[x>=1\]", search)
-    assert re.search(r"--timeout\s+DURATION ", search) and re.search(r"--weights\s+PATH\|TAG ", search)
+    assert re.search(r"--timeout\s+DURATION ", search) and re.search(r"--weights\s+auto\|scratch\|PATH\|TAG ", search)
     assert re.search(r"--onnx\s+--no-onnx\s+Export", search)  # a flag takes no value
     predict = help_of("predict")
     assert re.search(r"MODEL_OR_RUN\s+model\.onnx", predict) and re.search(r"--top-k\s+INTEGER \[x>=1\]", predict)
@@ -129,7 +129,7 @@ def test_every_default_written_in_help_is_shown():
         assert "[default:" in Text.from_markup(p.help).plain, f"{name} --{p.name}: {p.help}"
     export = help_of("export")
     assert "[default: the run folder for fp32" in export and "[default: torch.onnx's for the dynamo exporter" in export
-    assert "[default: random initialisation" in help_of("search")
+    assert "[default: as many as --timeout allows" in help_of("search")
 
 
 def test_batch_size_has_one_minimum_for_training():

@@ -26,7 +26,7 @@ from autoft.ensemble import EnsembleChoice, greedy_selection
 from autoft.errors import AutoftError
 from autoft.events import Export, Refit
 from autoft.io import publish_dir, write_json
-from autoft.metrics import score as metric_score
+from autoft.metrics import score as metric_score, test_metrics
 from autoft.searching.objective import Objective, load_predictions
 from autoft.searching.session import Session
 from autoft.trainer import OutOfTime
@@ -169,6 +169,8 @@ def publish_best(session: Session, final: FinalModel, metrics: dict[str, Any]) -
         metrics["latency_ms"] = exported.report.get("latency_ms")
     else:
         write_json(staging / "labels.json", session.data.classes)
+    if session.data.test is not None and len(session.data.test):
+        metrics.update(test_metrics(loaded.network().to(session.device), session.data, session.device, 256))
     write_json(staging / "metrics.json", metrics)
     publish_dir(staging, target)
     return target

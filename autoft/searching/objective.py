@@ -54,7 +54,7 @@ class Objective:
         for key, value in process_identity().items():
             trial.set_user_attr(key, value)
         try:
-            params = session.space.suggest(trial, session.strategies, session.n_groups)
+            params = session.suggest_pseudo_labels(trial, session.space.suggest(trial, session.strategies, session.n_groups))
             session.emit(TrialStart(number=trial.number, params=params))
             if session.cross_validated:
                 return self.cross_validate(trial, params)

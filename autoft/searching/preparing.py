@@ -22,7 +22,7 @@ from autoft.runtime import resolve_device, seed_everything
 from autoft.searching.config import SearchConfig, default_study_name
 from autoft.searching.session import PSEUDO_DEFAULT, Session, fit_baselines, make_splits
 from autoft.searching.space import DEFAULT_STRATEGIES, SearchSpace, load_overrides
-from autoft.searching.storage import default_storage_url, open_storage, recover_trials
+from autoft.searching.storage import default_storage_url, open_storage
 from autoft.weights import resolve_weights
 
 VAL_FRACTION = 0.2
@@ -75,23 +75,22 @@ def prepare(config: SearchConfig) -> Session:
     session = Session(
         config=config, registry=registry, device=device, data=data, pool=pool, splits=splits, plan=plan, study=study, out=out, space=space,
         strategies=strategies, n_groups=info.num_groups, weights=weights, started=started, unlabelled=unlabelled, data_source=data_source,
-        timings=timings, on_event=config.on_event,
+        timings=timings, on_event=config.on_event, storage_url=storage_url,
         deadline=None if config.seconds is None else started + config.seconds,
     )  # fmt: skip
-    session.storage_url = storage_url
     return session
 
 
 def finish_preparing(session: Session) -> None:
     """The stages that need the open study: pretraining, pseudo-label features, baselines."""
     config = session.config
+    _emit(config, PlanMade(session.plan.line(), session.plan.as_dict()))
     if session.unlabelled is not None:
         from autoft.searching.pretraining_stage import run_pretraining
 
         with session.timed("pretraining"):
             run_pretraining(session)
         session.space.choices["pseudo_labels"] = ["propagate", "none"]
-    _emit(config, PlanMade(session.plan.line(), session.plan.as_dict()))
     spec = session.registry.metric(config.metric)
     score = lambda labels, probabilities: metric_score(spec, labels, probabilities, session.registry)
     with session.timed("baselines"):
@@ -210,7 +209,6 @@ def _embedder(session: Session, weights: str | None):
     from autoft.pretraining import embed_all
 
     total = len(session.pool) + (0 if session.unlabelled is None else len(session.unlabelled))
-    rate = session.plan.fit_seconds  # noqa: F841 - the plan's evaluation rate is folded into fit_seconds
     budget = session.config.seconds
     if budget is not None and total * session.plan.step_seconds / max(session.plan.batch_size, 1) / 3 > EMBED_SHARE * budget:
         return None

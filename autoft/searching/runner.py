@@ -18,17 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 from optuna.trial import TrialState
 
 from autoft.errors import AutoftError
 from autoft.events import SearchStart, TrialEnd
 from autoft.io import file_lock
-from autoft.metrics import test_metrics
-from autoft.planning import duration
-from autoft.searching.config import SearchConfig, parse_duration
-from autoft.searching.finishing import BEST_FOLDER, FinalModel, best_trial, build_final, chance_level, publish_best, selection_evidence, wall_time
+from autoft.searching.config import SearchConfig
+from autoft.searching.finishing import FinalModel, best_trial, build_final, chance_level, publish_best, selection_evidence, wall_time
 from autoft.searching.objective import Objective
 from autoft.searching.preparing import finish_preparing, prepare
 from autoft.searching.session import Session
@@ -283,12 +280,20 @@ def describe_final(session: Session, best: optuna.trial.FrozenTrial, final: Fina
     if config.metric == "accuracy" and value <= chance + 0.02:
         metrics["warning"] = f"the best model is no better than chance ({chance:.3f}, always the most common class)"
         metrics["summary"] += f"; WARNING: {metrics['warning']}"
-    if session.data.test is not None and len(session.data.test):
-        from autoft.checkpoints import load_checkpoint
-
-        net = load_checkpoint(final.checkpoints[0] if not final.is_ensemble else final.checkpoints[0], registry=session.registry).network().to(session.device)
-        metrics.update(test_metrics(net, session.data, session.device, 256))
+    degenerate = _degenerate(session, best)
+    if degenerate:
+        metrics.setdefault("warning", degenerate)
     return metrics
+
+
+def _degenerate(session: Session, best: optuna.trial.FrozenTrial) -> str | None:
+    """A warning when the best trial's held-out predictions are near-uniform or one class for all."""
+    from autoft.predict import degenerate_predictions
+
+    index, predictions = selection_evidence(session, best)
+    if best.number not in predictions:
+        return None
+    return degenerate_predictions(predictions[best.number], session.data.classes)
 
 
 def write_report_quietly(session: Session, metrics: dict[str, Any] | None = None) -> None:

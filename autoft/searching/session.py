@@ -27,6 +27,7 @@ from autoft.semisupervised import PseudoLabels, pseudo_label
 
 Split = tuple[np.ndarray, np.ndarray]  # (train, validation) indices into the labelled pool
 PSEUDO_DEFAULT = 0.6  # share of pseudo-labels the default recipe keeps
+PSEUDO_RANGE = (0.2, 1.0)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Session:
     deadline: float | None = None  # monotonic time the command must end by (before export)
     unlabelled: torch.Tensor | None = None
     data_source: str | None = None
+    storage_url: str = ""
     baselines: list[BaselineResult] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     embedders: dict[str, Callable[[torch.Tensor], np.ndarray]] = field(default_factory=dict)
@@ -83,6 +85,16 @@ class Session:
         return _Timer(self.timings, stage)
 
     # -- the data of one fit -------------------------------------------------
+
+    def suggest_pseudo_labels(self, trial, params: dict[str, Any]) -> dict[str, Any]:
+        """``pseudo_fraction``, the share of the surest pseudo-labels a trial trains on,
+        declared only by trials that chose ``pseudo_labels=propagate``."""
+        if params.get("pseudo_labels") == "propagate":
+            from autoft.searching.space import RangedTrial
+
+            low, high = PSEUDO_RANGE
+            params["pseudo_fraction"] = RangedTrial(trial, self.space.overrides).suggest_float("pseudo_fraction", low, high)
+        return params
 
     def fit_data(self, split: int | None, params: dict[str, Any]) -> DataSplits:
         """Train and validation images of split ``split`` (``None``: every labelled image,
