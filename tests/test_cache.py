@@ -244,10 +244,16 @@ def test_cache_list_and_clear_show_and_free_the_entries(class_folder, own_cache)
     (pretrain_stage / "metrics.json").write_text(json.dumps({"backbone": "test_resnet", "method": "simclr", "epochs": [{}, {}]}))
     (pretrain_stage / "backbone.pt").write_bytes(b"0" * 5000)
 
-    listed = runner.invoke(make_app(), ["cache", "list"])
+    listed = runner.invoke(make_app(), ["cache", "list", "--json"])
     assert listed.exit_code == 0, listed.output
-    assert "24 images at 16px from" in listed.output and "simclr pretraining of test_resnet, 2 epochs" in listed.output
-    assert "2 entries" in listed.output and "KiB" in listed.output
+    rows = json.loads(listed.output)["entries"]
+    assert [(r["kind"], r["contents"]) for r in rows] == [
+        ("images", f"24 images at 16px from {class_folder}"),
+        ("pretrain", "simclr pretraining of test_resnet, 2 epochs"),
+    ]
+    assert rows[0]["bytes"] == 24 * 3 * 16 * 16 + len((Path(rows[0]["path"]) / cache.META_FILE).read_bytes())
+    table = runner.invoke(make_app(), ["cache", "list"]).output
+    assert f"2 entries, {cache.human_bytes(sum(r['bytes'] for r in rows))}" in table and "pretrain" in table
 
     only = runner.invoke(make_app(), ["cache", "clear", "--only", "images"])
     assert only.exit_code == 0 and "removed 1 entries" in only.output
