@@ -111,16 +111,7 @@ def export(
     with tempfile.TemporaryDirectory(prefix="autoft-export-") as work:
         work = Path(work)
         fp32_model, report = export_verified(net, images, size, work, opset)
-        if precision == "fp32":
-            final = fp32_model
-        elif precision == "fp16":
-            final = work / "model-fp16.onnx"
-            to_fp16(fp32_model, final)
-            report["checks"]["fp16"] = _checked(final, net, images, "fp16")
-        else:
-            final = work / "model-int8.onnx"
-            report["quantization"], report["accuracy"] = tune_int8(fp32_model, final, calibration, images, max_accuracy_drop)
-            report["checks"]["int8"] = _parity(final, net, images)
+        final = _to_precision(precision, fp32_model, net, images, calibration, max_accuracy_drop, report)
         report["precision"] = precision
         model_path = out / MODEL_FILE
         with atomic_path(model_path) as tmp:
@@ -136,6 +127,21 @@ def export(
         report["triton"] = str(Path(TRITON_FOLDER) / name)
     write_json(out / REPORT_FILE, report)
     return ExportResult(out=out, model=model_path, report=report, triton=triton_root)
+
+
+def _to_precision(precision: str, fp32_model: Path, net: torch.nn.Module, images: ImageTensors, calibration: ImageTensors | None, max_drop: float, report: dict[str, Any]) -> Path:
+    """The verified fp32 graph converted to ``precision``, its checks added to ``report``."""
+    if precision == "fp32":
+        return fp32_model
+    if precision == "fp16":
+        final = fp32_model.with_name("model-fp16.onnx")
+        to_fp16(fp32_model, final)
+        report["checks"]["fp16"] = _checked(final, net, images, "fp16")
+        return final
+    final = fp32_model.with_name("model-int8.onnx")
+    report["quantization"], report["accuracy"] = tune_int8(fp32_model, final, calibration, images, max_drop)
+    report["checks"]["int8"] = _parity(final, net, images)
+    return final
 
 
 def model_name(text: str) -> str:
