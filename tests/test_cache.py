@@ -270,3 +270,17 @@ def test_in_memory_samples_are_cached_by_content(own_cache, count_decodes):
     prepare(labelled, image_size=8)
     prepare(labelled, image_size=8)
     assert len(count_decodes) == 8
+
+
+def test_the_cli_decoding_display_shows_count_and_rate_then_stops(class_folder, own_cache, capsys):
+    from autoft.cli.progress import decoding_progress
+
+    with decoding_progress():
+        load_data(str(class_folder), image_size=16)
+        assert data_module._decode_progress.get() is not None
+    shown = capsys.readouterr().err
+    assert "decoding images" in shown and "24/24" in shown and "images/s" in shown
+    assert data_module._decode_progress.get() is None
+    with decoding_progress():
+        load_data(str(class_folder), image_size=16)  # from the cache: nothing to show
+    assert "decoding images" not in capsys.readouterr().err
