@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Optional
 
@@ -28,11 +29,16 @@ def _kinds(only: Optional[str]) -> tuple[str, ...]:
 @guarded
 def list_command(
     only: Annotated[Optional[str], typer.Option(help="Only this kind: images or pretrain.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List cached entries, largest first, with their sizes and the cache's total."""
     from autoft import cache
 
     entries = cache.list_entries(_kinds(only))
+    if as_json:
+        rows = [{"kind": e.kind, "bytes": e.bytes, "modified": e.modified, "contents": e.description, "path": str(e.path)} for e in entries]
+        typer.echo(json.dumps({"root": str(cache.cache_root()), "entries": rows}, indent=2))
+        return
     if not entries:
         console.print(f"the cache in {cache.cache_root()} is empty", highlight=False)
         return
