@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,15 +65,26 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise AutoftError(f"cannot read weights from {path}: {type(exc).__name__}: {exc}") from None
+    state = safe_load(path, "weights")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # an autoft checkpoint, or a Lightning one
     if not isinstance(state, dict):
         raise AutoftError(f"{path} holds no state dict")
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def safe_load(file: Path, what: str) -> Any:
+    """``torch.load`` of tensors and plain data only: a file holding other Python objects is
+    refused in one line, and nothing in it runs."""
+    import pickle
+
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise AutoftError(f"refusing {what} {file}: it holds Python objects other than tensors and plain data, and autoft never runs code from a file") from None
+    except Exception as exc:  # a truncated or foreign file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutoftError(f"cannot read {what} {file}: {type(exc).__name__}: {reason[:300]}") from None
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> list[str]:

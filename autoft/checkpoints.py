@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from autoft import plugins
-from autoft.backbones import build_backbone
+from autoft.backbones import build_backbone, safe_load
 from autoft.data import Normalize
 from autoft.errors import AutoftError
 from autoft.io import atomic_path
@@ -65,7 +65,7 @@ def save_checkpoint(
 def save_ensemble(path: Path, members: list[Path], weights: list[float]) -> Path:
     """One checkpoint for ``members`` (checkpoints of one backbone, classes and image size),
     averaged with ``weights``; a single member is copied as it is."""
-    payloads = [_safe_load(Path(m), "checkpoint") for m in members]
+    payloads = [safe_load(Path(m), "checkpoint") for m in members]
     first = dict(payloads[0])
     if len(payloads) > 1:
         first["members"] = [{"params": p["params"], "state_dict": p["state_dict"], "weight": float(w)} for p, w in zip(payloads, weights)]
@@ -110,7 +110,7 @@ def find_checkpoint(path: str | Path) -> Path:
 
 def load_checkpoint(path: str | Path, registry: plugins.Registry | None = None) -> LoadedModel:
     file = find_checkpoint(path)
-    payload = _safe_load(file, "checkpoint")
+    payload = safe_load(file, "checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise AutoftError(f"{file} is not an autoft checkpoint")
     state = payload.pop("state_dict")
@@ -142,15 +142,9 @@ def save_training_state(path: Path, state: dict[str, Any]) -> None:
 def load_training_state(path: Path) -> dict[str, Any] | None:
     """The state saved by :func:`save_training_state`, or None when ``path`` holds another
     layout (an older autoft's): that run starts over. A file that is not plain data is refused."""
-    state = _safe_load(path, "training state")
+    state = safe_load(path, "training state")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         return None
     return state
 
 
-def _safe_load(file: Path, what: str) -> Any:
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # an unpickling refusal, a truncated file: never run what it holds
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AutoftError(f"cannot read {what} {file}: {type(exc).__name__}: {reason[:300]}") from None

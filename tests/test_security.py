@@ -65,14 +65,7 @@ def test_a_planted_pickle_never_runs(name, planted_run, marker, tmp_path, class_
     assert "Traceback" not in result.output
 
 
-# export and train read model.pt through autoft.training's loaders, which print torch's
-# seven-line advice (ending in "weights_only=False ... if you trust the source"); the
-# checkpoint loaders of the core branch make it one line. strict: this fails once they do,
-# so that the marks are removed.
-CORE_LOADERS = pytest.mark.xfail(strict=True, reason="one line once the core branch's checkpoint and weights loaders are merged")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=CORE_LOADERS) if n in ("export", "train --weights") else n for n in COMMANDS])
+@pytest.mark.parametrize("name", COMMANDS)
 def test_a_planted_pickle_is_refused_in_one_line_naming_the_file(name, planted_run, marker, tmp_path, class_folder):
     result = CliRunner().invoke(make_app(), _command(name, planted_run, tmp_path, class_folder))
     lines = [line for line in result.output.strip().splitlines() if line.strip()]

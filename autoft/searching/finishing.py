@@ -100,8 +100,9 @@ def build_final(session: Session, best: optuna.trial.FrozenTrial) -> FinalModel:
     for number, weight in members.items():
         trial = trials[number]
         path, info = _member(session, trial, work / f"{number}.pt", remaining=len(members) - len(built))
+        if "note" in info:
+            notes.append(info["note"])
         if path is None:
-            notes.append(info.get("note", f"trial {number} could not be refit in the time left"))
             continue
         built.append((number, path, weight))
         refit = refit or info.get("refit")
