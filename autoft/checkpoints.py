@@ -8,6 +8,7 @@ run code.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,9 @@ def load_training_state(path: Path) -> dict[str, Any] | None:
 def _safe_load(file: Path, what: str) -> Any:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # an unpickling refusal, a truncated file: never run what it holds
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AutoftError(f"cannot read {what} {file}: {type(exc).__name__}: {reason[:300]}") from None
+    except pickle.UnpicklingError as exc:  # an object that is not plain data: never build it
+        lines = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line or "Unsupported operand" in line]
+        found = lines[0].removeprefix("WeightsUnpickler error: ") if lines else str(exc).splitlines()[0]
+        raise AutoftError(f"cannot read {what} {file}: it holds code, not only tensors and plain data ({found[:200]}); refused unread") from None
+    except Exception as exc:  # a truncated or foreign file
+        raise AutoftError(f"cannot read {what} {file}: {type(exc).__name__}: {str(exc).strip()[:300]}") from None

@@ -43,7 +43,12 @@ def describe_value(value: Any) -> str:
         return f"a {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')} tensor"
     if isinstance(value, tuple):
         return "(" + ", ".join(describe_value(v) for v in value) + ")"
-    return f"{type(value).__name__} {value!r}"[:120]
+    if isinstance(value, dict):
+        return f"dict with keys {list(value)[:5]}"
+    if isinstance(value, (list, set)):
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"{type(value).__name__} of {len(value)} {'/'.join(kinds) or 'items'}"
+    return f"{type(value).__name__} {value!r}"[:120].replace("\n", " ")
 
 
 def _where(exc: BaseException) -> str:

@@ -6,7 +6,7 @@ from functools import cache
 
 from autoft import hookimpl
 from autoft.errors import AutoftError
-from autoft.specs import Backbone, BackboneSpec, ParamGroup
+from autoft.specs import Backbone, BackboneInfo, BackboneSpec, ParamGroup
 
 
 @cache
@@ -54,6 +54,23 @@ def create(model_name: str, *, num_classes: int, dropout: float = 0.0, weights: 
         input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
         mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
         std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+    )
+
+
+def describe(model_name: str) -> BackboneInfo:
+    """Input size, normalisation and groups from timm's pretrained config and a build on the
+    meta device, which allocates no weights (a ViT-B in 0.2 s instead of 5 s)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(model_name, pretrained=False, num_classes=2)
+    cfg = model.pretrained_cfg
+    return BackboneInfo(
+        input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
+        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+        num_groups=len(param_groups(model)),
     )
 
 
@@ -111,5 +128,6 @@ def autoft_register_backbones(register):
             factory=create,
             list_models=list_models,
             has_model=has_model,
+            describe=describe,
         )
     )
