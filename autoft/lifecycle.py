@@ -77,6 +77,7 @@ class TrainContext:
     step: int = 0
     record: dict[str, float] | None = None  # the last finished epoch's losses and metrics
     unlabelled: torch.Tensor | None = None  # uint8 (N, 3, S, S) images without labels, when given
+    hflip: bool = True  # whether horizontal flips keep labels true
     state: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -348,7 +348,11 @@ class _LifecycleChecks(_Contract):
             if isinstance(event, EpochEnd) and not event.resumed and event.epoch == stop_after:
                 raise KeyboardInterrupt
 
-        trainer = Trainer(backbone, synthetic_splits(), self.recipe(name, registry, len(backbone.groups)), config, registry=registry, on_event=crash, callbacks=callbacks)
+        unlabelled = synthetic_splits(seed=1).train.images  # for regularisers that use unlabelled images (FixMatch)
+        trainer = Trainer(
+            backbone, synthetic_splits(), self.recipe(name, registry, len(backbone.groups)), config, registry=registry, on_event=crash,
+            callbacks=callbacks, unlabelled=unlabelled,
+        )  # fmt: skip
         try:
             return trainer.fit(), backbone
         except KeyboardInterrupt:
@@ -546,7 +550,10 @@ class RegularizerContract(_LifecycleChecks):
         backbone = build_backbone(self.backbone_name, num_classes=3, registry=registry)
         params = self.recipe(name, registry, len(backbone.groups)).params()
         optimizer = torch.optim.AdamW(backbone.model.parameters())
-        return TrainContext(backbone=backbone, params=params, optimizer=optimizer, device=torch.device("cpu"), num_classes=3, epochs=2, steps=4, steps_per_epoch=2, epoch=1)
+        return TrainContext(
+            backbone=backbone, params=params, optimizer=optimizer, device=torch.device("cpu"), num_classes=3, epochs=2, steps=4,
+            steps_per_epoch=2, epoch=1, unlabelled=synthetic_splits(seed=1).train.images,
+        )  # fmt: skip
 
     def test_default_params_are_what_suggest_declares(self, regularizer_under_test, registry):
         import optuna

@@ -175,6 +175,9 @@ class Trainer:
         labels = torch.cat([data.train.labels, data.val.labels])
         if int(labels.min()) < 0 or int(labels.max()) >= data.num_classes:
             raise AutoftError(f"labels must index the {data.num_classes} classes, found labels from {int(labels.min())} to {int(labels.max())}")
+        unlabelled = self.unlabelled
+        if unlabelled is not None and (unlabelled.dtype != torch.uint8 or unlabelled.shape[1:] != data.train.images.shape[1:]):
+            raise AutoftError(f"unlabelled images must be uint8 {tuple(data.train.images.shape[1:])} like the labelled ones, got {unlabelled.dtype} {tuple(unlabelled.shape[1:])}")
         seed_everything(cfg.seed)
         self.params = self.recipe.params()
         self.callbacks = self._callbacks()
@@ -197,7 +200,7 @@ class Trainer:
         self._plan_steps()
         self.ctx = TrainContext(
             backbone=self.backbone, params=self.params, optimizer=optimizer, device=device, num_classes=data.num_classes,
-            epochs=self.epochs, steps=self.total_steps, steps_per_epoch=self.period, unlabelled=self.unlabelled,
+            epochs=self.epochs, steps=self.total_steps, steps_per_epoch=self.period, unlabelled=self.unlabelled, hflip=data.hflip,
         )  # fmt: skip
         self.transformers = [c for c in self.callbacks if "transform_batch" in c.hooks]
         self._place_training_set()

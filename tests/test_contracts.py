@@ -60,7 +60,7 @@ class TestStrategies(StrategyContract):
 
 
 class TestRegularizers(RegularizerContract):
-    @pytest.fixture(params=["mixup", "cutmix", "bss"])
+    @pytest.fixture(params=["mixup", "cutmix", "bss", "fixmatch"])
     def regularizer_under_test(self, request):
         return request.param
 

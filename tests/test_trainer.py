@@ -22,8 +22,8 @@ from autoft.lifecycle import PluginError
 from autoft.recipe import Recipe, resolve_recipe
 from autoft.runtime import graceful_interrupts
 from autoft.specs import STRATEGY_API, MetricSpec, RegularizerSpec, StrategySpec, TrainPlan
-from autoft.testing import registry_with, synthetic_splits
-from autoft.trainer import Diverged, Interrupted, OutOfTime, Trainer, TrainerConfig, build_augmentation, fit
+from autoft.testing import registry_with
+from autoft.trainer import Diverged, Interrupted, OutOfTime, Trainer, TrainerConfig, build_augmentation
 
 
 @pytest.fixture(scope="module")
@@ -421,3 +421,31 @@ def test_train_with_a_regulariser_and_metric_records_them(digits, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["metric"] == "balanced_accuracy" and "val_balanced_accuracy" in metrics and "test_balanced_accuracy" not in metrics
     assert result.params["regularizer"] == "cutmix" and result.params["cutmix_alpha"] == 1.0 and result.params["augment"] == "trivialaugment"
+
+
+# ---------------------------------------------------------------------------
+# FixMatch on unlabelled images
+
+
+def test_the_pseudo_label_loss_only_uses_confident_images():
+    from autoft_plugins.regularizers import pseudo_label_loss
+
+    weak = torch.tensor([[0.97, 0.02, 0.01], [0.40, 0.35, 0.25], [0.01, 0.96, 0.03]])  # the middle one is unsure
+    strong = torch.randn(3, 3, requires_grad=True)
+    pseudo_label_loss(strong, weak, threshold=0.95).backward()
+    assert strong.grad[1].abs().sum() == 0 and strong.grad[0].abs().sum() > 0 and strong.grad[2].abs().sum() > 0
+    assert strong.grad[0].argmin() == 0 and strong.grad[2].argmin() == 1  # pulled towards the pseudo-labels
+    assert pseudo_label_loss(strong, weak, threshold=0.99).item() == 0.0  # nothing confident: no loss
+
+
+def test_fixmatch_trains_on_unlabelled_images_handed_to_the_trainer(small, digits):
+    recipe = resolve_recipe({"strategy": "full", "lr": 3e-3, "regularizer": "fixmatch", "fixmatch_threshold": 0.7}, 6)
+    run = trainer(small, recipe, epochs=3, batch_size=32)
+    run.unlabelled = digits.val.images[:64]
+    result = run.fit()
+    added = [r["train_loss"] - r["train_cross_entropy"] for r in result.history]
+    assert added[0] >= 0 and added[-1] > 0  # once the model is confident on some unlabelled images, they add a loss
+    with pytest.raises(AutoftError, match="unlabelled images must be uint8 \\(3, 32, 32\\)"):
+        mismatched = trainer(small, recipe, epochs=1)
+        mismatched.unlabelled = torch.zeros(4, 3, 16, 16, dtype=torch.uint8)
+        mismatched.fit()
