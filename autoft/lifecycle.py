@@ -43,7 +43,12 @@ def describe_value(value: Any) -> str:
         return f"a {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')} tensor"
     if isinstance(value, tuple):
         return "(" + ", ".join(describe_value(v) for v in value) + ")"
-    return f"{type(value).__name__} {value!r}"[:120]
+    if isinstance(value, dict):
+        return f"dict with keys {list(value)[:5]}"
+    if isinstance(value, (list, set)):
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"{type(value).__name__} of {len(value)} {'/'.join(kinds) or 'items'}"
+    return f"{type(value).__name__} {value!r}"[:120].replace("\n", " ")
 
 
 def _where(exc: BaseException) -> str:
@@ -72,6 +77,7 @@ class TrainContext:
     step: int = 0
     record: dict[str, float] | None = None  # the last finished epoch's losses and metrics
     unlabelled: torch.Tensor | None = None  # uint8 (N, 3, S, S) images without labels, when given
+    hflip: bool = True  # whether horizontal flips keep labels true
     state: dict[str, Any] = field(default_factory=dict)
 
     @property

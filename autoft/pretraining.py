@@ -33,8 +33,11 @@ from autoft import plugins
 from autoft.data import DataSplits, ImageTensors, Normalize, decode_all, image_files, load_data, stratified_split, to_float, warn_skipped
 from autoft.errors import AutoftError
 from autoft.io import atomic_path, read_json, write_json
-from autoft.specs import Backbone, PretrainerSpec
-from autoft.training import build_backbone, cosine_with_warmup, resolve_device, seed_everything
+from autoft.specs import Backbone
+from autoft.backbones import build_backbone, describe_backbone
+from autoft.events import BatchEnd, EpochEnd, Event
+from autoft.runtime import as_device, autocast, cosine_with_warmup, seed_everything, stop_requested
+from autoft.trainer import OutOfTime
 
 CHECKPOINT_FRACTIONS = (0.25, 0.5, 1.0)
 PRETRAINED_FORMAT = "autoft-pretrained-backbone/1"
@@ -216,6 +219,26 @@ def read_result(out: Path, cached: bool = False) -> PretrainResult:
     return PretrainResult(out=out, checkpoints=checkpoints, metrics=metrics, cached=cached)
 
 
+@dataclass
+class PretrainConfig:
+    """How one pretraining stage runs. ``time_budget`` (seconds) caps the stage: after the
+    first epoch the planned epochs shrink to what fits, and the stage stops after the batch
+    that reaches it; ``deadline`` (a ``time.monotonic()`` value) stops it after that batch too."""
+
+    method: str = "simclr"
+    epochs: int = 50
+    batch_size: int = 128
+    image_size: int | None = None
+    weights: str | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    checkpoints: Sequence[float] = CHECKPOINT_FRACTIONS
+    time_budget: float | None = None
+    deadline: float | None = None
+    device: str | torch.device = "auto"
+    seed: int = 0
+
+
 def pretrain(
     backbone: str,
     data: str | os.PathLike | torch.Tensor,
@@ -231,40 +254,100 @@ def pretrain(
     weight_decay: float = 0.05,
     checkpoints: Sequence[float] = CHECKPOINT_FRACTIONS,
     time_budget: float | None = None,
+    deadline: float | None = None,
     device: str = "auto",
     seed: int = 0,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    on_event: Callable[[Event], None] | None = None,
 ) -> PretrainResult:
     """Pretrain ``backbone`` on unlabelled images with ``method``; save checkpoints to ``out``.
 
+    A thin wrapper over :class:`PretrainConfig` and :func:`run_pretraining`.
     ``data`` is a folder of images (flat or one subfolder per class; labels are ignored for
     training), any dataset source (``sample:digits``), or a uint8 ``(N, 3, S, S)`` tensor.
     ``labelled`` (a dataset source or :class:`~autoft.data.DataSplits`) scores each
     checkpoint by k-NN accuracy on its validation split; without it a class folder's own
     labels are used (20% held out), and a flat folder gets no score.
-    ``time_budget`` (seconds) caps the stage: after the first epoch, the planned epochs
-    shrink to what fits, and checkpoint points follow the shrunken plan.
     ``out=None`` keeps the stage in the cache (see the module docstring) and reuses it.
+    ``on_event`` receives :mod:`autoft.events`; ``on_epoch`` and ``on_batch`` are shorthands.
     """
-    if epochs < 1:
+    from autoft.training import _event_adapter
+
+    config = PretrainConfig(
+        method=method, epochs=epochs, batch_size=batch_size, image_size=image_size, weights=weights, lr=lr, weight_decay=weight_decay,
+        checkpoints=checkpoints, time_budget=time_budget, deadline=deadline, device=device, seed=seed,
+    )  # fmt: skip
+    return run_pretraining(backbone, data, out, config, labelled=labelled, on_event=_event_adapter(on_event, on_epoch, on_batch))
+
+
+@dataclass
+class PretrainJob:
+    """A checked stage: what :class:`PretrainLoop` runs, and where its result goes."""
+
+    backbone: str
+    pool: Pool
+    config: PretrainConfig
+    image_size: int
+    device: torch.device
+    labelled: DataSplits | None
+    final: Path  # where the finished stage lives
+    work: Path  # where it is written (a partial folder in the cache until it is done)
+    registry: plugins.Registry
+
+
+def run_pretraining(
+    backbone: str, data: str | os.PathLike | torch.Tensor, out: str | os.PathLike | None, config: PretrainConfig, *,
+    labelled: str | DataSplits | None = None, on_event: Callable[[Event], None] | None = None,
+) -> PretrainResult:  # fmt: skip
+    """Prepare (check, decode, find the cache entry), run the loop, then publish the stage."""
+    job = prepare_pretraining(backbone, data, out, config, labelled)
+    if (job.final / METRICS_NAME).is_file() and job.work != job.final:
+        return read_result(job.final, cached=True)
+    try:
+        stopped = PretrainLoop(job, on_event).run()
+    except BaseException:
+        if job.work != job.final:
+            shutil.rmtree(job.work, ignore_errors=True)
+        raise
+    return finish_pretraining(job, stopped)
+
+
+def prepare_pretraining(backbone: str, data, out, config: PretrainConfig, labelled) -> PretrainJob:
+    if config.epochs < 1:
         raise AutoftError("--epochs must be at least 1")
-    if batch_size < 2:
+    if config.batch_size < 2:
         raise AutoftError("--batch-size must be at least 2 (contrastive methods compare images within a batch)")
-    if not checkpoints or any(not 0 < f <= 1 for f in checkpoints):
+    if not config.checkpoints or any(not 0 < f <= 1 for f in config.checkpoints):
         raise AutoftError("checkpoint points must be fractions of the budget in (0, 1]")
     registry = plugins.registry()
-    spec, model_name = registry.backbone(backbone)  # fail on a bad name before decoding any image
-    method_spec = registry.pretrainer(method)
-    torch_device = resolve_device(device)
+    registry.backbone(backbone)  # fail on a bad name before decoding any image
+    registry.pretrainer(config.method)
+    device = as_device(config.device)
+    image_size = config.image_size
     if image_size is None:
         if isinstance(data, torch.Tensor):
             image_size = int(data.shape[-1])
         elif isinstance(labelled, DataSplits):
             image_size = labelled.image_size
         else:
-            image_size = spec.factory(model_name, num_classes=2, dropout=0.0, weights=None).input_size
+            image_size = describe_backbone(backbone, registry).input_size
+    pool = _load_images(data, image_size, registry)
+    if isinstance(labelled, (str, os.PathLike)):
+        labelled = load_data(str(labelled), image_size=image_size, seed=config.seed, registry=registry)
+    final = work = Path(out).expanduser() if out is not None else None
+    if out is None:
+        key = _cache_key(backbone, pool, image_size, config)
+        final = cache_root() / key
+        # The folder appears by an atomic rename only once the stage has finished, so a
+        # crashed or interrupted stage is never taken as done.
+        if not (final / METRICS_NAME).is_file():
+            remove_abandoned(cache_root(), key)
+        work = cache_root() / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+    return PretrainJob(backbone, pool, config, image_size, device, labelled, final, work, registry)
 
+
+def _load_images(data, image_size: int, registry) -> Pool:
     if isinstance(data, torch.Tensor):
         if data.dtype != torch.uint8 or data.dim() != 4 or data.shape[1] != 3 or data.shape[-1] != image_size:
             raise AutoftError(f"image tensors must be uint8 (N, 3, {image_size}, {image_size}), got {data.dtype} {tuple(data.shape)}")
@@ -273,43 +356,31 @@ def pretrain(
         pool = load_pool(data, image_size, registry)
     if len(pool.images) < 2:
         raise AutoftError(f"need at least 2 images to pretrain, found {len(pool.images)}")
-    if isinstance(labelled, (str, os.PathLike)):
-        labelled = load_data(str(labelled), image_size=image_size, seed=seed, registry=registry)
+    return pool
 
-    if out is None:
-        key_fields = {
-            "backbone": backbone, "method": method, "images": fingerprint(pool.images), "image_size": image_size,
-            "epochs": epochs, "time_budget": time_budget, "batch_size": batch_size, "lr": lr,
-            "weight_decay": weight_decay, "checkpoints": sorted(checkpoints), "weights": _weights_identity(weights), "seed": seed,
-        }  # fmt: skip
-        key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:24]
-        final = cache_root() / key
-        # The folder appears by an atomic rename only once the stage has finished, so a
-        # crashed or interrupted stage is never taken as done.
-        if (final / METRICS_NAME).is_file():
-            return read_result(final, cached=True)
-        remove_abandoned(cache_root(), key)
-        work = cache_root() / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
-    else:
-        final = work = Path(out).expanduser()
 
+def _cache_key(backbone: str, pool: Pool, image_size: int, config: PretrainConfig) -> str:
+    key_fields = {
+        "backbone": backbone, "method": config.method, "images": fingerprint(pool.images), "image_size": image_size,
+        "epochs": config.epochs, "time_budget": config.time_budget, "batch_size": config.batch_size, "lr": config.lr,
+        "weight_decay": config.weight_decay, "checkpoints": sorted(config.checkpoints), "weights": _weights_identity(config.weights),
+        "seed": config.seed,
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def finish_pretraining(job: PretrainJob, stopped: str | None) -> PretrainResult:
+    """Publish the stage. In the cache, only a stage that ran its plan is kept for reuse."""
+    if job.work == job.final:
+        return read_result(job.final)
+    if stopped == "interrupted":
+        shutil.rmtree(job.work, ignore_errors=True)
+        raise KeyboardInterrupt
     try:
-        _run(
-            backbone, pool, work, method=method, method_spec=method_spec, epochs=epochs, batch_size=batch_size,
-            image_size=image_size, weights=weights, labelled=labelled, lr=lr, weight_decay=weight_decay,
-            fractions=checkpoints, time_budget=time_budget, device=torch_device, seed=seed, registry=registry,
-            on_epoch=on_epoch, on_batch=on_batch,
-        )  # fmt: skip
-    except BaseException:
-        if work != final:
-            shutil.rmtree(work, ignore_errors=True)
-        raise
-    if work != final:
-        try:
-            work.rename(final)
-        except OSError:  # another process finished the same stage first; theirs is as good
-            shutil.rmtree(work, ignore_errors=True)
-    return read_result(final)
+        job.work.rename(job.final)
+    except OSError:  # another process finished the same stage first; theirs is as good
+        shutil.rmtree(job.work, ignore_errors=True)
+    return read_result(job.final)
 
 
 def remove_abandoned(root: Path, key: str) -> None:
@@ -324,112 +395,162 @@ def remove_abandoned(root: Path, key: str) -> None:
             continue  # not ours to judge: a name we did not write, or another user's live process
 
 
-def _run(
-    backbone_name: str, pool: Pool, out: Path, *, method: str, method_spec: PretrainerSpec, epochs: int, batch_size: int,
-    image_size: int, weights: str | None, labelled: DataSplits | None, lr: float, weight_decay: float,
-    fractions: Sequence[float], time_budget: float | None, device: torch.device, seed: int, registry,
-    on_epoch: Callable[[dict[str, float]], None] | None, on_batch: Callable[[int, int], None] | None,
-) -> None:  # fmt: skip
-    started = time.perf_counter()
-    seed_everything(seed)
-    # The classifier is never trained nor saved; two classes keep every backbone source happy.
-    backbone = build_backbone(backbone_name, num_classes=2, weights=weights, registry=registry)
-    pretrainer = method_spec.factory()
-    extra = pretrainer.setup(backbone, image_size)
-    modules = torch.nn.ModuleList([backbone.model] + ([extra] if extra is not None else [])).to(device)
-    head = set(backbone.head.params)
-    trainable = [p for n, p in backbone.model.named_parameters() if n not in head]
-    if extra is not None:
-        trainable += list(extra.parameters())
-    for p in trainable:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
-    batch_size = min(batch_size, len(pool.images))
-    steps_per_epoch = len(pool.images) // batch_size  # full batches only: contrastive losses need company
-    planned = {"epochs": epochs}  # a time budget may shorten the plan after the first epoch
+class PretrainLoop:
+    """The pretraining loop, one method per phase. It stops after the batch that reaches its
+    deadline or a stop request, and saves the weights it has then as its last checkpoint."""
 
-    def lr_factor(step: int) -> float:
-        total = planned["epochs"] * steps_per_epoch
-        return cosine_with_warmup(total, min(steps_per_epoch, total // 10 + 1))(step)
+    def __init__(self, job: PretrainJob, on_event: Callable[[Event], None] | None = None):
+        self.job, self.config, self.on_event = job, job.config, on_event
+        self.device = job.device
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    evaluation = evaluation_split(labelled, pool, seed)
-    generator = torch.Generator().manual_seed(seed)
-    out.mkdir(parents=True, exist_ok=True)
+    def run(self) -> str | None:
+        """Train; return why the stage ended early ("deadline", "interrupted"), or None."""
+        self._setup()
+        stopped, epoch = None, 0
+        while epoch < self.planned_epochs and not stopped:
+            epoch += 1
+            stopped = self._train_epoch(epoch)
+        self._finish(epoch, stopped)
+        return stopped
 
-    def score() -> float | None:
-        if evaluation is None:
+    def _setup(self) -> None:
+        job, config = self.job, self.config
+        self.started = time.perf_counter()
+        seed_everything(config.seed)
+        # The classifier is never trained nor saved; two classes keep every backbone source happy.
+        self.backbone = build_backbone(job.backbone, num_classes=2, weights=config.weights, registry=job.registry)
+        self.method = job.registry.pretrainer(config.method).factory()
+        extra = self.method.setup(self.backbone, job.image_size)
+        self.modules = torch.nn.ModuleList([self.backbone.model] + ([extra] if extra is not None else [])).to(self.device)
+        head = set(self.backbone.head.params)
+        trainable = [p for n, p in self.backbone.model.named_parameters() if n not in head]
+        if extra is not None:
+            trainable += list(extra.parameters())
+        for p in trainable:
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.batch_size = min(config.batch_size, len(job.pool.images))
+        self.steps_per_epoch = len(job.pool.images) // self.batch_size  # full batches only: contrastive losses need company
+        self.planned_epochs = config.epochs  # a time budget may shorten the plan after the first epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.evaluation = evaluation_split(job.labelled, job.pool, config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        budget_end = None if config.time_budget is None else time.monotonic() + config.time_budget
+        self.deadline = min((d for d in (config.deadline, budget_end) if d is not None), default=None)
+        job.work.mkdir(parents=True, exist_ok=True)
+        self.saves = checkpoint_epochs(config.epochs, config.checkpoints)
+        self.metrics = self._start_metrics()
+        self.modules.train()
+
+    def _lr_factor(self, step: int) -> float:
+        total = self.planned_epochs * self.steps_per_epoch
+        return cosine_with_warmup(total, min(self.steps_per_epoch, total // 10 + 1))(step)
+
+    def _start_metrics(self) -> dict[str, Any]:
+        job, config = self.job, self.config
+        return {
+            "backbone": job.backbone,
+            "method": config.method,
+            "weights": config.weights,
+            "image_size": job.image_size,
+            "batch_size": self.batch_size,
+            "lr": config.lr,
+            "weight_decay": config.weight_decay,
+            "seed": config.seed,
+            "num_images": len(job.pool.images),
+            "skipped_images": len(job.pool.skipped),
+            "skipped": [{"source": s, "reason": r} for s, r in job.pool.skipped[:100]],
+            "planned_epochs": config.epochs,
+            "time_budget": config.time_budget,
+            "knn_accuracy_at_start": self._score(),
+            "epochs": [],
+            "checkpoints": [],
+        }
+
+    def _score(self) -> float | None:
+        if self.evaluation is None:
             return None
-        accuracy = knn_accuracy(backbone, *evaluation, device)
-        modules.train()
+        accuracy = knn_accuracy(self.backbone, *self.evaluation, self.device)
+        self.modules.train()
         return accuracy
 
-    metrics: dict[str, Any] = {
-        "backbone": backbone_name,
-        "method": method,
-        "weights": weights,
-        "image_size": image_size,
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "seed": seed,
-        "num_images": len(pool.images),
-        "skipped_images": len(pool.skipped),
-        "skipped": [{"source": s, "reason": r} for s, r in pool.skipped[:100]],
-        "planned_epochs": epochs,
-        "time_budget": time_budget,
-        "knn_accuracy_at_start": score(),
-        "epochs": [],
-        "checkpoints": [],
-    }
-    saves = checkpoint_epochs(epochs, fractions)
-    modules.train()
-    epoch = 0
-    while epoch < planned["epochs"]:
-        epoch += 1
+    def _stop_reason(self) -> str | None:
+        if stop_requested():
+            return "interrupted"
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return "deadline"
+        return None
+
+    def _train_epoch(self, epoch: int) -> str | None:
         epoch_started = time.perf_counter()
-        order = torch.randperm(len(pool.images), generator=generator)
-        total = 0.0
-        for step in range(steps_per_epoch):
-            index = order[step * batch_size : (step + 1) * batch_size]
-            images = to_float(pool.images[index], device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = pretrainer.loss(backbone, images)
+        order = torch.randperm(len(self.job.pool.images), generator=self.generator)
+        total, done, stopped = 0.0, 0, None
+        for step in range(self.steps_per_epoch):
+            stopped = self._stop_reason()
+            if stopped:
+                break
+            index = order[step * self.batch_size : (step + 1) * self.batch_size]
+            images = to_float(self.job.pool.images[index], self.device)
+            with autocast(self.device):
+                loss = self.method.loss(self.backbone, images)
             if not torch.isfinite(loss):
                 raise AutoftError(f"pretraining loss is {loss.item()} at epoch {epoch}; try a lower --lr")
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            scheduler.step()
+            self.optimizer.step()
+            self.scheduler.step()
             total += loss.item()
-            if on_batch:
-                on_batch(step + 1, steps_per_epoch)
-        record = {"epoch": epoch, "loss": total / steps_per_epoch, "seconds": time.perf_counter() - epoch_started}
-        metrics["epochs"].append(record)
-        if time_budget is not None:
-            elapsed = time.perf_counter() - started
+            done += 1
+            self._emit(BatchEnd(step=step + 1, steps=self.steps_per_epoch))
+        if done == 0:
+            return stopped  # nothing trained in this epoch: it does not count
+        record = {"epoch": epoch, "loss": total / done, "seconds": time.perf_counter() - epoch_started}
+        if stopped:
+            record["stopped"] = stopped
+        self._end_epoch(epoch, record, last=bool(stopped))
+        return stopped
+
+    def _end_epoch(self, epoch: int, record: dict[str, Any], last: bool) -> None:
+        self.metrics["epochs"].append(record)
+        if self.config.time_budget is not None and not last:
+            elapsed = time.perf_counter() - self.started
             if epoch == 1:
                 # The first epoch tells how many fit; the schedule and checkpoints follow the new plan.
-                fits = max(1, int(time_budget / max(elapsed, 1e-9)))
-                if fits < epochs:
-                    planned["epochs"] = fits
-                    saves = checkpoint_epochs(fits, fractions)
-            elif elapsed + record["seconds"] > time_budget and epoch < planned["epochs"]:
-                planned["epochs"] = epoch  # the next epoch would overrun: this one is the last
-                saves.append(epoch)
-        if epoch in saves:
-            path = save_pretrained(
-                out / f"backbone-epoch{epoch}.pt", backbone, backbone_name=backbone_name, method=method, epoch=epoch, image_size=image_size
-            )
-            fraction = round(epoch / planned["epochs"], 4)
-            checkpoint = {"epoch": epoch, "fraction": fraction, "path": path.name, "knn_accuracy": score()}
-            metrics["checkpoints"].append(checkpoint)
-            record["knn_accuracy"] = checkpoint["knn_accuracy"]
-        if on_epoch:
-            on_epoch(record)
-    metrics["epochs_run"] = epoch
-    metrics["seconds"] = time.perf_counter() - started
-    write_json(out / METRICS_NAME, metrics)
+                fits = max(1, int(self.config.time_budget / max(elapsed, 1e-9)))
+                if fits < self.config.epochs:
+                    self.planned_epochs = fits
+                    self.saves = checkpoint_epochs(fits, self.config.checkpoints)
+            elif elapsed + record["seconds"] > self.config.time_budget and epoch < self.planned_epochs:
+                self.planned_epochs = epoch  # the next epoch would overrun: this one is the last
+        if last or epoch >= self.planned_epochs:
+            self.planned_epochs = epoch
+            self.saves.append(epoch)
+        if epoch in self.saves:
+            self._save(epoch, record)
+        self._emit(EpochEnd(epoch=epoch, epochs=self.planned_epochs, record=record, value=record.get("knn_accuracy")))
+
+    def _save(self, epoch: int, record: dict[str, Any]) -> None:
+        job = self.job
+        path = save_pretrained(
+            job.work / f"backbone-epoch{epoch}.pt", self.backbone, backbone_name=job.backbone, method=self.config.method, epoch=epoch, image_size=job.image_size
+        )
+        checkpoint = {"epoch": epoch, "fraction": round(epoch / self.planned_epochs, 4), "path": path.name, "knn_accuracy": self._score()}
+        self.metrics["checkpoints"].append(checkpoint)
+        record["knn_accuracy"] = checkpoint["knn_accuracy"]
+
+    def _finish(self, epoch: int, stopped: str | None) -> None:
+        if not self.metrics["checkpoints"]:
+            raise OutOfTime("pretraining was stopped before its first batch ended")
+        trained = self.metrics["epochs"][-1]["epoch"]
+        self.metrics["epochs_run"] = trained
+        if stopped:
+            self.metrics["stopped"] = stopped
+        self.metrics["seconds"] = time.perf_counter() - self.started
+        write_json(self.job.work / METRICS_NAME, self.metrics)
+
+    def _emit(self, event: Event) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
 
 
 # ---------------------------------------------------------------------------
@@ -477,6 +598,7 @@ def search_stage(
             batch_size=batch_size,
             weights=weights,
             labelled=data,
+            deadline=setup.deadline,
             device=str(setup.device),
             seed=setup.seed,
         )

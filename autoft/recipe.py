@@ -89,7 +89,7 @@ PARAMS: tuple[ParamDef, ...] = (
         "augment_magnitude", int, 9, "RandAugment's magnitude, 0 to 30.", 3, 15, minimum=0, maximum=30, only_with=("augment", ("randaugment",))
     ),
     ParamDef("strategy", str, "freeze", "Fine-tuning strategy (see `autoft plugins`)."),
-    ParamDef("regularizer", str, NO_REGULARIZER, "Regulariser combined with the strategy: none, mixup, cutmix, bss (see `autoft plugins`)."),
+    ParamDef("regularizer", str, NO_REGULARIZER, "Regulariser combined with the strategy: none, mixup, cutmix, bss, fixmatch (with unlabelled images; see `autoft plugins`)."),
 )
 PARAM_DEFS = {p.name: p for p in PARAMS}
 

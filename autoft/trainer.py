@@ -32,8 +32,10 @@ from autoft.recipe import NO_REGULARIZER, Recipe
 from autoft.runtime import as_device, autocast, cosine_with_warmup, layout, seed_everything, stop_requested
 from autoft.specs import Backbone
 
-# A train loss this many times chance level (ln of the class count, at least 1) is a diverged run.
+# A train loss this many times chance level (ln of the class count, at least 1) is a diverged run;
+# so is one that rose past SPIKE_FACTOR times it and ends with validation accuracy at chance.
 DIVERGENCE_FACTOR = 5.0
+SPIKE_FACTOR = 2.0
 STATE_INTERVAL = 30.0  # seconds between writes of the resumable state
 
 
@@ -173,6 +175,9 @@ class Trainer:
         labels = torch.cat([data.train.labels, data.val.labels])
         if int(labels.min()) < 0 or int(labels.max()) >= data.num_classes:
             raise AutoftError(f"labels must index the {data.num_classes} classes, found labels from {int(labels.min())} to {int(labels.max())}")
+        unlabelled = self.unlabelled
+        if unlabelled is not None and (unlabelled.dtype != torch.uint8 or unlabelled.shape[1:] != data.train.images.shape[1:]):
+            raise AutoftError(f"unlabelled images must be uint8 {tuple(data.train.images.shape[1:])} like the labelled ones, got {unlabelled.dtype} {tuple(unlabelled.shape[1:])}")
         seed_everything(cfg.seed)
         self.params = self.recipe.params()
         self.callbacks = self._callbacks()
@@ -195,7 +200,7 @@ class Trainer:
         self._plan_steps()
         self.ctx = TrainContext(
             backbone=self.backbone, params=self.params, optimizer=optimizer, device=device, num_classes=data.num_classes,
-            epochs=self.epochs, steps=self.total_steps, steps_per_epoch=self.period, unlabelled=self.unlabelled,
+            epochs=self.epochs, steps=self.total_steps, steps_per_epoch=self.period, unlabelled=self.unlabelled, hflip=data.hflip,
         )  # fmt: skip
         self.transformers = [c for c in self.callbacks if "transform_batch" in c.hooks]
         self._place_training_set()
@@ -393,6 +398,7 @@ class Trainer:
             "epoch": epoch,
             "step": self.global_step,
             "train_loss": sum(losses),
+            **({"train_cross_entropy": losses[0]} if self.loss_callbacks else {}),
             "val_loss": val["loss"],
             **{f"val_{m.name}": val[m.name] for m in self.metrics},
             "seconds": time.perf_counter() - self._epoch_started,
@@ -425,11 +431,24 @@ class Trainer:
                 f"({chance:.3g}); the learning rate may be too high"
             )
 
+    def _check_chance_level(self) -> None:
+        """A loss that spiked and a model no better than always answering the commonest class: diverged."""
+        chance = max(math.log(self.data.num_classes), 1.0)
+        peak = max(r.get("train_cross_entropy", r["train_loss"]) for r in self.history)  # loss terms are no divergence
+        majority = float(torch.bincount(self.data.val.labels).max()) / len(self.data.val)
+        accuracy = max(r["val_accuracy"] for r in self.history)
+        if peak > SPIKE_FACTOR * chance and accuracy <= majority + 0.02:
+            raise Diverged(
+                f"diverged: train loss rose to {peak:.3g} ({peak / chance:.1f}x chance level) and the best validation "
+                f"accuracy, {accuracy:.3f}, is chance level ({majority:.3f}); the learning rate may be too high"
+            )
+
     def _finish(self, stopped: str | None) -> FitResult:
         if self.best is None:
             if stopped == "deadline":
                 raise OutOfTime("the time budget ran out before the first epoch ended")
             raise Interrupted("stopped before the first epoch ended")
+        self._check_chance_level()
         value, best_epoch, weights, val = self.best
         self.backbone.model.load_state_dict(weights)
         self._emit(TrainEnd(best_epoch=best_epoch, stopped=stopped))

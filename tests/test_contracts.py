@@ -8,8 +8,9 @@ import pytest
 import autoft_torchvision  # the example distribution: `pip install -e plugins/autoft-torchvision`
 from autoft import hookimpl
 from autoft.specs import BackboneSpec, ParamGroup, StrategySpec, TrainPlan
-from autoft.testing import BackboneContract, DatasetContract, PretrainerContract, StrategyContract, registry_with
-from autoft.training import build_backbone
+from autoft.backbones import build_backbone
+from autoft.lifecycle import PluginError
+from autoft.testing import BackboneContract, DatasetContract, MetricContract, PretrainerContract, RegularizerContract, StrategyContract, registry_with
 
 from conftest import COLOURS, make_image
 
@@ -53,8 +54,20 @@ class TestFileFormats(DatasetContract):
 
 
 class TestStrategies(StrategyContract):
-    @pytest.fixture(params=["full", "freeze", "linear-probe", "l2sp", "discriminative"])
+    @pytest.fixture(params=["full", "freeze", "linear-probe", "l2sp", "discriminative", "lp-ft"])
     def strategy_under_test(self, request):
+        return request.param
+
+
+class TestRegularizers(RegularizerContract):
+    @pytest.fixture(params=["mixup", "cutmix", "bss", "fixmatch"])
+    def regularizer_under_test(self, request):
+        return request.param
+
+
+class TestMetrics(MetricContract):
+    @pytest.fixture(params=["accuracy", "f1_macro", "balanced_accuracy", "top5_accuracy", "log_loss"])
+    def metric_under_test(self, request):
         return request.param
 
 
@@ -103,7 +116,35 @@ class Sloppy:
                 head = [p for n, p in backbone.model.named_parameters() if n in backbone.head.params]
                 return TrainPlan([{"params": head}])  # but nothing was frozen
 
+        class ForgetsItsPhase(LeavesParametersOut):
+            """LP-FT that counts epochs itself but saves no state: a resumed run restarts its probe."""
+
+            def __init__(self):
+                self.epochs_seen = 0
+
+            def apply(self, backbone, params):
+                for n, p in backbone.model.named_parameters():
+                    p.requires_grad_(n in backbone.head.params)
+                return super().apply(backbone, params)
+
+            def on_epoch_start(self, ctx):
+                self.epochs_seen += 1
+                if self.epochs_seen == 2:
+                    ctx.unfreeze(ctx.group_parameters([g.name for g in ctx.backbone.groups[:-1]]))
+
+        class UnfreezesAtZeroRate(ForgetsItsPhase):
+            def on_epoch_start(self, ctx):
+                if ctx.epoch == 2:
+                    ctx.unfreeze(ctx.group_parameters([g.name for g in ctx.backbone.groups[:-1]]), lr_scale=0.0)
+
+        class ReturnsADict(LeavesParametersOut):
+            def apply(self, backbone, params):
+                return {"params": list(backbone.model.parameters())}
+
         register(StrategySpec("leaky", "", LeavesParametersOut))
+        register(StrategySpec("forgetful", "", ForgetsItsPhase, api_version=2))
+        register(StrategySpec("idle", "", UnfreezesAtZeroRate, api_version=2))
+        register(StrategySpec("dict-plan", "", ReturnsADict, api_version=2))
 
 
 @pytest.fixture
@@ -121,8 +162,27 @@ def test_the_kit_fails_a_head_group_that_is_not_the_classifier(sloppy_registry):
         BackboneContract().test_head_is_the_last_group_and_the_only_one_sized_by_classes("sloppy:wrong-head", sloppy_registry)
 
 
-def test_the_kit_fails_a_strategy_that_trains_parameters_outside_its_plan(sloppy_registry):
+@pytest.mark.parametrize(
+    "strategy, error, message",
+    [
+        ("leaky", AssertionError, "trainable parameters in no optimizer group"),
+        ("dict-plan", PluginError, r"strategy 'dict-plan' \(Sloppy\): apply\(\) returned dict with keys \['params'\]; expected TrainPlan"),
+    ],
+)
+def test_the_kit_fails_a_bad_plan_with_a_readable_message(strategy, error, message, sloppy_registry):
     contract = StrategyContract()
     backbone = build_backbone(contract.backbone_name, num_classes=3, registry=sloppy_registry)
-    with pytest.raises(AssertionError, match="trainable parameters in no optimizer group"):
-        contract.test_plan_trains_only_grouped_parameters("leaky", sloppy_registry, backbone)
+    with pytest.raises(error, match=message):
+        contract.test_plan_trains_only_grouped_parameters(strategy, sloppy_registry, backbone)
+
+
+def test_the_kit_fails_a_strategy_whose_phase_is_lost_on_resume(sloppy_registry, tmp_path):
+    with pytest.raises(AssertionError, match=r"resumed after epoch 1 of 3.*state_dict\(\) hold everything"):
+        StrategyContract().test_state_survives_save_and_restore("forgetful", sloppy_registry, tmp_path)
+    StrategyContract().test_parameters_it_unfreezes_later_train("forgetful", sloppy_registry)  # without a resume it trains fine
+
+
+def test_the_kit_fails_parameters_unfrozen_later_that_never_train(sloppy_registry):
+    with pytest.raises(AssertionError, match="made trainable at epoch 2 never changed"):
+        StrategyContract().test_parameters_it_unfreezes_later_train("idle", sloppy_registry)
+

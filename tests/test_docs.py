@@ -24,10 +24,10 @@ TESTS = Path(__file__).resolve().parent
 
 HOOKS = {name: fn for name, fn in vars(hookspecs).items() if name.startswith("autoft_") and callable(fn)}
 DOCUMENTED_TYPES = [
-    specs.BackboneSpec, specs.Backbone, specs.ParamGroup, specs.DatasetSpec, specs.LabelledImages,
-    specs.StrategySpec, specs.TrainPlan, specs.PretrainerSpec,
+    specs.BackboneSpec, specs.BackboneInfo, specs.Backbone, specs.ParamGroup, specs.DatasetSpec, specs.LabelledImages,
+    specs.StrategySpec, specs.TrainPlan, specs.RegularizerSpec, specs.MetricSpec, specs.PretrainerSpec,
 ]
-PROTOCOLS = [specs.Strategy, specs.Pretrainer]
+PROTOCOLS = [specs.Strategy, specs.TrainCallback, specs.Regularizer, specs.Pretrainer]
 
 
 def reference() -> str:
@@ -93,20 +93,25 @@ def test_the_guide_example_distribution_is_what_its_pyproject_says():
     assert hooks_in_guide == set(HOOKS), "the guide shows a plugin for every hook"
 
 
-def test_the_guide_plugins_load_and_pass_their_contract_tests(tmp_path):
-    """From the guide alone: write its modules and its test file, load them, run the tests."""
-    folder = tmp_path / "autoft-acme"
+def write_guide_plugins(folder: Path) -> Path:
+    """The guide's files, as a reader would save them; the modules load as a plugins folder."""
     (folder / "tests").mkdir(parents=True)
     for name, body in titled_blocks().items():
         (folder / name).write_text(body, encoding="utf-8")
-    plugins_dir = folder  # the modules load as a plugins folder; pyproject.toml is not a *.py
+    return folder
+
+
+def test_the_guide_plugins_load_and_pass_their_contract_tests(tmp_path):
+    """From the guide alone: write its modules and its test file, load them, run the tests."""
+    folder = plugins_dir = write_guide_plugins(tmp_path / "autoft-acme")  # pyproject.toml is not a *.py
 
     listed = CliRunner().invoke(make_app(), ["--plugins-dir", str(plugins_dir), "plugins", "--json"])
     assert listed.exit_code == 0, listed.output
     found = json.loads(listed.output)
     assert not found["broken"] and not found["conflicts"]
     assert {(r["kind"], r["name"]) for r in found["plugins"] if r["package"] == str(plugins_dir)} == {
-        ("backbone source", "acme"), ("dataset", "jsonl"), ("strategy", "bitfit"), ("pretraining", "rotation"),
+        ("backbone source", "acme"), ("dataset", "jsonl"), ("strategy", "bitfit"), ("strategy", "acme-lpft"),
+        ("regularizer", "acme-mixup"), ("metric", "worst_class_recall"), ("pretraining", "rotation"),
     }
 
     env = {**os.environ, "AUTOFT_PLUGINS_DIR": str(plugins_dir), "AUTOFT_DISABLE_PLUGIN_AUTOLOAD": "1"}
@@ -117,3 +122,38 @@ def test_the_guide_plugins_load_and_pass_their_contract_tests(tmp_path):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     summary = run.stdout.strip().splitlines()[-1]
     assert "passed" in summary and "skipped" not in summary and "failed" not in summary, summary
+
+
+def test_the_guide_lp_ft_is_short_and_needs_no_gradient_hooks():
+    source = titled_blocks()["acme_strategies.py"]
+    lines = source[source.index("class ProbeThenTune") :].split("\n\n\n")[0].splitlines()
+    assert len(lines) < 40, f"the LP-FT example has {len(lines)} lines"
+    assert "register_hook" not in source and "extra_loss" not in source
+    assert "def on_epoch_start(self, ctx)" in source and "ctx.unfreeze(" in source and "def state_dict(self)" in source
+
+
+def test_the_guide_metric_regularizer_and_lp_ft_work_from_the_cli(tmp_path):
+    """`--metric` of a metric plugin on train and search; the guide's LP-FT and mixup in a run."""
+    import optuna
+
+    plugins_dir = write_guide_plugins(tmp_path / "autoft-acme")
+    base = ["--plugins-dir", str(plugins_dir)]
+    data = ["--backbone", "test_resnet", "--data", "sample:digits", "--image-size", "16", "--device", "cpu", "--batch-size", "128"]
+    train = CliRunner().invoke(
+        make_app(),
+        [*base, "train", *data, "--out", str(tmp_path / "train"), "--epochs", "2", "--strategy", "acme-lpft", "--regularizer", "acme-mixup", "--metric", "worst_class_recall"],
+    )
+    assert train.exit_code == 0, train.output
+    metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())
+    assert metrics["metric"] == "worst_class_recall" and "val worst class recall" in train.output
+    assert all("val_worst_class_recall" in epoch for epoch in metrics["epochs"])
+    assert metrics["params"]["regularizer"] == "acme-mixup" and 0.05 <= metrics["params"]["acme_mixup_alpha"] <= 1.0
+    search = CliRunner().invoke(
+        make_app(),
+        [*base, "search", *data, "--out", str(tmp_path / "search"), "--trials", "2", "--epochs", "1", "--no-onnx", "--metric", "worst_class_recall",
+         "--strategy", "acme-lpft", "--range", "regularizer=none,acme-mixup"],
+    )  # fmt: skip
+    assert search.exit_code == 0, search.output
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'search' / 'study.db'}")
+    assert all(t.params["strategy"] == "acme-lpft" and t.params["regularizer"] in ("none", "acme-mixup") for t in study.trials)
+    assert json.loads((tmp_path / "search" / "best" / "metrics.json").read_text())["metric"] == "worst_class_recall"

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from autoft import plugins
+from autoft import hookimpl, plugins
 from autoft.cli import make_app
 from autoft.data import DataSplits
 from autoft.pretraining import PRETRAINED_FORMAT, checkpoint_epochs, pretrain
-from autoft.training import build_backbone, load_weights
+from autoft.backbones import build_backbone, load_weights
+from autoft.specs import PretrainerSpec
 
 from conftest import COLOURS, make_image
 
@@ -234,3 +236,57 @@ def test_search_timeout_gives_pretraining_its_planned_share(class_folder, cache_
     assert stage["seconds"] < 1.1 * plan["pretrain_seconds"] + 2 * max(e["seconds"] for e in stage["epochs"]) + 1
     assert result.seconds < 60 * 1.05 + 30
     assert "init" in result.best_params
+
+
+class SlowAutoencoder:
+    """The built-in autoencoder with a slow step: an epoch far longer than the deadline."""
+
+    @hookimpl
+    def autoft_register_pretrainers(self, register):
+        from autoft_plugins.pretrainers import Autoencoder
+
+        class Slow(Autoencoder):
+            def loss(self, backbone, images):
+                time.sleep(0.1)
+                return super().loss(backbone, images)
+
+        register(PretrainerSpec("slow-autoencoder", "", Slow))
+
+
+@pytest.fixture
+def slow_method():
+    pm = plugins.get_plugin_manager()
+    pm.register(SlowAutoencoder(), name="slow")
+    plugins.set_default_plugin_manager(pm)
+    try:
+        yield "slow-autoencoder"
+    finally:
+        plugins.set_default_plugin_manager(None)
+
+
+def test_a_deadline_inside_a_long_pretraining_epoch_stops_after_that_batch_and_keeps_a_checkpoint(pool, slow_method, tmp_path):
+    batches = []
+    started = time.monotonic()
+    result = pretrain(
+        "test_resnet", pool, tmp_path, method=slow_method, epochs=3, batch_size=2, device="cpu",  # 32 batches of 0.1 s an epoch
+        deadline=started + 1.0, on_batch=lambda step, steps: batches.append(step),
+    )  # fmt: skip
+    assert time.monotonic() - started < 1.0 + 2.0  # one batch past the deadline, then a checkpoint; not 3 s of epoch
+    assert 1 <= len(batches) < 32 and result.metrics["stopped"] == "deadline"
+    assert result.metrics["epochs_run"] == 1 and result.metrics["epochs"][0]["stopped"] == "deadline"
+    assert [c.epoch for c in result.checkpoints] == [1] and result.final.path.is_file()
+    build_backbone("test_resnet", num_classes=3, weights=str(result.final.path))  # a usable checkpoint
+
+
+def test_ctrl_c_in_a_cached_stage_caches_nothing(pool, slow_method, cache_dir):
+    from autoft import runtime
+
+    def interrupt(step, steps):
+        runtime.request_stop()
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pretrain("test_resnet", pool, method=slow_method, epochs=2, batch_size=32, device="cpu", on_batch=interrupt)
+    finally:
+        runtime.clear_stop()
+    assert not cache_dir.exists() or not list(cache_dir.iterdir())

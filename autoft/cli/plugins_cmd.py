@@ -12,7 +12,10 @@ from rich.table import Table
 
 from autoft.cli.common import guarded
 
-KIND_LABELS = {"backbones": "backbone source", "datasets": "dataset", "strategies": "strategy", "pretrainers": "pretraining"}
+KIND_LABELS = {
+    "backbones": "backbone source", "datasets": "dataset", "strategies": "strategy", "regularizers": "regularizer",
+    "metrics": "metric", "pretrainers": "pretraining",
+}  # fmt: skip
 
 
 def describe() -> dict:

@@ -38,10 +38,13 @@ def pretrain_command(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
-    """Pretrain a backbone on unlabelled images; fine-tune from a checkpoint with --weights."""
+    """Pretrain a backbone on unlabelled images; fine-tune from a checkpoint with --weights.
+    Ctrl-C stops after the current batch and keeps the weights as the last checkpoint."""
     from autoft.pretraining import pretrain
+    from autoft.runtime import graceful_interrupts
 
-    with PretrainProgress(epochs, label="pretrain epoch") as progress:
+    stopping = lambda: console.print("[yellow]stopping after this batch; Ctrl-C again to abort[/yellow]")  # noqa: E731
+    with PretrainProgress(epochs, label="pretrain epoch") as progress, graceful_interrupts(stopping):
         result = pretrain(
             backbone,
             data,
@@ -60,7 +63,8 @@ def pretrain_command(
         )
     m = result.metrics
     skipped = f", skipped {m['skipped_images']} unreadable" if m["skipped_images"] else ""
-    console.print(f"[green]done:[/green] {m['num_images']} images{skipped}; loss {m['epochs'][0]['loss']:.4f} -> {m['epochs'][-1]['loss']:.4f}")
+    stopped = f" (stopped early: {m['stopped']})" if m.get("stopped") else ""
+    console.print(f"[green]done:[/green] {m['num_images']} images{skipped}{stopped}; loss {m['epochs'][0]['loss']:.4f} -> {m['epochs'][-1]['loss']:.4f}")
     for checkpoint in result.checkpoints:
         score = f" (k-NN accuracy {checkpoint.knn_accuracy:.3f})" if checkpoint.knn_accuracy is not None else ""
         console.print(f"  {checkpoint.path}{score}", highlight=False)

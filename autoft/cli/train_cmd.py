@@ -30,28 +30,43 @@ def parse_params(pairs: list[str]) -> dict:
     return params
 
 
+def _recipe_help(name: str) -> str:
+    """Help text from the recipe's table: the one place a parameter is described."""
+    from autoft.recipe import PARAM_DEFS
+
+    definition = PARAM_DEFS[name]
+    return f"{definition.help} \\[default: {definition.default}]"
+
+
 def train_command(
     backbone: Annotated[str, typer.Option(help="Backbone: a timm model name, or SOURCE:MODEL from another plugin.")],
     data: Annotated[str, typer.Option(help="DIR/<class>/*, DIR/{train,val,test}/<class>/*, a CSV manifest, or sample:digits.")],
     out: Annotated[Path, typer.Option(help="Folder for model.pt, metrics.json and labels.json.")],
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 10,
     batch_size: Annotated[int, typer.Option(min=2, help="Images per batch.")] = 64,
-    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Learning rate (AdamW). \\[default: 1e-3]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help=_recipe_help("lr"), show_default=False)] = None,
     freeze_depth: Annotated[Optional[int], typer.Option(min=0, help="Freeze the first K parameter groups (stem first).")] = None,
-    dropout: Annotated[Optional[float], typer.Option(min=0.0, max=0.95, help="Dropout before the classifier. \\[default: 0.1]")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(min=0.0, help="AdamW weight decay. \\[default: 0.01]")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help=_recipe_help("dropout"), show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help=_recipe_help("weight_decay"), show_default=False)] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help=_recipe_help("label_smoothing"), show_default=False)] = None,
+    augment: Annotated[Optional[str], typer.Option(help=_recipe_help("augment"), show_default=False)] = None,
     strategy: Annotated[str, typer.Option(help="Fine-tuning strategy (see `autoft plugins`).")] = "freeze",
-    param: Annotated[list[str], typer.Option(metavar="KEY=VALUE", help="A strategy parameter, KEY=VALUE (e.g. l2sp_alpha=0.01). Repeatable.")] = [],
+    regularizer: Annotated[Optional[str], typer.Option(help=_recipe_help("regularizer"), show_default=False)] = None,
+    param: Annotated[list[str], typer.Option(metavar="KEY=VALUE", help="A strategy or regulariser parameter, KEY=VALUE (e.g. l2sp_alpha=0.01). Repeatable.")] = [],
+    metric: Annotated[str, typer.Option(help="Validation metric that picks the best epoch (see `autoft plugins`): accuracy, f1_macro, balanced_accuracy, top5_accuracy, log_loss.")] = "accuracy",
     weights: Annotated[Optional[str], typer.Option(metavar="PATH|TAG", help="Starting weights: a state-dict/.safetensors PATH, or a pretrained tag the source can fetch. \\[default: random]")] = None,
     image_size: Annotated[Optional[int], typer.Option(min=8, help="Training image size. \\[default: the dataset's or backbone's]")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Random seed; a CPU run with the same seed repeats exactly.")] = 0,
 ) -> None:
-    """Fine-tune one backbone on one dataset."""
-    from autoft.training import train
+    """Fine-tune one backbone on one dataset. Ctrl-C stops after the current batch and keeps the best epoch."""
+    from autoft import training
+    from autoft.runtime import graceful_interrupts
 
-    with EpochProgress(epochs) as progress:
-        result = train(
+    recipe = {"label_smoothing": label_smoothing, "augment": augment, "regularizer": regularizer}
+    extra = {**{k: v for k, v in recipe.items() if v is not None}, **parse_params(param)}
+    with EpochProgress(epochs) as progress, graceful_interrupts(lambda: console.print("[yellow]stopping after this batch; Ctrl-C again to abort[/yellow]")):
+        result = training.train(
             backbone,
             data,
             out,
@@ -66,15 +81,18 @@ def train_command(
             image_size=image_size,
             device=device,
             seed=seed,
-            extra_params=parse_params(param),
+            metric=metric,
+            extra_params=extra,
             on_epoch=progress.epoch_done,
             on_batch=progress.batch_done,
         )
     m = result.metrics
-    summary = f"val accuracy {m['val_accuracy']:.3f} (epoch {m['best_epoch']})"
-    if "test_accuracy" in m:
-        summary += f", test accuracy {m['test_accuracy']:.3f}"
-    console.print(f"[green]done:[/green] {summary}; wrote {result.checkpoint}")
+    chosen = m.get("metric", "accuracy")
+    summary = f"val {chosen.replace('_', ' ')} {m[f'val_{chosen}']:.3f} (epoch {m['best_epoch']})"
+    if f"test_{chosen}" in m:
+        summary += f", test {chosen.replace('_', ' ')} {m[f'test_{chosen}']:.3f}"
+    stopped = f" (stopped early: {result.stopped})" if getattr(result, "stopped", None) else ""
+    console.print(f"[green]done:[/green] {summary}{stopped}; wrote {result.checkpoint}")
 
 
 def register(app: typer.Typer) -> None:

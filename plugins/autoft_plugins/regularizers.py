@@ -1,4 +1,4 @@
-"""Built-in regularisers, combined with any strategy: mixup, cutmix and BSS.
+"""Built-in regularisers, combined with any strategy: mixup, cutmix, BSS and FixMatch.
 
 Each is a training-loop callback written against the public lifecycle
 (:class:`autoft.specs.TrainCallback`); it reads its searched parameters from ``ctx.params``.
@@ -7,8 +7,11 @@ Each is a training-loop callback written against the public lifecycle
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from autoft import hookimpl
+from autoft.data import Normalize, to_float, train_augmentation
+from autoft.runtime import autocast
 from autoft.specs import RegularizerSpec
 
 
@@ -70,8 +73,60 @@ class BatchSpectralShrinkage:
         return ctx.params["bss_weight"] * singular[-self.SMALLEST :].pow(2).sum()
 
 
+def pseudo_label_loss(strong_logits: torch.Tensor, weak_probabilities: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Cross-entropy of strongly augmented views against the weak views' confident predictions;
+    images whose top probability is below ``threshold`` contribute nothing."""
+    confidence, pseudo_labels = weak_probabilities.max(dim=1)
+    confident = (confidence >= threshold).float()
+    return (F.cross_entropy(strong_logits, pseudo_labels, reduction="none") * confident).mean()
+
+
+class FixMatch:
+    """FixMatch (Sohn et al., 2020) on the run's unlabelled images (``ctx.unlabelled``): the
+    model's confident predictions on weakly augmented views (crop and flip) become labels for
+    strongly augmented views (kornia's RandAugment). Without unlabelled images it does nothing."""
+
+    UNLABELLED_PER_LABELLED = 1
+
+    def __init__(self):
+        self.views = None
+
+    def default_params(self):
+        return {"fixmatch_threshold": 0.95, "fixmatch_weight": 1.0}
+
+    def suggest(self, trial):
+        return {
+            "fixmatch_threshold": trial.suggest_float("fixmatch_threshold", 0.7, 0.98),
+            "fixmatch_weight": trial.suggest_float("fixmatch_weight", 0.1, 3.0, log=True),
+        }
+
+    def _build_views(self, ctx) -> None:
+        from kornia.augmentation.auto import RandAugment
+
+        size = ctx.unlabelled.shape[-1]
+        normalize = Normalize(ctx.backbone.mean, ctx.backbone.std)
+        weak = train_augmentation(size, ctx.hflip, scale=(0.8, 1.0))
+        strong = torch.nn.Sequential(train_augmentation(size, ctx.hflip), RandAugment(n=2, m=10))
+        self.views = (torch.nn.Sequential(weak, normalize).to(ctx.device), torch.nn.Sequential(strong, normalize).to(ctx.device))
+
+    def loss_term(self, ctx, logits, targets, features):
+        if ctx.unlabelled is None or len(ctx.unlabelled) == 0:
+            return None
+        if self.views is None:
+            self._build_views(ctx)
+        weak, strong = self.views
+        index = torch.randint(len(ctx.unlabelled), (len(logits) * self.UNLABELLED_PER_LABELLED,))  # torch's generator: resumable
+        images = to_float(ctx.unlabelled[index], ctx.device)
+        with torch.no_grad(), autocast(ctx.device):
+            weak_probabilities = ctx.model(weak(images)).float().softmax(dim=1)
+        with autocast(ctx.device):
+            strong_logits = ctx.model(strong(images)).float()
+        return ctx.params["fixmatch_weight"] * pseudo_label_loss(strong_logits, weak_probabilities, ctx.params["fixmatch_threshold"])
+
+
 @hookimpl
 def autoft_register_regularizers(register):
     register(RegularizerSpec("mixup", "mixup: blend image pairs and their labels (alpha searched)", Mixup))
     register(RegularizerSpec("cutmix", "CutMix: paste a box of another image, labels mixed by area (alpha searched)", CutMix))
     register(RegularizerSpec("bss", "Batch spectral shrinkage of the pooled features (weight searched)", BatchSpectralShrinkage))
+    register(RegularizerSpec("fixmatch", "FixMatch: confident pseudo-labels on unlabelled images (threshold and weight searched)", FixMatch))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from autoft import hookimpl
 from autoft.errors import AutoftError
-from autoft.specs import Backbone, BackboneSpec, ParamGroup, PretrainedWeights
+from autoft.specs import Backbone, BackboneInfo, BackboneSpec, ParamGroup, PretrainedWeights
 
 
 @cache
@@ -83,6 +83,23 @@ def pretrained(model_name: str) -> PretrainedWeights:
     return PretrainedWeights(_hub_reachable(), location)
 
 
+def describe(model_name: str) -> BackboneInfo:
+    """Input size, normalisation and groups from timm's pretrained config and a build on the
+    meta device, which allocates no weights (a ViT-B in 0.2 s instead of 5 s)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(model_name, pretrained=False, num_classes=2)
+    cfg = model.pretrained_cfg
+    return BackboneInfo(
+        input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
+        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+        num_groups=len(param_groups(model)),
+    )
+
+
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     import socket
 
@@ -138,5 +155,6 @@ def autoft_register_backbones(register):
             list_models=list_models,
             has_model=has_model,
             pretrained=pretrained,
+            describe=describe,
         )
     )
