@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextvars
 import os
 import shutil
-import time
 import warnings
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor

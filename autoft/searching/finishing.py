@@ -35,6 +35,8 @@ ENSEMBLE_MARGIN = 0.005  # an ensemble must beat the best single model by more t
 BEST_FOLDER = "best"
 VERIFY_IMAGES = 256  # validation images the ONNX export is checked on
 MIN_REFIT_SECONDS = 3.0
+REFIT_SLACK = 0.04  # of the budget: what a refit may run past the deadline when it is all that is left
+BUILD_SECONDS = 1.0  # building a backbone and one evaluation, beside the steps
 
 
 @dataclass
@@ -99,7 +101,7 @@ def build_final(session: Session, best: optuna.trial.FrozenTrial) -> FinalModel:
     notes: list[str] = []
     for number, weight in members.items():
         trial = trials[number]
-        path, info = _member(session, trial, work / f"{number}.pt", remaining=len(members) - len(built))
+        path, info = _member(session, trial, work / f"{number}.pt", first=not built)
         if "note" in info:
             notes.append(info["note"])
         if path is None:
@@ -113,19 +115,27 @@ def build_final(session: Session, best: optuna.trial.FrozenTrial) -> FinalModel:
     return FinalModel([p for _, p, _ in built], [w for _, _, w in built], [n for n, _, _ in built], refit, choice if len(built) > 1 else None, notes)
 
 
-def _member(session: Session, trial: optuna.trial.FrozenTrial, path: Path, remaining: int) -> tuple[Path | None, dict[str, Any]]:
-    """Train ``trial``'s recipe on every labelled image, or keep its own weights (``--no-refit``)."""
+def _member(session: Session, trial: optuna.trial.FrozenTrial, path: Path, first: bool) -> tuple[Path | None, dict[str, Any]]:
+    """Train ``trial``'s recipe on every labelled image, or keep its own weights (``--no-refit``).
+
+    The first member (the best trial) gets what time is left, cut short if need be; a
+    further ensemble member is trained only when its whole refit still fits.
+    """
     own = session.trial_dir(trial.number) / CHECKPOINT_NAME
     if not session.config.refit and own.is_file():
         return own, {}
-    steps = _refit_steps(session, trial, remaining)
+    steps = _refit_steps(session, trial, whole=not first)
+    if steps is None and not first:
+        return None, {}
     if steps is None:
         return (own, {"note": "no time left to refit on every image: the best trial's own weights are kept"}) if own.is_file() else (None, {})
     session.emit(Refit(number=trial.number, steps=steps, images=len(session.pool)))
     objective = Objective(session)
     split = None if session.config.refit else 0
     try:
-        result, backbone = objective.fit(dict(trial.params), split, number=trial.number, steps=steps, eval_every=steps, deadline=session.deadline)
+        slack = REFIT_SLACK * session.config.seconds if session.config.seconds else 0.0
+        deadline = None if session.deadline is None else session.deadline + slack
+        result, backbone = objective.fit(dict(trial.params), split, number=trial.number, steps=steps, eval_every=steps, deadline=deadline)
     except OutOfTime:
         return (own, {"note": "the refit ran out of time: the best trial's own weights are kept"}) if own.is_file() else (None, {})
     images = len(session.fit_data(split, dict(trial.params)).train)
@@ -134,20 +144,25 @@ def _member(session: Session, trial: optuna.trial.FrozenTrial, path: Path, remai
     return path, {"refit": {"images": images, "labelled": len(session.pool) if split is None else len(session.splits[0][0]), "steps": result.history[-1]["step"]}}
 
 
-def _refit_steps(session: Session, trial: optuna.trial.FrozenTrial, remaining: int) -> int | None:
-    """The steps at which the trial peaked, scaled from its training set to the refit's,
-    cut to what the time left can train (``remaining`` members still to train)."""
-    plan = session.plan
+def _refit_steps(session: Session, trial: optuna.trial.FrozenTrial, whole: bool) -> int | None:
+    """The steps at which the trial peaked, scaled from its training set to the refit's, cut
+    to what the time left can train; None when too little is left (``whole``: for all of them)."""
+    plan, params = session.plan, dict(trial.params)
     peak = int(trial.user_attrs.get("best_step") or plan.steps)
-    fit_train = len(session.splits[0][0])
-    steps = max(plan.eval_every, round(peak * len(session.pool) / max(fit_train, 1))) if session.config.refit else peak
+    if session.config.refit:  # as many passes over the larger set as the trial peaked at
+        ratio = len(session.fit_data(None, params).train) / max(len(session.fit_data(0, params).train), 1)
+        peak = max(plan.eval_every, round(peak * ratio))
     left = session.time_left()
     if left is None:
-        return steps
-    share = left / max(remaining, 1) - plan.fit_seconds + plan.steps * plan.step_seconds  # less building and one evaluation
+        return peak
+    if whole:
+        return peak if left - BUILD_SECONDS >= peak * session.seconds_per_step() else None
+    if left < MIN_REFIT_SECONDS and session.config.seconds:
+        left += REFIT_SLACK * session.config.seconds  # the bound's 5%: a short refit beats shipping nothing
+    share = left - BUILD_SECONDS
     if share < MIN_REFIT_SECONDS:
         return None
-    return max(1, min(steps, int(share / max(plan.step_seconds, 1e-9))))
+    return max(1, min(peak, int(share / session.seconds_per_step())))
 
 
 def publish_best(session: Session, final: FinalModel, metrics: dict[str, Any]) -> Path:

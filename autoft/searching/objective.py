@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 import shutil
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,10 @@ class Objective:
                     config.deadline = session.trials_deadline
 
         data = session.fit_data(split, params)
+        started = time.monotonic()
         result = Trainer(backbone, data, params, config, registry=session.registry, on_event=on_event, unlabelled=session.unlabelled).fit()
+        if not any(r.get("resumed") for r in result.history):
+            session.fits.append((time.monotonic() - started, int(result.history[-1]["step"])))
         return result, backbone
 
     # -- one train/validation split ------------------------------------------

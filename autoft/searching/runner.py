@@ -34,7 +34,7 @@ from autoft.searching.storage import counted_trials, recover_trials
 REPORT_FILE = "report.html"
 PORTFOLIO = (  # tried first on a fresh study, after the default recipe: strong, different recipes
     {"regularizer": "mixup"},
-    {"augment": "trivialaugment", "lr": 3e-3},
+    {"augment": "none"},  # for images a flip or crop changes the meaning of (digits, text, charts)
 )
 
 
@@ -196,8 +196,8 @@ class _AfterTrial:
         ))  # fmt: skip
         if self.total is not None and done >= self.total:
             study.stop()  # other workers count toward the same total
-        left = session.trials_deadline and session.trials_deadline - time.monotonic()
-        if left is not None and left < 0.5 * session.plan.trial_seconds:
+        left = None if session.trials_deadline is None else session.trials_deadline - time.monotonic()
+        if left is not None and left < 0.5 * session.fit_seconds() * (session.plan.folds or 1) * session.plan.repeats:
             study.stop()  # too little time for another trial to say anything: it goes to the refit
 
 

@@ -58,6 +58,7 @@ class Session:
     timings: dict[str, float] = field(default_factory=dict)
     embedders: dict[str, Callable[[torch.Tensor], np.ndarray]] = field(default_factory=dict)
     _pseudo: dict[int, PseudoLabels] = field(default_factory=dict)
+    fits: list[tuple[float, int]] = field(default_factory=list)  # (seconds, steps) of every fit so far
     on_event: Callable[[Any], None] | None = None
 
     @property
@@ -69,7 +70,22 @@ class Session:
         """When trials must stop so that the refit still fits before the command's deadline."""
         if self.deadline is None:
             return None
-        return self.deadline - self.plan.refit_seconds
+        return self.deadline - self.refit_reserve()
+
+    def fit_seconds(self) -> float:
+        """A full fit's wall time: measured once fits have run (calibration misses per-step
+        overheads such as augmentation and evaluation), the plan's estimate before."""
+        if not self.fits:
+            return self.plan.fit_seconds
+        per_step = sorted(seconds / max(steps, 1) for seconds, steps in self.fits)[len(self.fits) // 2]
+        return max(self.plan.fit_seconds, per_step * self.plan.steps)
+
+    def seconds_per_step(self) -> float:
+        return self.fit_seconds() / max(self.plan.steps, 1)
+
+    def refit_reserve(self) -> float:
+        """Time kept back for the refit on every labelled image, with a fifth to spare."""
+        return 1.2 * self.fit_seconds() * self.plan.refit_seconds / max(self.plan.fit_seconds, 1e-9)
 
     def time_left(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()

@@ -1,0 +1,114 @@
+"""Small data: pseudo-labels from --unlabelled, the refit on every image, ensembles that export and serve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autoft.checkpoints import load_checkpoint, save_checkpoint, save_ensemble
+from autoft.searching import search
+from conftest import COLOURS, make_image
+
+
+@pytest.fixture(scope="module")
+def labelled_and_unlabelled(tmp_path_factory) -> tuple[Path, Path]:
+    """6 labelled images a colour, and 30 unlabelled ones of the same colours."""
+    root = tmp_path_factory.mktemp("semi")
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        for i in range(6):
+            make_image(root / "labelled" / name / f"{i}.png", colour, seed=10 * c + i, size=16)
+        for i in range(10):
+            make_image(root / "unlabelled" / f"{name}{i}.png", colour, seed=1000 + 10 * c + i, size=16)
+    return root / "labelled", root / "unlabelled"
+
+
+@pytest.fixture(scope="module")
+def semi_search(labelled_and_unlabelled, tmp_path_factory):
+    labelled, unlabelled = labelled_and_unlabelled
+    sessions = []
+    result = search(
+        "test_resnet", str(labelled), tmp_path_factory.mktemp("run"), unlabelled=str(unlabelled), trials=3, epochs=2, pretrain_epochs=1,
+        pretrain="autoencoder", image_size=16, device="cpu", export_onnx=False, ensemble=1, pre_search=[sessions.append],
+    )  # fmt: skip
+    return result, sessions[0]
+
+
+def test_pseudo_labels_train_only_the_most_confident_unlabelled_images(semi_search):
+    _, session = semi_search
+    train_index = session.splits[0][0]
+    plain = session.fit_data(0, {"pseudo_labels": "none"})
+    half = session.fit_data(0, {"pseudo_labels": "propagate", "pseudo_fraction": 0.5})
+    assert len(plain.train) == len(train_index)
+    assert len(half.train) == len(train_index) + 15  # half of the 30 unlabelled images
+    pseudo = session.pseudo(0, train_index)
+    added = half.train.images[len(train_index) :]
+    kept = np.argsort(-pseudo.confidence, kind="stable")[:15]
+    assert torch.equal(added, session.unlabelled[torch.as_tensor(np.sort(pseudo.index[kept]))])
+    assert pseudo.confidence[kept].min() >= np.delete(pseudo.confidence, kept).max()
+    assert (half.train.labels[len(train_index) :].numpy() == pseudo.labels[np.sort(kept)]).all()
+
+
+def test_pseudo_labels_never_see_the_validation_labels(semi_search):
+    _, session = semi_search
+    train_index, val_index = session.splits[0]
+    original = session.pool.labels.clone()
+    session.pool.labels[torch.as_tensor(val_index)] = (original[torch.as_tensor(val_index)] + 1) % 3  # scramble what must not matter
+    try:
+        session._pseudo.pop(0, None)
+        scrambled = session.pseudo(0, train_index)
+    finally:
+        session.pool.labels.copy_(original)
+        session._pseudo.pop(0, None)
+    assert (scrambled.labels == session.pseudo(0, train_index).labels).all()
+
+
+def test_the_search_plans_pretraining_and_chooses_pseudo_labels(semi_search):
+    result, _ = semi_search
+    assert result.plan["folds"] and result.plan["pretrain_epochs"] == 1
+    assert result.best_params["pseudo_labels"] in ("propagate", "none") and "init" in result.best_params
+    metrics = json.loads((result.best_dir / "metrics.json").read_text())
+    assert metrics["num_unlabelled"] == 30
+    refit = metrics["model"]["refit"]
+    pseudo = result.best_params["pseudo_labels"] == "propagate"
+    assert refit["labelled"] == 18 and refit["images"] == 18 + (round(result.best_params["pseudo_fraction"] * 30) if pseudo else 0)
+    assert "logistic regression on pixels" in result.report.read_text()  # the baselines are in the report
+
+
+@pytest.fixture(scope="module")
+def two_models(digits_run, tmp_path_factory):
+    """Two checkpoints of one backbone: the trained digits run and a perturbed copy of it."""
+    folder = tmp_path_factory.mktemp("members")
+    first = load_checkpoint(digits_run)
+    second = load_checkpoint(digits_run)
+    with torch.no_grad():
+        for p in second.backbone.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    paths = []
+    for i, loaded in enumerate((first, second)):
+        meta = loaded.meta
+        paths.append(save_checkpoint(folder / f"{i}.pt", backbone_name=meta["backbone"], backbone=loaded.backbone, classes=meta["classes"],
+                                     image_size=meta["image_size"], params=meta["params"], data=meta["data"], seed=meta["seed"]))  # fmt: skip
+    return paths
+
+
+def test_an_ensemble_exports_as_one_verified_graph_and_predicts_unchanged(two_models, tmp_path):
+    from autoft.exporting import export
+    from autoft.inference import OnnxClassifier
+
+    checkpoint = save_ensemble(tmp_path / "model.pt", two_models, [0.75, 0.25])
+    ensemble = load_checkpoint(checkpoint)
+    assert len(ensemble.members) == 2 and ensemble.meta["ensemble"][0]["weight"] == 0.75
+    result = export(ensemble, tmp_path)
+    checks = result.report["checks"]["fp32"]
+    assert len(checks) == 2 and all(c["top1_agreement"] == 1.0 and c["max_abs_diff"] < 1e-3 for c in checks.values())  # batch 1 and 32
+
+    pixels = torch.rand(5, 3, ensemble.meta["image_size"], ensemble.meta["image_size"])
+    with torch.inference_mode():
+        members = [load_checkpoint(p).network()(pixels).softmax(1) for p in two_models]
+    expected = (0.75 * members[0] + 0.25 * members[1]).numpy()
+    classifier = OnnxClassifier.load(tmp_path)  # what predict and serve load
+    assert np.allclose(classifier.probabilities(pixels.numpy()), expected, atol=1e-4)
