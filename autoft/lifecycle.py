@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -78,7 +78,6 @@ class TrainContext:
     record: dict[str, float] | None = None  # the last finished epoch's losses and metrics
     unlabelled: torch.Tensor | None = None  # uint8 (N, 3, S, S) images without labels, when given
     hflip: bool = True  # whether horizontal flips keep labels true
-    state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model(self) -> torch.nn.Module:

@@ -332,7 +332,11 @@ class Trainer:
         return None
 
     def _adopt_unfrozen(self) -> None:
-        """A parameter a callback set trainable without a group still trains, at the base learning rate."""
+        """A parameter a callback set trainable without a group still trains, at the base learning rate;
+        a group a callback added to the optimizer itself keeps its learning rate under the schedule."""
+        for group in self.ctx.optimizer.param_groups:
+            if "base_lr" not in group:
+                group["base_lr"], group["lr_scale"] = group["lr"], group["lr"] / self.params["lr"]
         grouped = {id(p) for g in self.ctx.optimizer.param_groups for p in g["params"]}
         loose = [p for p in self.backbone.model.parameters() if p.requires_grad and id(p) not in grouped]
         if loose:

@@ -336,6 +336,26 @@ def test_lp_ft_trains_the_head_first_then_the_body(small):
     assert seen[1] == seen[2] == ["head"] and len(seen[3]) == 6 == len(seen[4])
 
 
+def test_a_group_a_callback_adds_to_the_optimizer_itself_trains(small):
+    class AddsItsOwnGroup:
+        def on_epoch_start(self, ctx):
+            if ctx.epoch == 2:
+                body = ctx.group_parameters([g.name for g in ctx.backbone.groups[:-1]])
+                for p in body:
+                    p.requires_grad_(True)
+                ctx.optimizer.add_param_group({"params": body, "lr": 1e-4, "weight_decay": 0.0})
+                self.stem = body[0].detach().clone()
+
+        def on_epoch_end(self, ctx):
+            self.trained = ctx.epoch == 3 and not torch.equal(self.stem, ctx.group_parameters(["stem"])[0])
+
+    callback = AddsItsOwnGroup()
+    run = trainer(small, {"strategy": "linear-probe"}, callbacks=[callback], epochs=3, batch_size=64)
+    run.fit()
+    assert len(run.ctx.optimizer.param_groups) == 2 and run.ctx.optimizer.param_groups[1]["lr_scale"] == pytest.approx(0.1)
+    assert callback.trained
+
+
 @pytest.mark.parametrize("name", ["mixup", "cutmix"])
 def test_mixing_regularisers_blend_targets_as_they_blend_images(name):
     registry = plugins.registry()
