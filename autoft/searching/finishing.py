@@ -11,6 +11,7 @@ budget. ``best/`` is built in a staging folder and published by one atomic swap.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -84,9 +85,12 @@ def choose_members(session: Session, best: optuna.trial.FrozenTrial) -> tuple[di
         return {best.number: 1.0}, None
     labels = session.pool.labels.numpy()[index]
     spec = session.registry.metric(session.config.metric)
-    score = lambda y, p: metric_score(spec, y, p, session.registry)
+    sign = 1.0 if spec.greater_is_better else -1.0  # selection maximises; log loss is minimised
+    score = lambda y, p: sign * metric_score(spec, y, p, session.registry)
     choice = greedy_selection(predictions, labels, score, max_members=session.config.ensemble)
-    if len(choice.weights) < 2 or choice.gain <= ENSEMBLE_MARGIN:
+    wins = len(choice.weights) > 1 and choice.gain > ENSEMBLE_MARGIN
+    choice = dataclasses.replace(choice, value=sign * choice.value, single_value=sign * choice.single_value)  # the metric's own sign again
+    if not wins:
         return {best.number: 1.0}, choice
     return dict(sorted(choice.weights.items(), key=lambda kv: -kv[1])), choice
 

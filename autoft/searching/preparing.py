@@ -71,7 +71,8 @@ def prepare(config: SearchConfig) -> Session:
     out = Path(config.out).expanduser() if config.out is not None else Path("runs") / study_name
     _check_out(out)
     storage_url = config.storage or default_storage_url(out)
-    study = optuna.create_study(study_name=study_name, storage=open_storage(storage_url), direction="maximize", sampler=optuna.samplers.RandomSampler(), load_if_exists=True)
+    direction = "maximize" if registry.metric(config.metric).greater_is_better else "minimize"
+    study = optuna.create_study(study_name=study_name, storage=open_storage(storage_url), direction=direction, sampler=optuna.samplers.RandomSampler(), load_if_exists=True)
     session = Session(
         config=config, registry=registry, device=device, data=data, pool=pool, splits=splits, plan=plan, study=study, out=out, space=space,
         strategies=strategies, n_groups=info.num_groups, weights=weights, started=started, unlabelled=unlabelled, data_source=data_source,
@@ -91,6 +92,8 @@ def finish_preparing(session: Session) -> None:
         with session.timed("pretraining"):
             run_pretraining(session)
         session.space.choices["pseudo_labels"] = ["propagate", "none"]
+        if "fixmatch" not in session.space.regularizers and not session.space.overrides.get("regularizer"):
+            session.space.regularizers = (*session.space.regularizers, "fixmatch")
     spec = session.registry.metric(config.metric)
     score = lambda labels, probabilities: metric_score(spec, labels, probabilities, session.registry)
     with session.timed("baselines"):

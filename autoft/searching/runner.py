@@ -266,9 +266,10 @@ def describe_final(session: Session, best: optuna.trial.FrozenTrial, final: Fina
     summary = f"best {value:.4f} ({model})"
     baselines = [{"name": b.name, "value": b.value} for b in session.baselines]
     if baselines:
-        top = max(session.baselines, key=lambda b: b.value)
+        sign = 1.0 if session.study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+        top = max(session.baselines, key=lambda b: sign * b.value)
         summary += f" vs {top.name} {top.value:.4f}"
-        if value <= top.value:
+        if sign * value <= sign * top.value:
             summary += f": the search did not beat {top.name}"
     metrics: dict[str, Any] = {
         "study": session.study.study_name, "trial": best.number, "metric": config.metric, "value": value, "best_trial_value": float(best.value),
