@@ -83,7 +83,7 @@ def safe_load(file: Path, what: str) -> Any:
     except pickle.UnpicklingError as exc:  # an object that is not plain data: never build it
         lines = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line or "Unsupported operand" in line]
         found = lines[0].removeprefix("WeightsUnpickler error: ") if lines else "objects other than tensors and plain data"
-        raise AutoftError(f"refusing {what} {file}: it holds code, not only tensors and plain data ({found[:200]}); nothing in it was run") from None
+        raise AutoftError(f"cannot read {what} {file}: it holds code, not only tensors and plain data ({found[:200]}); refused unread") from None
     except Exception as exc:  # a truncated or foreign file
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AutoftError(f"cannot read {what} {file}: {type(exc).__name__}: {reason[:300]}") from None

@@ -61,7 +61,7 @@ def prepare(config: SearchConfig) -> Session:
 
     clock = time.monotonic()
     data = labelled_images if isinstance(labelled_images, DataSplits) else decode_and_split(labelled_images, image_size=plan.image_size, val_fraction=VAL_FRACTION, seed=config.seed)
-    unlabelled = _decode_unlabelled(config.unlabelled, data.image_size, registry)
+    unlabelled, unlabelled_skipped = _decode_unlabelled(config.unlabelled, data.image_size, registry)
     timings["decoding"] = time.monotonic() - clock
     plan = _plan(config, _data_shape(data, 0 if unlabelled is None else len(unlabelled)).data, rates, overrides, started, pretrained)  # what decoding left
     pool = ImageTensors.concat([data.train, data.val])
@@ -76,7 +76,7 @@ def prepare(config: SearchConfig) -> Session:
     session = Session(
         config=config, registry=registry, device=device, data=data, pool=pool, splits=splits, plan=plan, study=study, out=out, space=space,
         strategies=strategies, n_groups=info.num_groups, weights=weights, started=started, unlabelled=unlabelled, data_source=data_source,
-        timings=timings, on_event=config.on_event, storage_url=storage_url,
+        timings=timings, on_event=config.on_event, storage_url=storage_url, unlabelled_skipped=unlabelled_skipped,
         deadline=None if config.seconds is None else started + config.seconds,
     )  # fmt: skip
     return session
@@ -169,15 +169,15 @@ def _count_unlabelled(source: Any) -> int:
     return 0  # a dataset source: counted when decoded
 
 
-def _decode_unlabelled(source: Any, size: int, registry) -> torch.Tensor | None:
+def _decode_unlabelled(source: Any, size: int, registry) -> tuple[torch.Tensor | None, list[tuple[str, str]]]:
     if source is None:
-        return None
+        return None, []
     from autoft.pretraining import Pool, load_pool
 
     pool = Pool(source) if isinstance(source, torch.Tensor) else load_pool(source, size, registry)
     if pool.images.shape[-1] != size:
         raise AutoftError(f"unlabelled images are {tuple(pool.images.shape[1:])}, the labelled ones (3, {size}, {size})")
-    return pool.images
+    return pool.images, list(pool.skipped)
 
 
 def _plan(config: SearchConfig, shape: DataShape, rates, overrides: Overrides, started: float, pretrained: bool) -> Plan:

@@ -54,6 +54,7 @@ class Session:
     unlabelled: torch.Tensor | None = None
     data_source: str | None = None
     storage_url: str = ""
+    unlabelled_skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason) of unreadable ones
     baselines: list[BaselineResult] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     embedders: dict[str, Callable[[torch.Tensor], np.ndarray]] = field(default_factory=dict)
