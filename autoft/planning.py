@@ -33,6 +33,7 @@ ENOUGH_STEPS = 150  # fewer than this, and fewer folds or trial-equivalents are 
 TARGET_EPOCHS = 15  # ... and for larger ones, about this many passes over the data
 EVALUATIONS = 8  # evaluation points of a trial: the pruner's rungs
 PRETRAIN_SHARE = 0.2  # of the time left, for the pretraining stage
+REFIT_SHARE = 0.15  # of what pretraining leaves, kept for the final refit on every labelled image
 PRETRAIN_MAX_EPOCHS = 50
 CV_MIN_VAL = 300  # a validation split smaller than this is noise to choose on
 CV_MIN_PER_CLASS = 30
@@ -341,11 +342,12 @@ def _plan_at(
         steps = wanted
     else:
         # The trial-equivalents, then one refit on every labelled image, share what pretraining leaves.
-        per_fit = (usable - pretrain_seconds) / (trial_equivalents * fits + refit_ratio)
+        # The final refit keeps REFIT_SHARE (trials are short; the model shipped trains longer), the trials share the rest.
+        per_fit = (usable - pretrain_seconds) * (1 - REFIT_SHARE) / (trial_equivalents * fits)
         evaluations = _evaluations(per_fit, fit_val / rate.evaluate)
         steps = min(wanted, int((per_fit - BUILD_SECONDS - evaluations * fit_val / rate.evaluate) / step_seconds))
     fit_seconds = BUILD_SECONDS + evaluations * fit_val / rate.evaluate + max(steps, 0) * step_seconds
-    refit_seconds = fit_seconds * refit_ratio
+    refit_seconds = fit_seconds * refit_ratio if usable is None else max(fit_seconds * refit_ratio, REFIT_SHARE * (usable - pretrain_seconds))
     if usable is None:
         expected = overrides.trials or 20
     else:

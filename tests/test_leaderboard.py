@@ -53,7 +53,7 @@ def test_the_top_trials_by_value_with_what_made_them():
     assert "Top 5 of 9 trials" in lines[0]
     order = [row_of(lines, f"trial {n}")[0] for n in (4, 3, 6, 1, 0)]
     assert order == ["1", "2", "3", "4", "5"]
-    assert row_of(lines, "trial 4") == ["1", "trial 4", "0.9900", "complete", "freeze", "lr=0.0016 dropout=0.12 freeze_depth=0", "6", "4.2s"]
+    assert row_of(lines, "trial 4") == ["1", "trial 4", "0.9900", "complete", "freeze", "lr=0.0016 freeze_depth=0", "6", "4.2s"]
     assert not any("trial 2" in line or "trial 5" in line or "trial 7" in line or "trial 8" in line for line in lines)
 
 
@@ -96,6 +96,6 @@ def test_no_completed_trial_is_said_plainly():
 
 
 def test_key_parameters_read_compactly():
-    assert key_parameters({"strategy": "l2sp", "weight_decay": 0.0123456, "lr": 0.00031623, "freeze_depth": 2, "init": "pretrained-epoch12"}) == (
-        "lr=0.00032 freeze_depth=2 init=pretrained-epoch12 weight_decay=0.012"
-    )
+    params = {"strategy": "l2sp", "weight_decay": 0.0123456, "lr": 0.00031623, "freeze_depth": 2, "regularizer": "none", "augment": "none", "init": "/cache/pretrain/k/backbone-epoch12.pt"}
+    assert key_parameters(params) == "lr=0.00032 freeze_depth=2 init=backbone-epoch12"  # the few that tell recipes apart; "none" is left out
+    assert key_parameters({**params, "regularizer": "mixup", "pseudo_labels": "propagate"}) == "lr=0.00032 regularizer=mixup pseudo_labels=propagate freeze_depth=2 init=backbone-epoch12"

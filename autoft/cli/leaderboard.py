@@ -61,7 +61,20 @@ def _trial_cells(trial: FrozenTrial, rank: int) -> list[str]:
     return [str(rank), name, f"{trial.value:.4f}", state, str(trial.params.get("strategy", "")), key_parameters(trial.params), epochs, format_duration(trial_seconds(trial))]
 
 
+KEY_PARAMETERS = ("lr", "regularizer", "augment", "pseudo_labels", "freeze_depth")  # what most tells recipes apart
+
+
 def key_parameters(params: dict) -> str:
-    """``lr=0.00032 freeze_depth=2 dropout=0.12``: learning rate first, the strategy left to its own column."""
-    names = sorted((n for n in params if n != "strategy"), key=lambda n: (n != "lr", n))
-    return " ".join(f"{n}={params[n]:.2g}" if isinstance(params[n], float) else f"{n}={params[n]}" for n in names)
+    """``lr=0.00032 regularizer=mixup augment=none``: the few parameters that most tell recipes
+    apart, the strategy left to its own column; every parameter is in report.html."""
+    names = [n for n in KEY_PARAMETERS if n in params and params[n] not in ("none", None)]
+    if "init" in params:
+        names.append("init")
+    return " ".join(f"{n}={_short(params[n])}" for n in names)
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.2g}"
+    text = str(value)
+    return text.rsplit("/", 1)[-1].removesuffix(".pt") if "/" in text else text  # a pretraining checkpoint by its file name

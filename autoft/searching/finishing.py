@@ -36,6 +36,7 @@ ENSEMBLE_MARGIN = 0.005  # an ensemble must beat the best single model by more t
 BEST_FOLDER = "best"
 VERIFY_IMAGES = 256  # validation images the ONNX export is checked on
 MIN_REFIT_SECONDS = 3.0
+UNDERTRAINED_FACTOR = 4  # the most a refit extends a trial that peaked at its last evaluation
 REFIT_SLACK = 0.04  # of the budget: what a refit may run past the deadline when it is all that is left
 BUILD_SECONDS = 1.0  # building a backbone and one evaluation, beside the steps
 
@@ -156,6 +157,8 @@ def _refit_steps(session: Session, trial: optuna.trial.FrozenTrial, whole: bool)
     if session.config.refit:  # as many passes over the larger set as the trial peaked at
         ratio = len(session.fit_data(None, params).train) / max(len(session.fit_data(0, params).train), 1)
         peak = max(plan.eval_every, round(peak * ratio))
+        if trial.user_attrs.get("peaked_at_end") and not session.config.epochs:
+            peak *= UNDERTRAINED_FACTOR  # still improving when its trial ended: the time kept for the refit lets it go on
     left = session.time_left()
     if left is None:
         return peak

@@ -155,6 +155,7 @@ class Objective:
                         image_size=session.data.image_size, params=params, data=session.data_source, seed=session.config.seed)  # fmt: skip
         save_predictions(folder, val_index, result.val["probabilities"])
         trial.set_user_attr("best_step", int(result.history[result.best_epoch - 1]["step"]))
+        trial.set_user_attr("peaked_at_end", result.best_epoch == len(result.history))
 
     # -- k-fold cross-validation ---------------------------------------------
 
@@ -169,6 +170,7 @@ class Objective:
         splits = session.splits
         scores: dict[int, float] = {}
         steps: list[int] = []
+        at_end: list[bool] = []
         predictions = np.zeros((len(session.pool), session.data.num_classes), dtype=np.float32)
         counts = np.zeros(len(session.pool), dtype=np.int64)
         order = np.random.default_rng(session.config.seed + trial.number).permutation(len(splits))
@@ -185,11 +187,13 @@ class Objective:
             value = float(result.val[session.config.metric])
             scores[int(split)] = value
             steps.append(int(result.history[result.best_epoch - 1]["step"]))
+            at_end.append(result.best_epoch == len(result.history))
             val_index = splits[split][1]
             predictions[val_index] += result.val["probabilities"].numpy()
             counts[val_index] += 1
             trial.set_user_attr("fold_scores", {str(k): v for k, v in scores.items()})
             trial.set_user_attr("best_step", int(np.median(steps)))
+            trial.set_user_attr("peaked_at_end", sum(at_end) * 2 > len(at_end))
             trial.report(value, int(split))
             session.emit(FoldEnd(number=trial.number, fold=position + 1, folds=len(splits), value=value))
             if result.stopped == "deadline":

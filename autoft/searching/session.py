@@ -86,7 +86,8 @@ class Session:
 
     def refit_reserve(self) -> float:
         """Time kept back for the refit on every labelled image, with a fifth to spare."""
-        return 1.2 * self.fit_seconds() * self.plan.refit_seconds / max(self.plan.fit_seconds, 1e-9)
+        scaled = 1.2 * self.fit_seconds() * self.plan.refit_seconds / max(self.plan.fit_seconds, 1e-9)
+        return max(self.plan.refit_seconds, scaled) if self.fits else scaled
 
     def time_left(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
