@@ -20,10 +20,8 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
-import sys
 import tempfile
 import time
-import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,22 +82,8 @@ def export(
     ``calibration`` training images for int8; when not given they are reloaded from the
     data, seed and size the checkpoint records, which gives the same split as training.
     """
-    if precision not in PRECISIONS:
-        raise AutoftError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
-    if opset is not None and opset < 7:
-        raise AutoftError(f"--opset {opset} is too old; onnxruntime needs 7 or later")
-    if triton_max_batch < 1:
-        raise AutoftError("the Triton max batch size must be at least 1")
-    if isinstance(model, LoadedModel):
-        loaded, folder = model, None
-    else:
-        checkpoint = find_checkpoint(model)
-        loaded, folder = load_checkpoint(checkpoint, registry=registry), checkpoint.parent
-    if out is None:
-        if folder is None:
-            raise AutoftError("pass out= when exporting a model loaded in memory")
-        out = folder if precision == "fp32" else folder / precision
-    out = Path(out).expanduser()
+    _check_options(precision, opset, triton_max_batch)
+    loaded, folder, out = _resolve(model, out, precision, registry)
     name = model_name(name or run_name(folder if folder is not None else out))
     images, calibration = _verification_images(loaded, images, calibration, need_calibration=precision == "int8", registry=registry)
     if len(images) == 0:
@@ -126,6 +110,29 @@ def export(
         report["triton"] = str(Path(TRITON_FOLDER) / name)
     write_json(out / REPORT_FILE, report)
     return ExportResult(out=out, model=model_path, report=report, triton=triton_root)
+
+
+def _check_options(precision: str, opset: int | None, triton_max_batch: int) -> None:
+    if precision not in PRECISIONS:
+        raise AutoftError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    if opset is not None and opset < 7:
+        raise AutoftError(f"--opset {opset} is too old; onnxruntime needs 7 or later")
+    if triton_max_batch < 1:
+        raise AutoftError("the Triton max batch size must be at least 1")
+
+
+def _resolve(model: str | Path | LoadedModel, out: str | Path | None, precision: str, registry) -> tuple[LoadedModel, Path | None, Path]:
+    """(the model, the folder its checkpoint is in, the output folder)."""
+    if isinstance(model, LoadedModel):
+        loaded, folder = model, None
+    else:
+        checkpoint = find_checkpoint(model)
+        loaded, folder = load_checkpoint(checkpoint, registry=registry), checkpoint.parent
+    if out is None:
+        if folder is None:
+            raise AutoftError("pass out= when exporting a model loaded in memory")
+        out = folder if precision == "fp32" else folder / precision
+    return loaded, folder, Path(out).expanduser()
 
 
 def run_name(folder: Path) -> str:
@@ -511,15 +518,3 @@ dynamic_batching {{
     with atomic_path(folder / "1" / MODEL_FILE) as tmp:
         shutil.copyfile(model_path, tmp)
     return root
-
-
-
-class _CallableModule(types.ModuleType):
-    """``autoft.export(...)`` is the public API, but importing this module makes ``autoft.export``
-    the module itself; letting the module be called keeps both spellings working."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> ExportResult:
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

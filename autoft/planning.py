@@ -264,23 +264,22 @@ def make_plan(data: DataShape, rates: dict[int, Throughput], budget: float | Non
 
 
 def _first_fitting(data: DataShape, rates: dict[int, Throughput], budget: float | None, overrides: Overrides) -> Plan | None:
+    """The first plan that trains enough (:data:`ENOUGH_STEPS`), sizes largest first; failing
+    that, the first that trains at all: a well-trained model at a smaller size beats a barely
+    trained one at a larger."""
     folds, repeats, why = choose_folds(data, overrides)
     sizes = [overrides.image_size] if overrides.image_size else sorted(rates, reverse=True)
     if not overrides.image_size:
         smallest = min(sizes)
-        sizes += [s for s in (smallest // 2, smallest // 4) if s >= MIN_SIZE]
-    least = _min_steps(overrides)
-    for size in sizes:
-        rate = rates.get(size) or _scaled(rates, size)
-        options = [
-            _plan_at(data, rate, k, repeats if k == folds else 1, budget, overrides, why if k else None, equivalents)
-            for equivalents in (TRIAL_EQUIVALENTS, 6, MIN_TRIAL_EQUIVALENTS)
-            for k in _fold_options(folds, overrides)
-        ]
-        good = [p for p in options if p.steps >= min(ENOUGH_STEPS, p.wanted_steps)] or [p for p in options if p.steps >= least]
-        if good:
-            return good[0]
-    return None
+        sizes += [s for s in dict.fromkeys((smallest // 2, smallest // 4, MIN_SIZE)) if MIN_SIZE <= s < smallest]
+    options = [
+        _plan_at(data, rates.get(size) or _scaled(rates, size), k, repeats if k == folds else 1, budget, overrides, why if k else None, equivalents)
+        for size in sizes
+        for equivalents in (TRIAL_EQUIVALENTS, 6, MIN_TRIAL_EQUIVALENTS)
+        for k in _fold_options(folds, overrides)
+    ]
+    good = [p for p in options if p.steps >= min(ENOUGH_STEPS, p.wanted_steps)] or [p for p in options if p.steps >= _min_steps(overrides)]
+    return good[0] if good else None
 
 
 class BudgetTooSmall(AutoftError):

@@ -9,7 +9,7 @@ from outside (interpreter start and imports included):
   epoch), a validation split carved from train (20 %, stratified, as autoft does), a plain Optuna
   TPE objective over lr, weight decay and dropout that runs every epoch (no pruning), and the
   best trial's best epoch scored on ``test/``;
-* **autoft**: ``autoft search`` on the same folder (``--device cpu``, defaults otherwise: pruning,
+* **autoft**: ``autoft search`` on the same folder (``--device cpu --no-cv``, the same single validation split; defaults otherwise: pruning, refit,
   strategies, ONNX export of the best model, report), its test accuracy from ``best/metrics.json``.
 
     python benchmarks/search_speed.py [--backbone test_resnet] [--trials 12] [--epochs 8] [--per-class 10]
@@ -145,7 +145,7 @@ def main() -> None:
 
         out = Path(work) / "autoft-run"
         autoft_args = ["search", "--backbone", args.backbone, "--data", str(root), "--out", str(out), "--trials", str(args.trials), "--epochs", str(args.epochs),
-                       "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--device", "cpu"]  # fmt: skip
+                       "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--device", "cpu", "--no-cv"]  # fmt: skip
         autoft_seconds, _ = timed([sys.executable, "-c", "from autoft.cli import main; main()", *autoft_args], env)
         metrics = json.loads((out / "best" / "metrics.json").read_text())
         print(f"autoft:     {autoft_seconds:6.1f} s, test accuracy {metrics['test_accuracy']:.4f}")

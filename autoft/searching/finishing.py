@@ -189,7 +189,8 @@ def publish_best(session: Session, final: FinalModel, metrics: dict[str, Any]) -
             verify = session.pool.subset(session.splits[0][1][:VERIFY_IMAGES])
             exported = export(loaded, staging, images=verify, name=session.study.study_name, registry=session.registry)
         metrics["onnx_check"] = exported.report.get("checks", {})
-        metrics["latency_ms"] = exported.report.get("latency_ms")
+        if final.is_ensemble:
+            metrics["latency_ms"] = ensemble_latency(staging / "model.onnx", load_checkpoint(final.checkpoints[0], registry=session.registry), verify)
     else:
         write_json(staging / "labels.json", session.data.classes)
     if session.data.test is not None and len(session.data.test):
@@ -197,6 +198,32 @@ def publish_best(session: Session, final: FinalModel, metrics: dict[str, Any]) -
     write_json(staging / "metrics.json", metrics)
     publish_dir(staging, target)
     return target
+
+
+def ensemble_latency(ensemble_model: Path, single: Any, images: Any, batch_size: int = 32) -> dict[str, Any]:
+    """Milliseconds per batch of the exported ensemble against one of its members, measured
+    with onnxruntime on the same images in the same run: what the ensemble costs to serve."""
+    import tempfile
+
+    from autoft.exporting import export_verified
+    from autoft.inference import create_session
+
+    pixels = images.images[:batch_size].float().div(255).numpy()
+    with tempfile.TemporaryDirectory(prefix="autoft-latency-") as work:
+        member, _ = export_verified(single.network().cpu().eval(), images, int(single.meta["image_size"]), Path(work), None)
+        timed = {"single": _milliseconds(create_session(member), pixels), "model": _milliseconds(create_session(ensemble_model), pixels)}
+    return {**timed, "batch_size": len(pixels)}
+
+
+def _milliseconds(session: Any, pixels: np.ndarray, repeats: int = 5) -> float:
+    name = session.get_inputs()[0].name
+    session.run(None, {name: pixels})  # the first run pays for allocation
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        session.run(None, {name: pixels})
+        times.append(1000 * (time.perf_counter() - started))
+    return round(sorted(times)[len(times) // 2], 3)
 
 
 def chance_level(labels: np.ndarray) -> float:

@@ -30,7 +30,7 @@ from autoft.events import BatchEnd, EpochEnd, FoldEnd, TrialEvent, TrialStart
 from autoft.io import atomic_path
 from autoft.runtime import seed_everything
 from autoft.searching.session import Session
-from autoft.searching.storage import process_identity
+from autoft.searching.storage import is_surplus, process_identity
 from autoft.trainer import STATE_INTERVAL, FitResult, OutOfTime, Trainer, TrainerConfig
 
 STATE_NAME = "state.pt"  # the training state after the last finished evaluation, for resuming
@@ -54,6 +54,12 @@ class Objective:
         session = self.session
         for key, value in process_identity().items():
             trial.set_user_attr(key, value)
+        total = session.config.trials
+        if total is not None and hasattr(trial, "study") and is_surplus(trial.number, trial.study.get_trials(deepcopy=False), total):
+            trial.set_user_attr("surplus", True)  # another worker took the last place: this one never trains
+            trial.set_user_attr("fail_reason", f"the study already holds its {total} trials")
+            trial.study.stop()
+            raise optuna.TrialPruned("surplus")
         try:
             params = session.suggest_pseudo_labels(trial, session.space.suggest(trial, session.strategies, session.n_groups))
             session.emit(TrialStart(number=trial.number, params=params))

@@ -183,6 +183,8 @@ class _AfterTrial:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         session = self.session
+        if trial.user_attrs.get("surplus"):
+            return  # it never trained: nothing to clean, report or count
         trials = study.get_trials(deepcopy=False)
         best = best_trial(study)
         with file_lock(session.out / ".cleanup.lock", wait=False) as held:

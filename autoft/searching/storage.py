@@ -194,8 +194,17 @@ def counted_trials(trials: list[FrozenTrial]) -> int:
     retried = retried_numbers(trials)
     count = 0
     for t in trials:
+        if t.user_attrs.get("surplus"):
+            continue  # started past the total by a worker that learnt of the others too late; never trained
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
             count += 1
         elif t.state == TrialState.FAIL and t.number not in retried and not t.user_attrs.get("crashed"):
             count += 1
     return count
+
+
+def is_surplus(number: int, trials: list[FrozenTrial], total: int) -> bool:
+    """Whether trial ``number`` would take the study past ``total``: the trials numbered before
+    it (running ones included) already count that many. Workers sharing a study each start a
+    trial before they learn of the others', so this is checked when a trial starts, not after."""
+    return counted_trials([t for t in trials if t.number < number]) >= total

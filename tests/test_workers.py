@@ -1,0 +1,64 @@
+"""Many workers, one study: `autoft search` processes started at the same moment on one PostgreSQL
+study, as a user starts machines for a distributed search."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from autoft.searching.storage import counted_trials, open_storage
+from conftest import COLOURS, make_image
+
+TOTAL = 5
+
+
+def _folder(root: Path) -> Path:
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        for i in range(12):
+            make_image(root / name / f"{i}.png", colour, seed=100 * c + i, size=16)
+    return root
+
+
+def _worker(data: Path, url: str, out: Path) -> subprocess.Popen:
+    args = ["search", "--backbone", "test_resnet", "--data", str(data), "--out", str(out), "--storage", url, "--study", "shared",
+            "--trials", str(TOTAL), "--epochs", "2", "--image-size", "16", "--batch-size", "8", "--no-cv", "--no-onnx", "--device", "cpu", "--weights", "scratch"]  # fmt: skip
+    return subprocess.Popen([sys.executable, "-c", "from autoft.cli import main; main()", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_three_workers_started_together_run_exactly_the_total_and_survive_a_kill(postgres_url, tmp_path):
+    data = _folder(tmp_path / "colours")
+    workers = [_worker(data, postgres_url, tmp_path / f"out{i}") for i in range(3)]
+    study = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # kill one worker with kill -9 while it trains a trial
+        try:
+            study = optuna.load_study(study_name="shared", storage=open_storage(postgres_url))
+            running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.user_attrs.get("pid") == workers[0].pid]
+        except Exception:  # the study is not created yet
+            running = []
+        if running or workers[0].poll() is not None:
+            break
+        time.sleep(0.05)
+    os.kill(workers[0].pid, signal.SIGKILL)
+    for worker in workers[1:]:
+        out, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err[-3000:]
+    workers[0].wait()
+
+    trials = optuna.load_study(study_name="shared", storage=open_storage(postgres_url)).get_trials()
+    assert counted_trials(trials) == TOTAL  # not one more for each extra worker
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))  # no trial recorded twice
+    assert not [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("pid") != workers[0].pid]
+    for i in (1, 2):  # each surviving worker published a whole best/ of the study's best trial
+        metrics = json.loads((tmp_path / f"out{i}" / "best" / "metrics.json").read_text())
+        assert metrics["study"] == "shared" and (tmp_path / f"out{i}" / "best" / "model.pt").is_file()
+        assert not list((tmp_path / f"out{i}").glob(".best.*"))
