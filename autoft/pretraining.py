@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from autoft import plugins
+from autoft import cache, plugins
 from autoft.data import DataSplits, ImageTensors, Normalize, decode_all, image_files, load_data, stratified_split, to_float, warn_skipped
 from autoft.errors import AutoftError
 from autoft.io import atomic_path, read_json, write_json
@@ -195,10 +195,8 @@ class PretrainResult:
 
 
 def cache_root() -> Path:
-    if os.environ.get("AUTOFT_CACHE_DIR"):
-        return Path(os.environ["AUTOFT_CACHE_DIR"]).expanduser() / "pretrain"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-    return base / "autoft" / "pretrain"
+    """Where finished stages are kept: the ``pretrain`` folder of autoft's cache (:mod:`autoft.cache`)."""
+    return cache.cache_root() / cache.PRETRAIN
 
 
 def _weights_identity(weights: str | None) -> Any:
@@ -342,7 +340,7 @@ def prepare_pretraining(backbone: str, data, out, config: PretrainConfig, labell
         # The folder appears by an atomic rename only once the stage has finished, so a
         # crashed or interrupted stage is never taken as done.
         if not (final / METRICS_NAME).is_file():
-            remove_abandoned(cache_root(), key)
+            cache.remove_abandoned(cache_root(), key)
         work = cache_root() / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
     return PretrainJob(backbone, pool, config, image_size, device, labelled, final, work, registry)
 
@@ -381,18 +379,6 @@ def finish_pretraining(job: PretrainJob, stopped: str | None) -> PretrainResult:
     except OSError:  # another process finished the same stage first; theirs is as good
         shutil.rmtree(job.work, ignore_errors=True)
     return read_result(job.final)
-
-
-def remove_abandoned(root: Path, key: str) -> None:
-    """Delete unfinished stages of ``key`` left by processes that no longer run (a kill -9)."""
-    for partial in root.glob(f".{key}.*.partial"):
-        try:
-            pid = int(partial.name.split(".")[2])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(partial, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
-            continue  # not ours to judge: a name we did not write, or another user's live process
 
 
 class PretrainLoop:

@@ -113,7 +113,7 @@ def test_a_killed_stage_leaves_nothing_behind_once_the_next_one_starts(pool, cac
     import subprocess
     import sys
 
-    from autoft.pretraining import remove_abandoned
+    from autoft.cache import remove_abandoned
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer runs, as after a kill -9
