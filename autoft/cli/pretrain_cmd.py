@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from autoft.cli.common import console, guarded
-from autoft.cli.progress import EpochProgress
+from autoft.cli.progress import EpochProgress, decoding_progress
 
 
 class PretrainProgress(EpochProgress):
@@ -44,7 +44,7 @@ def pretrain_command(
     from autoft.runtime import graceful_interrupts
 
     stopping = lambda: console.print("[yellow]stopping after this batch; Ctrl-C again to abort[/yellow]")  # noqa: E731
-    with PretrainProgress(epochs, label="pretrain epoch") as progress, graceful_interrupts(stopping):
+    with PretrainProgress(epochs, label="pretrain epoch") as progress, graceful_interrupts(stopping), decoding_progress():
         result = pretrain(
             backbone,
             data,

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from autoft.cli.common import bare_seconds_warning, console, guarded
-from autoft.cli.progress import LazyProgress
+from autoft.cli.progress import LazyProgress, decoding_progress
 from autoft.events import (
     BatchEnd, EpochEnd, Event, Export, FoldEnd, PlanMade, PretrainEnd, PretrainStart, Refit, SearchStart, TrialEnd, TrialEvent, TrialStart, WeightsNotice,
 )  # fmt: skip
@@ -30,12 +30,13 @@ class SearchProgress(LazyProgress):
         self.running = self.progress.add_task("", total=None, status="", visible=False)
 
     def __call__(self, event: Event) -> None:
+        if isinstance(event, WeightsNotice):  # before decoding: its progress bar must not be hidden by ours
+            console.print(f"[yellow]note:[/yellow] {event.text}", highlight=False)
+            return
         self._start()
         match event:
             case PlanMade(line=line):
                 self._say(f"[bold]{line}[/bold]")
-            case WeightsNotice(text=text):
-                self._say(f"[yellow]note:[/yellow] {text}")
             case SearchStart(total=total, done=done, queued_again=again):
                 self.progress.update(self.trials, total=total, completed=done)
                 if again:
@@ -135,7 +136,8 @@ def search_command(
     from autoft.searching import parse_duration, search
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the progress display reports each trial
-    with SearchProgress(metric, parse_duration(timeout)) as progress, graceful_interrupts(lambda: progress.say("[yellow]stopping after this batch; Ctrl-C again to abort[/yellow]")):
+    stopping = lambda: progress.say("[yellow]stopping after this batch; Ctrl-C again to abort[/yellow]")  # noqa: E731
+    with SearchProgress(metric, parse_duration(timeout)) as progress, graceful_interrupts(stopping), decoding_progress():
         result = search(
             backbone, data, out, trials=trials, timeout=timeout, epochs=epochs, strategies=strategy, storage=storage, study=study, sampler=sampler, pruner=pruner,
             metric=metric, seed=seed, device=device, cv=cv, no_cv=no_cv, refit=refit, ensemble=ensemble, batch_size=batch_size, image_size=image_size,
@@ -157,6 +159,8 @@ def _print_summary(result, metric: str) -> None:
     line = m["summary"] + (f"; test {metric} {m[f'test_{metric}']:.4f}" if f"test_{metric}" in m else "")
     colour = "yellow" if "did not beat" in line or "WARNING" in line else "green"
     console.print(f"[{colour}]done:[/{colour}] {line} ({states}; {result.seconds:.0f}s)", highlight=False)
+    if m.get("warning"):
+        console.print(f"[yellow]warning:[/yellow] {m['warning']}", highlight=False)
     for note in m.get("notes", []):
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     console.print(f"best model in {result.best_dir}, report in {result.report}", highlight=False)

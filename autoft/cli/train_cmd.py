@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from autoft.cli.common import console, guarded
-from autoft.cli.progress import EpochProgress
+from autoft.cli.progress import EpochProgress, decoding_progress
 from autoft.errors import AutoftError
 
 
@@ -65,7 +65,7 @@ def train_command(
 
     recipe = {"label_smoothing": label_smoothing, "augment": augment, "regularizer": regularizer}
     extra = {**{k: v for k, v in recipe.items() if v is not None}, **parse_params(param)}
-    with EpochProgress(epochs) as progress, graceful_interrupts(lambda: console.print("[yellow]stopping after this batch; Ctrl-C again to abort[/yellow]")):
+    with EpochProgress(epochs) as progress, graceful_interrupts(lambda: console.print("[yellow]stopping after this batch; Ctrl-C again to abort[/yellow]")), decoding_progress():
         result = training.train(
             backbone,
             data,
