@@ -272,9 +272,11 @@ def test_in_memory_samples_are_cached_by_content(own_cache, count_decodes):
     assert len(count_decodes) == 8
 
 
-def test_the_cli_decoding_display_shows_count_and_rate_then_stops(class_folder, own_cache, capsys):
+def test_the_cli_decoding_display_shows_count_and_rate_then_stops(class_folder, own_cache, capsys, monkeypatch):
+    from autoft.cli.common import console
     from autoft.cli.progress import decoding_progress
 
+    monkeypatch.setattr(console, "_force_terminal", True)  # a bar is drawn only where it can move
     with decoding_progress():
         load_data(str(class_folder), image_size=16)
         assert data_module._decode_progress.get() is not None
@@ -283,4 +285,8 @@ def test_the_cli_decoding_display_shows_count_and_rate_then_stops(class_folder, 
     assert data_module._decode_progress.get() is None
     with decoding_progress():
         load_data(str(class_folder), image_size=16)  # from the cache: nothing to show
+    assert "decoding images" not in capsys.readouterr().err
+    monkeypatch.setattr(console, "_force_terminal", False)
+    with decoding_progress():
+        load_data(str(class_folder), image_size=24)  # decoded again, into a log: no bar
     assert "decoding images" not in capsys.readouterr().err

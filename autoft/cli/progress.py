@@ -96,7 +96,7 @@ class DecodeProgress:
         if self.progress is None:
             self.progress = Progress(
                 TextColumn("[bold]decoding images"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-                TextColumn("eta"), TimeRemainingColumn(), console=console,
+                TextColumn("eta"), TimeRemainingColumn(), console=console, disable=not console.is_terminal,  # a bar only where it can move
             )  # fmt: skip
             try:
                 self.progress.start()
