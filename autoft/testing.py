@@ -25,6 +25,8 @@ Requires pytest (a test dependency of autoft plugins, not of autoft).
 
 from __future__ import annotations
 
+import abc
+
 import copy
 from pathlib import Path
 from typing import Any
@@ -324,15 +326,15 @@ class _Recorder:
         self.last = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
 
 
-class _LifecycleChecks(_Contract):
+class _LifecycleChecks(_Contract, abc.ABC):
     """Runs a few epochs of the real loop, straight and interrupted-then-resumed."""
 
     backbone_name: str = "test_resnet"
     lifecycle_epochs: int = 3
 
+    @abc.abstractmethod
     def recipe(self, name: str, registry: plugins.Registry, n_groups: int) -> Any:
         """The recipe that trains plugin ``name``, every other value at its default."""
-        raise NotImplementedError
 
     def run(self, name: str, registry, *, state_file: Path | None = None, stop_after: int | None = None, callbacks=()):
         """Train ``lifecycle_epochs`` epochs from the same start; optionally crash right after epoch ``stop_after``."""

@@ -143,7 +143,7 @@ def _member(session: Session, trial: optuna.trial.FrozenTrial, path: Path, first
         result, backbone = objective.fit(dict(trial.params), split, number=trial.number, steps=steps, eval_every=steps, deadline=deadline)
     except OutOfTime:
         return (own, {"note": "the refit ran out of time: the best trial's own weights are kept"}) if own.is_file() else (None, {})
-    images = len(session.fit_data(split, dict(trial.params)).train)
+    images = session.fit_size(split, dict(trial.params))
     save_checkpoint(path, backbone_name=session.config.backbone, backbone=backbone, classes=session.data.classes, image_size=session.data.image_size,
                     params=dict(trial.params), data=session.data_source, seed=session.config.seed)  # fmt: skip
     return path, {"refit": {"images": images, "labelled": len(session.pool) if split is None else len(session.splits[0][0]), "steps": result.history[-1]["step"]}}
@@ -155,7 +155,7 @@ def _refit_steps(session: Session, trial: optuna.trial.FrozenTrial, whole: bool)
     plan, params = session.plan, dict(trial.params)
     peak = int(trial.user_attrs.get("best_step") or plan.steps)
     if session.config.refit:  # as many passes over the larger set as the trial peaked at
-        ratio = len(session.fit_data(None, params).train) / max(len(session.fit_data(0, params).train), 1)
+        ratio = session.fit_size(None, params) / max(session.fit_size(0, params), 1)
         peak = max(plan.eval_every, round(peak * ratio))
         if trial.user_attrs.get("peaked_at_end") and not session.config.epochs:
             peak *= UNDERTRAINED_FACTOR  # still improving when its trial ended: the time kept for the refit lets it go on

@@ -117,17 +117,27 @@ class Session:
     def fit_data(self, split: int | None, params: dict[str, Any]) -> DataSplits:
         """Train and validation images of split ``split`` (``None``: every labelled image,
         validated on the validation split, for the refit), with the recipe's pseudo-labels."""
-        if split is None:
-            train_index, val_index = np.arange(len(self.pool)), self.splits[0][1]
-        else:
-            train_index, val_index = self.splits[split]
+        train_index, val_index = self._split(split)
         train = self.pool.subset(train_index)
-        fraction = float(params.get("pseudo_fraction", 0.0)) if params.get("pseudo_labels", "none") == "propagate" else 0.0
-        if fraction > 0 and self.unlabelled is not None:
-            index, labels = self.pseudo(split, train_index).most_confident(fraction)
-            extra = ImageTensors(self.unlabelled[torch.as_tensor(index)], torch.as_tensor(labels))
-            train = ImageTensors.concat([train, extra])
+        index, labels = self._pseudo_for(split, train_index, params)
+        if len(index):
+            train = ImageTensors.concat([train, ImageTensors(self.unlabelled[torch.as_tensor(index)], torch.as_tensor(labels))])
         return DataSplits(train=train, val=self.pool.subset(val_index), test=None, classes=self.data.classes, image_size=self.data.image_size, hflip=self.data.hflip)
+
+    def fit_size(self, split: int | None, params: dict[str, Any]) -> int:
+        """How many images :meth:`fit_data` would train on, without gathering them."""
+        train_index, _ = self._split(split)
+        return len(train_index) + len(self._pseudo_for(split, train_index, params)[0])
+
+    def _split(self, split: int | None) -> tuple[np.ndarray, np.ndarray]:
+        return (np.arange(len(self.pool)), self.splits[0][1]) if split is None else self.splits[split]
+
+    def _pseudo_for(self, split: int | None, train_index: np.ndarray, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """(unlabelled indices, labels) of the pseudo-labels the recipe trains on; none unless it chose them."""
+        fraction = float(params.get("pseudo_fraction", 0.0)) if params.get("pseudo_labels", "none") == "propagate" else 0.0
+        if fraction <= 0 or self.unlabelled is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return self.pseudo(split, train_index).most_confident(fraction)
 
     def pseudo(self, split: int | None, train_index: np.ndarray) -> PseudoLabels:
         """Pseudo-labels propagated from this split's training labels only, so that no
