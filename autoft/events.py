@@ -158,3 +158,11 @@ class Refit(Event):
     number: int
     steps: int
     images: int
+
+
+@dataclass(frozen=True)
+class WorkerFailed(Event):
+    """Worker process ``worker`` of ``--jobs`` stopped with an error; the others go on."""
+
+    worker: int
+    reason: str

@@ -93,6 +93,7 @@ class Plan:
     reasons: list[str] = field(default_factory=list)
     wanted_steps: int = 0  # what the data would want, before the budget
     step_seconds: float = 0.0
+    jobs: int = 1  # trials run at once (``--jobs``), each at the throughput measured for one
 
     @property
     def trial_seconds(self) -> float:
@@ -103,7 +104,7 @@ class Plan:
         return max(1, self.steps // self.evaluations)
 
     def estimated_seconds(self) -> float:
-        return self.pretrain_seconds + self.expected_trials * self.trial_seconds + self.refit_seconds
+        return self.pretrain_seconds + self.expected_trials * self.trial_seconds / self.jobs + self.refit_seconds
 
     def line(self) -> str:
         """``plan: 32 px, 400 steps a trial (...), 5-fold CV (...), ~24 trials, pretraining 15 epochs (1m10s), within 6m``."""
@@ -111,6 +112,8 @@ class Plan:
         if self.folds:
             parts.append(f"{self.folds}-fold CV" + (f" x{self.repeats}" if self.repeats > 1 else ""))
         parts.append(f"~{self.expected_trials} trials" if self.trials is None else f"{self.trials} trials")
+        if self.jobs > 1:
+            parts[-1] += f", {self.jobs} at a time"
         if self.pretrain_epochs:
             parts.append(f"pretraining {self.pretrain_epochs} epochs ({duration(self.pretrain_seconds)})")
         tail = f"within {duration(self.budget)}" if self.budget is not None else f"about {duration(self.estimated_seconds())} in all"
@@ -250,20 +253,23 @@ def default_batch_size(train_images: int) -> int:
     return size
 
 
-def make_plan(data: DataShape, rates: dict[int, Throughput], budget: float | None, overrides: Overrides = Overrides(), *, pretrained: bool = False) -> Plan:
+def make_plan(data: DataShape, rates: dict[int, Throughput], budget: float | None, overrides: Overrides = Overrides(), *, pretrained: bool = False, jobs: int = 1) -> Plan:
     """The best plan ``budget`` seconds (from now) can buy; an error naming the least that would do.
+
+    ``jobs`` trials run at once, each at the measured throughput (``rates`` measured with
+    one job's share of the device): the trials' time holds ``jobs`` times as many fits.
 
     Sizes are tried largest first; at each, the most folds whose fits still get
     :data:`GOOD_STEPS` / 2 steps, else the most folds that get :data:`MIN_STEPS`. When the
     data's own size cannot fit, smaller sizes are tried: a model at half the size beats none.
     """
-    plan = _first_fitting(data, rates, budget, overrides)
+    plan = _first_fitting(data, rates, budget, overrides, jobs)
     if plan is None:
-        raise BudgetTooSmall(budget or 0.0, _least_budget(data, rates, overrides))
+        raise BudgetTooSmall(budget or 0.0, _least_budget(data, rates, overrides, jobs))
     return plan
 
 
-def _first_fitting(data: DataShape, rates: dict[int, Throughput], budget: float | None, overrides: Overrides) -> Plan | None:
+def _first_fitting(data: DataShape, rates: dict[int, Throughput], budget: float | None, overrides: Overrides, jobs: int = 1) -> Plan | None:
     """The first plan that trains enough (:data:`ENOUGH_STEPS`), sizes largest first; failing
     that, the first that trains at all: a well-trained model at a smaller size beats a barely
     trained one at a larger."""
@@ -273,7 +279,7 @@ def _first_fitting(data: DataShape, rates: dict[int, Throughput], budget: float 
         smallest = min(sizes)
         sizes += [s for s in dict.fromkeys((smallest // 2, smallest // 4, MIN_SIZE)) if MIN_SIZE <= s < smallest]
     options = [
-        _plan_at(data, rates.get(size) or _scaled(rates, size), k, repeats if k == folds else 1, budget, overrides, why if k else None, equivalents)
+        _plan_at(data, rates.get(size) or _scaled(rates, size), k, repeats if k == folds else 1, budget, overrides, why if k else None, equivalents, jobs)
         for size in sizes
         for equivalents in (TRIAL_EQUIVALENTS, 6, MIN_TRIAL_EQUIVALENTS)
         for k in _fold_options(folds, overrides)
@@ -290,14 +296,14 @@ class BudgetTooSmall(AutoftError):
         super().__init__(f"--timeout {duration(budget)} cannot hold even the smallest plan on this device; give it at least {duration(least)}")
 
 
-def _least_budget(data: DataShape, rates: dict[int, Throughput], overrides: Overrides) -> float:
+def _least_budget(data: DataShape, rates: dict[int, Throughput], overrides: Overrides, jobs: int = 1) -> float:
     """Bisect on the budget: plans are arithmetic, so this costs microseconds."""
     low, high = 1.0, 3600.0
-    while _first_fitting(data, rates, high, overrides) is None and high < 1e7:
+    while _first_fitting(data, rates, high, overrides, jobs) is None and high < 1e7:
         low, high = high, high * 4
     for _ in range(30):
         middle = (low + high) / 2
-        low, high = (low, middle) if _first_fitting(data, rates, middle, overrides) else (middle, high)
+        low, high = (low, middle) if _first_fitting(data, rates, middle, overrides, jobs) else (middle, high)
     return math.ceil(high)
 
 
@@ -323,7 +329,8 @@ def _scaled(rates: dict[int, Throughput], size: int) -> Throughput:
 
 
 def _plan_at(
-    data: DataShape, rate: Throughput, folds: int | None, repeats: int, budget: float | None, overrides: Overrides, why: str | None, trial_equivalents: int = TRIAL_EQUIVALENTS
+    data: DataShape, rate: Throughput, folds: int | None, repeats: int, budget: float | None, overrides: Overrides, why: str | None,
+    trial_equivalents: int = TRIAL_EQUIVALENTS, jobs: int = 1,
 ) -> Plan:
     fit_train = (data.labelled * (folds - 1) // folds if folds else data.labelled - data.val) + data.extra_train
     fit_val = data.labelled // folds if folds else data.val
@@ -342,7 +349,7 @@ def _plan_at(
     else:
         # The trial-equivalents, then one refit on every labelled image, share what pretraining leaves.
         # The final refit keeps REFIT_SHARE (trials are short; the model shipped trains longer), the trials share the rest.
-        per_fit = (usable - pretrain_seconds) * (1 - REFIT_SHARE) / (trial_equivalents * fits)
+        per_fit = (usable - pretrain_seconds) * (1 - REFIT_SHARE) * jobs / (trial_equivalents * fits)
         evaluations = _evaluations(per_fit, fit_val / rate.evaluate)
         steps = min(wanted, int((per_fit - BUILD_SECONDS - evaluations * fit_val / rate.evaluate) / step_seconds))
     fit_seconds = BUILD_SECONDS + evaluations * fit_val / rate.evaluate + max(steps, 0) * step_seconds
@@ -350,12 +357,12 @@ def _plan_at(
     if usable is None:
         expected = overrides.trials or 20
     else:
-        expected = max(0, round((usable - pretrain_seconds - refit_seconds) / (fit_seconds * fits)))
+        expected = max(0, round(jobs * (usable - pretrain_seconds - refit_seconds) / (fit_seconds * fits)))
         expected = min(expected, overrides.trials) if overrides.trials else expected
     return Plan(
         image_size=rate.size, batch_size=batch, steps=max(steps, 0), evaluations=max(1, min(evaluations, max(steps, 1))), folds=folds, repeats=repeats,
         trials=overrides.trials, expected_trials=expected, pretrain_epochs=pretrain_epochs, fit_seconds=fit_seconds, pretrain_seconds=pretrain_seconds,
-        refit_seconds=refit_seconds, budget=budget, reasons=[why] if why else [], wanted_steps=wanted, step_seconds=step_seconds,
+        refit_seconds=refit_seconds, budget=budget, reasons=[why] if why else [], wanted_steps=wanted, step_seconds=step_seconds, jobs=jobs,
     )
 
 

@@ -12,6 +12,7 @@ from autoft.cli.common import bare_seconds_warning, console, guarded
 from autoft.cli.progress import LazyProgress, decoding_progress
 from autoft.events import (
     BatchEnd, EpochEnd, Event, Export, FoldEnd, PlanMade, PretrainEnd, PretrainStart, Refit, SearchStart, TrialEnd, TrialEvent, TrialStart, WeightsNotice,
+    WorkerFailed,
 )  # fmt: skip
 from autoft.planning import duration
 
@@ -52,6 +53,8 @@ class SearchProgress(LazyProgress):
                 self.progress.update(self.running, description=f"trial {number} fold {fold}/{folds}", status=f"fold {self.metric} {value:.4f}")
             case TrialEnd():
                 self._trial_end(event)
+            case WorkerFailed(worker=worker, reason=reason):
+                self._say(f"[yellow]worker {worker} stopped:[/yellow] {reason}")
             case Refit(number=number, steps=steps, images=images):
                 self.progress.update(self.running, description=f"refitting trial {number} on {images} labelled images", visible=True, completed=0, total=steps, status="")
             case Export(number=number):
@@ -106,6 +109,7 @@ def search_command(
     no_cv: Annotated[bool, typer.Option("--no-cv", help="Keep a single validation split, however small.")] = False,
     refit: Annotated[bool, typer.Option("--refit/--no-refit", help="Train the chosen recipe once more on every labelled image; --no-refit keeps the best trial's own weights.")] = True,
     ensemble: Annotated[int, typer.Option(min=1, help="The most trials a greedy ensemble may average; 1 turns ensembles off.")] = 5,
+    jobs: Annotated[str, typer.Option(metavar="N|auto", help="Trials to run at once, as worker processes on one study: they divide a CPU's cores, or take a GPU each. auto: one per GPU, 1 on a CPU.")] = "1",
     range_: Annotated[list[str], typer.Option("--range", metavar="NAME=RANGE", help="Override a range: NAME=LOW:HIGH[:log], NAME=VALUE or NAME=A,B,C. Repeatable.")] = [],
     space: Annotated[Optional[Path], typer.Option(help="A JSON file of range overrides, {NAME: \"LOW:HIGH[:log]\", ...}.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=2, help="Images per batch. \\[default: 64, less for tiny datasets]")] = None,
@@ -140,10 +144,21 @@ def search_command(
     with SearchProgress(metric, parse_duration(timeout)) as progress, graceful_interrupts(stopping), decoding_progress():
         result = search(
             backbone, data, out, trials=trials, timeout=timeout, epochs=epochs, strategies=strategy, storage=storage, study=study, sampler=sampler, pruner=pruner,
-            metric=metric, seed=seed, device=device, cv=cv, no_cv=no_cv, refit=refit, ensemble=ensemble, batch_size=batch_size, image_size=image_size,
+            metric=metric, seed=seed, device=device, cv=cv, no_cv=no_cv, refit=refit, ensemble=ensemble, jobs=_jobs(jobs), batch_size=batch_size, image_size=image_size,
             ranges=range_, space_file=space, export_onnx=onnx, weights=weights, unlabelled=unlabelled, pretrain=pretrain, pretrain_epochs=pretrain_epochs, on_event=progress,
         )  # fmt: skip
     _print_summary(result, metric)
+
+
+def _jobs(text: str) -> int | str:
+    from autoft.errors import AutoftError
+
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise AutoftError(f"--jobs {text!r}: give a number of trials to run at once, or auto") from None
 
 
 def _print_summary(result, metric: str) -> None:
@@ -169,8 +184,10 @@ def _print_summary(result, metric: str) -> None:
 def _study(result):
     import optuna
 
+    from autoft.searching.storage import open_storage
+
     try:
-        return optuna.load_study(study_name=result.study_name, storage=result.storage)
+        return optuna.load_study(study_name=result.study_name, storage=open_storage(result.storage))
     except Exception:  # noqa: BLE001 - the summary line still tells the essentials
         return None
 

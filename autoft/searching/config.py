@@ -26,7 +26,8 @@ class SearchConfig:
     training length of a trial (else the planner sets it in steps). ``cv`` forces k-fold
     scoring and ``no_cv`` a single validation split (else small data is cross-validated).
     ``refit`` trains the best recipe once more on every labelled image; ``ensemble`` caps
-    the members of a greedy ensemble (1 turns it off). ``weights`` is ``"auto"``
+    the members of a greedy ensemble (1 turns it off). ``jobs`` trials run at once, as
+    worker processes on one study (``"auto"``: one per GPU, one on a CPU). ``weights`` is ``"auto"``
     (pretrained when the backbone's source has them at hand, else random, said out loud),
     ``"scratch"``, a file or a source's pretrained tag.
     """
@@ -59,6 +60,7 @@ class SearchConfig:
     pretrain_epochs: int | None = None
     refit: bool = True
     ensemble: int = DEFAULT_ENSEMBLE
+    jobs: int | str = 1
     pre_search: Sequence[Callable[[Any], None]] = ()
     on_event: Callable[[Any], None] | None = None
     seconds: float | None = field(init=False, default=None)
@@ -80,6 +82,8 @@ class SearchConfig:
             raise AutoftError("--cv and --no-cv contradict each other; give one")
         if self.seconds is not None and self.seconds <= 0:
             raise AutoftError("--timeout must be longer than zero")
+        if not (self.jobs == "auto" or (isinstance(self.jobs, int) and self.jobs >= 1)):
+            raise AutoftError(f"--jobs {self.jobs!r}: give a number of trials to run at once (at least 1), or auto")
         if self.ensemble < 1:
             raise AutoftError("--ensemble must be at least 1 (1 turns ensembles off)")
         if isinstance(self.sampler, str) and self.sampler not in SAMPLERS:

@@ -54,6 +54,7 @@ class Objective:
         session = self.session
         for key, value in process_identity().items():
             trial.set_user_attr(key, value)
+        trial.set_user_attr("threads", torch.get_num_threads())  # with --jobs, this worker's share of the cores
         total = session.config.trials
         if total is not None and hasattr(trial, "study") and is_surplus(trial.number, trial.study.get_trials(deepcopy=False), total):
             trial.set_user_attr("surplus", True)  # another worker took the last place: this one never trains

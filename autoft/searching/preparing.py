@@ -23,6 +23,7 @@ from autoft.searching.config import SearchConfig, default_study_name
 from autoft.searching.session import PSEUDO_DEFAULT, Session, fit_baselines, make_splits
 from autoft.searching.space import DEFAULT_STRATEGIES, SearchSpace, load_overrides
 from autoft.searching.storage import default_storage_url, open_storage
+from autoft.searching.workers import WorkerSpec, resolve_jobs, threads_per_job, torch_threads
 from autoft.weights import resolve_weights
 
 VAL_FRACTION = 0.2
@@ -30,7 +31,10 @@ EMBED_SHARE = 0.05  # of the budget: what embedding every image for pseudo-label
 CALIBRATION_BATCH = 32
 
 
-def prepare(config: SearchConfig) -> Session:
+def prepare(config: SearchConfig, worker: WorkerSpec | None = None) -> Session:
+    """Everything before the first trial. A ``--jobs`` worker process passes its
+    :class:`~autoft.searching.workers.WorkerSpec`: it takes the command's plan and deadline
+    instead of measuring and planning again."""
     started = time.monotonic()
     config.check()
     registry = plugins.registry()
@@ -42,42 +46,52 @@ def prepare(config: SearchConfig) -> Session:
     space = config.space or SearchSpace(tuple(strategies), load_overrides(config.ranges, config.space_file))
     space.check_names(info.num_groups, strategies)
     device = resolve_device(config.device)
+    jobs = 1 if worker is not None else resolve_jobs(config.jobs, device)
     weights, notice = resolve_weights(config.weights, config.backbone, registry)
     if notice:
         _emit(config, WeightsNotice(notice))
     build_backbone(config.backbone, num_classes=2, weights=weights, registry=registry)  # a bad weights file fails before decoding
 
     labelled_images, data_source = _labelled_source(config.data, registry)
-    shape = _data_shape(labelled_images, _count_unlabelled(config.unlabelled))
     timings: dict[str, float] = {}
     pretrained = weights is not None
-    clock = time.monotonic()
-    sizes = [config.image_size] if config.image_size else candidate_sizes(_median_side(config.data, labelled_images), info.input_size, pretrained)
-    make_model = lambda: build_backbone(config.backbone, num_classes=max(2, shape.classes), registry=registry).model
-    rates = calibrate(make_model, sizes, config.batch_size or CALIBRATION_BATCH, device, max(2, shape.classes))
-    timings["calibration"] = time.monotonic() - clock
-    overrides = Overrides(image_size=config.image_size, epochs=config.epochs, trials=config.trials, pretrain_epochs=config.pretrain_epochs, cv=config.cv, no_cv=config.no_cv, batch_size=config.batch_size)
-    plan = _plan(config, shape.data, rates, overrides, started, pretrained)
+    if worker is None:
+        shape = _data_shape(labelled_images, _count_unlabelled(config.unlabelled))
+        clock = time.monotonic()
+        sizes = [config.image_size] if config.image_size else candidate_sizes(_median_side(config.data, labelled_images), info.input_size, pretrained)
+        make_model = lambda: build_backbone(config.backbone, num_classes=max(2, shape.classes), registry=registry).model
+        with torch_threads(threads_per_job(jobs)):  # what one of the --jobs workers will have
+            rates = calibrate(make_model, sizes, config.batch_size or CALIBRATION_BATCH, device, max(2, shape.classes))
+        timings["calibration"] = time.monotonic() - clock
+        overrides = Overrides(image_size=config.image_size, epochs=config.epochs, trials=config.trials, pretrain_epochs=config.pretrain_epochs, cv=config.cv, no_cv=config.no_cv, batch_size=config.batch_size)
+        plan = _plan(config, shape.data, rates, overrides, started, pretrained, jobs)
+    else:
+        plan = worker.plan
 
     clock = time.monotonic()
     data = labelled_images if isinstance(labelled_images, DataSplits) else decode_and_split(labelled_images, image_size=plan.image_size, val_fraction=VAL_FRACTION, seed=config.seed)
     unlabelled, unlabelled_skipped = _decode_unlabelled(config.unlabelled, data.image_size, registry)
     timings["decoding"] = time.monotonic() - clock
-    plan = _plan(config, _data_shape(data, 0 if unlabelled is None else len(unlabelled)).data, rates, overrides, started, pretrained)  # what decoding left
+    if worker is None:
+        plan = _plan(config, _data_shape(data, 0 if unlabelled is None else len(unlabelled)).data, rates, overrides, started, pretrained, jobs)  # what decoding left
     pool = ImageTensors.concat([data.train, data.val])
     splits = make_splits(pool.labels.numpy(), len(data.train), plan.folds, plan.repeats, config.seed)
 
     study_name = config.study or default_study_name(config.backbone, data_source or data)
     out = Path(config.out).expanduser() if config.out is not None else Path("runs") / study_name
     _check_out(out)
-    storage_url = config.storage or default_storage_url(out)
+    storage_url = config.storage or default_storage_url(out, jobs)
     direction = "maximize" if registry.metric(config.metric).greater_is_better else "minimize"
     study = optuna.create_study(study_name=study_name, storage=open_storage(storage_url), direction=direction, sampler=optuna.samplers.RandomSampler(), load_if_exists=True)
+    if worker is not None:
+        deadline = worker.monotonic_deadline()
+    else:
+        deadline = None if config.seconds is None else started + config.seconds
     session = Session(
         config=config, registry=registry, device=device, data=data, pool=pool, splits=splits, plan=plan, study=study, out=out, space=space,
         strategies=strategies, n_groups=info.num_groups, weights=weights, started=started, unlabelled=unlabelled, data_source=data_source,
-        timings=timings, on_event=config.on_event, storage_url=storage_url, unlabelled_skipped=unlabelled_skipped,
-        deadline=None if config.seconds is None else started + config.seconds,
+        timings=timings, on_event=config.on_event, storage_url=storage_url, unlabelled_skipped=unlabelled_skipped, deadline=deadline,
+        jobs=jobs, worker=0 if worker is None else worker.index,
     )  # fmt: skip
     return session
 
@@ -100,6 +114,7 @@ def finish_preparing(session: Session) -> None:
         embed = _embedder(session, session.weights)
         if embed is not None and session.weights is not None:
             session.embedders["start"] = embed
+            session.embedder_weights["start"] = session.weights
         session.baselines = fit_baselines(session, score, embed)
 
 
@@ -180,10 +195,10 @@ def _decode_unlabelled(source: Any, size: int, registry) -> tuple[torch.Tensor |
     return pool.images, list(pool.skipped)
 
 
-def _plan(config: SearchConfig, shape: DataShape, rates, overrides: Overrides, started: float, pretrained: bool) -> Plan:
+def _plan(config: SearchConfig, shape: DataShape, rates, overrides: Overrides, started: float, pretrained: bool, jobs: int) -> Plan:
     budget = None if config.seconds is None else config.seconds - (time.monotonic() - started)
     try:
-        return make_plan(shape, rates, budget, overrides, pretrained=pretrained)
+        return make_plan(shape, rates, budget, overrides, pretrained=pretrained, jobs=jobs)
     except BudgetTooSmall as exc:
         spent = time.monotonic() - started
         from autoft.planning import duration
@@ -209,12 +224,17 @@ def _check_out(out: Path) -> None:
 
 def _embedder(session: Session, weights: str | None):
     """Pooled features of the starting weights, when embedding every image is cheap enough."""
-    from autoft.pretraining import embed_all
-
     total = len(session.pool) + (0 if session.unlabelled is None else len(session.unlabelled))
     budget = session.config.seconds
     if budget is not None and total * session.plan.step_seconds / max(session.plan.batch_size, 1) / 3 > EMBED_SHARE * budget:
         return None
+    return features_of(session, weights)
+
+
+def features_of(session: Session, weights: str | None):
+    """``images -> pooled features`` of the backbone with ``weights``."""
+    from autoft.pretraining import embed_all
+
     seed_everything(session.config.seed)
     backbone = build_backbone(session.config.backbone, num_classes=session.data.num_classes, weights=weights, registry=session.registry)
     backbone.model.to(session.device)

@@ -33,6 +33,7 @@ def run_pretraining(session: Session) -> None:
         return
     session.space.choices["init"] = [str(c.path) for c in reversed(result.checkpoints)] + [session.weights or "scratch"]
     session.embedders["pretrained"] = _embed(session, str(result.checkpoints[-1].path))
+    session.embedder_weights["pretrained"] = str(result.checkpoints[-1].path)
     session.emit(PretrainEnd(cached=result.cached, out=str(result.out), checkpoints=[(c.epoch, c.knn_accuracy) for c in result.checkpoints]))
     skipped = {"skipped_images": len(session.unlabelled_skipped), "skipped": [{"source": s, "reason": r} for s, r in session.unlabelled_skipped[:100]]}
     write_json(session.out / "pretrain.json", {**result.metrics, **skipped, "cache": str(result.out), "cached": result.cached})

@@ -30,6 +30,7 @@ from autoft.searching.objective import Objective
 from autoft.searching.preparing import finish_preparing, prepare
 from autoft.searching.session import Session
 from autoft.searching.storage import counted_trials, recover_trials
+from autoft.searching.workers import parallel_workers
 
 REPORT_FILE = "report.html"
 PORTFOLIO = (  # tried first on a fresh study, after the default recipe: strong, different recipes
@@ -72,7 +73,7 @@ def run_search(config: SearchConfig) -> SearchResult:
     for hook in config.pre_search:
         hook(session)
     try:
-        with session.timed("trials"):
+        with session.timed("trials"), parallel_workers(session):
             run_trials(session, queued_again)
     except KeyboardInterrupt:
         write_report_quietly(session)
@@ -190,7 +191,8 @@ class _AfterTrial:
         with file_lock(session.out / ".cleanup.lock", wait=False) as held:
             if held:  # only one worker deletes trial folders at a time
                 prune_trial_folders(session.out, trials, best, keep_predictions=session.config.ensemble > 1)
-        write_report_quietly(session)
+        if session.worker == 0:  # the command's process writes the report; --jobs workers only train
+            write_report_quietly(session)
         done = counted_trials(trials)
         session.emit(TrialEnd(
             number=trial.number, state=_state_label(trial), value=trial.value, reason=trial.user_attrs.get("fail_reason"),
@@ -276,7 +278,7 @@ def describe_final(session: Session, best: optuna.trial.FrozenTrial, final: Fina
     metrics: dict[str, Any] = {
         "study": session.study.study_name, "trial": best.number, "metric": config.metric, "value": value, "best_trial_value": float(best.value),
         "selection": evidence, "summary": summary, "baselines": baselines, "model": {"members": final.trials, "weights": final.weights, "refit": final.refit},
-        "notes": final.notes, "plan": plan.as_dict(), "trial_states": states, "timings": dict(session.timings), "params": dict(best.params),
+        "notes": final.notes + session.notes, "plan": plan.as_dict(), "trial_states": states, "timings": dict(session.timings), "params": dict(best.params),
         "history": best.user_attrs.get("history", []), "num_labelled": len(session.pool), "num_unlabelled": 0 if session.unlabelled is None else len(session.unlabelled),
     }  # fmt: skip
     chance = chance_level(session.pool.labels.numpy())

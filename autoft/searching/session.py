@@ -58,6 +58,10 @@ class Session:
     baselines: list[BaselineResult] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     embedders: dict[str, Callable[[torch.Tensor], np.ndarray]] = field(default_factory=dict)
+    embedder_weights: dict[str, str | None] = field(default_factory=dict)  # the weights behind each embedder, for --jobs workers
+    jobs: int = 1  # trials at once (--jobs); this process runs trials as worker ``worker``
+    worker: int = 0
+    notes: list[str] = field(default_factory=list)  # said in the summary: a worker that stopped early
     _pseudo: dict[int, PseudoLabels] = field(default_factory=dict)
     fits: list[tuple[float, int]] = field(default_factory=list)  # (seconds, steps) of every fit so far
     on_event: Callable[[Any], None] | None = None

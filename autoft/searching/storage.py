@@ -39,8 +39,13 @@ CREATE_ATTEMPTS = 8  # opening a storage that another worker is creating: at mos
 JOURNAL_SUFFIXES = (".log", ".jsonl")
 
 
-def default_storage_url(out: Path) -> str:
-    return f"sqlite:///{(out / 'study.db').resolve()}"
+def default_storage_url(out: Path, jobs: int = 1) -> str:
+    """The study's storage in ``out``: the one a previous run left there, else an SQLite
+    file for one worker and a journal file (safe for many processes) for several."""
+    database, journal = (out / "study.db").resolve(), (out / "study.log").resolve()
+    if journal.exists() or (jobs > 1 and not database.exists()):
+        return f"journal://{journal}"
+    return f"sqlite:///{database}"
 
 
 def _retry_callback() -> RetryHeartbeatStaleTrialCallback:
