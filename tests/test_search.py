@@ -344,3 +344,19 @@ def test_study_names_come_from_backbone_and_data():
     assert default_study_name("test_resnet", "sample:digits") == "test_resnet-digits"
     assert default_study_name("resnet50", "/data/flowers/") == "resnet50-flowers"
     assert default_study_name("timm:vit_small", "labels.csv") == "timm-vit_small-labels"
+
+
+def test_a_slow_report_is_refreshed_less_often_than_every_trial(image_folder, tmp_path, monkeypatch):
+    from autoft.searching import runner
+
+    written = []
+
+    def slow_report(session, metrics=None):  # a study whose plots take as long as its trials
+        time.sleep(0.5)
+        written.append(metrics is not None)
+
+    monkeypatch.setattr(runner, "write_report_quietly", slow_report)
+    search("test_resnet", str(image_folder), tmp_path, trials=6, epochs=1, image_size=16, device="cpu", batch_size=16, export_onnx=False, no_cv=True, ensemble=1)
+    between = written[:-1]
+    assert written[-1] is True  # the whole report at the end, with the final metrics
+    assert 1 <= len(between) < 6 and not any(between)  # the first trial's, then no more than 5% of the trials' time

@@ -38,9 +38,10 @@ PREDICTIONS_NAME = "predictions.npy"  # probabilities for the images the trial d
 
 
 def free_memory(device: torch.device) -> None:
-    """Give back what a finished trial held before the next one allocates."""
-    gc.collect()
+    """Give back the GPU memory a finished trial held before the next one allocates. (On a
+    CPU, Python's own collector suffices: a full collection costs ~0.4 s a trial there.)"""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 

@@ -176,11 +176,28 @@ def run_trials(session: Session, queued_again: list[int]) -> None:
     study.optimize(Objective(session), n_trials=None if total is None else total - done, catch=(Exception,), callbacks=[_AfterTrial(session, total)], gc_after_trial=False)
 
 
+REPORT_SHARE = 0.05  # of the trials' time, the most that refreshing report.html between trials may take
+
+
 class _AfterTrial:
-    """After each trial: drop weights that cannot be used, refresh the report, stop at the cap or the budget."""
+    """After each trial: drop weights that cannot be used, refresh the report, stop at the cap or the budget.
+
+    The report is refreshed after a trial only when the time since the last refresh is
+    at least 1 / :data:`REPORT_SHARE` times what that refresh took (its plots cost seconds
+    once a study has many trials); the search writes it whole at its end.
+    """
 
     def __init__(self, session: Session, total: int | None):
         self.session, self.total = session, total
+        self.report_cost, self.reported = 0.0, float("-inf")
+
+    def _refresh_report(self) -> None:
+        if time.monotonic() - self.reported < self.report_cost / REPORT_SHARE:
+            return
+        started = time.monotonic()
+        write_report_quietly(self.session)
+        self.reported = time.monotonic()
+        self.report_cost = self.reported - started
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         session = self.session
@@ -192,7 +209,7 @@ class _AfterTrial:
             if held:  # only one worker deletes trial folders at a time
                 prune_trial_folders(session.out, trials, best, keep_predictions=session.config.ensemble > 1)
         if session.worker == 0:  # the command's process writes the report; --jobs workers only train
-            write_report_quietly(session)
+            self._refresh_report()
         done = counted_trials(trials)
         session.emit(TrialEnd(
             number=trial.number, state=_state_label(trial), value=trial.value, reason=trial.user_attrs.get("fail_reason"),
