@@ -70,3 +70,31 @@ def probe_baseline(
 ) -> BaselineResult:
     """A linear probe on pooled features of the starting weights (``weights`` names them in the report)."""
     return fit_and_score(np.asarray(embed(images), dtype=np.float64), labels, splits, num_classes, score, f"linear probe on {weights} features")
+
+
+def mirror_accuracies(images: Callable[[np.ndarray], torch.Tensor], labels: np.ndarray, split: Split, limit: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """(accuracy on the validation images, accuracy on their mirror images) of logistic
+    regression on the training images' pixels: whether a horizontal flip changes what an
+    image shows (digits, text, charts), measured on the data. ``images(index)`` gathers
+    images of the labelled pool; at most ``limit`` training images are used."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(seed)
+    train, val = (rng.choice(part, min(len(part), n), replace=False) for part, n in ((split[0], limit), (split[1], limit // 2)))
+    val_images = images(val)
+    features = pixel_features(torch.cat([images(train), val_images, val_images.flip(-1)]))
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(features[: len(train)], labels[train])
+    plain, mirrored = features[len(train) : len(train) + len(val)], features[len(train) + len(val) :]
+    return float(model.score(plain, labels[val])), float(model.score(mirrored, labels[val]))
+
+
+def flips_change_labels(plain: float, mirrored: float, chance: float) -> bool:
+    """Whether mirroring cost the pixel model over half of its margin over chance (and it
+    has a margin worth reading): then horizontal flips would teach wrong labels."""
+    margin = plain - chance
+    return margin > 0.1 and plain - mirrored > 0.5 * margin

@@ -94,6 +94,7 @@ class Plan:
     wanted_steps: int = 0  # what the data would want, before the budget
     step_seconds: float = 0.0
     jobs: int = 1  # trials run at once (``--jobs``), each at the throughput measured for one
+    flips: bool = True  # whether augmentation may flip images horizontally (the data decide: see autoft.baselines)
 
     @property
     def trial_seconds(self) -> float:

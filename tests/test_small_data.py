@@ -112,3 +112,46 @@ def test_an_ensemble_exports_as_one_verified_graph_and_predicts_unchanged(two_mo
     expected = (0.75 * members[0] + 0.25 * members[1]).numpy()
     classifier = OnnxClassifier.load(tmp_path)  # what predict and serve load
     assert np.allclose(classifier.probabilities(pixels.numpy()), expected, atol=1e-4)
+
+
+def _digit_folder(root: Path, per_class: int) -> Path:
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for label in range(10):
+        for i in np.flatnonzero(digits.target == label)[:per_class]:
+            (root / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).resize((16, 16)).save(root / str(label) / f"{i}.png")
+    return root
+
+
+def labelled_colours(root: Path) -> Path:
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        for i in range(12):
+            make_image(root / name / f"{i}.png", colour, seed=10 * c + i, size=16)
+    return root
+
+
+def test_mirror_images_tell_whether_flips_keep_labels(tmp_path):
+    from autoft.baselines import flips_change_labels, mirror_accuracies
+    from autoft import plugins
+    from autoft.data import prepare
+
+    registry = plugins.registry()
+    for folder, symmetric in ((_digit_folder(tmp_path / "digits", 30), False), (labelled_colours(tmp_path / "colours"), True)):
+        spec, argument = registry.dataset(str(folder))
+        data = prepare(spec.factory(argument), image_size=16, val_fraction=0.3, seed=0)
+        pool = torch.cat([data.train.images, data.val.images])
+        labels = np.concatenate([data.train.labels.numpy(), data.val.labels.numpy()])
+        split = (np.arange(len(data.train)), np.arange(len(data.train), len(labels)))
+        plain, mirrored = mirror_accuracies(lambda index: pool[torch.as_tensor(index)], labels, split)
+        chance = np.bincount(labels).max() / len(labels)
+        assert flips_change_labels(plain, mirrored, chance) is not symmetric, (folder.name, plain, mirrored)
+
+
+def test_a_search_on_digits_trains_without_flips(tmp_path):
+    folder = _digit_folder(tmp_path / "digits", 12)
+    result = search("test_resnet", str(folder), tmp_path / "run", trials=1, epochs=1, image_size=16, device="cpu", batch_size=16, export_onnx=False, no_cv=True, ensemble=1)
+    plan = json.loads((result.best_dir / "metrics.json").read_text())["plan"]
+    assert plan["flips"] is False and "no flips" in plan["line"]

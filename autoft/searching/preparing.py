@@ -74,6 +74,8 @@ def prepare(config: SearchConfig, worker: WorkerSpec | None = None) -> Session:
     timings["decoding"] = time.monotonic() - clock
     if worker is None:
         plan = _plan(config, _data_shape(data, 0 if unlabelled is None else len(unlabelled)).data, rates, overrides, started, pretrained, jobs)  # what decoding left
+    if worker is not None and not plan.flips:
+        data.hflip = False
     pool = ImageTensors.concat([data.train, data.val])
     splits = make_splits(pool.labels.numpy(), len(data.train), plan.folds, plan.repeats, config.seed)
 
@@ -99,6 +101,8 @@ def prepare(config: SearchConfig, worker: WorkerSpec | None = None) -> Session:
 def finish_preparing(session: Session) -> None:
     """The stages that need the open study: pretraining, pseudo-label features, baselines."""
     config = session.config
+    if session.data.hflip:
+        _check_flips(session)
     _emit(config, PlanMade(session.plan.line(), session.plan.as_dict()))
     if session.unlabelled is not None:
         from autoft.searching.pretraining_stage import run_pretraining
@@ -116,6 +120,19 @@ def finish_preparing(session: Session) -> None:
             session.embedders["start"] = embed
             session.embedder_weights["start"] = session.weights
         session.baselines = fit_baselines(session, score, embed)
+
+
+def _check_flips(session: Session) -> None:
+    """Turn horizontal flips off when they change what images show (digits, text, charts):
+    a pixel model that reads mirrored images much worse than the originals says so."""
+    from autoft.baselines import flips_change_labels, mirror_accuracies
+    from autoft.searching.finishing import chance_level
+
+    labels = session.pool.labels.numpy()
+    plain, mirrored = mirror_accuracies(session.pool.take, labels, session.splits[0], seed=session.config.seed)
+    if flips_change_labels(plain, mirrored, chance_level(labels)):
+        session.data.hflip = session.plan.flips = False
+        session.plan.reasons.append(f"no flips: a pixel model read {plain:.2f} of images right and {mirrored:.2f} of their mirror images")
 
 
 # ---------------------------------------------------------------------------
