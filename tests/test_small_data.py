@@ -155,3 +155,48 @@ def test_a_search_on_digits_trains_without_flips(tmp_path):
     result = search("test_resnet", str(folder), tmp_path / "run", trials=1, epochs=1, image_size=16, device="cpu", batch_size=16, export_onnx=False, no_cv=True, ensemble=1)
     plan = json.loads((result.best_dir / "metrics.json").read_text())["plan"]
     assert plan["flips"] is False and "no flips" in plan["line"]
+
+
+def test_the_refit_learns_from_the_best_trials_models_only_when_they_label_better(semi_search):
+    from types import SimpleNamespace
+
+    from autoft.searching.finishing import self_training
+    from autoft.searching.objective import TEACHER_NAME, save_array
+    from autoft.semisupervised import PseudoLabels
+
+    result, session = semi_search
+    best = SimpleNamespace(number=result.best_number, params={**result.best_params, "pseudo_labels": "propagate", "pseudo_fraction": 1.0})
+    everything = np.arange(len(session.pool))
+    propagated = session.pseudo(None, everything)
+    wrong = (propagated.labels + 1) % 3  # what the trial's models say: unlike propagation, to tell them apart
+    path = session.trial_dir(best.number) / TEACHER_NAME
+    saved = path.read_bytes() if path.is_file() else None
+    save_array(session.trial_dir(best.number) / TEACHER_NAME, np.eye(3)[wrong] * 0.9 + 0.1 / 3)
+    try:
+        session.teach_refit(PseudoLabels(propagated.index, propagated.labels, propagated.confidence, score=1.01))  # propagation labels better
+        assert self_training(session, best) is None
+        assert (session.fit_data(None, best.params).train.labels[len(everything) :].numpy() == propagated.most_confident(1.0)[1]).all()
+
+        session.teach_refit(PseudoLabels(propagated.index, propagated.labels, propagated.confidence, score=0.0))  # the models label better
+        note = self_training(session, best)
+        assert note and f"trial {best.number}'s models" in note
+        refit = session.fit_data(None, best.params)
+        assert len(refit.train) == len(everything) + 30
+        assert (refit.train.labels[len(everything) :].numpy() == wrong).all()  # every unlabelled image, with the models' labels
+    finally:
+        path.unlink()
+        if saved is not None:
+            path.write_bytes(saved)
+        session._pseudo.pop(-1, None)
+
+
+def test_a_trial_on_pseudo_labels_keeps_its_models_probabilities_for_the_unlabelled_images(semi_search):
+    from autoft.searching.objective import load_teacher
+
+    result, session = semi_search
+    folder = session.trial_dir(result.best_number)
+    teacher = load_teacher(folder)
+    if result.best_params.get("pseudo_labels") == "propagate":
+        assert teacher is not None and teacher.shape == (30, 3) and np.allclose(teacher.sum(1), 1, atol=1e-4)
+    else:
+        assert teacher is None  # nothing to teach a refit that uses no pseudo-labels

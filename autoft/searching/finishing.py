@@ -28,8 +28,9 @@ from autoft.errors import AutoftError
 from autoft.events import Export, Refit
 from autoft.io import publish_dir, write_json
 from autoft.metrics import score as metric_score, test_metrics
-from autoft.searching.objective import Objective, load_predictions
+from autoft.searching.objective import Objective, load_predictions, load_teacher
 from autoft.searching.session import Session
+from autoft.semisupervised import PseudoLabels
 from autoft.trainer import OutOfTime
 
 ENSEMBLE_MARGIN = 0.005  # an ensemble must beat the best single model by more than this
@@ -98,12 +99,13 @@ def choose_members(session: Session, best: optuna.trial.FrozenTrial) -> tuple[di
 
 def build_final(session: Session, best: optuna.trial.FrozenTrial) -> FinalModel:
     members, choice = choose_members(session, best)
+    taught = self_training(session, best) if session.config.refit else None
     trials = {t.number: t for t in session.study.get_trials(deepcopy=False)}
     work = session.out / "refit"
     work.mkdir(parents=True, exist_ok=True)
     built: list[tuple[int, Path, float]] = []
     refit: dict[str, Any] | None = None
-    notes: list[str] = []
+    notes: list[str] = [taught] if taught else []
     for number, weight in members.items():
         trial = trials[number]
         path, info = _member(session, trial, work / f"{number}.pt", first=not built)
@@ -118,6 +120,27 @@ def build_final(session: Session, best: optuna.trial.FrozenTrial) -> FinalModel:
     if choice is not None and len(built) < len(members):
         notes.append(f"ensemble reduced to {len(built)} of {len(members)} members by the time left")
     return FinalModel([p for _, p, _ in built], [w for _, _, w in built], [n for n, _, _ in built], refit, choice if len(built) > 1 else None, notes)
+
+
+def self_training(session: Session, best: optuna.trial.FrozenTrial) -> str | None:
+    """Let the refit learn the unlabelled images' labels from the best trial's models (the
+    mean of its folds') when they label held-out images better than label propagation does:
+    self-training, one round (Xie et al. 2020, "Self-training with Noisy Student"). Returns
+    the note that says so, or None."""
+    if session.unlabelled is None or best.params.get("pseudo_labels") != "propagate":
+        return None
+    teacher = load_teacher(session.trial_dir(best.number))
+    index, predictions = selection_evidence(session, best)
+    if teacher is None or best.number not in predictions or len(teacher) != len(session.unlabelled):
+        return None
+    labels = session.pool.labels.numpy()[index]
+    taught = float((predictions[best.number].argmax(1) == labels).mean())
+    propagated = session.pseudo(None, np.arange(len(session.pool)))
+    if propagated.score is None or taught <= propagated.score:
+        return None
+    session.teach_refit(PseudoLabels(index=np.arange(len(teacher)), labels=teacher.argmax(1).astype(np.int64), confidence=teacher.max(1), features=f"trial {best.number}", score=taught))
+    return (f"the refit learnt the unlabelled images' labels from trial {best.number}'s models, which label held-out images "
+            f"better ({taught:.3f}) than label propagation ({propagated.score:.3f})")  # fmt: skip
 
 
 def _member(session: Session, trial: optuna.trial.FrozenTrial, path: Path, first: bool) -> tuple[Path | None, dict[str, Any]]:

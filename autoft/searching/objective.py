@@ -26,8 +26,10 @@ import torch
 
 from autoft.backbones import build_backbone
 from autoft.checkpoints import CHECKPOINT_NAME, save_checkpoint
+from autoft.data import ImageTensors, Normalize
 from autoft.events import BatchEnd, EpochEnd, FoldEnd, TrialEvent, TrialStart
 from autoft.io import atomic_path
+from autoft.metrics import evaluate
 from autoft.runtime import seed_everything
 from autoft.searching.session import Session
 from autoft.searching.storage import is_surplus, process_identity
@@ -35,6 +37,7 @@ from autoft.trainer import STATE_INTERVAL, FitResult, OutOfTime, Trainer, Traine
 
 STATE_NAME = "state.pt"  # the training state after the last finished evaluation, for resuming
 PREDICTIONS_NAME = "predictions.npy"  # probabilities for the images the trial did not train on
+TEACHER_NAME = "unlabelled.npy"  # its models' mean probabilities for the unlabelled images: pseudo-labels for the refit
 
 
 def free_memory(device: torch.device) -> None:
@@ -162,8 +165,21 @@ class Objective:
         save_checkpoint(folder / CHECKPOINT_NAME, backbone_name=session.config.backbone, backbone=backbone, classes=session.data.classes,
                         image_size=session.data.image_size, params=params, data=session.data_source, seed=session.config.seed)  # fmt: skip
         save_predictions(folder, val_index, result.val["probabilities"])
+        teacher = self.teach(params, backbone)
+        if teacher is not None:
+            save_array(folder / TEACHER_NAME, teacher)
         trial.set_user_attr("best_step", int(result.history[result.best_epoch - 1]["step"]))
         trial.set_user_attr("peaked_at_end", result.best_epoch == len(result.history))
+
+    def teach(self, params: dict[str, Any], backbone) -> np.ndarray | None:
+        """The fitted model's probabilities for the unlabelled images, when the recipe trains
+        on pseudo-labels: the refit may learn from these instead of label propagation's."""
+        session = self.session
+        if session.unlabelled is None or params.get("pseudo_labels") != "propagate":
+            return None
+        net = torch.nn.Sequential(Normalize(backbone.mean, backbone.std), backbone.model).to(session.device)
+        images = ImageTensors(session.unlabelled, torch.zeros(len(session.unlabelled), dtype=torch.long))
+        return evaluate(net, images, session.device, 2 * session.plan.batch_size, metrics=[])["probabilities"].numpy()
 
     # -- k-fold cross-validation ---------------------------------------------
 
@@ -181,10 +197,11 @@ class Objective:
         at_end: list[bool] = []
         predictions = np.zeros((len(session.pool), session.data.num_classes), dtype=np.float32)
         counts = np.zeros(len(session.pool), dtype=np.int64)
+        teachers: list[np.ndarray] = []
         order = np.random.default_rng(session.config.seed + trial.number).permutation(len(splits))
         for position, split in enumerate(order):
             try:
-                result, _ = self.fit(params, int(split), number=trial.number)
+                result, backbone = self.fit(params, int(split), number=trial.number)
             except OutOfTime:
                 if not scores:
                     raise
@@ -199,6 +216,9 @@ class Objective:
             val_index = splits[split][1]
             predictions[val_index] += result.val["probabilities"].numpy()
             counts[val_index] += 1
+            teacher = self.teach(params, backbone)
+            if teacher is not None:
+                teachers.append(teacher)
             trial.set_user_attr("fold_scores", {str(k): v for k, v in scores.items()})
             trial.set_user_attr("best_step", int(np.median(steps)))
             trial.set_user_attr("peaked_at_end", sum(at_end) * 2 > len(at_end))
@@ -213,18 +233,32 @@ class Objective:
         if len(scores) == len(splits):
             seen = counts > 0
             save_predictions(session.trial_dir(trial.number), np.flatnonzero(seen), torch.from_numpy(predictions[seen] / counts[seen, None]))
+            if teachers:
+                save_array(session.trial_dir(trial.number) / TEACHER_NAME, np.mean(teachers, axis=0))
         return float(np.mean(list(scores.values())))
 
 
 def save_predictions(folder: Path, index: np.ndarray, probabilities: torch.Tensor) -> None:
     """Probabilities for pool images ``index`` (which the trial did not train on), written atomically."""
-    folder.mkdir(parents=True, exist_ok=True)
     table = np.zeros((len(index), probabilities.shape[1] + 1), dtype=np.float32)
     table[:, 0] = index
     table[:, 1:] = probabilities.float().numpy()
-    with atomic_path(folder / PREDICTIONS_NAME) as tmp:
+    save_array(folder / PREDICTIONS_NAME, table)
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
-            np.save(handle, table, allow_pickle=False)
+            np.save(handle, np.asarray(array, dtype=np.float32), allow_pickle=False)
+
+
+def load_teacher(folder: Path) -> np.ndarray | None:
+    """A trial's models' probabilities for the unlabelled images, or None."""
+    try:
+        return np.load(folder / TEACHER_NAME, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
 
 
 def load_predictions(folder: Path) -> tuple[np.ndarray, np.ndarray] | None:

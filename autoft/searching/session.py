@@ -150,8 +150,12 @@ class Session:
         if key not in self._pseudo:
             labels = self.pool.labels[torch.as_tensor(train_index)].numpy()
             images = self.pool.images[torch.as_tensor(train_index)]
-            self._pseudo[key] = pseudo_label(images, labels, self.unlabelled, self.data.num_classes, embedders=self.embedders, seed=self.config.seed)
+            self._pseudo[key] = pseudo_label(images, labels, self.unlabelled, self.data.num_classes, embedders=self.embedders, seed=self.config.seed, measure=split is None)
         return self._pseudo[key]
+
+    def teach_refit(self, labels: PseudoLabels) -> None:
+        """Pseudo-labels for the refit on every labelled image, in place of label propagation's."""
+        self._pseudo[-1] = labels
 
 
 class _Timer:
