@@ -56,15 +56,15 @@ def prepare(config: SearchConfig, worker: WorkerSpec | None = None) -> Session:
     timings: dict[str, float] = {}
     pretrained = weights is not None
     if worker is None:
-        shape = _data_shape(labelled_images, _count_unlabelled(config.unlabelled))
+        shape, classes = _data_shape(labelled_images, _count_unlabelled(config.unlabelled))
         clock = time.monotonic()
         sizes = [config.image_size] if config.image_size else candidate_sizes(_median_side(config.data, labelled_images), info.input_size, pretrained)
-        make_model = lambda: build_backbone(config.backbone, num_classes=max(2, shape.classes), registry=registry).model
+        make_model = lambda: build_backbone(config.backbone, num_classes=max(2, classes), registry=registry).model
         with torch_threads(threads_per_job(jobs)):  # what one of the --jobs workers will have
-            rates = calibrate(make_model, sizes, config.batch_size or CALIBRATION_BATCH, device, max(2, shape.classes))
+            rates = calibrate(make_model, sizes, config.batch_size or CALIBRATION_BATCH, device, max(2, classes))
         timings["calibration"] = time.monotonic() - clock
         overrides = Overrides(image_size=config.image_size, epochs=config.epochs, trials=config.trials, pretrain_epochs=config.pretrain_epochs, cv=config.cv, no_cv=config.no_cv, batch_size=config.batch_size)
-        plan = _plan(config, shape.data, rates, overrides, started, pretrained, jobs)
+        plan = _plan(config, shape, rates, overrides, started, pretrained, jobs)
     else:
         plan = worker.plan
 
@@ -73,7 +73,7 @@ def prepare(config: SearchConfig, worker: WorkerSpec | None = None) -> Session:
     unlabelled, unlabelled_skipped = _decode_unlabelled(config.unlabelled, data.image_size, registry)
     timings["decoding"] = time.monotonic() - clock
     if worker is None:
-        plan = _plan(config, _data_shape(data, 0 if unlabelled is None else len(unlabelled)).data, rates, overrides, started, pretrained, jobs)  # what decoding left
+        plan = _plan(config, _data_shape(data, 0 if unlabelled is None else len(unlabelled))[0], rates, overrides, started, pretrained, jobs)  # what decoding left
     if worker is not None and not plan.flips:
         data.hflip = False
     pool = ImageTensors.concat([data.train, data.val])
@@ -151,12 +151,8 @@ def _labelled_source(data: str | DataSplits, registry) -> tuple[Any, str | None]
     return spec.factory(argument), data
 
 
-class _Shape:
-    def __init__(self, data: DataShape, classes: int):
-        self.data, self.classes = data, classes
-
-
-def _data_shape(labelled: Any, unlabelled: int) -> Any:
+def _data_shape(labelled: Any, unlabelled: int) -> tuple[DataShape, int]:
+    """What the planner needs to know of the labelled images (not yet decoded), and their class count."""
     if isinstance(labelled, DataSplits):
         labels = np.concatenate([labelled.train.labels.numpy(), labelled.val.labels.numpy()])
         val_labels = labelled.val.labels.numpy()
@@ -179,7 +175,7 @@ def _data_shape(labelled: Any, unlabelled: int) -> Any:
         smallest_val_class=int(val_counts[counts > 0].min()) if counts.any() else 0, unlabelled=unlabelled,
         extra_train=int(PSEUDO_DEFAULT * unlabelled),
     )  # fmt: skip
-    return _Shape(shape, classes)
+    return shape, classes
 
 
 def _median_side(data: Any, labelled: Any) -> int | None:
