@@ -129,6 +129,9 @@ class ImageStore:
     def file(self) -> Path:
         return self.folder / IMAGES_FILE
 
+    def describe(self) -> str:
+        return f"at {self.folder}"
+
     @property
     def nbytes(self) -> int:
         return self.rows * self.row_bytes

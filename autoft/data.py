@@ -41,87 +41,132 @@ DEFAULT_MEMORY_FRACTION = 0.25  # of physical memory, for decoded images held in
 _decode_progress: contextvars.ContextVar[Progress | None] = contextvars.ContextVar("autoft_decode_progress", default=None)
 
 
-class ImageTensors:
-    """Decoded images, ``uint8`` in ``(N, 3, S, S)``, with ``int64`` labels.
+UNLABELLED = -1  # the label of an image whose class is not known
 
-    ``images`` is a tensor in memory, or an :class:`~autoft.cache.ImageStore` with the
-    ``rows`` of it that this set holds, read a batch at a time.
+
+class ImageTensors:
+    """Decoded images, ``uint8`` in ``(N, 3, S, S)``, with ``int64`` labels (:data:`UNLABELLED` when not given).
+
+    The images are a tensor in memory, or rows of a source read on demand: an
+    :class:`~autoft.cache.ImageStore` (a set too big for memory), or sets joined by
+    :meth:`concat` of which one is on disk. A set on disk is read a batch at a time
+    (:meth:`take`, :meth:`iter_batches`, :meth:`read_batches`), never whole: :attr:`images`
+    is for sets known to be in memory.
     """
 
-    def __init__(self, images: torch.Tensor | cache.ImageStore, labels: torch.Tensor, rows: np.ndarray | None = None):
-        self.labels = labels
+    def __init__(self, images: torch.Tensor | cache.ImageStore | _Joined, labels: torch.Tensor | None = None, rows: np.ndarray | None = None):
         if isinstance(images, torch.Tensor):
-            self._memory, self._store, self._rows = images, None, None
+            self._memory, self._source, self._rows = images, None, None
         else:
-            self._memory, self._store = None, images
+            self._memory, self._source = None, images
             self._rows = np.arange(images.rows, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+        count = len(images) if self._rows is None else len(self._rows)
+        self.labels = torch.full((count,), UNLABELLED, dtype=torch.int64) if labels is None else labels
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __repr__(self) -> str:
-        where = f"on disk at {self._store.folder}" if self._store is not None else "in memory"
+        where = "in memory" if self._source is None else f"on disk, {self._source.describe()}"
         return f"ImageTensors({len(self)} images of {self.image_shape}, {where})"
 
     @property
     def on_disk(self) -> bool:
-        return self._store is not None
+        """Whether the images are read from disk a batch at a time rather than held in memory."""
+        return self._source is not None
 
     @property
     def image_shape(self) -> tuple[int, ...]:
-        return tuple(self._store.shape) if self._store is not None else tuple(self._memory.shape[1:])
+        return tuple(self._source.shape) if self._source is not None else tuple(self._memory.shape[1:])
 
     @property
     def images(self) -> torch.Tensor:
         """All images as one tensor. For a set on disk this reads it whole: iterate with :meth:`iter_batches`."""
-        return self._memory if self._store is None else self._store.read(self._rows)
+        return self._memory if self._source is None else self._source.read(self._rows)
 
     def take(self, index: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """The images at positions ``index`` of this set, as a new or indexed tensor."""
-        if self._store is None:
+        if self._source is None:
             return self._memory[torch.as_tensor(np.asarray(index), dtype=torch.long)]
-        return self._store.read(self._rows[np.asarray(index, dtype=np.int64)])
+        return self._source.read(self._rows[np.asarray(index, dtype=np.int64)])
 
     def subset(self, index: Sequence[int] | np.ndarray | torch.Tensor) -> "ImageTensors":
         index = np.asarray(index, dtype=np.int64)
         labels = self.labels[torch.from_numpy(index)]
-        if self._store is None:
+        if self._source is None:
             return ImageTensors(self._memory[torch.from_numpy(index)], labels)
-        return ImageTensors(self._store, labels, self._rows[index])
+        return ImageTensors(self._source, labels, self._rows[index])
 
     @staticmethod
     def concat(parts: Sequence["ImageTensors"]) -> "ImageTensors":
+        """The sets one after the other: in memory when they all are, else read from their sources on demand."""
         labels = torch.cat([p.labels for p in parts])
-        stores = {id(p._store) for p in parts}
-        if len(stores) == 1 and parts[0]._store is not None:  # rows of one cache: stay on disk
-            return ImageTensors(parts[0]._store, labels, np.concatenate([p._rows for p in parts]))
-        return ImageTensors(torch.cat([p.images for p in parts]), labels)
+        if all(p._source is None for p in parts):
+            return ImageTensors(torch.cat([p._memory for p in parts]), labels)
+        if len({id(p._source) for p in parts}) == 1:  # rows of one source: stay on disk
+            return ImageTensors(parts[0]._source, labels, np.concatenate([p._rows for p in parts]))
+        return ImageTensors(_Joined(parts), labels)
 
     def iter_batches(
         self, order: Sequence[int] | np.ndarray | torch.Tensor | None = None, batch_size: int = 64, *, pin_memory: bool = False
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(uint8 images, labels)`` for consecutive chunks of ``order`` (positions; default: in order).
+        """``(uint8 images, labels)`` for consecutive chunks of ``order`` (positions; default: in order), as :meth:`read_batches`."""
+        if order is None and self._source is None:  # slices of memory: views, no copy
+            for start in range(0, len(self), batch_size):
+                images = self._memory[start : start + batch_size]
+                yield (images.pin_memory() if pin_memory else images), self.labels[start : start + batch_size]
+            return
+        order = np.arange(len(self)) if order is None else np.asarray(order, dtype=np.int64)
+        yield from self.read_batches([order[start : start + batch_size] for start in range(0, len(order), batch_size)], pin_memory=pin_memory)
+
+    def read_batches(
+        self, batches: Sequence[Sequence[int] | np.ndarray | torch.Tensor], *, pin_memory: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(uint8 images, labels)`` at the positions of each of ``batches`` in turn.
 
         For a set on disk the next batch is read by a background thread while the caller
         works on this one, so a dataset larger than memory trains at about the speed of one
-        in memory. ``pin_memory`` pins each batch for fast, asynchronous copies to a GPU.
+        in memory; a set in memory is indexed with no thread. ``pin_memory`` pins each batch
+        for fast, asynchronous copies to a GPU. Close the iterator (or exhaust it) to stop the reader.
         """
-        order = np.arange(len(self)) if order is None else np.asarray(order, dtype=np.int64)
-        chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
-        def load(chunk: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-            images = self.take(chunk)
-            return (images.pin_memory() if pin_memory else images), self.labels[torch.from_numpy(chunk)]
+        def load(index) -> tuple[torch.Tensor, torch.Tensor]:
+            index = np.asarray(index, dtype=np.int64)
+            images = self.take(index)
+            return (images.pin_memory() if pin_memory else images), self.labels[torch.from_numpy(index)]
 
-        if self._store is None:
-            yield from map(load, chunks)
+        if self._source is None:
+            yield from map(load, batches)
             return
         with ThreadPoolExecutor(1, thread_name_prefix="autoft-prefetch") as reader:
-            upcoming = reader.submit(load, chunks[0]) if chunks else None
-            for i in range(len(chunks)):
+            upcoming = reader.submit(load, batches[0]) if len(batches) else None
+            for i in range(len(batches)):
                 current = upcoming
-                upcoming = reader.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
+                upcoming = reader.submit(load, batches[i + 1]) if i + 1 < len(batches) else None
                 yield current.result()
+
+
+class _Joined:
+    """Sets read as one, some in memory and some on disk: rows ``0..len(first)-1`` are the first's, and so on."""
+
+    def __init__(self, parts: Sequence[ImageTensors]):
+        self.parts = list(parts)
+        self.ends = np.cumsum([len(p) for p in self.parts])
+        self.starts = self.ends - [len(p) for p in self.parts]
+        self.rows = int(self.ends[-1]) if self.parts else 0
+        self.shape = self.parts[0].image_shape
+
+    def describe(self) -> str:
+        return f"{len(self.parts)} sets joined, {sum(p.on_disk for p in self.parts)} of them on disk"
+
+    def read(self, rows: np.ndarray) -> torch.Tensor:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        which = np.searchsorted(self.ends, rows, side="right")
+        out = torch.empty((len(rows), *self.shape), dtype=torch.uint8)
+        for part in np.unique(which):
+            here = np.flatnonzero(which == part)
+            out[torch.from_numpy(here)] = self.parts[part].take(rows[here] - self.starts[part])
+        return out
 
 
 @dataclass

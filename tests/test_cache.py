@@ -183,6 +183,23 @@ def test_a_set_over_the_memory_limit_stays_on_disk_and_iterates_like_memory(clas
     assert torch.equal(on_disk.val.subset([2, 0]).images, in_memory.val.images[[2, 0]])
 
 
+def test_a_set_on_disk_joined_with_one_in_memory_reads_like_their_concatenation(class_folder, own_cache, monkeypatch):
+    in_memory = load_data(str(class_folder), image_size=16, seed=3)
+    monkeypatch.setenv("AUTOFT_MAX_IN_MEMORY", "1k")
+    on_disk = load_data(str(class_folder), image_size=16, seed=3)
+    extra = ImageTensors(torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    joined, expected = ImageTensors.concat([on_disk.train, extra]), ImageTensors.concat([in_memory.train, extra])
+    assert joined.on_disk and not expected.on_disk and "1 of them on disk" in repr(joined)
+    assert joined.labels[-5:].tolist() == [data_module.UNLABELLED] * 5 and torch.equal(joined.labels, expected.labels)
+    batches = [[len(joined) - 1, 0, 3], [2, len(joined) - 2], list(range(len(joined)))]
+    for (x, y), (x2, y2) in zip(joined.read_batches(batches), expected.read_batches(batches), strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    picked = joined.subset([len(joined) - 1, 1])
+    assert picked.on_disk and torch.equal(picked.images, expected.images[[len(joined) - 1, 1]])
+    in_order = list(joined.iter_batches(batch_size=7))
+    assert torch.equal(torch.cat([x for x, _ in in_order]), expected.images)
+
+
 RSS_PROBE = textwrap.dedent(
     """
     import json, sys, zlib
