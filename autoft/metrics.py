@@ -53,8 +53,8 @@ def evaluate(
     specs = list(metrics) if metrics is not None else metric_specs("accuracy", registry)
     net.eval()
     logits = []
-    for start in range(0, len(data), batch_size):
-        x = to_float(data.images[start : start + batch_size], device)
+    for images, _ in data.iter_batches(batch_size=batch_size, pin_memory=data.on_disk and device.type == "cuda"):
+        x = to_float(images, device)
         with autocast(device):
             logits.append(net(layout(x, device)).float().cpu())
     out = torch.cat(logits)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -176,8 +177,8 @@ class Trainer:
         if int(labels.min()) < 0 or int(labels.max()) >= data.num_classes:
             raise AutoftError(f"labels must index the {data.num_classes} classes, found labels from {int(labels.min())} to {int(labels.max())}")
         unlabelled = self.unlabelled
-        if unlabelled is not None and (unlabelled.dtype != torch.uint8 or unlabelled.shape[1:] != data.train.images.shape[1:]):
-            raise AutoftError(f"unlabelled images must be uint8 {tuple(data.train.images.shape[1:])} like the labelled ones, got {unlabelled.dtype} {tuple(unlabelled.shape[1:])}")
+        if unlabelled is not None and (unlabelled.dtype != torch.uint8 or tuple(unlabelled.shape[1:]) != data.train.image_shape):
+            raise AutoftError(f"unlabelled images must be uint8 {data.train.image_shape} like the labelled ones, got {unlabelled.dtype} {tuple(unlabelled.shape[1:])}")
         seed_everything(cfg.seed)
         self.params = self.recipe.params()
         self.callbacks = self._callbacks()
@@ -231,9 +232,12 @@ class Trainer:
         self.lr_factor = cosine_with_warmup(self.total_steps, min(self.period, self.total_steps // 10 + 1))
 
     def _place_training_set(self) -> None:
+        """A set in memory is indexed in place; a set on disk is read a batch at a time (see :meth:`_batches`)."""
+        train = self.data.train
+        self.train_images = None if train.on_disk else train.images
+        self.train_labels = train.labels
         # On a GPU the whole uint8 training set usually fits; moving it once beats a copy per batch.
-        self.train_images, self.train_labels = self.data.train.images, self.data.train.labels
-        if self.device.type == "cuda":
+        if self.train_images is not None and self.device.type == "cuda":
             try:
                 self.train_images, self.train_labels = self.train_images.to(self.device), self.train_labels.to(self.device)
             except torch.cuda.OutOfMemoryError:
@@ -323,13 +327,24 @@ class Trainer:
         self._sums = torch.zeros(1 + len(self.loss_callbacks), device=self.device)
         self._first_bad = torch.full_like(self._sums, -1)
         self._seen = 0
-        for step in range(steps):
-            reason = self._stop_reason()
-            if reason:
-                return reason
-            self._train_step(self.stream.next())
-            self._emit(BatchEnd(step=step + 1, steps=steps, global_step=self.global_step, total_steps=self.total_steps))
+        # The period's batches are drawn now so that a set on disk can be read a batch ahead. The
+        # stream's state is saved only when a period ends, so a resumed run draws the same ones.
+        indices = [self.stream.next() for _ in range(steps)]
+        with closing(self._batches(indices)) as batches:
+            for step, (images, labels) in enumerate(batches):
+                reason = self._stop_reason()
+                if reason:
+                    return reason
+                self._train_step(images, labels)
+                self._emit(BatchEnd(step=step + 1, steps=steps, global_step=self.global_step, total_steps=self.total_steps))
         return None
+
+    def _batches(self, indices: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """uint8 images and labels of each batch: indexed where the set lies, or read from disk (the next one read ahead)."""
+        if self.train_images is None:
+            return self.data.train.read_batches(indices, pin_memory=self.device.type == "cuda")
+        where = self.train_images.device
+        return ((self.train_images[index], self.train_labels[index]) for index in (i.to(where) for i in indices))
 
     def _adopt_unfrozen(self) -> None:
         """A parameter a callback set trainable without a group still trains, at the base learning rate;
@@ -350,13 +365,11 @@ class Trainer:
             return "deadline"
         return None
 
-    def _train_step(self, index: torch.Tensor) -> None:
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         device, ctx = self.device, self.ctx
         ctx.step = self.global_step
-        if self.train_images.device != index.device:
-            index = index.to(self.train_images.device)
-        images = self.augment(to_float(self.train_images[index], device))
-        labels = self.train_labels[index].to(device)
+        images = self.augment(to_float(images, device))
+        labels = labels.to(device, non_blocking=True)
         targets = F.one_hot(labels, self.data.num_classes).float() if self.transformers or self.loss_callbacks else None
         for callback in self.transformers:
             images, targets = callback.transform_batch(ctx, images, targets)
@@ -380,8 +393,8 @@ class Trainer:
         optimizer.step()
         values = torch.stack(parts)
         self._first_bad = torch.where(~torch.isfinite(values) & (self._first_bad < 0), float(self.global_step), self._first_bad)
-        self._sums += values * len(index)
-        self._seen += len(index)
+        self._sums += values * len(labels)
+        self._seen += len(labels)
         self.global_step += 1
 
     def _pooled_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -154,6 +154,34 @@ def test_epochs_remain_the_default_unit(small):
 
 
 # ---------------------------------------------------------------------------
+# A training set on disk
+
+
+def test_a_set_on_disk_trains_a_batch_at_a_time_exactly_as_in_memory(small, monkeypatch):
+    from autoft import cache
+    from autoft.data import load_data
+
+    def part(data):
+        return data.__class__(**{**data.__dict__, "train": data.train.subset(range(128)), "val": data.val.subset(range(64))})
+
+    monkeypatch.setenv("AUTOFT_MAX_IN_MEMORY", "0")
+    in_memory, on_disk = part(small), part(load_data("sample:digits", image_size=32, seed=0))  # the pixels and split of ``digits``, left on disk
+    assert on_disk.train.on_disk and on_disk.val.on_disk and not in_memory.train.on_disk
+    reads = []
+    read = cache.ImageStore.read
+    monkeypatch.setattr(cache.ImageStore, "read", lambda store, rows: reads.append(len(rows)) or read(store, rows))
+    runs = []
+    for data in (in_memory, on_disk):
+        run = trainer(data, epochs=2, batch_size=24)  # 5 batches of 24 and one of 8 a pass
+        runs.append((run.fit(), run.backbone.model.state_dict()))
+    (memory, memory_weights), (disk, disk_weights) = runs
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in disk.history] == [{k: v for k, v in r.items() if k != "seconds"} for r in memory.history]
+    assert all(torch.equal(memory_weights[k], disk_weights[k]) for k in memory_weights)
+    # Each epoch read every training image and every validation image once, a batch at a time.
+    assert sum(reads) == 2 * (128 + 64) and max(reads) == 48
+
+
+# ---------------------------------------------------------------------------
 # Divergence
 
 
