@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from autoft.data import Images
 from autoft.semisupervised import pixel_features
 
 Score = Callable[[np.ndarray, np.ndarray], float]  # (labels, probabilities) -> metric value
@@ -61,12 +62,12 @@ def fit_and_score(features: np.ndarray, labels: np.ndarray, splits: Sequence[Spl
     return BaselineResult(name, float(score(labels[order], stacked)), time.perf_counter() - started, stacked)
 
 
-def pixel_baseline(images: torch.Tensor, labels: np.ndarray, splits: Sequence[Split], num_classes: int, score: Score) -> BaselineResult:
+def pixel_baseline(images: Images, labels: np.ndarray, splits: Sequence[Split], num_classes: int, score: Score) -> BaselineResult:
     return fit_and_score(pixel_features(images), labels, splits, num_classes, score, "logistic regression on pixels")
 
 
 def probe_baseline(
-    embed: Callable[[torch.Tensor], np.ndarray], images: torch.Tensor, labels: np.ndarray, splits: Sequence[Split], num_classes: int, score: Score, weights: str
+    embed: Callable[[Images], np.ndarray], images: Images, labels: np.ndarray, splits: Sequence[Split], num_classes: int, score: Score, weights: str
 ) -> BaselineResult:
     """A linear probe on pooled features of the starting weights (``weights`` names them in the report)."""
     return fit_and_score(np.asarray(embed(images), dtype=np.float64), labels, splits, num_classes, score, f"linear probe on {weights} features")

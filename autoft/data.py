@@ -169,6 +169,16 @@ class _Joined:
         return out
 
 
+Images = torch.Tensor | ImageTensors  # what feature extraction accepts: uint8 (N, 3, S, S) in memory, or a set that may be on disk
+
+
+def image_batches(images: Images, batch_size: int) -> Iterator[torch.Tensor]:
+    """uint8 batches of ``images`` in order: slices of memory, or reads of a set on disk (the next read ahead)."""
+    if isinstance(images, torch.Tensor):
+        return (images[start : start + batch_size] for start in range(0, len(images), batch_size))
+    return (batch for batch, _ in images.iter_batches(batch_size=batch_size))
+
+
 @dataclass
 class DataSplits:
     train: ImageTensors

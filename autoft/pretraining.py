@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 import uuid
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from autoft import cache, plugins
-from autoft.data import DataSplits, ImageTensors, Normalize, decode_all, image_files, load_data, stratified_split, to_float, warn_skipped
+from autoft.data import UNLABELLED, DataSplits, Images, ImageTensors, Normalize, decode_all, image_batches, image_files, load_data, stratified_split, to_float, warn_skipped
 from autoft.errors import AutoftError
 from autoft.io import atomic_path, read_json, write_json
 from autoft.specs import Backbone
@@ -89,10 +90,11 @@ def load_pool(source: str | os.PathLike, image_size: int, registry=None) -> Pool
     return Pool(images=images, labels=kept_labels, skipped=skipped)
 
 
-def fingerprint(images: torch.Tensor) -> str:
-    """A hash of decoded pixels: the same images at the same size give the same key."""
-    digest = hashlib.sha256(str(tuple(images.shape)).encode())
-    digest.update(images.contiguous().numpy().tobytes())
+def fingerprint(images: ImageTensors) -> str:
+    """A hash of decoded pixels: the same images at the same size give the same key (a set on disk is read a batch at a time)."""
+    digest = hashlib.sha256(str((len(images), *images.image_shape)).encode())
+    for batch in image_batches(images, 1024):
+        digest.update(batch.contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -101,13 +103,13 @@ def fingerprint(images: torch.Tensor) -> str:
 
 
 @torch.inference_mode()
-def embed_all(backbone: Backbone, images: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
-    """Pooled features of uint8 images, L2-normalised, on the CPU."""
+def embed_all(backbone: Backbone, images: Images, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """Pooled features of uint8 images (a set on disk is read a batch at a time), L2-normalised, on the CPU."""
     normalize = Normalize(backbone.mean, backbone.std).to(device)
     backbone.model.eval()
     features = []
-    for start in range(0, len(images), batch_size):
-        x = normalize(to_float(images[start : start + batch_size], device))
+    for batch in image_batches(images, batch_size):
+        x = normalize(to_float(batch, device))
         features.append(torch.nn.functional.normalize(backbone.embed(x).float(), dim=1).cpu())
     return torch.cat(features)
 
@@ -117,20 +119,19 @@ def knn_accuracy(backbone: Backbone, train: ImageTensors, test: ImageTensors, de
     from sklearn.neighbors import KNeighborsClassifier
 
     knn = KNeighborsClassifier(n_neighbors=min(k, len(train)), metric="cosine", weights="distance")
-    knn.fit(embed_all(backbone, train.images, device).numpy(), train.labels.numpy())
-    predicted = knn.predict(embed_all(backbone, test.images, device).numpy())
+    knn.fit(embed_all(backbone, train, device).numpy(), train.labels.numpy())
+    predicted = knn.predict(embed_all(backbone, test, device).numpy())
     return float((predicted == test.labels.numpy()).mean())
 
 
-def evaluation_split(labelled: DataSplits | None, pool: Pool, seed: int) -> tuple[ImageTensors, ImageTensors] | None:
-    """(k-NN reference, k-NN queries): a labelled split's train and val, or a split of the pool's own labels."""
+def evaluation_split(labelled: DataSplits | None, images: ImageTensors, seed: int) -> tuple[ImageTensors, ImageTensors] | None:
+    """(k-NN reference, k-NN queries): a labelled split's train and val, or a split of the images' own labels when they all have one."""
     if labelled is not None:
         return labelled.train, labelled.val
-    if pool.labels is None:
+    if bool((images.labels == UNLABELLED).any()):
         return None
-    keep, held = stratified_split(pool.labels.numpy(), 0.2, seed)
-    every = ImageTensors(pool.images, pool.labels)
-    return every.subset(keep), every.subset(held)
+    keep, held = stratified_split(images.labels.numpy(), 0.2, seed)
+    return images.subset(keep), images.subset(held)
 
 
 # ---------------------------------------------------------------------------
@@ -239,7 +240,7 @@ class PretrainConfig:
 
 def pretrain(
     backbone: str,
-    data: str | os.PathLike | torch.Tensor,
+    data: str | os.PathLike | torch.Tensor | ImageTensors,
     out: str | os.PathLike | None = None,
     *,
     method: str = "simclr",
@@ -263,10 +264,11 @@ def pretrain(
 
     A thin wrapper over :class:`PretrainConfig` and :func:`run_pretraining`.
     ``data`` is a folder of images (flat or one subfolder per class; labels are ignored for
-    training), any dataset source (``sample:digits``), or a uint8 ``(N, 3, S, S)`` tensor.
+    training), any dataset source (``sample:digits``), a uint8 ``(N, 3, S, S)`` tensor, or
+    :class:`~autoft.data.ImageTensors` (a set on disk is read a batch at a time).
     ``labelled`` (a dataset source or :class:`~autoft.data.DataSplits`) scores each
     checkpoint by k-NN accuracy on its validation split; without it a class folder's own
-    labels are used (20% held out), and a flat folder gets no score.
+    labels are used (20% held out, as are an ``ImageTensors``' when every image has one), and a flat folder gets no score.
     ``out=None`` keeps the stage in the cache (see the module docstring) and reuses it.
     ``on_event`` receives :mod:`autoft.events`; ``on_epoch`` and ``on_batch`` are shorthands.
     """
@@ -284,7 +286,8 @@ class PretrainJob:
     """A checked stage: what :class:`PretrainLoop` runs, and where its result goes."""
 
     backbone: str
-    pool: Pool
+    images: ImageTensors  # what the loop trains on, with the source's labels where it had them (for k-NN only)
+    skipped: list[tuple[str, str]]  # (source, reason) of unreadable files
     config: PretrainConfig
     image_size: int
     device: torch.device
@@ -295,7 +298,7 @@ class PretrainJob:
 
 
 def run_pretraining(
-    backbone: str, data: str | os.PathLike | torch.Tensor, out: str | os.PathLike | None, config: PretrainConfig, *,
+    backbone: str, data: str | os.PathLike | torch.Tensor | ImageTensors, out: str | os.PathLike | None, config: PretrainConfig, *,
     labelled: str | DataSplits | None = None, on_event: Callable[[Event], None] | None = None,
 ) -> PretrainResult:  # fmt: skip
     """Prepare (check, decode, find the cache entry), run the loop, then publish the stage."""
@@ -326,40 +329,48 @@ def prepare_pretraining(backbone: str, data, out, config: PretrainConfig, labell
     if image_size is None:
         if isinstance(data, torch.Tensor):
             image_size = int(data.shape[-1])
+        elif isinstance(data, ImageTensors):
+            image_size = data.image_shape[-1]
         elif isinstance(labelled, DataSplits):
             image_size = labelled.image_size
         else:
             image_size = describe_backbone(backbone, registry).input_size
-    pool = _load_images(data, image_size, registry)
+    images, skipped = _load_images(data, image_size, registry)
     if isinstance(labelled, (str, os.PathLike)):
         labelled = load_data(str(labelled), image_size=image_size, seed=config.seed, registry=registry)
     final = work = Path(out).expanduser() if out is not None else None
     if out is None:
-        key = _cache_key(backbone, pool, image_size, config)
+        key = _cache_key(backbone, images, image_size, config)
         final = cache_root() / key
         # The folder appears by an atomic rename only once the stage has finished, so a
         # crashed or interrupted stage is never taken as done.
         if not (final / METRICS_NAME).is_file():
             cache.remove_abandoned(cache_root(), key)
         work = cache_root() / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
-    return PretrainJob(backbone, pool, config, image_size, device, labelled, final, work, registry)
+    return PretrainJob(backbone, images, skipped, config, image_size, device, labelled, final, work, registry)
 
 
-def _load_images(data, image_size: int, registry) -> Pool:
+def _load_images(data, image_size: int, registry) -> tuple[ImageTensors, list[tuple[str, str]]]:
+    """The images to pretrain on, with their labels where the source has them, and the files skipped."""
     if isinstance(data, torch.Tensor):
         if data.dtype != torch.uint8 or data.dim() != 4 or data.shape[1] != 3 or data.shape[-1] != image_size:
             raise AutoftError(f"image tensors must be uint8 (N, 3, {image_size}, {image_size}), got {data.dtype} {tuple(data.shape)}")
-        pool = Pool(images=data)
+        images, skipped = ImageTensors(data), []
+    elif isinstance(data, ImageTensors):
+        if data.image_shape != (3, image_size, image_size):
+            raise AutoftError(f"images must be (3, {image_size}, {image_size}), got {data.image_shape}")
+        images, skipped = data, []
     else:
         pool = load_pool(data, image_size, registry)
-    if len(pool.images) < 2:
-        raise AutoftError(f"need at least 2 images to pretrain, found {len(pool.images)}")
-    return pool
+        images, skipped = ImageTensors(pool.images, pool.labels), pool.skipped
+    if len(images) < 2:
+        raise AutoftError(f"need at least 2 images to pretrain, found {len(images)}")
+    return images, skipped
 
 
-def _cache_key(backbone: str, pool: Pool, image_size: int, config: PretrainConfig) -> str:
+def _cache_key(backbone: str, images: ImageTensors, image_size: int, config: PretrainConfig) -> str:
     key_fields = {
-        "backbone": backbone, "method": config.method, "images": fingerprint(pool.images), "image_size": image_size,
+        "backbone": backbone, "method": config.method, "images": fingerprint(images), "image_size": image_size,
         "epochs": config.epochs, "time_budget": config.time_budget, "batch_size": config.batch_size, "lr": config.lr,
         "weight_decay": config.weight_decay, "checkpoints": sorted(config.checkpoints), "weights": _weights_identity(config.weights),
         "seed": config.seed,
@@ -415,11 +426,11 @@ class PretrainLoop:
         for p in trainable:
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-        self.batch_size = min(config.batch_size, len(job.pool.images))
-        self.steps_per_epoch = len(job.pool.images) // self.batch_size  # full batches only: contrastive losses need company
+        self.batch_size = min(config.batch_size, len(job.images))
+        self.steps_per_epoch = len(job.images) // self.batch_size  # full batches only: contrastive losses need company
         self.planned_epochs = config.epochs  # a time budget may shorten the plan after the first epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.evaluation = evaluation_split(job.labelled, job.pool, config.seed)
+        self.evaluation = evaluation_split(job.labelled, job.images, config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         budget_end = None if config.time_budget is None else time.monotonic() + config.time_budget
         self.deadline = min((d for d in (config.deadline, budget_end) if d is not None), default=None)
@@ -443,9 +454,9 @@ class PretrainLoop:
             "lr": config.lr,
             "weight_decay": config.weight_decay,
             "seed": config.seed,
-            "num_images": len(job.pool.images),
-            "skipped_images": len(job.pool.skipped),
-            "skipped": [{"source": s, "reason": r} for s, r in job.pool.skipped[:100]],
+            "num_images": len(job.images),
+            "skipped_images": len(job.skipped),
+            "skipped": [{"source": s, "reason": r} for s, r in job.skipped[:100]],
             "planned_epochs": config.epochs,
             "time_budget": config.time_budget,
             "knn_accuracy_at_start": self._score(),
@@ -469,25 +480,27 @@ class PretrainLoop:
 
     def _train_epoch(self, epoch: int) -> str | None:
         epoch_started = time.perf_counter()
-        order = torch.randperm(len(self.job.pool.images), generator=self.generator)
+        pool = self.job.images
+        order = torch.randperm(len(pool), generator=self.generator)
+        batches = [order[step * self.batch_size : (step + 1) * self.batch_size] for step in range(self.steps_per_epoch)]
         total, done, stopped = 0.0, 0, None
-        for step in range(self.steps_per_epoch):
-            stopped = self._stop_reason()
-            if stopped:
-                break
-            index = order[step * self.batch_size : (step + 1) * self.batch_size]
-            images = to_float(self.job.pool.images[index], self.device)
-            with autocast(self.device):
-                loss = self.method.loss(self.backbone, images)
-            if not torch.isfinite(loss):
-                raise AutoftError(f"pretraining loss is {loss.item()} at epoch {epoch}; try a lower --lr")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
-            total += loss.item()
-            done += 1
-            self._emit(BatchEnd(step=step + 1, steps=self.steps_per_epoch))
+        with closing(pool.read_batches(batches, pin_memory=pool.on_disk and self.device.type == "cuda")) as reader:
+            for step, (batch, _) in enumerate(reader):
+                stopped = self._stop_reason()
+                if stopped:
+                    break
+                images = to_float(batch, self.device)
+                with autocast(self.device):
+                    loss = self.method.loss(self.backbone, images)
+                if not torch.isfinite(loss):
+                    raise AutoftError(f"pretraining loss is {loss.item()} at epoch {epoch}; try a lower --lr")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.scheduler.step()
+                total += loss.item()
+                done += 1
+                self._emit(BatchEnd(step=step + 1, steps=self.steps_per_epoch))
         if done == 0:
             return stopped  # nothing trained in this epoch: it does not count
         record = {"epoch": epoch, "loss": total / done, "seconds": time.perf_counter() - epoch_started}
@@ -571,12 +584,12 @@ def search_stage(
         data: DataSplits = setup.data
         pool = Pool(unlabelled) if isinstance(unlabelled, torch.Tensor) else load_pool(unlabelled, data.image_size, setup.registry)
         extra = pool.images
-        if extra.shape[1:] != data.train.images.shape[1:]:
-            raise AutoftError(f"unlabelled images are {tuple(extra.shape[1:])}, the labelled ones {tuple(data.train.images.shape[1:])}")
+        if tuple(extra.shape[1:]) != data.train.image_shape:
+            raise AutoftError(f"unlabelled images are {tuple(extra.shape[1:])}, the labelled ones {data.train.image_shape}")
         setup.emit("pretrain_start", method=method, images=len(extra) + len(data.train))
         result = pretrain(
             setup.backbone,
-            torch.cat([extra, data.train.images]),
+            ImageTensors.concat([ImageTensors(extra), data.train]),  # the labelled images stay on disk if they are
             None,
             method=method,
             epochs=epochs or SEARCH_DEFAULT_EPOCHS,

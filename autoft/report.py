@@ -29,6 +29,8 @@ from autoft.io import write_text
 if TYPE_CHECKING:
     import numpy as np
 
+    from autoft.data import ImageTensors
+
 TOP_CURVES = 5  # learning curves drawn: the best trials only, to stay legible
 MAX_ANNOTATED_CLASSES = 20
 MISTAKES_SHOWN = 24
@@ -88,12 +90,13 @@ class Timings:
 @dataclass(frozen=True)
 class BestEvaluation:
     """The best model on held-out images: labels ``(N,)``, probabilities ``(N, classes)`` and,
-    for the gallery of mistakes, the images as uint8 ``(N, C, H, W)``."""
+    for the gallery of mistakes, the images as uint8 ``(N, C, H, W)`` (an array, or an
+    :class:`~autoft.data.ImageTensors` of which only the images shown are read)."""
 
     labels: "np.ndarray"
     probabilities: "np.ndarray"
     classes: Sequence[str]
-    images: "np.ndarray | None" = None
+    images: "np.ndarray | ImageTensors | None" = None
     split: str = "validation"
 
 
@@ -150,7 +153,7 @@ def top_k_accuracy(labels: "np.ndarray", probabilities: "np.ndarray", k: int = T
 
 
 def confident_mistakes(
-    labels: "np.ndarray", probabilities: "np.ndarray", images: "np.ndarray | None", classes: Sequence[str], limit: int = MISTAKES_SHOWN
+    labels: "np.ndarray", probabilities: "np.ndarray", images: "np.ndarray | ImageTensors | None", classes: Sequence[str], limit: int = MISTAKES_SHOWN
 ) -> list[Mistake]:
     """The wrong predictions the model was surest of, surest first, each with a PNG thumbnail when images are given."""
     import numpy as np
@@ -161,9 +164,10 @@ def confident_mistakes(
     confidence = probabilities[np.arange(len(predicted)), predicted]
     wrong = np.flatnonzero(predicted != labels)
     order = wrong[np.argsort(-confidence[wrong], kind="stable")][:limit]
+    shown = None if images is None else images[order] if isinstance(images, np.ndarray) else images.take(order).numpy()
     return [
-        Mistake(int(i), str(classes[labels[i]]), str(classes[predicted[i]]), float(confidence[i]), _thumbnail(images[i]) if images is not None else None)
-        for i in order
+        Mistake(int(i), str(classes[labels[i]]), str(classes[predicted[i]]), float(confidence[i]), _thumbnail(shown[k]) if shown is not None else None)
+        for k, i in enumerate(order)
     ]
 
 

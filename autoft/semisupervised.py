@@ -20,6 +20,8 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from autoft.data import Images, ImageTensors, image_batches
+
 MAX_POOL = 20_000  # unlabelled images propagated to; a random subset beyond that
 PIXEL_SIZE = 16  # side of the downscaled images whose pixels are features
 COMPONENTS = 50  # PCA components of the pixel features
@@ -47,11 +49,11 @@ class PseudoLabels:
         return self.index[keep], self.labels[keep]
 
 
-def pixel_features(images: torch.Tensor, size: int = PIXEL_SIZE) -> np.ndarray:
-    """uint8 ``(N, 3, S, S)`` images -> standardised downscaled pixels, ``(N, 3 * size**2)``."""
+def pixel_features(images: Images, size: int = PIXEL_SIZE) -> np.ndarray:
+    """uint8 ``(N, 3, S, S)`` images (a set on disk is read a batch at a time) -> standardised downscaled pixels, ``(N, 3 * size**2)``."""
     out = []
-    for start in range(0, len(images), 1024):
-        batch = images[start : start + 1024].float().div_(255)
+    for batch in image_batches(images, 1024):
+        batch = batch.float().div_(255)
         if batch.shape[-1] > size:
             batch = torch.nn.functional.adaptive_avg_pool2d(batch, size)
         out.append(batch.flatten(1).numpy())
@@ -105,12 +107,12 @@ def held_out_accuracy(features: np.ndarray, labels: np.ndarray, num_classes: int
 
 
 def pseudo_label(
-    labelled: torch.Tensor,
+    labelled: Images,
     labels: np.ndarray,
     pool: torch.Tensor,
     num_classes: int,
     *,
-    embedders: Mapping[str, Callable[[torch.Tensor], np.ndarray]] | None = None,
+    embedders: Mapping[str, Callable[[Images], np.ndarray]] | None = None,
     seed: int = 0,
     measure: bool = False,
 ) -> PseudoLabels:
@@ -119,12 +121,14 @@ def pseudo_label(
     ``embedders`` map a name to a function from uint8 images to features (a backbone's
     pooled features); the feature space that labels held-out labelled images best wins.
     With ``measure`` that held-out accuracy is measured (and kept) for a single space too.
+    Labelled images on disk are read a batch at a time, never whole.
     """
     index = np.arange(len(pool))
     if len(pool) > MAX_POOL:
         index = np.sort(np.random.default_rng(seed).choice(len(pool), MAX_POOL, replace=False))
         pool = pool[torch.as_tensor(index)]
-    both = torch.cat([labelled, pool])
+    labelled = labelled if isinstance(labelled, ImageTensors) else ImageTensors(labelled)
+    both = ImageTensors.concat([labelled, ImageTensors(pool)])
     spaces = {"pixels": lambda: reduce(pixel_features(both), seed=seed)}
     for name, embed in (embedders or {}).items():
         spaces[name] = lambda embed=embed: reduce(np.asarray(embed(both), dtype=np.float64), seed=seed)

@@ -133,6 +133,26 @@ def test_the_most_confident_mistakes_come_first_with_thumbnails():
     assert Image.open(io.BytesIO(grey.thumbnail_png)).mode == "L"
 
 
+def test_the_mistakes_of_a_set_on_disk_read_only_the_images_shown():
+    import torch
+
+    from autoft.data import ImageTensors
+
+    labels = np.array([0, 1, 2, 0, 1])
+    probabilities = np.array([[0.9, 0.1, 0.0], [0.6, 0.3, 0.1], [0.05, 0.9, 0.05], [0.2, 0.1, 0.7], [0.1, 0.8, 0.1]])
+    pixels = torch.arange(5, dtype=torch.uint8).mul(50).view(5, 1, 1, 1).expand(5, 3, 8, 8).contiguous()
+    taken = []
+
+    class Recorded(ImageTensors):  # stands in for a set on disk: what it reads is recorded
+        def take(self, index):
+            taken.append(list(index))
+            return super().take(index)
+
+    from_disk = confident_mistakes(labels, probabilities, Recorded(pixels), ["red", "green", "blue"], limit=2)
+    assert taken == [[2, 3]]
+    assert [m.thumbnail_png for m in from_disk] == [m.thumbnail_png for m in confident_mistakes(labels, probabilities, pixels.numpy(), ["red", "green", "blue"], limit=2)]
+
+
 # ---------------------------------------------------------------------------
 # Everything the caller can add
 

@@ -78,6 +78,36 @@ def test_the_search_plans_pretraining_and_chooses_pseudo_labels(semi_search):
     assert "logistic regression on pixels" in result.report.read_text()  # the baselines are in the report
 
 
+def test_a_search_over_a_pool_on_disk_never_reads_it_whole(labelled_and_unlabelled, tmp_path, monkeypatch):
+    """Pretraining, the baselines, pseudo-labels, trials, the refit and the report all read a pool on disk a batch at a time."""
+    from autoft.data import ImageTensors
+    from autoft.trainer import Trainer, TrainerConfig
+    from autoft.training import build_backbone
+
+    labelled, unlabelled = labelled_and_unlabelled
+    monkeypatch.setenv("AUTOFT_MAX_IN_MEMORY", "0")
+    whole_reads = []
+    read_whole = ImageTensors.images.fget
+
+    def recorded(self):
+        if self.on_disk:
+            whole_reads.append(repr(self))
+        return read_whole(self)
+
+    monkeypatch.setattr(ImageTensors, "images", property(recorded))
+    sessions = []
+    result = search(
+        "test_resnet", str(labelled), tmp_path / "run", unlabelled=str(unlabelled), trials=2, epochs=1, pretrain_epochs=1,
+        pretrain="autoencoder", image_size=16, device="cpu", export_onnx=False, ensemble=1, pre_search=[sessions.append],
+    )  # fmt: skip
+    session = sessions[0]
+    assert session.pool.on_disk and result.report.is_file() and session.baselines
+    data = session.fit_data(0, {"pseudo_labels": "propagate", "pseudo_fraction": 0.5})  # on disk, joined with pseudo-labelled images in memory
+    assert data.train.on_disk and len(data.train) == len(session.splits[0][0]) + 15
+    Trainer(build_backbone("test_resnet", num_classes=3), data, {"strategy": "full"}, TrainerConfig(epochs=1, batch_size=8, device="cpu")).fit()
+    assert whole_reads == []  # (before: the pool and the pseudo-labels' training split, every report, the pretraining pool)
+
+
 @pytest.fixture(scope="module")
 def two_models(digits_run, tmp_path_factory):
     """Two checkpoints of one backbone: the trained digits run and a perturbed copy of it."""

@@ -231,7 +231,7 @@ def ensemble_latency(ensemble_model: Path, single: Any, images: Any, batch_size:
     from autoft.exporting import export_verified
     from autoft.inference import create_session
 
-    pixels = images.images[:batch_size].float().div(255).numpy()
+    pixels = images.take(range(min(batch_size, len(images)))).float().div(255).numpy()
     with tempfile.TemporaryDirectory(prefix="autoft-latency-") as work:
         member, _ = export_verified(single.network().cpu().eval(), images, int(single.meta["image_size"]), Path(work), None)
         timed = {"single": _milliseconds(create_session(member), pixels), "model": _milliseconds(create_session(ensemble_model), pixels)}

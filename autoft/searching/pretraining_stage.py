@@ -9,8 +9,7 @@ much pretraining helps.
 
 from __future__ import annotations
 
-import torch
-
+from autoft.data import ImageTensors
 from autoft.events import PretrainEnd, PretrainStart
 from autoft.io import write_json
 from autoft.searching.session import Session
@@ -22,7 +21,7 @@ def run_pretraining(session: Session) -> None:
         return
     from autoft.pretraining import pretrain
 
-    images = torch.cat([session.unlabelled, session.pool.images])
+    images = ImageTensors.concat([ImageTensors(session.unlabelled), session.pool])  # the labelled pool stays on disk if it is
     session.emit(PretrainStart(method=config.pretrain, images=len(images)))
     result = pretrain(
         config.backbone, images, None, method=config.pretrain, epochs=plan.pretrain_epochs, batch_size=min(128, max(2, len(images) // 4)),

@@ -45,7 +45,7 @@ def _evaluation(session: Session, number: int) -> BestEvaluation | None:
     index, probabilities = saved
     split = "out-of-fold" if session.cross_validated else "validation"
     return BestEvaluation(labels=session.pool.labels.numpy()[index], probabilities=probabilities, classes=session.data.classes,
-                          images=session.pool.images[index].numpy(), split=split)  # fmt: skip
+                          images=session.pool.subset(index), split=split)  # fmt: skip
 
 
 def _ensemble(metrics: dict[str, Any] | None) -> EnsembleSummary | None:

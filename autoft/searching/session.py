@@ -19,7 +19,7 @@ import torch
 
 from autoft import plugins
 from autoft.baselines import BaselineResult, pixel_baseline, probe_baseline
-from autoft.data import DataSplits, ImageTensors
+from autoft.data import DataSplits, Images, ImageTensors
 from autoft.errors import AutoftError
 from autoft.planning import Plan
 from autoft.searching.config import SearchConfig
@@ -57,7 +57,7 @@ class Session:
     unlabelled_skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason) of unreadable ones
     baselines: list[BaselineResult] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    embedders: dict[str, Callable[[torch.Tensor], np.ndarray]] = field(default_factory=dict)
+    embedders: dict[str, Callable[[Images], np.ndarray]] = field(default_factory=dict)
     embedder_weights: dict[str, str | None] = field(default_factory=dict)  # the weights behind each embedder, for --jobs workers
     jobs: int = 1  # trials at once (--jobs); this process runs trials as worker ``worker``
     worker: int = 0
@@ -148,9 +148,8 @@ class Session:
         validation label leaks into what a trial trains on; computed once per split."""
         key = -1 if split is None else split
         if key not in self._pseudo:
-            labels = self.pool.labels[torch.as_tensor(train_index)].numpy()
-            images = self.pool.images[torch.as_tensor(train_index)]
-            self._pseudo[key] = pseudo_label(images, labels, self.unlabelled, self.data.num_classes, embedders=self.embedders, seed=self.config.seed, measure=split is None)
+            labelled = self.pool.subset(train_index)  # read a batch at a time if it is on disk
+            self._pseudo[key] = pseudo_label(labelled, labelled.labels.numpy(), self.unlabelled, self.data.num_classes, embedders=self.embedders, seed=self.config.seed, measure=split is None)
         return self._pseudo[key]
 
     def teach_refit(self, labels: PseudoLabels) -> None:
@@ -185,12 +184,12 @@ def make_splits(labels: np.ndarray, n_train: int, folds: int | None, repeats: in
     return [(np.asarray(a), np.asarray(b)) for a, b in splitter.split(np.zeros(len(labels)), labels)]
 
 
-def fit_baselines(session: Session, score: Callable[[np.ndarray, np.ndarray], float], embed: Callable[[torch.Tensor], np.ndarray] | None) -> list[BaselineResult]:
+def fit_baselines(session: Session, score: Callable[[np.ndarray, np.ndarray], float], embed: Callable[[Images], np.ndarray] | None) -> list[BaselineResult]:
     """Logistic regression on pixels and a linear probe on the starting weights' features,
     on exactly the trials' splits."""
     labels = session.pool.labels.numpy()
-    found = [pixel_baseline(session.pool.images, labels, session.splits, session.data.num_classes, score)]
+    found = [pixel_baseline(session.pool, labels, session.splits, session.data.num_classes, score)]
     if embed is not None:
         source = session.weights or "random"
-        found.append(probe_baseline(embed, session.pool.images, labels, session.splits, session.data.num_classes, score, f"{source} {session.config.backbone}"))
+        found.append(probe_baseline(embed, session.pool, labels, session.splits, session.data.num_classes, score, f"{source} {session.config.backbone}"))
     return found
