@@ -113,8 +113,8 @@ class ImageTensors:
         """``(uint8 images, labels)`` for consecutive chunks of ``order`` (positions; default: in order), as :meth:`read_batches`."""
         if order is None and self._source is None:  # slices of memory: views, no copy
             for start in range(0, len(self), batch_size):
-                images = self._memory[start : start + batch_size]
-                yield (images.pin_memory() if pin_memory else images), self.labels[start : start + batch_size]
+                images, labels = self._memory[start : start + batch_size], self.labels[start : start + batch_size]
+                yield (images.pin_memory(), labels.pin_memory()) if pin_memory else (images, labels)
             return
         order = np.arange(len(self)) if order is None else np.asarray(order, dtype=np.int64)
         yield from self.read_batches([order[start : start + batch_size] for start in range(0, len(order), batch_size)], pin_memory=pin_memory)
@@ -126,14 +126,15 @@ class ImageTensors:
 
         For a set on disk the next batch is read by a background thread while the caller
         works on this one, so a dataset larger than memory trains at about the speed of one
-        in memory; a set in memory is indexed with no thread. ``pin_memory`` pins each batch
-        for fast, asynchronous copies to a GPU. Close the iterator (or exhaust it) to stop the reader.
+        in memory; a set in memory is indexed with no thread. ``pin_memory`` pins each batch (labels
+        too: a copy from pageable memory can wait for the GPU) for asynchronous copies to a GPU.
+        Close the iterator (or exhaust it) to stop the reader.
         """
 
         def load(index) -> tuple[torch.Tensor, torch.Tensor]:
             index = np.asarray(index, dtype=np.int64)
-            images = self.take(index)
-            return (images.pin_memory() if pin_memory else images), self.labels[torch.from_numpy(index)]
+            images, labels = self.take(index), self.labels[torch.from_numpy(index)]
+            return (images.pin_memory(), labels.pin_memory()) if pin_memory else (images, labels)
 
         if self._source is None:
             yield from map(load, batches)
