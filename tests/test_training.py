@@ -187,7 +187,11 @@ TRAIN_PROBE = textwrap.dedent(
     from autoft.training import train
 
     def peak_bytes():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        # Linux's ru_maxrss starts at the parent's RSS when it forked (pytest's, often larger); VmHWM is this program's own.
+        try:
+            return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        except OSError:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
     folder, size, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     recipe = {"strategy": "linear-probe", "lr": 0.05, "extra_params": {"augment": "none"}}  # the cheapest step: the data path is measured
