@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import html
 import json
 import os
@@ -23,6 +24,7 @@ from typer.testing import CliRunner
 from autoft.cli import make_app
 from autoft.errors import AutoftError
 from autoft.searching import SearchSpace, default_study_name, load_overrides, parse_duration, search
+from autoft.searching.objective import STATE_NAME
 from autoft.searching.storage import open_storage
 from autoft.events import EpochEnd, TrialEvent
 from autoft.recipe import default_params
@@ -177,11 +179,26 @@ def test_weights_start_every_trial(image_folder, tmp_path):
         search("test_resnet", str(image_folder), tmp_path / "run", trials=3, epochs=1, image_size=16, device="cpu", export_onnx=False)
 
 
+def _one_trial_args(folder: Path, out: Path, epochs: int = 4, *extra: str) -> list[str]:
+    """``autoft search`` of one small trial on ``folder``, without ONNX."""
+    return ["search", "--backbone", "test_resnet", "--data", str(folder), "--out", str(out), "--trials", "1", "--epochs", str(epochs), "--image-size", "16", "--batch-size", "8", "--device", "cpu", "--no-onnx", "--no-cv", *extra]
+
+
+def _start_search(args: list[str], prelude: str = "") -> subprocess.Popen:
+    """``autoft search`` in a process of its own, which runs ``prelude`` (Python) first."""
+    env = {**os.environ, "AUTOFT_STATE_INTERVAL": "0"}  # write the resumable state after every evaluation
+    return subprocess.Popen([sys.executable, "-c", f"{prelude}\nfrom autoft.cli import main; main()", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+
+def _study_trials(folder: Path, out: Path) -> list[optuna.trial.FrozenTrial]:
+    study_name = default_study_name("test_resnet", str(folder))
+    return optuna.load_study(study_name=study_name, storage=f"sqlite:///{out / 'study.db'}").get_trials()
+
+
 def test_killed_search_reruns_the_interrupted_trial(image_folder, tmp_path):
     out = tmp_path / "killed"
-    args = ["search", "--backbone", "test_resnet", "--data", str(image_folder), "--out", str(out), "--trials", "1", "--epochs", "4", "--image-size", "16", "--batch-size", "8", "--device", "cpu", "--no-onnx", "--no-cv"]
-    env = {**os.environ, "AUTOFT_STATE_INTERVAL": "0"}  # write the resumable state after every evaluation
-    child = subprocess.Popen([sys.executable, "-c", "from autoft.cli import main; main()", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    args = _one_trial_args(image_folder, out)
+    child = _start_search(args)
     study_name = default_study_name("test_resnet", str(image_folder))
     try:
         deadline = time.monotonic() + 120
@@ -204,7 +221,7 @@ def test_killed_search_reruns_the_interrupted_trial(image_folder, tmp_path):
 
     result = CliRunner().invoke(make_app(), args)
     assert result.exit_code == 0, result.output
-    trials = optuna.load_study(study_name=study_name, storage=f"sqlite:///{out / 'study.db'}").get_trials()
+    trials = _study_trials(image_folder, out)
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # no RUNNING zombie
     assert f"process {child.pid}" in trials[0].user_attrs["fail_reason"]
     assert trials[1].params == killed.params and trials[1].system_attrs["failed_trial"] == killed.number
@@ -231,6 +248,88 @@ def test_an_interrupted_trial_runs_again_on_the_next_run(image_folder, tmp_path)
     interrupted, rerun = _trials(result)
     assert interrupted.state == TrialState.FAIL and interrupted.user_attrs["fail_reason"] == "interrupted"
     assert rerun.state == TrialState.COMPLETE and rerun.params == interrupted.params and result.queued_again == [0]
+
+
+def _error_lines(output: str) -> list[str]:
+    assert "Traceback" not in output, output
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def test_a_trial_that_finds_the_disk_full_ends_the_search_in_one_line_and_a_rerun_resumes_it(image_folder, tmp_path, monkeypatch):
+    out = tmp_path / "full"
+    args = _one_trial_args(image_folder, out, 2, "--no-refit")
+    monkeypatch.setenv("AUTOFT_STATE_INTERVAL", "0")
+    save, states = torch.save, []
+
+    def save_until_the_disk_fills(obj, f, *rest, **options):
+        if Path(f).parent == out / "trials" / "0" and Path(f).name.startswith(f".{STATE_NAME}."):
+            states.append(f)
+            if len(states) == 2:  # the state of evaluation 2 meets a full disk
+                Path(f).write_bytes(b"\0" * 4096)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(obj, f, *rest, **options)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    result = CliRunner().invoke(make_app(), args)
+    assert result.exit_code == 2, result.output
+    (line,) = _error_lines(result.output)
+    assert line.startswith("error: no space left on ") and f"could not write {out / 'trials' / '0'};" in line and " free of " in line
+    (trial,) = _study_trials(image_folder, out)
+    assert trial.state == TrialState.FAIL and trial.user_attrs["crashed"] and trial.user_attrs["fail_reason"] == line.removeprefix("error: ")
+    assert sorted(p.name for p in (out / "trials" / "0").iterdir()) == [STATE_NAME]  # evaluation 1's state, no partial file
+    assert not (out / "best").exists()  # no refit or export on a full disk
+
+    monkeypatch.setattr(torch, "save", save)  # space was freed
+    result = CliRunner().invoke(make_app(), args)
+    assert result.exit_code == 0, result.output
+    full, rerun = _study_trials(image_folder, out)
+    assert rerun.state == TrialState.COMPLETE and rerun.params == full.params and rerun.user_attrs["resumed_from"] == {"trial": 0, "epoch": 1}
+    assert rerun.intermediate_values[1] == full.intermediate_values[1] and (out / "best" / "model.pt").is_file()
+
+
+# Optuna's SQLite storage, at the DB-API boundary: every write fails as on a full disk once
+# the trial's first state is saved (its record of evaluation 1 then fails, and so would the
+# failure's record).
+STUDY_DATABASE_FILLS_UP = """
+import sqlite3
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from autoft import trainer
+
+full = []
+
+@event.listens_for(Engine, "before_cursor_execute")
+def refuse_writes(connection, cursor, statement, *rest):
+    if full and statement.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+        raise sqlite3.OperationalError("database or disk is full")
+
+save = trainer.save_training_state
+
+def save_then_fill(path, state):
+    save(path, state)
+    full.append(True)
+
+trainer.save_training_state = save_then_fill
+"""
+
+
+def test_a_full_study_database_leaves_the_trial_running_for_the_next_run_to_recover(image_folder, tmp_path):
+    out = tmp_path / "full-db"
+    args = _one_trial_args(image_folder, out, 2, "--no-refit")
+    child = _start_search(args, STUDY_DATABASE_FILLS_UP)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 2, stderr.decode()[-3000:]
+    (line,) = _error_lines(stderr.decode())
+    assert line.startswith("error: no space left on ") and f"could not write {out};" in line  # the folder of study.db
+    (trial,) = _study_trials(image_folder, out)
+    assert trial.state == TrialState.RUNNING and not trial.intermediate_values and "fail_reason" not in trial.user_attrs
+    assert (out / "trials" / "0" / STATE_NAME).is_file()
+
+    result = CliRunner().invoke(make_app(), args)
+    assert result.exit_code == 0, result.output
+    stuck, rerun = _study_trials(image_folder, out)
+    assert stuck.state == TrialState.FAIL and f"process {child.pid} " in stuck.user_attrs["fail_reason"]
+    assert rerun.state == TrialState.COMPLETE and rerun.user_attrs["resumed_from"] == {"trial": 0, "epoch": 1}  # the state saved before the database filled
 
 
 def test_cross_validation_scores_the_mean_of_folds(image_folder, tmp_path):

@@ -9,6 +9,11 @@ step at which it peaked, for the refit.
 
 The same objective serves the search (an Optuna trial) and the retraining of a trial
 (``optuna.trial.FixedTrial``), so both run one code path.
+
+A full disk ends the search rather than the trial (every later one would meet it too):
+the trial is failed, to be run again by the next run, where the storage can still be
+written, and left RUNNING for the next run to recover where it cannot; the search stops
+with one :class:`~autoft.io.DiskFull` error naming the disk (:func:`stop_on_full_disk`).
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import gc
 import os
 import time
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import optuna
@@ -27,10 +33,10 @@ import torch
 from autoft.backbones import build_backbone
 from autoft.checkpoints import CHECKPOINT_NAME, save_checkpoint
 from autoft.events import BatchEnd, EpochEnd, FoldEnd, TrialEvent, TrialStart
-from autoft.io import atomic_path
+from autoft.io import DiskFull, atomic_path, disk_full_error
 from autoft.runtime import seed_everything
 from autoft.searching.session import Session
-from autoft.searching.storage import is_surplus, process_identity
+from autoft.searching.storage import is_surplus, process_identity, storage_folder
 from autoft.trainer import STATE_INTERVAL, FitResult, OutOfTime, Trainer, TrainerConfig
 
 STATE_NAME = "state.pt"  # the training state after the last finished evaluation, for resuming
@@ -79,10 +85,27 @@ class Objective:
             trial.set_user_attr("crashed", True)
             raise
         except Exception as exc:  # bad hyperparameters, divergence, out of memory: record and go on
+            full = disk_full_error(exc, storage_folder(session.storage_url) or session.out)
+            if full is not None:
+                raise StopSearch(self._give_up(trial, full)) from None
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:2000])
             raise
         finally:
             free_memory(session.device)
+
+    @staticmethod
+    def _give_up(trial, error: DiskFull) -> DiskFull:
+        """Fail the trial, to be run again (as after a crash), where the storage can still be written."""
+        study = getattr(trial, "study", None)
+        if study is None:  # a FixedTrial: no storage
+            return error
+        try:
+            trial.set_user_attr("fail_reason", str(error))
+            trial.set_user_attr("crashed", True)  # not a verdict on its parameters
+            study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
+        except Exception:  # noqa: BLE001 - the storage is on the full disk too: the trial stays RUNNING and the next run recovers it
+            pass
+        return error
 
     # -- one fit ---------------------------------------------------------------
 
@@ -249,3 +272,27 @@ def retried_from(trial) -> int | None:
         return None
     attempts = [t.number for t in trials if t.number < trial.number and (t.number == root or t.system_attrs.get("failed_trial") == root)]
     return max(attempts) if attempts else root
+
+
+class StopSearch(BaseException):
+    """Carries an error out of ``study.optimize``, which records and swallows every Exception a trial raises."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+@contextmanager
+def stop_on_full_disk(session: Session) -> Iterator[None]:
+    """Around ``study.optimize`` and the recovery of trials before it: a full disk, met by a
+    trial or by Optuna's own writes to the storage (its ``AssertionError: Should not reach.``
+    after SQLite's "database or disk is full"), ends the search with one :class:`~autoft.io.DiskFull`."""
+    try:
+        yield
+    except StopSearch as stop:
+        raise stop.error from stop.error.__cause__
+    except Exception as exc:
+        full = disk_full_error(exc, storage_folder(session.storage_url) or session.out)
+        if full is None:
+            raise
+        raise full from exc

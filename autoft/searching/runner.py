@@ -26,7 +26,7 @@ from autoft.events import SearchStart, TrialEnd
 from autoft.io import file_lock
 from autoft.searching.config import SearchConfig
 from autoft.searching.finishing import FinalModel, best_trial, build_final, chance_level, publish_best, selection_evidence, wall_time
-from autoft.searching.objective import Objective
+from autoft.searching.objective import Objective, stop_on_full_disk
 from autoft.searching.preparing import finish_preparing, prepare
 from autoft.searching.session import Session
 from autoft.searching.storage import counted_trials, recover_trials
@@ -68,7 +68,8 @@ def search(backbone: str, data: Any, out: str | Path | None = None, **options: A
 
 def run_search(config: SearchConfig) -> SearchResult:
     session = prepare(config)
-    queued_again = open_study(session)
+    with stop_on_full_disk(session):  # a rerun on a disk still full: recovering trials writes to the storage
+        queued_again = open_study(session)
     finish_preparing(session)
     for hook in config.pre_search:
         hook(session)
@@ -173,7 +174,8 @@ def run_trials(session: Session, queued_again: list[int]) -> None:
     session.emit(SearchStart(study=study.study_name, total=total or session.plan.expected_trials, done=done, queued_again=queued_again))
     if total is not None and done >= total:
         return
-    study.optimize(Objective(session), n_trials=None if total is None else total - done, catch=(Exception,), callbacks=[_AfterTrial(session, total)], gc_after_trial=False)
+    with stop_on_full_disk(session):
+        study.optimize(Objective(session), n_trials=None if total is None else total - done, catch=(Exception,), callbacks=[_AfterTrial(session, total)], gc_after_trial=False)
 
 
 REPORT_SHARE = 0.05  # of the trials' time, the most that refreshing report.html between trials may take

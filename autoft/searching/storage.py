@@ -13,7 +13,8 @@ The storage URL goes to Optuna unchanged where Optuna takes URLs:
 Whatever the storage, a trial records the host and process running it. When the same
 host starts a search again, a RUNNING trial whose process is gone (killed, out of memory,
 power cut) is failed with that reason and queued again with the same parameters; a trial
-stopped with Ctrl-C is queued again too. Retried trials do not count towards ``--trials``.
+stopped with Ctrl-C or by a full disk is queued again too. Retried trials do not count
+towards ``--trials``.
 """
 
 from __future__ import annotations
@@ -121,6 +122,15 @@ def _driver_hint(url: str) -> str:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0]
+
+
+def storage_folder(url: str) -> Path | None:
+    """The local folder holding the storage's file (SQLite, journal); None for a database server."""
+    if url.startswith("journal://"):
+        return Path(url.removeprefix("journal://")).expanduser().parent
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///")).expanduser().parent
+    return None if "://" in url else Path(url).expanduser().parent
 
 
 # ---------------------------------------------------------------------------
