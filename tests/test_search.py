@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,8 +25,10 @@ from typer.testing import CliRunner
 from autoft.cli import make_app
 from autoft.errors import AutoftError
 from autoft.searching import SearchSpace, default_study_name, load_overrides, parse_duration, search
-from autoft.searching.objective import STATE_NAME
-from autoft.searching.storage import open_storage
+from autoft.io import file_lock
+from autoft.searching.objective import CLEANUP_LOCK, STATE_NAME, retried_from, take_over_state
+from autoft.searching.runner import prune_trial_folders
+from autoft.searching.storage import open_storage, recover_trials
 from autoft.events import EpochEnd, TrialEvent
 from autoft.recipe import default_params
 from autoft.training import load_checkpoint
@@ -330,6 +333,70 @@ def test_a_full_study_database_leaves_the_trial_running_for_the_next_run_to_reco
     stuck, rerun = _study_trials(image_folder, out)
     assert stuck.state == TrialState.FAIL and f"process {child.pid} " in stuck.user_attrs["fail_reason"]
     assert rerun.state == TrialState.COMPLETE and rerun.user_attrs["resumed_from"] == {"trial": 0, "epoch": 1}  # the state saved before the database filled
+
+
+def _crash(study: optuna.Study, trial: optuna.Trial, state: bytes | None, folders: Path) -> None:
+    """``trial`` dies (as the next run finds it) after saving ``state``; the next attempt is queued."""
+    if state is not None:
+        (folders / str(trial.number)).mkdir(parents=True)
+        (folders / str(trial.number) / STATE_NAME).write_bytes(state)
+    trial.set_user_attr("crashed", True)
+    study.tell(trial, state=TrialState.FAIL)
+    assert recover_trials(study) == [trial.number]
+
+
+def test_a_retry_resumes_from_the_newest_attempt_that_saved_a_state_and_takes_its_folder_over(tmp_path):
+    folders, lock = tmp_path / "trials", tmp_path / CLEANUP_LOCK
+    trial_dir = lambda number: folders / str(number)  # noqa: E731
+    has_state = lambda number: (trial_dir(number) / STATE_NAME).is_file()  # noqa: E731
+    study = optuna.create_study()
+    first = study.ask()
+    assert retried_from(first, has_state) is None
+    _crash(study, first, b"evaluation 2 of attempt 0", folders)
+    _crash(study, study.ask(), b"evaluation 3 of attempt 1", folders)
+    _crash(study, study.ask(), None, folders)  # killed before its first state
+    third = study.ask()
+    assert third.number == 3 and study.trials[3].system_attrs["failed_trial"] == 0  # Optuna names only the original
+    assert retried_from(third, has_state) == 1 and retried_from(third, lambda number: number == 0) == 0
+
+    taken: list[int | None] = []
+    with file_lock(lock):  # a worker deleting trial folders
+        thread = threading.Thread(target=lambda: taken.append(take_over_state(third, trial_dir, lock)))
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive() and has_state(1) and not trial_dir(3).exists()  # it waits: no folder is half taken
+    thread.join(10)
+    assert taken == [1] and (trial_dir(3) / STATE_NAME).read_bytes() == b"evaluation 3 of attempt 1" and not trial_dir(1).exists()
+
+
+def _attempt(number: int, state: TrialState, original: int | None = None, crashed: bool = False) -> optuna.trial.FrozenTrial:
+    trial = optuna.trial.create_trial(
+        state=state, value=1.0 if state == TrialState.COMPLETE else None,
+        system_attrs={} if original is None else {"failed_trial": original}, user_attrs={"crashed": True} if crashed else {},
+    )  # fmt: skip
+    trial.number = number
+    return trial
+
+
+def test_trial_folders_keep_the_state_a_retry_resumes_from_and_lose_superseded_attempts(tmp_path):
+    fail, running, waiting, complete = TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE
+    trials = [
+        # a retry running, not yet past taking its folder over: it resumes from 1, which superseded 0 (earlier autoft copied states)
+        _attempt(0, fail, crashed=True), _attempt(1, fail, 0, crashed=True), _attempt(2, running, 0),
+        _attempt(3, fail, crashed=True), _attempt(4, waiting, 3),  # a retry queued
+        _attempt(5, fail, crashed=True), _attempt(6, fail, 5, crashed=True),  # a retry killed before its first state: the next resumes from 5
+        _attempt(7, fail, crashed=True), _attempt(8, fail, 7, crashed=True), _attempt(9, complete, 7),  # a chain that ran to its end
+        _attempt(10, fail, crashed=True),  # crashed; the next run queues it again
+        _attempt(11, fail),  # failed on its parameters
+        _attempt(12, complete),  # the best
+    ]  # fmt: skip
+    for number in (0, 1, 3, 5, 7, 8, 9, 10, 11, 12):
+        (tmp_path / "trials" / str(number)).mkdir(parents=True)
+        (tmp_path / "trials" / str(number) / STATE_NAME).write_bytes(b"state")
+    (tmp_path / "trials" / "6").mkdir()
+    (tmp_path / "trials" / "6" / f".{STATE_NAME}.x1y2.tmp").write_bytes(b"killed while writing")
+    prune_trial_folders(tmp_path, trials, trials[-1], keep_predictions=False)
+    assert sorted(int(p.name) for p in (tmp_path / "trials").iterdir()) == [1, 3, 5, 10, 12]
 
 
 def test_cross_validation_scores_the_mean_of_folds(image_folder, tmp_path):

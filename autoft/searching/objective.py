@@ -24,7 +24,7 @@ import time
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import optuna
@@ -33,14 +33,15 @@ import torch
 from autoft.backbones import build_backbone
 from autoft.checkpoints import CHECKPOINT_NAME, save_checkpoint
 from autoft.events import BatchEnd, EpochEnd, FoldEnd, TrialEvent, TrialStart
-from autoft.io import DiskFull, atomic_path, disk_full_error
+from autoft.io import DiskFull, atomic_path, disk_full_error, file_lock
 from autoft.runtime import seed_everything
 from autoft.searching.session import Session
-from autoft.searching.storage import is_surplus, process_identity, storage_folder
+from autoft.searching.storage import is_surplus, process_identity, resume_point, retry_chains, storage_folder
 from autoft.trainer import STATE_INTERVAL, FitResult, OutOfTime, Trainer, TrainerConfig
 
 STATE_NAME = "state.pt"  # the training state after the last finished evaluation, for resuming
 PREDICTIONS_NAME = "predictions.npy"  # probabilities for the images the trial did not train on
+CLEANUP_LOCK = ".cleanup.lock"  # in the search's folder: held to delete trial folders or to take one over
 
 
 def free_memory(device: torch.device) -> None:
@@ -144,15 +145,13 @@ class Objective:
     def single_split(self, trial, params: dict[str, Any]) -> float:
         """Fine-tune on the train split, report every evaluation, keep the best weights.
 
-        A trial queued again after a crash continues from the last state its crashed
-        original saved (``trials/<original>/state.pt``) instead of starting over.
+        A trial queued again after a crash continues from the last state saved by its
+        crashed attempts (``trials/<attempt>/state.pt``, the newest) instead of starting over:
+        it takes that attempt's folder as its own, so no superseded copy is left behind.
         """
         session = self.session
         folder = session.trial_dir(trial.number)
-        shutil.rmtree(folder, ignore_errors=True)  # a retried number never reuses stale files
-        origin = retried_from(trial)
-        if origin is not None and (session.trial_dir(origin) / STATE_NAME).is_file():
-            shutil.copytree(session.trial_dir(origin), folder)
+        origin = take_over_state(trial, session.trial_dir, session.out / CLEANUP_LOCK)
         history: list[dict[str, Any]] = []
         metric = session.config.metric
 
@@ -259,9 +258,24 @@ def load_predictions(folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
     return table[:, 0].astype(np.int64), table[:, 1:]
 
 
-def retried_from(trial) -> int | None:
-    """The number of the crashed trial that ``trial`` runs again, following a chain of retries
-    to the latest attempt that left a state (Optuna records only the root ``failed_trial``)."""
+def take_over_state(trial, trial_dir: Callable[[int], Path], lock: Path) -> int | None:
+    """Give ``trial`` a clean folder, or the folder of the crashed attempt it resumes from
+    (moved, not copied: no superseded copy is left, and a nearly full disk is not asked for
+    another). Under the cleanup lock, so that ``prune_trial_folders`` never deletes a folder
+    half taken. Returns the number of the attempt taken over, or None."""
+    folder = trial_dir(trial.number)
+    with file_lock(lock):
+        shutil.rmtree(folder, ignore_errors=True)  # a retried number never reuses stale files
+        origin = retried_from(trial, has_state=lambda number: (trial_dir(number) / STATE_NAME).is_file())
+        if origin is not None:
+            os.rename(trial_dir(origin), folder)
+    return origin
+
+
+def retried_from(trial, has_state: Callable[[int], bool]) -> int | None:
+    """The number of the crashed attempt whose state ``trial`` resumes from: following the chain
+    of retries (Optuna records only the original, ``failed_trial``) to the newest failed attempt
+    for which ``has_state(number)``; None for a first attempt or when none left a state."""
     study = getattr(trial, "study", None)  # a FixedTrial has none
     if study is None:
         return None
@@ -270,8 +284,7 @@ def retried_from(trial) -> int | None:
     root = frozen.system_attrs.get("failed_trial") if frozen else None
     if root is None:
         return None
-    attempts = [t.number for t in trials if t.number < trial.number and (t.number == root or t.system_attrs.get("failed_trial") == root)]
-    return max(attempts) if attempts else root
+    return resume_point(retry_chains(trials)[root], trial.number, has_state)
 
 
 class StopSearch(BaseException):
