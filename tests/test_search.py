@@ -253,6 +253,46 @@ def test_an_interrupted_trial_runs_again_on_the_next_run(image_folder, tmp_path)
     assert rerun.state == TrialState.COMPLETE and rerun.params == interrupted.params and result.queued_again == [0]
 
 
+# Run first in an ``autoft search`` process: it kills itself (kill -9, no cleanup) right
+# after saving its {n}th training state.
+KILLED_AFTER_STATES = """
+import os, signal
+from autoft import trainer
+
+save, saved = trainer.save_training_state, []
+
+def save_then_die(path, state):
+    save(path, state)
+    saved.append(path)
+    if len(saved) == {n}:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+trainer.save_training_state = save_then_die
+"""
+
+
+def test_a_trial_killed_twice_resumes_from_its_second_attempt_and_leaves_no_superseded_folder(image_folder, tmp_path):
+    out = tmp_path / "twice"
+    args = _one_trial_args(image_folder, out, 3, "--no-refit")
+    for states in (1, 1):  # attempt 0 dies after evaluation 1; attempt 1 resumes there and dies after evaluation 2
+        child = _start_search(args, KILLED_AFTER_STATES.format(n=states))
+        _, stderr = child.communicate(timeout=120)
+        assert child.returncode == -signal.SIGKILL, stderr.decode()[-3000:]
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["1"]  # attempt 1 took attempt 0's folder over
+
+    result = CliRunner().invoke(make_app(), args)
+    assert result.exit_code == 0, result.output
+    first, second, third = _study_trials(image_folder, out)
+    assert [t.state for t in (first, second, third)] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    assert second.system_attrs["failed_trial"] == third.system_attrs["failed_trial"] == 0 and third.params == first.params
+    assert second.user_attrs["resumed_from"] == {"trial": 0, "epoch": 1}
+    assert third.user_attrs["resumed_from"] == {"trial": 1, "epoch": 2}  # the second attempt's progress, not the first's
+    assert [r["epoch"] for r in third.user_attrs["history"]] == [1, 2, 3] and third.user_attrs["history"][:1] == second.user_attrs["history"]
+    assert not first.intermediate_values and third.intermediate_values[1] == second.intermediate_values[1]
+    assert not third.user_attrs["crashed"] and not third.user_attrs["fail_reason"]  # not the attributes Optuna copied from its crashed attempt
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["2"]  # the superseded attempts' folders are gone
+
+
 def _error_lines(output: str) -> list[str]:
     assert "Traceback" not in output, output
     return [line for line in output.splitlines() if line.startswith("error:")]

@@ -63,6 +63,9 @@ class Objective:
         for key, value in process_identity().items():
             trial.set_user_attr(key, value)
         trial.set_user_attr("threads", torch.get_num_threads())  # with --jobs, this worker's share of the cores
+        if trial.user_attrs.get("crashed"):  # a retry, given its crashed attempt's attributes by Optuna: its own failure is no crash
+            trial.set_user_attr("crashed", False)
+            trial.set_user_attr("fail_reason", "")
         total = session.config.trials
         if total is not None and hasattr(trial, "study") and is_surplus(trial.number, trial.study.get_trials(deepcopy=False), total):
             trial.set_user_attr("surplus", True)  # another worker took the last place: this one never trains
