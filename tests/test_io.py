@@ -1,8 +1,10 @@
-"""Atomic folder swaps under a concurrent reader, and the cross-process file lock."""
+"""Atomic folder swaps under a concurrent reader, a write that finds the disk full, and the cross-process file lock."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from autoft import io as autoft_io
-from autoft.io import file_lock, publish_dir
+from autoft.io import DiskFull, atomic_path, file_lock, publish_dir, write_text
 
 FILES = ("model.pt", "model.onnx", "metrics.json")
 
@@ -127,3 +129,47 @@ def test_a_waiting_lock_is_granted_when_the_holder_lets_go(tmp_path):
         order.append("holder done")
     thread.join(10)
     assert order == ["holder done", "waiter"]
+
+
+# ---------------------------------------------------------------------------
+# A full disk
+
+
+def df(path: Path) -> tuple[str, str]:
+    """The mount point and filesystem type holding ``path``, as ``df`` reports them."""
+    lines = subprocess.run(["df", "--output=target,fstype", str(path)], capture_output=True, text=True, check=True).stdout.splitlines()
+    target, fstype = lines[1].rsplit(None, 1)
+    return target.strip(), fstype
+
+
+@pytest.mark.parametrize("failure", ["ENOSPC", "torch.save"])
+def test_a_write_that_finds_the_disk_full_is_one_error_naming_the_disk_and_the_folder(tmp_path, monkeypatch, failure):
+    target = tmp_path / "trials" / "3" / "state.pt"
+    write_text(target, "the last state saved")
+    with pytest.raises(DiskFull) as caught:
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"\0" * 4096)  # what fitted before the disk filled up
+            if failure == "ENOSPC":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # write(2) on a full disk
+            # torch.save names no errno for a full disk; the disk itself is asked, and finds no room.
+            monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30, 0))
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    message = str(caught.value)
+    mount, fstype = df(tmp_path)
+    assert "\n" not in message
+    assert message.startswith(f"no space left on {mount} ({fstype} "), message
+    if failure == "torch.save":
+        assert "0 B free of 1.0 GiB" in message  # the space as the failed write left it
+    assert f"could not write {target.parent};" in message and "run the same command again" in message
+    assert [p.name for p in target.parent.iterdir()] == ["state.pt"] and target.read_text() == "the last state saved"  # the partial file is gone
+
+
+def test_a_write_that_fails_on_a_disk_with_room_is_not_called_full(tmp_path):
+    assert shutil.disk_usage(tmp_path).free > 2**20
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        with atomic_path(tmp_path / "state.pt"):
+            raise RuntimeError("cannot pickle 'generator' object")
+    with pytest.raises(PermissionError):
+        with atomic_path(tmp_path / "state.pt"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+    assert list(tmp_path.iterdir()) == []

@@ -31,9 +31,9 @@ def folder(tmp_path_factory) -> Path:
     return root
 
 
-def _args(folder: Path, out: Path, *extra: str) -> list[str]:
+def _args(folder: Path, out: Path, *extra: str, epochs: int = 20) -> list[str]:
     return [sys.executable, "-c", "from autoft.cli import main; main()", "search", "--backbone", "test_resnet", "--data", str(folder), "--out", str(out),
-            "--study", STUDY, "--epochs", "20", "--image-size", "16", "--batch-size", "8", "--no-cv", "--no-onnx", "--device", "cpu", "--weights", "scratch", *extra]  # fmt: skip
+            "--study", STUDY, "--epochs", str(epochs), "--image-size", "16", "--batch-size", "8", "--no-cv", "--no-onnx", "--device", "cpu", "--weights", "scratch", *extra]  # fmt: skip
 
 
 def _trials(out: Path) -> list[optuna.trial.FrozenTrial]:
@@ -64,7 +64,7 @@ def test_two_jobs_run_trials_at_once_in_two_processes_and_stop_at_the_total(fold
 
 def test_ctrl_c_stops_every_worker_and_a_rerun_finishes_the_search(folder, tmp_path):
     out = tmp_path / "run"
-    args = _args(folder, out, "--jobs", "2", "--trials", "4")
+    args = _args(folder, out, "--jobs", "2", "--trials", "4", epochs=60)  # trials long enough to be caught running together
     # Its own session, as a terminal's foreground job: Ctrl-C goes to the whole process group.
     child = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     running: list = []

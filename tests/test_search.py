@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import html
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +25,10 @@ from typer.testing import CliRunner
 from autoft.cli import make_app
 from autoft.errors import AutoftError
 from autoft.searching import SearchSpace, default_study_name, load_overrides, parse_duration, search
-from autoft.searching.storage import open_storage
+from autoft.io import file_lock
+from autoft.searching.objective import CLEANUP_LOCK, STATE_NAME, retried_from, take_over_state
+from autoft.searching.runner import prune_trial_folders
+from autoft.searching.storage import open_storage, recover_trials
 from autoft.events import EpochEnd, TrialEvent
 from autoft.recipe import default_params
 from autoft.training import load_checkpoint
@@ -177,11 +182,26 @@ def test_weights_start_every_trial(image_folder, tmp_path):
         search("test_resnet", str(image_folder), tmp_path / "run", trials=3, epochs=1, image_size=16, device="cpu", export_onnx=False)
 
 
+def _one_trial_args(folder: Path, out: Path, epochs: int = 4, *extra: str) -> list[str]:
+    """``autoft search`` of one small trial on ``folder``, without ONNX."""
+    return ["search", "--backbone", "test_resnet", "--data", str(folder), "--out", str(out), "--trials", "1", "--epochs", str(epochs), "--image-size", "16", "--batch-size", "8", "--device", "cpu", "--no-onnx", "--no-cv", *extra]
+
+
+def _start_search(args: list[str], prelude: str = "") -> subprocess.Popen:
+    """``autoft search`` in a process of its own, which runs ``prelude`` (Python) first."""
+    env = {**os.environ, "AUTOFT_STATE_INTERVAL": "0"}  # write the resumable state after every evaluation
+    return subprocess.Popen([sys.executable, "-c", f"{prelude}\nfrom autoft.cli import main; main()", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+
+def _study_trials(folder: Path, out: Path) -> list[optuna.trial.FrozenTrial]:
+    study_name = default_study_name("test_resnet", str(folder))
+    return optuna.load_study(study_name=study_name, storage=f"sqlite:///{out / 'study.db'}").get_trials()
+
+
 def test_killed_search_reruns_the_interrupted_trial(image_folder, tmp_path):
     out = tmp_path / "killed"
-    args = ["search", "--backbone", "test_resnet", "--data", str(image_folder), "--out", str(out), "--trials", "1", "--epochs", "4", "--image-size", "16", "--batch-size", "8", "--device", "cpu", "--no-onnx", "--no-cv"]
-    env = {**os.environ, "AUTOFT_STATE_INTERVAL": "0"}  # write the resumable state after every evaluation
-    child = subprocess.Popen([sys.executable, "-c", "from autoft.cli import main; main()", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    args = _one_trial_args(image_folder, out)
+    child = _start_search(args)
     study_name = default_study_name("test_resnet", str(image_folder))
     try:
         deadline = time.monotonic() + 120
@@ -204,7 +224,7 @@ def test_killed_search_reruns_the_interrupted_trial(image_folder, tmp_path):
 
     result = CliRunner().invoke(make_app(), args)
     assert result.exit_code == 0, result.output
-    trials = optuna.load_study(study_name=study_name, storage=f"sqlite:///{out / 'study.db'}").get_trials()
+    trials = _study_trials(image_folder, out)
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # no RUNNING zombie
     assert f"process {child.pid}" in trials[0].user_attrs["fail_reason"]
     assert trials[1].params == killed.params and trials[1].system_attrs["failed_trial"] == killed.number
@@ -231,6 +251,192 @@ def test_an_interrupted_trial_runs_again_on_the_next_run(image_folder, tmp_path)
     interrupted, rerun = _trials(result)
     assert interrupted.state == TrialState.FAIL and interrupted.user_attrs["fail_reason"] == "interrupted"
     assert rerun.state == TrialState.COMPLETE and rerun.params == interrupted.params and result.queued_again == [0]
+
+
+# Run first in an ``autoft search`` process: it kills itself (kill -9, no cleanup) right
+# after saving its {n}th training state.
+KILLED_AFTER_STATES = """
+import os, signal
+from autoft import trainer
+
+save, saved = trainer.save_training_state, []
+
+def save_then_die(path, state):
+    save(path, state)
+    saved.append(path)
+    if len(saved) == {n}:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+trainer.save_training_state = save_then_die
+"""
+
+
+def test_a_trial_killed_twice_resumes_from_its_second_attempt_and_leaves_no_superseded_folder(image_folder, tmp_path):
+    out = tmp_path / "twice"
+    args = _one_trial_args(image_folder, out, 3, "--no-refit")
+    for states in (1, 1):  # attempt 0 dies after evaluation 1; attempt 1 resumes there and dies after evaluation 2
+        child = _start_search(args, KILLED_AFTER_STATES.format(n=states))
+        _, stderr = child.communicate(timeout=120)
+        assert child.returncode == -signal.SIGKILL, stderr.decode()[-3000:]
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["1"]  # attempt 1 took attempt 0's folder over
+
+    result = CliRunner().invoke(make_app(), args)
+    assert result.exit_code == 0, result.output
+    first, second, third = _study_trials(image_folder, out)
+    assert [t.state for t in (first, second, third)] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    assert second.system_attrs["failed_trial"] == third.system_attrs["failed_trial"] == 0 and third.params == first.params
+    assert second.user_attrs["resumed_from"] == {"trial": 0, "epoch": 1}
+    assert third.user_attrs["resumed_from"] == {"trial": 1, "epoch": 2}  # the second attempt's progress, not the first's
+    assert [r["epoch"] for r in third.user_attrs["history"]] == [1, 2, 3] and third.user_attrs["history"][:1] == second.user_attrs["history"]
+    assert not first.intermediate_values and third.intermediate_values[1] == second.intermediate_values[1]
+    assert not third.user_attrs["crashed"] and not third.user_attrs["fail_reason"]  # not the attributes Optuna copied from its crashed attempt
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["2"]  # the superseded attempts' folders are gone
+
+
+def _error_lines(output: str) -> list[str]:
+    assert "Traceback" not in output, output
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def test_a_trial_that_finds_the_disk_full_ends_the_search_in_one_line_and_a_rerun_resumes_it(image_folder, tmp_path, monkeypatch):
+    out = tmp_path / "full"
+    args = _one_trial_args(image_folder, out, 2, "--no-refit")
+    monkeypatch.setenv("AUTOFT_STATE_INTERVAL", "0")
+    save, states = torch.save, []
+
+    def save_until_the_disk_fills(obj, f, *rest, **options):
+        if Path(f).parent == out / "trials" / "0" and Path(f).name.startswith(f".{STATE_NAME}."):
+            states.append(f)
+            if len(states) == 2:  # the state of evaluation 2 meets a full disk
+                Path(f).write_bytes(b"\0" * 4096)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(obj, f, *rest, **options)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    result = CliRunner().invoke(make_app(), args)
+    assert result.exit_code == 2, result.output
+    (line,) = _error_lines(result.output)
+    assert line.startswith("error: no space left on ") and f"could not write {out / 'trials' / '0'};" in line and " free of " in line
+    (trial,) = _study_trials(image_folder, out)
+    assert trial.state == TrialState.FAIL and trial.user_attrs["crashed"] and trial.user_attrs["fail_reason"] == line.removeprefix("error: ")
+    assert sorted(p.name for p in (out / "trials" / "0").iterdir()) == [STATE_NAME]  # evaluation 1's state, no partial file
+    assert not (out / "best").exists()  # no refit or export on a full disk
+
+    monkeypatch.setattr(torch, "save", save)  # space was freed
+    result = CliRunner().invoke(make_app(), args)
+    assert result.exit_code == 0, result.output
+    full, rerun = _study_trials(image_folder, out)
+    assert rerun.state == TrialState.COMPLETE and rerun.params == full.params and rerun.user_attrs["resumed_from"] == {"trial": 0, "epoch": 1}
+    assert rerun.intermediate_values[1] == full.intermediate_values[1] and (out / "best" / "model.pt").is_file()
+
+
+# Optuna's SQLite storage, at the DB-API boundary: every write fails as on a full disk once
+# the trial's first state is saved (its record of evaluation 1 then fails, and so would the
+# failure's record).
+STUDY_DATABASE_FILLS_UP = """
+import sqlite3
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from autoft import trainer
+
+full = []
+
+@event.listens_for(Engine, "before_cursor_execute")
+def refuse_writes(connection, cursor, statement, *rest):
+    if full and statement.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+        raise sqlite3.OperationalError("database or disk is full")
+
+save = trainer.save_training_state
+
+def save_then_fill(path, state):
+    save(path, state)
+    full.append(True)
+
+trainer.save_training_state = save_then_fill
+"""
+
+
+def test_a_full_study_database_leaves_the_trial_running_for_the_next_run_to_recover(image_folder, tmp_path):
+    out = tmp_path / "full-db"
+    args = _one_trial_args(image_folder, out, 2, "--no-refit")
+    child = _start_search(args, STUDY_DATABASE_FILLS_UP)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 2, stderr.decode()[-3000:]
+    (line,) = _error_lines(stderr.decode())
+    assert line.startswith("error: no space left on ") and f"could not write {out};" in line  # the folder of study.db
+    (trial,) = _study_trials(image_folder, out)
+    assert trial.state == TrialState.RUNNING and not trial.intermediate_values and "fail_reason" not in trial.user_attrs
+    assert (out / "trials" / "0" / STATE_NAME).is_file()
+
+    result = CliRunner().invoke(make_app(), args)
+    assert result.exit_code == 0, result.output
+    stuck, rerun = _study_trials(image_folder, out)
+    assert stuck.state == TrialState.FAIL and f"process {child.pid} " in stuck.user_attrs["fail_reason"]
+    assert rerun.state == TrialState.COMPLETE and rerun.user_attrs["resumed_from"] == {"trial": 0, "epoch": 1}  # the state saved before the database filled
+
+
+def _crash(study: optuna.Study, trial: optuna.Trial, state: bytes | None, folders: Path) -> None:
+    """``trial`` dies (as the next run finds it) after saving ``state``; the next attempt is queued."""
+    if state is not None:
+        (folders / str(trial.number)).mkdir(parents=True)
+        (folders / str(trial.number) / STATE_NAME).write_bytes(state)
+    trial.set_user_attr("crashed", True)
+    study.tell(trial, state=TrialState.FAIL)
+    assert recover_trials(study) == [trial.number]
+
+
+def test_a_retry_resumes_from_the_newest_attempt_that_saved_a_state_and_takes_its_folder_over(tmp_path):
+    folders, lock = tmp_path / "trials", tmp_path / CLEANUP_LOCK
+    trial_dir = lambda number: folders / str(number)  # noqa: E731
+    has_state = lambda number: (trial_dir(number) / STATE_NAME).is_file()  # noqa: E731
+    study = optuna.create_study()
+    first = study.ask()
+    assert retried_from(first, has_state) is None
+    _crash(study, first, b"evaluation 2 of attempt 0", folders)
+    _crash(study, study.ask(), b"evaluation 3 of attempt 1", folders)
+    _crash(study, study.ask(), None, folders)  # killed before its first state
+    third = study.ask()
+    assert third.number == 3 and study.trials[3].system_attrs["failed_trial"] == 0  # Optuna names only the original
+    assert retried_from(third, has_state) == 1 and retried_from(third, lambda number: number == 0) == 0
+
+    taken: list[int | None] = []
+    with file_lock(lock):  # a worker deleting trial folders
+        thread = threading.Thread(target=lambda: taken.append(take_over_state(third, trial_dir, lock)))
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive() and has_state(1) and not trial_dir(3).exists()  # it waits: no folder is half taken
+    thread.join(10)
+    assert taken == [1] and (trial_dir(3) / STATE_NAME).read_bytes() == b"evaluation 3 of attempt 1" and not trial_dir(1).exists()
+
+
+def _attempt(number: int, state: TrialState, original: int | None = None, crashed: bool = False) -> optuna.trial.FrozenTrial:
+    trial = optuna.trial.create_trial(
+        state=state, value=1.0 if state == TrialState.COMPLETE else None,
+        system_attrs={} if original is None else {"failed_trial": original}, user_attrs={"crashed": True} if crashed else {},
+    )  # fmt: skip
+    trial.number = number
+    return trial
+
+
+def test_trial_folders_keep_the_state_a_retry_resumes_from_and_lose_superseded_attempts(tmp_path):
+    fail, running, waiting, complete = TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING, TrialState.COMPLETE
+    trials = [
+        # a retry running, not yet past taking its folder over: it resumes from 1, which superseded 0 (earlier autoft copied states)
+        _attempt(0, fail, crashed=True), _attempt(1, fail, 0, crashed=True), _attempt(2, running, 0),
+        _attempt(3, fail, crashed=True), _attempt(4, waiting, 3),  # a retry queued
+        _attempt(5, fail, crashed=True), _attempt(6, fail, 5, crashed=True),  # a retry killed before its first state: the next resumes from 5
+        _attempt(7, fail, crashed=True), _attempt(8, fail, 7, crashed=True), _attempt(9, complete, 7),  # a chain that ran to its end
+        _attempt(10, fail, crashed=True),  # crashed; the next run queues it again
+        _attempt(11, fail),  # failed on its parameters
+        _attempt(12, complete),  # the best
+    ]  # fmt: skip
+    for number in (0, 1, 3, 5, 7, 8, 9, 10, 11, 12):
+        (tmp_path / "trials" / str(number)).mkdir(parents=True)
+        (tmp_path / "trials" / str(number) / STATE_NAME).write_bytes(b"state")
+    (tmp_path / "trials" / "6").mkdir()
+    (tmp_path / "trials" / "6" / f".{STATE_NAME}.x1y2.tmp").write_bytes(b"killed while writing")
+    prune_trial_folders(tmp_path, trials, trials[-1], keep_predictions=False)
+    assert sorted(int(p.name) for p in (tmp_path / "trials").iterdir()) == [1, 3, 5, 10, 12]
 
 
 def test_cross_validation_scores_the_mean_of_folds(image_folder, tmp_path):

@@ -9,6 +9,11 @@ step at which it peaked, for the refit.
 
 The same objective serves the search (an Optuna trial) and the retraining of a trial
 (``optuna.trial.FixedTrial``), so both run one code path.
+
+A full disk ends the search rather than the trial (every later one would meet it too):
+the trial is failed, to be run again by the next run, where the storage can still be
+written, and left RUNNING for the next run to recover where it cannot; the search stops
+with one :class:`~autoft.io.DiskFull` error naming the disk (:func:`stop_on_full_disk`).
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import gc
 import os
 import time
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import optuna
@@ -28,16 +34,17 @@ from autoft.backbones import build_backbone
 from autoft.checkpoints import CHECKPOINT_NAME, save_checkpoint
 from autoft.data import ImageTensors, Normalize
 from autoft.events import BatchEnd, EpochEnd, FoldEnd, TrialEvent, TrialStart
-from autoft.io import atomic_path
+from autoft.io import DiskFull, atomic_path, disk_full_error, file_lock
 from autoft.metrics import evaluate
 from autoft.runtime import seed_everything
 from autoft.searching.session import Session
-from autoft.searching.storage import is_surplus, process_identity
+from autoft.searching.storage import is_surplus, process_identity, resume_point, retry_chains, storage_folder
 from autoft.trainer import STATE_INTERVAL, FitResult, OutOfTime, Trainer, TrainerConfig
 
 STATE_NAME = "state.pt"  # the training state after the last finished evaluation, for resuming
 PREDICTIONS_NAME = "predictions.npy"  # probabilities for the images the trial did not train on
 TEACHER_NAME = "unlabelled.npy"  # its models' mean probabilities for the unlabelled images: pseudo-labels for the refit
+CLEANUP_LOCK = ".cleanup.lock"  # in the search's folder: held to delete trial folders or to take one over
 
 
 def free_memory(device: torch.device) -> None:
@@ -59,6 +66,9 @@ class Objective:
         for key, value in process_identity().items():
             trial.set_user_attr(key, value)
         trial.set_user_attr("threads", torch.get_num_threads())  # with --jobs, this worker's share of the cores
+        if trial.user_attrs.get("crashed"):  # a retry, given its crashed attempt's attributes by Optuna: its own failure is no crash
+            trial.set_user_attr("crashed", False)
+            trial.set_user_attr("fail_reason", "")
         total = session.config.trials
         if total is not None and hasattr(trial, "study") and is_surplus(trial.number, trial.study.get_trials(deepcopy=False), total):
             trial.set_user_attr("surplus", True)  # another worker took the last place: this one never trains
@@ -82,10 +92,27 @@ class Objective:
             trial.set_user_attr("crashed", True)
             raise
         except Exception as exc:  # bad hyperparameters, divergence, out of memory: record and go on
+            full = disk_full_error(exc, storage_folder(session.storage_url) or session.out)
+            if full is not None:
+                raise StopSearch(self._give_up(trial, full)) from None
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:2000])
             raise
         finally:
             free_memory(session.device)
+
+    @staticmethod
+    def _give_up(trial, error: DiskFull) -> DiskFull:
+        """Fail the trial, to be run again (as after a crash), where the storage can still be written."""
+        study = getattr(trial, "study", None)
+        if study is None:  # a FixedTrial: no storage
+            return error
+        try:
+            trial.set_user_attr("fail_reason", str(error))
+            trial.set_user_attr("crashed", True)  # not a verdict on its parameters
+            study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
+        except Exception:  # noqa: BLE001 - the storage is on the full disk too: the trial stays RUNNING and the next run recovers it
+            pass
+        return error
 
     # -- one fit ---------------------------------------------------------------
 
@@ -124,15 +151,13 @@ class Objective:
     def single_split(self, trial, params: dict[str, Any]) -> float:
         """Fine-tune on the train split, report every evaluation, keep the best weights.
 
-        A trial queued again after a crash continues from the last state its crashed
-        original saved (``trials/<original>/state.pt``) instead of starting over.
+        A trial queued again after a crash continues from the last state saved by its
+        crashed attempts (``trials/<attempt>/state.pt``, the newest) instead of starting over:
+        it takes that attempt's folder as its own, so no superseded copy is left behind.
         """
         session = self.session
         folder = session.trial_dir(trial.number)
-        shutil.rmtree(folder, ignore_errors=True)  # a retried number never reuses stale files
-        origin = retried_from(trial)
-        if origin is not None and (session.trial_dir(origin) / STATE_NAME).is_file():
-            shutil.copytree(session.trial_dir(origin), folder)
+        origin = take_over_state(trial, session.trial_dir, session.out / CLEANUP_LOCK)
         history: list[dict[str, Any]] = []
         metric = session.config.metric
 
@@ -270,9 +295,24 @@ def load_predictions(folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
     return table[:, 0].astype(np.int64), table[:, 1:]
 
 
-def retried_from(trial) -> int | None:
-    """The number of the crashed trial that ``trial`` runs again, following a chain of retries
-    to the latest attempt that left a state (Optuna records only the root ``failed_trial``)."""
+def take_over_state(trial, trial_dir: Callable[[int], Path], lock: Path) -> int | None:
+    """Give ``trial`` a clean folder, or the folder of the crashed attempt it resumes from
+    (moved, not copied: no superseded copy is left, and a nearly full disk is not asked for
+    another). Under the cleanup lock, so that ``prune_trial_folders`` never deletes a folder
+    half taken. Returns the number of the attempt taken over, or None."""
+    folder = trial_dir(trial.number)
+    with file_lock(lock):
+        shutil.rmtree(folder, ignore_errors=True)  # a retried number never reuses stale files
+        origin = retried_from(trial, has_state=lambda number: (trial_dir(number) / STATE_NAME).is_file())
+        if origin is not None:
+            os.rename(trial_dir(origin), folder)
+    return origin
+
+
+def retried_from(trial, has_state: Callable[[int], bool]) -> int | None:
+    """The number of the crashed attempt whose state ``trial`` resumes from: following the chain
+    of retries (Optuna records only the original, ``failed_trial``) to the newest failed attempt
+    for which ``has_state(number)``; None for a first attempt or when none left a state."""
     study = getattr(trial, "study", None)  # a FixedTrial has none
     if study is None:
         return None
@@ -281,5 +321,28 @@ def retried_from(trial) -> int | None:
     root = frozen.system_attrs.get("failed_trial") if frozen else None
     if root is None:
         return None
-    attempts = [t.number for t in trials if t.number < trial.number and (t.number == root or t.system_attrs.get("failed_trial") == root)]
-    return max(attempts) if attempts else root
+    return resume_point(retry_chains(trials)[root], trial.number, has_state)
+
+
+class StopSearch(BaseException):
+    """Carries an error out of ``study.optimize``, which records and swallows every Exception a trial raises."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+@contextmanager
+def stop_on_full_disk(session: Session) -> Iterator[None]:
+    """Around ``study.optimize`` and the recovery of trials before it: a full disk, met by a
+    trial or by Optuna's own writes to the storage (its ``AssertionError: Should not reach.``
+    after SQLite's "database or disk is full"), ends the search with one :class:`~autoft.io.DiskFull`."""
+    try:
+        yield
+    except StopSearch as stop:
+        raise stop.error from stop.error.__cause__
+    except Exception as exc:
+        full = disk_full_error(exc, storage_folder(session.storage_url) or session.out)
+        if full is None:
+            raise
+        raise full from exc

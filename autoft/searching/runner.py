@@ -26,10 +26,10 @@ from autoft.events import SearchStart, TrialEnd
 from autoft.io import file_lock
 from autoft.searching.config import SearchConfig
 from autoft.searching.finishing import FinalModel, best_trial, build_final, chance_level, publish_best, selection_evidence, wall_time
-from autoft.searching.objective import Objective
+from autoft.searching.objective import CLEANUP_LOCK, STATE_NAME, Objective, stop_on_full_disk
 from autoft.searching.preparing import finish_preparing, prepare
 from autoft.searching.session import Session
-from autoft.searching.storage import counted_trials, recover_trials
+from autoft.searching.storage import awaited_states, counted_trials, recover_trials
 from autoft.searching.workers import parallel_workers
 
 REPORT_FILE = "report.html"
@@ -68,7 +68,8 @@ def search(backbone: str, data: Any, out: str | Path | None = None, **options: A
 
 def run_search(config: SearchConfig) -> SearchResult:
     session = prepare(config)
-    queued_again = open_study(session)
+    with stop_on_full_disk(session):  # a rerun on a disk still full: recovering trials writes to the storage
+        queued_again = open_study(session)
     finish_preparing(session)
     for hook in config.pre_search:
         hook(session)
@@ -173,7 +174,8 @@ def run_trials(session: Session, queued_again: list[int]) -> None:
     session.emit(SearchStart(study=study.study_name, total=total or session.plan.expected_trials, done=done, queued_again=queued_again))
     if total is not None and done >= total:
         return
-    study.optimize(Objective(session), n_trials=None if total is None else total - done, catch=(Exception,), callbacks=[_AfterTrial(session, total)], gc_after_trial=False)
+    with stop_on_full_disk(session):
+        study.optimize(Objective(session), n_trials=None if total is None else total - done, catch=(Exception,), callbacks=[_AfterTrial(session, total)], gc_after_trial=False)
 
 
 REPORT_SHARE = 0.05  # of the trials' time, the most that refreshing report.html between trials may take
@@ -205,7 +207,7 @@ class _AfterTrial:
             return  # it never trained: nothing to clean, report or count
         trials = study.get_trials(deepcopy=False)
         best = best_trial(study)
-        with file_lock(session.out / ".cleanup.lock", wait=False) as held:
+        with file_lock(session.out / CLEANUP_LOCK, wait=False) as held:
             if held:  # only one worker deletes trial folders at a time
                 prune_trial_folders(session.out, trials, best, keep_predictions=session.config.ensemble > 1)
         if session.worker == 0:  # the command's process writes the report; --jobs workers only train
@@ -227,15 +229,16 @@ def _state_label(trial: optuna.trial.FrozenTrial) -> str:
 
 
 def prune_trial_folders(out: Path, trials: list[optuna.trial.FrozenTrial], best: optuna.trial.FrozenTrial | None, keep_predictions: bool) -> None:
-    """Keep the weights of the best trial and of unfinished or crashed ones (a retry resumes
-    from them); keep every completed trial's predictions when ensembles are on; delete the rest."""
+    """Keep the weights of the best trial and of unfinished ones, and the state of each crashed
+    trial that a retry, queued, running or to come, will resume from (the newest attempt's; the
+    retry takes that folder over); keep every completed trial's predictions when ensembles are
+    on; delete the rest, superseded attempts included. Call it holding :data:`CLEANUP_LOCK`."""
     folder = out / "trials"
     if not folder.is_dir():
         return
     by_number = {t.number: t for t in trials}
     keep = {t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)}
-    resumed = {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs and t.state != TrialState.WAITING}
-    keep |= {t.number for t in trials if t.user_attrs.get("crashed") and t.number not in resumed}
+    keep |= awaited_states(trials, has_state=lambda number: (folder / str(number) / STATE_NAME).is_file())
     if best is not None:
         keep.add(best.number)
     for child in folder.iterdir():

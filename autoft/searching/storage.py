@@ -13,18 +13,21 @@ The storage URL goes to Optuna unchanged where Optuna takes URLs:
 Whatever the storage, a trial records the host and process running it. When the same
 host starts a search again, a RUNNING trial whose process is gone (killed, out of memory,
 power cut) is failed with that reason and queued again with the same parameters; a trial
-stopped with Ctrl-C is queued again too. Retried trials do not count towards ``--trials``.
+stopped with Ctrl-C or by a full disk is queued again too. Retried trials do not count
+towards ``--trials``. A crashed trial and its retries make one chain of attempts: each
+attempt resumes from the newest failed one that saved a state (:func:`resume_point`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -123,6 +126,15 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0]
 
 
+def storage_folder(url: str) -> Path | None:
+    """The local folder holding the storage's file (SQLite, journal); None for a database server."""
+    if url.startswith("journal://"):
+        return Path(url.removeprefix("journal://")).expanduser().parent
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///")).expanduser().parent
+    return None if "://" in url else Path(url).expanduser().parent
+
+
 # ---------------------------------------------------------------------------
 # Which process runs a trial
 
@@ -191,6 +203,34 @@ def recover_trials(study: optuna.Study) -> list[int]:
             retry(study, trial)
             queued.append(trial.number)
     return queued
+
+
+def retry_chains(trials: list[FrozenTrial]) -> dict[int, list[FrozenTrial]]:
+    """Trials by the number of the original they run again (Optuna records it on every retry
+    as ``failed_trial``): each chain is a crashed trial and its retries, oldest first."""
+    chains: dict[int, list[FrozenTrial]] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        chains.setdefault(t.system_attrs.get("failed_trial", t.number), []).append(t)
+    return chains
+
+
+def resume_point(attempts: list[FrozenTrial], before: float, has_state: Callable[[int], bool]) -> int | None:
+    """The attempt an attempt numbered ``before`` resumes from: the newest failed one before it that left a state."""
+    return max((t.number for t in attempts if t.number < before and t.state == TrialState.FAIL and has_state(t.number)), default=None)
+
+
+def awaited_states(trials: list[FrozenTrial], has_state: Callable[[int], bool]) -> set[int]:
+    """Failed attempts whose saved state a retry, queued, running or still to be queued, will resume from."""
+    awaited = set()
+    for attempts in retry_chains(trials).values():
+        last = attempts[-1]
+        if any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in attempts):
+            continue  # the chain ran to its end: no attempt will run again
+        if last.state in (TrialState.RUNNING, TrialState.WAITING) or (last.state == TrialState.FAIL and last.user_attrs.get("crashed")):
+            point = resume_point(attempts, math.inf, has_state)
+            if point is not None:
+                awaited.add(point)
+    return awaited
 
 
 def counted_trials(trials: list[FrozenTrial]) -> int:
