@@ -46,7 +46,8 @@ def _overlap(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial) -> bool:
 
 def test_two_jobs_run_trials_at_once_in_two_processes_and_stop_at_the_total(folder, tmp_path):
     out = tmp_path / "run"
-    done = subprocess.run(_args(folder, out, "--jobs", "2", "--trials", "6"), capture_output=True, text=True, timeout=600)
+    # Trials long enough (a few seconds) that the worker, started after the command's own first trial, gets some.
+    done = subprocess.run(_args(folder, out, "--jobs", "2", "--trials", "6", epochs=60), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
     trials = _trials(out)  # a journal file: several processes may write the study
@@ -73,7 +74,7 @@ def test_ctrl_c_stops_every_worker_and_a_rerun_finishes_the_search(folder, tmp_p
         while time.monotonic() < deadline and len(running) < 2:
             assert child.poll() is None, child.stderr.read()[-3000:]
             if (out / "study.log").exists():
-                running = [t for t in _trials(out) if t.state == TrialState.RUNNING]
+                running = [t for t in _trials(out) if t.state == TrialState.RUNNING and "pid" in t.user_attrs]
             time.sleep(0.1)
         assert len(running) == 2, "two trials never ran at once"
         os.killpg(child.pid, signal.SIGINT)
