@@ -197,3 +197,20 @@ def postgres_url(postgres_server: str) -> str:
     yield f"{postgres_server}/{name}"
     with psycopg.connect(f"{postgres_server}/postgres", autocommit=True) as connection:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def whole_reads(monkeypatch) -> list[str]:
+    """Every time a set on disk is read whole (``ImageTensors.images``), as its repr."""
+    from autoft.data import ImageTensors
+
+    reads: list[str] = []
+    read_whole = ImageTensors.images.fget
+
+    def recorded(self):
+        if self.on_disk:
+            reads.append(repr(self))
+        return read_whole(self)
+
+    monkeypatch.setattr(ImageTensors, "images", property(recorded))
+    return reads

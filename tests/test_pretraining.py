@@ -53,21 +53,12 @@ def test_short_run_lowers_loss_and_saves_checkpoints(method, pool, tmp_path):
     assert written["checkpoints"][0]["knn_accuracy"] is None  # no labels given
 
 
-def test_a_pool_on_disk_pretrains_a_batch_at_a_time_exactly_as_in_memory(pool, cache_dir, tmp_path, monkeypatch):
-    from autoft.data import ImageTensors, load_data
+def test_a_pool_on_disk_pretrains_a_batch_at_a_time_exactly_as_in_memory(pool, cache_dir, tmp_path, monkeypatch, whole_reads):
+    from autoft.data import load_data
 
     monkeypatch.setenv("AUTOFT_MAX_IN_MEMORY", "0")
     on_disk = load_data("sample:digits", image_size=32, seed=0).train.subset(range(64))  # ``pool``, left on disk, with its labels
     assert on_disk.on_disk and torch.equal(on_disk.take(range(64)), pool)
-    whole_reads = []
-    read_whole = ImageTensors.images.fget
-
-    def recorded(self):
-        if self.on_disk:
-            whole_reads.append(repr(self))
-        return read_whole(self)
-
-    monkeypatch.setattr(ImageTensors, "images", property(recorded))
     from_disk = pretrain("test_resnet", on_disk, None, method="autoencoder", epochs=2, batch_size=16, device="cpu")
     assert whole_reads == [] and not from_disk.cached
     assert from_disk.metrics["knn_accuracy_at_start"] is not None  # scored on the set's own labels

@@ -78,23 +78,13 @@ def test_the_search_plans_pretraining_and_chooses_pseudo_labels(semi_search):
     assert "logistic regression on pixels" in result.report.read_text()  # the baselines are in the report
 
 
-def test_a_search_over_a_pool_on_disk_never_reads_it_whole(labelled_and_unlabelled, tmp_path, monkeypatch):
+def test_a_search_over_a_pool_on_disk_never_reads_it_whole(labelled_and_unlabelled, tmp_path, monkeypatch, whole_reads):
     """Pretraining, the baselines, pseudo-labels, trials, the refit and the report all read a pool on disk a batch at a time."""
-    from autoft.data import ImageTensors
     from autoft.trainer import Trainer, TrainerConfig
     from autoft.training import build_backbone
 
     labelled, unlabelled = labelled_and_unlabelled
     monkeypatch.setenv("AUTOFT_MAX_IN_MEMORY", "0")
-    whole_reads = []
-    read_whole = ImageTensors.images.fget
-
-    def recorded(self):
-        if self.on_disk:
-            whole_reads.append(repr(self))
-        return read_whole(self)
-
-    monkeypatch.setattr(ImageTensors, "images", property(recorded))
     sessions = []
     result = search(
         "test_resnet", str(labelled), tmp_path / "run", unlabelled=str(unlabelled), trials=2, epochs=1, pretrain_epochs=1,
