@@ -129,12 +129,11 @@ def self_training(session: Session, best: optuna.trial.FrozenTrial) -> str | Non
     the note that says so, or None."""
     if session.unlabelled is None or best.params.get("pseudo_labels") != "propagate":
         return None
-    teacher = load_teacher(session.trial_dir(best.number))
-    index, predictions = selection_evidence(session, best)
-    if teacher is None or best.number not in predictions or len(teacher) != len(session.unlabelled):
+    teacher, own = load_teacher(session.trial_dir(best.number)), load_predictions(session.trial_dir(best.number))
+    if teacher is None or own is None or len(teacher) != len(session.unlabelled):
         return None
-    labels = session.pool.labels.numpy()[index]
-    taught = float((predictions[best.number].argmax(1) == labels).mean())
+    index, probabilities = own  # the best trial's held-out predictions: no other trial's are needed
+    taught = float((probabilities.argmax(1) == session.pool.labels.numpy()[index]).mean())
     propagated = session.pseudo(None, np.arange(len(session.pool)))
     if propagated.score is None or taught <= propagated.score:
         return None
