@@ -9,7 +9,7 @@ with no tuning flags, and prints the test accuracy of the exported model against
 scikit-learn's LogisticRegression on the labelled images' pixels, measured in the same
 run. Goal: above logistic regression at every size, and 8 points above at 10 a class.
 
-    python benchmarks/small_data.py [--timeout 6m] [--sizes 5 10 30]
+    python benchmarks/small_data.py [--timeout 6m] [--sizes 5 10 30] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ def main() -> None:
     parser.add_argument("--timeout", default="6m")
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--sizes", type=int, nargs="+", default=[5, 10, 30])
+    parser.add_argument("--keep", type=Path, default=None, help="write the data and the runs here instead of a temporary folder")
     args = parser.parse_args()
     budget = parse_seconds(args.timeout)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or scratch
         for per_class in args.sizes:
             folders = write_digits(Path(tmp) / f"digits{per_class}", per_class)
             baseline = logistic_regression_accuracy(folders)

@@ -200,8 +200,8 @@ def test_the_refit_learns_from_the_best_trials_models_only_when_they_label_bette
         session.teach_refit(PseudoLabels(propagated.index, propagated.labels, propagated.confidence, score=0.0))  # the models label better
         note = self_training(session, best)
         assert note and f"trial {best.number}'s models" in note
-        refit = session.fit_data(None, best.params)
-        assert len(refit.train) == len(everything) + 30
+        refit = session.fit_data(None, {**best.params, "pseudo_fraction": 0.1})
+        assert len(refit.train) == len(everything) + 30  # the models gave each label 0.93: all kept, whatever the recipe's share
         assert (refit.train.labels[len(everything) :].numpy() == wrong).all()  # every unlabelled image, with the models' labels
     finally:
         path.unlink()

@@ -40,6 +40,7 @@ MIN_REFIT_SECONDS = 3.0
 UNDERTRAINED_FACTOR = 4  # the most a refit extends a trial that peaked at its last evaluation
 REFIT_SLACK = 0.04  # of the budget: what a refit may run past the deadline when it is all that is left
 BUILD_SECONDS = 1.0  # building a backbone and one evaluation, beside the steps
+SURE_PROBABILITY = 0.5  # the self-trained refit keeps every label its teacher gives more than this
 
 
 @dataclass
@@ -125,8 +126,9 @@ def build_final(session: Session, best: optuna.trial.FrozenTrial) -> FinalModel:
 def self_training(session: Session, best: optuna.trial.FrozenTrial) -> str | None:
     """Let the refit learn the unlabelled images' labels from the best trial's models (the
     mean of its folds') when they label held-out images better than label propagation does:
-    self-training, one round (Xie et al. 2020, "Self-training with Noisy Student"). Returns
-    the note that says so, or None."""
+    self-training, one round (Xie et al. 2020, "Self-training with Noisy Student"). The refit
+    keeps the trial's share of the surest labels, and every label the teacher gives over half
+    its probability (:data:`SURE_PROBABILITY`). Returns the note that says so, or None."""
     if session.unlabelled is None or best.params.get("pseudo_labels") != "propagate":
         return None
     teacher, own = load_teacher(session.trial_dir(best.number)), load_predictions(session.trial_dir(best.number))
@@ -137,7 +139,8 @@ def self_training(session: Session, best: optuna.trial.FrozenTrial) -> str | Non
     propagated = session.pseudo(None, np.arange(len(session.pool)))
     if propagated.score is None or taught <= propagated.score:
         return None
-    session.teach_refit(PseudoLabels(index=np.arange(len(teacher)), labels=teacher.argmax(1).astype(np.int64), confidence=teacher.max(1), features=f"trial {best.number}", score=taught))
+    session.teach_refit(PseudoLabels(index=np.arange(len(teacher)), labels=teacher.argmax(1).astype(np.int64), confidence=teacher.max(1), features=f"trial {best.number}",
+                                     score=taught, sure_above=SURE_PROBABILITY))  # fmt: skip
     return (f"the refit learnt the unlabelled images' labels from trial {best.number}'s models, which label held-out images "
             f"better ({taught:.3f}) than label propagation ({propagated.score:.3f})")  # fmt: skip
 
