@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from autoft.data import Images
-from autoft.semisupervised import pixel_features
+from autoft.semisupervised import PIXEL_SIZE, pixel_features
 
 Score = Callable[[np.ndarray, np.ndarray], float]  # (labels, probabilities) -> metric value
 Split = tuple[np.ndarray, np.ndarray]  # (train indices, validation indices) into the labelled pool
@@ -84,14 +84,26 @@ def mirror_accuracies(images: Callable[[np.ndarray], torch.Tensor], labels: np.n
 
     rng = np.random.default_rng(seed)
     train, val = (rng.choice(part, min(len(part), n), replace=False) for part, n in ((split[0], limit), (split[1], limit // 2)))
-    val_images = images(val)
-    features = pixel_features(torch.cat([images(train), val_images, val_images.flip(-1)]))
+    features = pixel_features(torch.cat([_downscaled(images, train), _downscaled(images, val), _downscaled(images, val, mirror=True)]))
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.fit(features[: len(train)], labels[train])
     plain, mirrored = features[len(train) : len(train) + len(val)], features[len(train) + len(val) :]
     return float(model.score(plain, labels[val])), float(model.score(mirrored, labels[val]))
+
+
+def _downscaled(images: Callable[[np.ndarray], torch.Tensor], index: np.ndarray, mirror: bool = False, batch: int = 256) -> torch.Tensor:
+    """The images ``index`` at the pixel features' size, gathered a batch at a time: a few
+    thousand full-size images are never held at once."""
+    out = []
+    for start in range(0, len(index), batch):
+        chunk = images(index[start : start + batch])
+        chunk = chunk.flip(-1) if mirror else chunk
+        if chunk.shape[-1] > PIXEL_SIZE:
+            chunk = torch.nn.functional.adaptive_avg_pool2d(chunk.float(), PIXEL_SIZE).round_().to(torch.uint8)
+        out.append(chunk)
+    return torch.cat(out)
 
 
 def flips_change_labels(plain: float, mirrored: float, chance: float) -> bool:
