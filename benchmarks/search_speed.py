@@ -17,6 +17,7 @@ instead, the size and format of a user's photos, where decoding costs what it co
 folders.
 
     python benchmarks/search_speed.py [--backbone test_resnet] [--trials 12] [--epochs 8] [--per-class 10]
+    python benchmarks/search_speed.py --per-class 30 --source-size 1024 --format jpeg --image-size 64 --batch-size 32 --loader-workers 0,2
     python benchmarks/search_speed.py --device cuda --backbone resnet18 --per-class 60 --image-size 128 \
         --source-size 256 --format jpeg --loader-workers 0,8
 """
