@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
-from autoft.data import Images
-from autoft.semisupervised import PIXEL_SIZE, pixel_features
+from autoft.data import Images, ImageTensors
+from autoft.semisupervised import downscaled_pixels, pixel_features
 
 Score = Callable[[np.ndarray, np.ndarray], float]  # (labels, probabilities) -> metric value
 Split = tuple[np.ndarray, np.ndarray]  # (train indices, validation indices) into the labelled pool
@@ -73,37 +72,26 @@ def probe_baseline(
     return fit_and_score(np.asarray(embed(images), dtype=np.float64), labels, splits, num_classes, score, f"linear probe on {weights} features")
 
 
-def mirror_accuracies(images: Callable[[np.ndarray], torch.Tensor], labels: np.ndarray, split: Split, limit: int = 2000, seed: int = 0) -> tuple[float, float]:
+def mirror_accuracies(pool: ImageTensors, labels: np.ndarray, split: Split, limit: int = 2000, seed: int = 0) -> tuple[float, float]:
     """(accuracy on the validation images, accuracy on their mirror images) of logistic
     regression on the training images' pixels: whether a horizontal flip changes what an
-    image shows (digits, text, charts), measured on the data. ``images(index)`` gathers
-    images of the labelled pool; at most ``limit`` training images are used."""
+    image shows (digits, text, charts), measured on the data. At most ``limit`` training
+    images of the labelled ``pool`` are used, read a batch at a time."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     rng = np.random.default_rng(seed)
     train, val = (rng.choice(part, min(len(part), n), replace=False) for part, n in ((split[0], limit), (split[1], limit // 2)))
-    features = pixel_features(torch.cat([_downscaled(images, train), _downscaled(images, val), _downscaled(images, val, mirror=True)]))
+    pixels = downscaled_pixels(pool.subset(np.concatenate([train, val])))
+    mirrored = pixels[len(train) :, ..., ::-1]  # downscaling keeps left and right: mirror the small images, not read them again
+    features = np.concatenate([pixels, mirrored]).reshape(len(train) + 2 * len(val), -1)
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.fit(features[: len(train)], labels[train])
-    plain, mirrored = features[len(train) : len(train) + len(val)], features[len(train) + len(val) :]
-    return float(model.score(plain, labels[val])), float(model.score(mirrored, labels[val]))
-
-
-def _downscaled(images: Callable[[np.ndarray], torch.Tensor], index: np.ndarray, mirror: bool = False, batch: int = 256) -> torch.Tensor:
-    """The images ``index`` at the pixel features' size, gathered a batch at a time: a few
-    thousand full-size images are never held at once."""
-    out = []
-    for start in range(0, len(index), batch):
-        chunk = images(index[start : start + batch])
-        chunk = chunk.flip(-1) if mirror else chunk
-        if chunk.shape[-1] > PIXEL_SIZE:
-            chunk = torch.nn.functional.adaptive_avg_pool2d(chunk.float(), PIXEL_SIZE).round_().to(torch.uint8)
-        out.append(chunk)
-    return torch.cat(out)
+    plain, flipped = features[len(train) : len(train) + len(val)], features[len(train) + len(val) :]
+    return float(model.score(plain, labels[val])), float(model.score(flipped, labels[val]))
 
 
 def flips_change_labels(plain: float, mirrored: float, chance: float) -> bool:

@@ -54,15 +54,22 @@ class PseudoLabels:
         return self.index[keep], self.labels[keep]
 
 
-def pixel_features(images: Images, size: int = PIXEL_SIZE) -> np.ndarray:
-    """uint8 ``(N, 3, S, S)`` images (a set on disk is read a batch at a time) -> standardised downscaled pixels, ``(N, 3 * size**2)``."""
+def downscaled_pixels(images: Images, size: int = PIXEL_SIZE) -> np.ndarray:
+    """uint8 ``(N, 3, S, S)`` images (a set on disk is read a batch at a time) -> float32
+    ``(N, 3, size, size)`` in [0, 1], averaged down to ``size`` when larger."""
     out = []
     for batch in image_batches(images, 1024):
         batch = batch.float().div_(255)
         if batch.shape[-1] > size:
             batch = torch.nn.functional.adaptive_avg_pool2d(batch, size)
-        out.append(batch.flatten(1).numpy())
-    features = np.concatenate(out) if out else np.zeros((0, 3 * size * size), np.float32)
+        out.append(batch.numpy())
+    return np.concatenate(out) if out else np.zeros((0, 3, size, size), np.float32)
+
+
+def pixel_features(images: Images, size: int = PIXEL_SIZE) -> np.ndarray:
+    """uint8 ``(N, 3, S, S)`` images -> standardised downscaled pixels, ``(N, 3 * size**2)``."""
+    pixels = downscaled_pixels(images, size)
+    features = pixels.reshape(len(pixels), -1)
     return (features - features.mean(0)) / (features.std(0) + 1e-6)
 
 

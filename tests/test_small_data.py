@@ -156,7 +156,7 @@ def labelled_colours(root: Path) -> Path:
 def test_mirror_images_tell_whether_flips_keep_labels(tmp_path):
     from autoft.baselines import flips_change_labels, mirror_accuracies
     from autoft import plugins
-    from autoft.data import prepare
+    from autoft.data import ImageTensors, prepare
 
     registry = plugins.registry()
     for folder, symmetric in ((_digit_folder(tmp_path / "digits", 30), False), (labelled_colours(tmp_path / "colours"), True)):
@@ -165,7 +165,7 @@ def test_mirror_images_tell_whether_flips_keep_labels(tmp_path):
         pool = torch.cat([data.train.images, data.val.images])
         labels = np.concatenate([data.train.labels.numpy(), data.val.labels.numpy()])
         split = (np.arange(len(data.train)), np.arange(len(data.train), len(labels)))
-        plain, mirrored = mirror_accuracies(lambda index: pool[torch.as_tensor(index)], labels, split)
+        plain, mirrored = mirror_accuracies(ImageTensors(pool, torch.as_tensor(labels)), labels, split)
         chance = np.bincount(labels).max() / len(labels)
         assert flips_change_labels(plain, mirrored, chance) is not symmetric, (folder.name, plain, mirrored)
 
