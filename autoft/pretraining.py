@@ -222,7 +222,8 @@ def read_result(out: Path, cached: bool = False) -> PretrainResult:
 class PretrainConfig:
     """How one pretraining stage runs. ``time_budget`` (seconds) caps the stage: after the
     first epoch the planned epochs shrink to what fits, and the stage stops after the batch
-    that reaches it; ``deadline`` (a ``time.monotonic()`` value) stops it after that batch too."""
+    that reaches it, one batch at least, so that it always leaves a checkpoint; ``deadline``
+    (a ``time.monotonic()`` value) is a hard end, checked before every batch, the first too."""
 
     method: str = "simclr"
     epochs: int = 50
@@ -432,8 +433,9 @@ class PretrainLoop:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.evaluation = evaluation_split(job.labelled, job.images, config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
-        budget_end = None if config.time_budget is None else time.monotonic() + config.time_budget
-        self.deadline = min((d for d in (config.deadline, budget_end) if d is not None), default=None)
+        self.budget_end = None if config.time_budget is None else time.monotonic() + config.time_budget
+        self.deadline = config.deadline
+        self.trained = False  # a batch has trained: from then on the time budget can end the stage
         job.work.mkdir(parents=True, exist_ok=True)
         self.saves = checkpoint_epochs(config.epochs, config.checkpoints)
         self.metrics = self._start_metrics()
@@ -474,7 +476,10 @@ class PretrainLoop:
     def _stop_reason(self) -> str | None:
         if stop_requested():
             return "interrupted"
-        if self.deadline is not None and time.monotonic() > self.deadline:
+        now = time.monotonic()
+        if self.deadline is not None and now > self.deadline:
+            return "deadline"
+        if self.trained and self.budget_end is not None and now > self.budget_end:
             return "deadline"
         return None
 
@@ -500,6 +505,7 @@ class PretrainLoop:
                 self.scheduler.step()
                 total += loss.item()
                 done += 1
+                self.trained = True
                 self._emit(BatchEnd(step=step + 1, steps=self.steps_per_epoch))
         if done == 0:
             return stopped  # nothing trained in this epoch: it does not count

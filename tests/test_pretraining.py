@@ -17,6 +17,7 @@ from autoft.data import DataSplits
 from autoft.pretraining import PRETRAINED_FORMAT, checkpoint_epochs, pretrain
 from autoft.backbones import build_backbone, load_weights
 from autoft.specs import PretrainerSpec
+from autoft.trainer import OutOfTime
 
 from conftest import COLOURS, make_image
 
@@ -141,10 +142,15 @@ def test_a_killed_stage_leaves_nothing_behind_once_the_next_one_starts(pool, cac
     assert not abandoned.exists() and alive.exists() and other.exists()
 
 
-def test_time_budget_shortens_the_plan(pool, tmp_path):
-    result = pretrain("test_resnet", pool, tmp_path, method="autoencoder", epochs=8, batch_size=32, time_budget=1e-3, device="cpu")
-    assert result.metrics["epochs_run"] == 1
+def test_a_spent_time_budget_still_trains_one_batch_and_leaves_a_checkpoint(pool, tmp_path):
+    result = pretrain("test_resnet", pool, tmp_path, method="autoencoder", epochs=8, batch_size=32, time_budget=0.0, device="cpu")
+    assert result.metrics["epochs_run"] == 1 and result.metrics["stopped"] == "deadline"
     assert [(c.epoch, c.fraction) for c in result.checkpoints] == [(1, 1.0)]
+
+
+def test_a_passed_deadline_stops_before_the_first_batch(pool, tmp_path):
+    with pytest.raises(OutOfTime, match="before its first batch"):
+        pretrain("test_resnet", pool, tmp_path, method="autoencoder", epochs=8, batch_size=32, deadline=time.monotonic() - 1, device="cpu")
 
 
 def test_checkpoint_epochs():
