@@ -531,6 +531,21 @@ def test_range_overrides_apply_to_base_and_strategy_parameters(tmp_path):
     assert space.defaults("l2sp", L2SP(), 6) == {"weight_decay": 0.01, "label_smoothing": 0.1, "augment": "crop-flip", "strategy": "l2sp", "regularizer": "none", "l2sp_alpha": 0.01}
 
 
+def test_a_regulariser_joining_after_the_space_was_described_is_searched():
+    """prepare() checks --range names (describing the space) before the unlabelled images are
+    ready; FixMatch joins the regularisers only then, and its trials must still build."""
+    from autoft_plugins.strategies import Freeze
+
+    space, strategies = SearchSpace(("freeze",)), {"freeze": Freeze()}
+    space.check_names(6, strategies)
+    space.regularizers = (*space.regularizers, "fixmatch")
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"regularizer": "fixmatch"})
+    params = space.suggest(study.ask(), strategies, n_groups=6)
+    assert params["regularizer"] == "fixmatch" and 0.7 <= params["fixmatch_threshold"] <= 0.98
+    assert "fixmatch_weight" in space.describe(6, strategies)
+
+
 @pytest.mark.parametrize("pair, message", [("lr", "NAME=LOW"), ("lr=a:b", "not a number"), ("lr=0:1:log", "log range"), ("lr=1:0", "above high")])
 def test_bad_ranges_are_user_errors(pair, message):
     with pytest.raises(AutoftError, match=message):

@@ -56,13 +56,16 @@ class SearchSpace:
         if chosen:
             self.regularizers = tuple(chosen)
 
-    def _regularizers(self) -> dict[str, Any]:
+    def _regularizer(self, name: str) -> Any:
+        """The regulariser plugin's object, made on first use: ``regularizers`` may grow after the
+        space is made (FixMatch joins once unlabelled images are ready)."""
         if self.regularizer_objects is None:
+            self.regularizer_objects = {}
+        if name not in self.regularizer_objects:
             from autoft import plugins
 
-            registry = plugins.registry()
-            self.regularizer_objects = {n: registry.regularizer(n).factory() for n in self.regularizers if n != NO_REGULARIZER}
-        return self.regularizer_objects
+            self.regularizer_objects[name] = plugins.registry().regularizer(name).factory()
+        return self.regularizer_objects[name]
 
     def suggest(self, trial, strategies: dict[str, Any], n_groups: int) -> dict[str, Any]:
         """Declare every parameter on ``trial`` (an Optuna trial or FixedTrial); return the values."""
@@ -83,7 +86,7 @@ class SearchSpace:
         params.update(strategies[params["strategy"]].suggest(ranged, n_groups))
         params["regularizer"] = ranged.suggest_categorical("regularizer", list(self.regularizers))
         if params["regularizer"] != NO_REGULARIZER:
-            params.update(self._regularizers()[params["regularizer"]].suggest(ranged))
+            params.update(self._regularizer(params["regularizer"]).suggest(ranged))
         return params
 
     def defaults(self, strategy_name: str, strategy, n_groups: int, base: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -92,7 +95,7 @@ class SearchSpace:
         if wanted.get("regularizer") not in self.regularizers:
             wanted["regularizer"] = self.regularizers[0]
         if wanted["regularizer"] != NO_REGULARIZER:
-            wanted.update(self._regularizers()[wanted["regularizer"]].default_params())
+            wanted.update(self._regularizer(wanted["regularizer"]).default_params())
         for name, options in self.choices.items():
             wanted.setdefault(name, options[0])
         return {k: v for k, v in wanted.items() if self.contains(k, v)}
@@ -124,8 +127,9 @@ class SearchSpace:
         used = self.overrides if overrides else {}
         for name in self.strategies:
             strategies[name].suggest(RangedTrial(recorder, used), n_groups)
-        for regularizer in self._regularizers().values():
-            regularizer.suggest(RangedTrial(recorder, used))
+        for name in self.regularizers:
+            if name != NO_REGULARIZER:
+                self._regularizer(name).suggest(RangedTrial(recorder, used))
         described = {}
         base = {**BASE_RANGES, **{k: {"choices": v} for k, v in BASE_CHOICES.items()}}
         for name, spec in {**base, **used}.items():
