@@ -499,11 +499,17 @@ def check_class_sizes(labels: np.ndarray, splits: np.ndarray | None, classes: Se
 # Augmentation and batching
 
 
-def train_augmentation(image_size: int, hflip: bool = True, scale: tuple[float, float] = (0.5, 1.0)) -> torch.nn.Module:
-    """Random resized crop and flip, per sample, on float batches in [0, 1] (kornia)."""
+def train_augmentation(image_size: int, hflip: bool = True, scale: tuple[float, float] = (0.5, 1.0), *, shift: bool = False) -> torch.nn.Module:
+    """Random resized crop and flip, per sample, on float batches in [0, 1] (kornia). ``shift``
+    crops at full size instead, from the image padded by an eighth of its side (reflected):
+    random shifts that keep all of a small object, as CIFAR recipes do."""
     import kornia.augmentation as K
 
-    steps: list[torch.nn.Module] = [K.RandomResizedCrop((image_size, image_size), scale=scale)]
+    if shift:
+        crop = K.RandomCrop((image_size, image_size), padding=max(1, image_size // 8), padding_mode="reflect")
+    else:
+        crop = K.RandomResizedCrop((image_size, image_size), scale=scale)
+    steps: list[torch.nn.Module] = [crop]
     if hflip:
         steps.append(K.RandomHorizontalFlip())
     return torch.nn.Sequential(*steps)

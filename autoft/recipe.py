@@ -19,7 +19,7 @@ from autoft import plugins
 from autoft.errors import AutoftError
 from autoft.lifecycle import PluginError, plugin_label
 
-AUGMENT_POLICIES = ("crop-flip", "randaugment", "trivialaugment", "none")
+AUGMENT_POLICIES = ("crop-flip", "shift", "randaugment", "trivialaugment", "none")
 NO_REGULARIZER = "none"
 
 
@@ -82,7 +82,8 @@ PARAMS: tuple[ParamDef, ...] = (
     ParamDef("weight_decay", float, 0.01, "AdamW weight decay.", 1e-6, 0.1, True, minimum=0.0),
     ParamDef("label_smoothing", float, 0.1, "Label smoothing of the cross-entropy.", 0.0, 0.3, minimum=0.0, maximum=1.0, open_max=True),
     ParamDef(
-        "augment", str, "crop-flip", "Augmentation: crop-flip (random resized crop and flip), randaugment, trivialaugment (kornia's, after crop-flip) or none.",
+        "augment", str, "crop-flip", "Augmentation: crop-flip (random resized crop and flip), shift (random shifts of up to an eighth of the side, and flip), "
+        "randaugment, trivialaugment (kornia's, after crop-flip) or none.",
         choices=AUGMENT_POLICIES,
     ),
     ParamDef(

@@ -112,9 +112,11 @@ class BatchStream:
 
 
 def build_augmentation(recipe: Recipe, image_size: int, hflip: bool) -> torch.nn.Module:
-    """The recipe's policy: crop and flip, then kornia's RandAugment or TrivialAugment; or nothing."""
+    """The recipe's policy: crop (or shift) and flip, then kornia's RandAugment or TrivialAugment; or nothing."""
     if recipe.augment == "none":
         return torch.nn.Identity()
+    if recipe.augment == "shift":
+        return train_augmentation(image_size, hflip, shift=True)
     crop_flip = train_augmentation(image_size, hflip)
     if recipe.augment == "crop-flip":
         return crop_flip

@@ -68,7 +68,7 @@ def _search(folder: Path, out: Path, trials: int):
 @pytest.fixture(scope="module")
 def searched(image_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("search")
-    result = _search(image_folder, out, trials=6)
+    result = _search(image_folder, out, trials=7)
     storage = open_storage(result.storage)
     first = {t.number: t for t in optuna.load_study(study_name=result.study_name, storage=storage).get_trials()}
     return result, first
@@ -81,7 +81,9 @@ def _trials(result) -> list[optuna.trial.FrozenTrial]:
 def test_study_holds_parameters_and_per_epoch_values(searched):
     result, trials = searched
     assert trials[0].params == {**default_params(), "freeze_depth": 0, "lr": 0.001}
-    assert trials[1].params["regularizer"] == "mixup" and trials[1].user_attrs["recipe"] == "portfolio"  # a strong, different recipe next
+    # then strong, different recipes: the default shifted instead of cropped, then with mixup
+    assert trials[1].params == {**trials[0].params, "augment": "shift"} and trials[1].user_attrs["recipe"] == "portfolio"
+    assert trials[2].params["regularizer"] == "mixup" and trials[2].user_attrs["recipe"] == "portfolio"
     assert trials[0].user_attrs["recipe"] == "default"
     ran = [t for t in trials.values() if t.state != TrialState.FAIL]
     for t in ran:
@@ -155,7 +157,7 @@ def test_report_holds_the_plots(searched):
 
 def test_rerun_adds_trials_and_loses_none(searched, image_folder):
     result, first = searched
-    again = _search(image_folder, result.out, trials=8)
+    again = _search(image_folder, result.out, trials=9)
     trials = {t.number: t for t in _trials(again)}
     for number, before in first.items():
         assert trials[number].state == before.state and trials[number].params == before.params and trials[number].value == before.value

@@ -309,7 +309,7 @@ def test_a_users_value_outside_a_range_is_a_user_error(faulty):
     with pytest.raises(AutoftError, match=r"dropout=1.0 is outside \[0.0, 1.0\)") as caught:
         resolve_recipe({"dropout": 1.0}, 6, faulty)
     assert not isinstance(caught.value, PluginError)
-    with pytest.raises(AutoftError, match="augment='sharpen' is not one of crop-flip, randaugment, trivialaugment, none"):
+    with pytest.raises(AutoftError, match="augment='sharpen' is not one of crop-flip, shift, randaugment, trivialaugment, none"):
         Recipe.from_params({"augment": "sharpen"})
 
 
@@ -411,7 +411,7 @@ def test_bss_penalises_the_smallest_singular_values():
     assert bss.loss_term(Ctx(), None, None, features).item() == pytest.approx(0.25)
 
 
-@pytest.mark.parametrize("policy", ["crop-flip", "randaugment", "trivialaugment", "none"])
+@pytest.mark.parametrize("policy", ["crop-flip", "shift", "randaugment", "trivialaugment", "none"])
 def test_augmentation_policies(policy):
     images = torch.rand(4, 3, 24, 24, generator=torch.Generator().manual_seed(0))
     augment = build_augmentation(Recipe(augment=policy, augment_magnitude=12), 24, hflip=True)
@@ -419,6 +419,18 @@ def test_augmentation_policies(policy):
     out = augment(images)
     assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
     assert torch.equal(out, images) == (policy == "none")
+
+
+def test_shift_moves_a_small_object_whole_and_unscaled():
+    images = torch.zeros(16, 3, 24, 24)
+    images[:, :, 9:15, 9:15] = 1.0  # a 6-px square in the middle: any shift of up to 3 px keeps all of it
+    torch.manual_seed(0)
+    out = build_augmentation(Recipe(augment="shift"), 24, hflip=False)(images)
+    assert out.shape == images.shape
+    assert torch.equal(out.sum(dim=(1, 2, 3)), images.sum(dim=(1, 2, 3)))  # nothing cut off, nothing resampled
+    assert set(out.unique().tolist()) == {0.0, 1.0}
+    corners = {tuple(torch.nonzero(image[0])[0].tolist()) for image in out}
+    assert len(corners) > 1 and all(6 <= row <= 12 and 6 <= col <= 12 for row, col in corners)  # moved, by at most 3 px
 
 
 def test_describing_a_backbone_needs_no_build(monkeypatch):
