@@ -1,4 +1,5 @@
-"""scikit-learn's digits as image folders, the way a user's data arrives, and the plain command on them.
+"""scikit-learn's digits (and its two sample photos, cut into tiles) as image folders, the way a
+user's data arrives, the simple baselines, and the plain command on them.
 
 Shared by ``budget.py`` and ``small_data.py``: a held-out test split that no search sees,
 ``N`` labelled images a class as ``DIR/<class>/*.png``, every other image flat in an
@@ -40,6 +41,10 @@ def write_digits(root: Path, per_class: int, *, size: int = 32, fmt: str = "png"
     rng = np.random.default_rng(seed)
     labelled = np.concatenate([rng.choice(rest[y[rest] == c], per_class, replace=False) for c in range(10)])
     unlabelled = np.setdiff1d(rest, labelled)
+    return _write(root, images, y, labelled, unlabelled, test, fmt)
+
+
+def _write(root: Path, images: list, y: np.ndarray, labelled: np.ndarray, unlabelled: np.ndarray, test: np.ndarray, fmt: str) -> DigitFolders:
     suffix = "jpg" if fmt == "jpeg" else fmt
 
     def save(index: int, folder: Path) -> Path:
@@ -60,12 +65,74 @@ def write_digits(root: Path, per_class: int, *, size: int = 32, fmt: str = "png"
     return DigitFolders(root / "labelled", root / "unlabelled", test_paths, y[test], pixels(labelled), y[labelled], pixels(test))
 
 
+def write_photo_patches(root: Path, per_class: int, *, size: int = 25, seed: int = 0, test_fraction: float = 0.3) -> DigitFolders:
+    """Real photos, not scans: scikit-learn's two sample photos (a temple, a flower) cut into
+    ``size``-px grayscale tiles, one class each (425 tiles a class at 25 px), in the same layout
+    as :func:`write_digits`. Logistic regression on their pixels scores about 0.71."""
+    from sklearn.datasets import load_sample_images
+    from sklearn.model_selection import train_test_split
+
+    tiles, labels = [], []
+    for label, photo in enumerate(load_sample_images().images):
+        gray = np.asarray(Image.fromarray(photo).convert("L"))
+        for top in range(0, gray.shape[0] - size + 1, size):
+            for left in range(0, gray.shape[1] - size + 1, size):
+                tiles.append(gray[top : top + size, left : left + size])
+                labels.append(label)
+    y = np.asarray(labels)
+    rest, test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=y)
+    rng = np.random.default_rng(seed)
+    labelled = np.concatenate([rng.choice(rest[y[rest] == c], per_class, replace=False) for c in range(2)])
+    unlabelled = np.setdiff1d(rest, labelled)
+    return _write(root, [Image.fromarray(tile) for tile in tiles], y, labelled, unlabelled, test, "png")
+
+
 def logistic_regression_accuracy(folders: DigitFolders) -> float:
     """The one-line baseline: scikit-learn's LogisticRegression on the labelled images' pixels."""
     from sklearn.linear_model import LogisticRegression
 
     model = LogisticRegression(max_iter=5000).fit(folders.train_pixels, folders.train_labels)
     return float(model.score(folders.test_pixels, folders.test_labels))
+
+
+def fixed_recipe_accuracy(folders: DigitFolders, backbone: str = "resnet18", *, epochs: int = 30, batch_size: int = 16, seed: int = 0) -> float:
+    """The other simple baseline: one fixed recipe, ``backbone`` from scratch for ``epochs`` epochs on the labelled images.
+
+    As one writes it without a search: AdamW (lr 1e-3, weight decay 0.05) on a cosine schedule,
+    label smoothing 0.1, random shifts of up to 4 px (no flips: they change digits), the last
+    epoch's model scored on the test images.
+    """
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    side = int(np.sqrt(folders.train_pixels.shape[1]))
+
+    def tensors(pixels: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(pixels).view(-1, 1, side, side).expand(-1, 3, -1, -1)
+        return (x - 0.5) / 0.25
+
+    x, y = tensors(folders.train_pixels), torch.from_numpy(folders.train_labels).long()
+    model = timm.create_model(backbone, pretrained=False, num_classes=int(y.max()) + 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    steps = epochs * -(-len(y) // batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for _ in range(epochs):
+        model.train()
+        for batch in torch.randperm(len(y)).split(batch_size):
+            padded = F.pad(x[batch], (4, 4, 4, 4), value=float(x.min()))
+            shifts = torch.randint(0, 9, (len(batch), 2)).tolist()
+            shifted = torch.stack([image[:, dy : dy + side, dx : dx + side] for image, (dx, dy) in zip(padded, shifts)])
+            loss = F.cross_entropy(model(shifted), y[batch], label_smoothing=0.1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    model.eval()
+    with torch.inference_mode():
+        predicted = torch.cat([model(part).argmax(1) for part in tensors(folders.test_pixels).split(256)])
+    return float((predicted.numpy() == folders.test_labels).mean())
 
 
 @dataclass
