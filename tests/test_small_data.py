@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
 
@@ -175,6 +176,8 @@ def test_a_search_on_digits_trains_without_flips(tmp_path):
     result = search("test_resnet", str(folder), tmp_path / "run", trials=1, epochs=1, image_size=16, device="cpu", batch_size=16, export_onnx=False, no_cv=True, ensemble=1)
     plan = json.loads((result.best_dir / "metrics.json").read_text())["plan"]
     assert plan["flips"] is False and "no flips" in plan["line"]
+    stored = optuna.load_study(study_name=result.study_name, storage=result.storage).user_attrs["plan"]
+    assert stored["flips"] is False and "no flips" in stored["line"]  # what the dashboard shows agrees
 
 
 def test_the_refit_learns_from_the_best_trials_models_only_when_they_label_better(semi_search):

@@ -104,6 +104,7 @@ def finish_preparing(session: Session) -> None:
     if session.data.hflip:
         _check_flips(session)
     _emit(config, PlanMade(session.plan.line(), session.plan.as_dict()))
+    session.study.set_user_attr("plan", session.plan.as_dict())  # for the dashboard: the plan as the data left it
     if session.unlabelled is not None:
         from autoft.searching.pretraining_stage import run_pretraining
 

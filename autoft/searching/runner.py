@@ -69,9 +69,9 @@ def search(backbone: str, data: Any, out: str | Path | None = None, **options: A
 
 def run_search(config: SearchConfig) -> SearchResult:
     session = prepare(config)
-    with stop_on_full_disk(session):  # a rerun on a disk still full: recovering trials writes to the storage
+    with stop_on_full_disk(session):  # a rerun on a disk still full: recovering trials and storing the plan write to the storage
         queued_again = open_study(session)
-    finish_preparing(session)
+        finish_preparing(session)
     for hook in config.pre_search:
         hook(session)
     try:
@@ -100,7 +100,6 @@ def open_study(session: Session) -> list[int]:
     seed = config.seed if not existing and config.storage is None else zlib.crc32(f"{config.seed}/{len(existing)}/{socket.gethostname()}/{time.time_ns()}".encode())
     study.sampler = make_sampler(config.sampler, seed)
     study.pruner = make_pruner(config.pruner, session.plan.evaluations, session.cross_validated)
-    study.set_user_attr("plan", session.plan.as_dict())
     if not existing:
         _enqueue_portfolio(session)
     return queued_again
