@@ -49,7 +49,7 @@ class SearchSpace:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     choices: dict[str, list[Any]] = field(default_factory=dict)
     regularizers: tuple[str, ...] = DEFAULT_REGULARIZERS
-    regularizer_objects: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    regularizer_objects: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # made on first use
 
     def __post_init__(self) -> None:
         chosen = self.overrides.get("regularizer", {}).get("choices")
@@ -59,8 +59,6 @@ class SearchSpace:
     def _regularizer(self, name: str) -> Any:
         """The regulariser plugin's object, made on first use: ``regularizers`` may grow after the
         space is made (FixMatch joins once unlabelled images are ready)."""
-        if self.regularizer_objects is None:
-            self.regularizer_objects = {}
         if name not in self.regularizer_objects:
             from autoft import plugins
 

@@ -125,7 +125,7 @@ def parallel_workers(session) -> Iterator[None]:
 
 def _spec(session, index: int, threads: int) -> WorkerSpec:
     config = session.config
-    space = dataclasses.replace(session.space, regularizer_objects=None)
+    space = dataclasses.replace(session.space, regularizer_objects={})
     worker_config = dataclasses.replace(
         config, out=session.out, storage=session.storage_url, study=session.study.study_name, weights=session.weights or "scratch",
         space=space, jobs=1, on_event=None, pre_search=(), sampler=config.sampler if isinstance(config.sampler, str) else "tpe",
