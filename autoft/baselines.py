@@ -72,7 +72,7 @@ def probe_baseline(
     return fit_and_score(np.asarray(embed(images), dtype=np.float64), labels, splits, num_classes, score, f"linear probe on {weights} features")
 
 
-def mirror_accuracies(pool: ImageTensors, labels: np.ndarray, split: Split, limit: int = 2000, seed: int = 0) -> tuple[float, float]:
+def mirror_accuracies(pool: ImageTensors, split: Split, limit: int = 2000, seed: int = 0) -> tuple[float, float]:
     """(accuracy on the validation images, accuracy on their mirror images) of logistic
     regression on the training images' pixels: whether a horizontal flip changes what an
     image shows (digits, text, charts), measured on the data. At most ``limit`` training
@@ -81,6 +81,7 @@ def mirror_accuracies(pool: ImageTensors, labels: np.ndarray, split: Split, limi
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    labels = pool.labels.numpy()
     rng = np.random.default_rng(seed)
     train, val = (rng.choice(part, min(len(part), n), replace=False) for part, n in ((split[0], limit), (split[1], limit // 2)))
     pixels = downscaled_pixels(pool.subset(np.concatenate([train, val])))

@@ -166,7 +166,7 @@ def test_mirror_images_tell_whether_flips_keep_labels(tmp_path):
         pool = torch.cat([data.train.images, data.val.images])
         labels = np.concatenate([data.train.labels.numpy(), data.val.labels.numpy()])
         split = (np.arange(len(data.train)), np.arange(len(data.train), len(labels)))
-        plain, mirrored = mirror_accuracies(ImageTensors(pool, torch.as_tensor(labels)), labels, split)
+        plain, mirrored = mirror_accuracies(ImageTensors(pool, torch.as_tensor(labels)), split)
         chance = np.bincount(labels).max() / len(labels)
         assert flips_change_labels(plain, mirrored, chance) is not symmetric, (folder.name, plain, mirrored)
 

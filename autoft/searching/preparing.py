@@ -129,9 +129,8 @@ def _check_flips(session: Session) -> None:
     from autoft.baselines import flips_change_labels, mirror_accuracies
     from autoft.searching.finishing import chance_level
 
-    labels = session.pool.labels.numpy()
-    plain, mirrored = mirror_accuracies(session.pool, labels, session.splits[0], seed=session.config.seed)
-    if flips_change_labels(plain, mirrored, chance_level(labels)):
+    plain, mirrored = mirror_accuracies(session.pool, session.splits[0], seed=session.config.seed)
+    if flips_change_labels(plain, mirrored, chance_level(session.pool.labels.numpy())):
         session.data.hflip = session.plan.flips = False
         session.plan.reasons.append(f"no flips: a pixel model read {plain:.2f} of images right and {mirrored:.2f} of their mirror images")
 
