@@ -33,18 +33,21 @@ class DigitFolders:
 
 def write_digits(root: Path, per_class: int, *, size: int = 32, fmt: str = "png", seed: int = 0, test_fraction: float = 0.3) -> DigitFolders:
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     x, y = load_digits(return_X_y=True)
     images = [Image.fromarray((row.reshape(8, 8) / 16 * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC) for row in x]
+    return _write(root, images, y, per_class, seed, test_fraction, fmt)
+
+
+def _write(root: Path, images: list, y: np.ndarray, per_class: int, seed: int, test_fraction: float, fmt: str) -> DigitFolders:
+    """A stratified held-out test split, ``per_class`` labelled images a class from the rest,
+    every other image unlabelled; written as folders."""
+    from sklearn.model_selection import train_test_split
+
     rest, test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=y)
     rng = np.random.default_rng(seed)
-    labelled = np.concatenate([rng.choice(rest[y[rest] == c], per_class, replace=False) for c in range(10)])
+    labelled = np.concatenate([rng.choice(rest[y[rest] == c], per_class, replace=False) for c in np.unique(y)])
     unlabelled = np.setdiff1d(rest, labelled)
-    return _write(root, images, y, labelled, unlabelled, test, fmt)
-
-
-def _write(root: Path, images: list, y: np.ndarray, labelled: np.ndarray, unlabelled: np.ndarray, test: np.ndarray, fmt: str) -> DigitFolders:
     suffix = "jpg" if fmt == "jpeg" else fmt
 
     def save(index: int, folder: Path) -> Path:
@@ -70,7 +73,6 @@ def write_photo_patches(root: Path, per_class: int, *, size: int = 25, seed: int
     ``size``-px grayscale tiles, one class each (425 tiles a class at 25 px), in the same layout
     as :func:`write_digits`. Logistic regression on their pixels scores about 0.71."""
     from sklearn.datasets import load_sample_images
-    from sklearn.model_selection import train_test_split
 
     tiles, labels = [], []
     for label, photo in enumerate(load_sample_images().images):
@@ -79,12 +81,7 @@ def write_photo_patches(root: Path, per_class: int, *, size: int = 25, seed: int
             for left in range(0, gray.shape[1] - size + 1, size):
                 tiles.append(gray[top : top + size, left : left + size])
                 labels.append(label)
-    y = np.asarray(labels)
-    rest, test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=y)
-    rng = np.random.default_rng(seed)
-    labelled = np.concatenate([rng.choice(rest[y[rest] == c], per_class, replace=False) for c in range(2)])
-    unlabelled = np.setdiff1d(rest, labelled)
-    return _write(root, [Image.fromarray(tile) for tile in tiles], y, labelled, unlabelled, test, "png")
+    return _write(root, [Image.fromarray(tile) for tile in tiles], np.asarray(labels), per_class, seed, test_fraction, "png")
 
 
 def logistic_regression_accuracy(folders: DigitFolders) -> float:
