@@ -1,4 +1,6 @@
-"""docs/plugins.md keeps up with the hooks and the specs, and its example plugins work."""
+"""The documentation: README.md is a landing page whose commands are the ones CI runs, the site in
+docs/ builds in strict mode (no broken link, anchor or page), and docs/plugins.md keeps up with the
+hooks and the specs, and its example plugins work."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -19,6 +22,7 @@ from autoft import hookspecs, specs
 from autoft.cli import make_app
 
 ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 GUIDE = ROOT / "docs" / "plugins.md"
 TESTS = Path(__file__).resolve().parent
 
@@ -28,6 +32,15 @@ DOCUMENTED_TYPES = [
     specs.StrategySpec, specs.TrainPlan, specs.RegularizerSpec, specs.MetricSpec, specs.PretrainerSpec,
 ]
 PROTOCOLS = [specs.Strategy, specs.TrainCallback, specs.Regularizer, specs.Pretrainer]
+
+# The README's two commands, word for word: CI runs the test command as written, and a newcomer
+# copies the quick start.
+QUICK_START = (
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && "
+    "autoft search --backbone test_resnet --data sample:digits --timeout 1m --out runs/digits"
+)
+TEST_COMMAND = "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[dev]' -e plugins/autoft-torchvision && pytest"
+README_MAX_LINES = 150
 
 
 def reference() -> str:
@@ -157,3 +170,65 @@ def test_the_guide_metric_regularizer_and_lp_ft_work_from_the_cli(tmp_path):
     study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'search' / 'study.db'}")
     assert all(t.params["strategy"] == "acme-lpft" and t.params["regularizer"] in ("none", "acme-mixup") for t in study.trials)
     assert json.loads((tmp_path / "search" / "best" / "metrics.json").read_text())["metric"] == "worst_class_recall"
+
+
+def bash_blocks(text: str) -> list[str]:
+    return [block.strip() for block in re.findall(r"^```bash\n(.*?)^```$", text, re.S | re.M)]
+
+
+def test_the_readme_gives_the_quick_start_and_the_test_command_that_ci_runs():
+    readme = README.read_text(encoding="utf-8")
+    assert QUICK_START in bash_blocks(readme) and TEST_COMMAND in bash_blocks(readme)
+    assert re.search(r"^```\nplan: .*\ndone: best .*\nbest model in runs/digits/best", readme, re.S | re.M), "the quick start's sample output"
+    assert TEST_COMMAND in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert "mkdocs build --strict" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    index = (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
+    assert QUICK_START in bash_blocks(index) and TEST_COMMAND in bash_blocks(index), "the site's home gives the same commands"
+
+
+def nav_pages() -> list[str]:
+    from mkdocs.config import load_config
+
+    def flatten(items):
+        for item in items:
+            value = next(iter(item.values())) if isinstance(item, dict) else item
+            yield from flatten(value) if isinstance(value, list) else [value]
+
+    return list(flatten(load_config(str(ROOT / "mkdocs.yml")).nav))
+
+
+def test_the_readme_is_a_short_landing_page_that_links_every_docs_page():
+    readme = README.read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= README_MAX_LINES
+    links = [link.split("#")[0] for link in re.findall(r"\]\(([^)\s]+)\)", readme) if "://" not in link]
+    assert not [link for link in links if not (ROOT / link).exists()], "README links to missing files"
+    assert not [page for page in nav_pages() if f"docs/{page}" not in links], "every page of the site is linked from the README"
+
+
+def build_site(config: Path, site: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config), "--site-dir", str(site)],
+        cwd=config.parent, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"}, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_the_site_builds_in_strict_mode_with_every_page_in_the_nav(tmp_path):
+    built = build_site(ROOT / "mkdocs.yml", tmp_path / "site")
+    assert built.returncode == 0, built.stderr[-4000:]
+    pages = nav_pages()
+    assert sorted(pages) == sorted(path.name for path in (ROOT / "docs").glob("*.md"))
+    for page in pages:
+        html = tmp_path / "site" / ("index.html" if page == "index.md" else f"{page.removesuffix('.md')}/index.html")
+        assert html.is_file(), page
+
+
+def test_a_broken_link_anchor_or_page_fails_the_strict_build(tmp_path):
+    """The validation settings are what make these fail: without them strict mode lets them through."""
+    shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
+    with (tmp_path / "docs" / "data.md").open("a", encoding="utf-8") as page:
+        page.write("\nSee [a page](nowhere.md) and [a heading](search.md#no-such-heading).\n")
+    (tmp_path / "docs" / "orphan.md").write_text("# Not in the nav\n", encoding="utf-8")
+    built = build_site(tmp_path / "mkdocs.yml", tmp_path / "site")
+    assert built.returncode != 0
+    assert "'nowhere.md'" in built.stderr and "'#no-such-heading'" in built.stderr and "orphan.md" in built.stderr, built.stderr[-4000:]
