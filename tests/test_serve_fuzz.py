@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-_spec = importlib.util.spec_from_file_location("serve_fuzz", Path(__file__).resolve().parents[1] / "benchmarks" / "serve_fuzz.py")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # serve_fuzz imports serve_load, beside it
+_spec = importlib.util.spec_from_file_location("serve_fuzz", BENCHMARKS / "serve_fuzz.py")
 serve_fuzz = sys.modules["serve_fuzz"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(serve_fuzz)
 
