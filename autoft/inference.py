@@ -25,6 +25,7 @@ LABELS_FILE = "labels.json"
 
 # onnxruntime logs provider failures at warning level; errors still surface as exceptions.
 _LOG_ERRORS_ONLY = 3
+PROBE_SEED = 0
 
 
 def cuda_usable() -> bool:
@@ -123,6 +124,21 @@ class OnnxClassifier:
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         return softmax(self.logits(pixels))
 
+    def probe(self) -> "OnnxClassifier":
+        """Run the model once on a probe batch; refuse it (:class:`AutoftError`) if its outputs
+        cannot be served: not finite, or not one score per class.
+
+        A model with a NaN weight loads and runs without complaint and answers NaN for every
+        image, so predict and serve check it before the first real image rather than print
+        NaN (which is not JSON) or report a broken server as ready.
+        """
+        logits = self.logits(probe_pixels(self.image_size))
+        if logits.ndim != 2 or logits.shape[1] != len(self.classes):
+            raise AutoftError(f"{self.path}: the model gives outputs of shape {list(logits.shape)}, but {len(self.classes)} classes are labelled; re-export it")
+        if not np.isfinite(logits).all():
+            raise AutoftError(f"{self.path}: {non_finite_reason(logits)} on a probe batch of black, grey, white and noise images; its weights are likely corrupt (NaN): retrain or re-export it")
+        return self
+
     def pixels(self, sources: Sequence[ImageSource]) -> np.ndarray:
         """Decode and resize images to the model's input; raises whatever PIL raises on a bad one."""
         return to_pixels([decode(source, self.image_size) for source in sources], self.image_size)
@@ -144,6 +160,19 @@ def to_pixels(images: Sequence[np.ndarray], size: int) -> np.ndarray:
     if not images:
         return np.empty((0, 3, size, size), dtype=np.float32)
     return np.stack(images).astype(np.float32) / np.float32(255)
+
+
+def probe_pixels(size: int) -> np.ndarray:
+    """Four images a working model must score finitely: black, mid-grey, white and uniform noise."""
+    noise = np.random.default_rng(PROBE_SEED).random((1, 3, size, size), dtype=np.float32)
+    plain = np.array([0.0, 0.5, 1.0], dtype=np.float32).reshape(3, 1, 1, 1) * np.ones((1, 3, size, size), dtype=np.float32)
+    return np.concatenate([plain, noise])
+
+
+def non_finite_reason(logits: np.ndarray) -> str:
+    """How many of a batch's outputs are NaN or infinite, in words."""
+    nan, inf = int(np.isnan(logits).sum()), int(np.isinf(logits).sum())
+    return f"the model's outputs are not finite ({nan} NaN and {inf} infinite of {logits.size})"
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 
 from autoft.data import decode_all, find_images, warn_left_out
 from autoft.errors import AutoftError
-from autoft.inference import OnnxClassifier, to_pixels
+from autoft.inference import OnnxClassifier, non_finite_reason, softmax, to_pixels
 
 
 # A prediction is "near-uniform" when its top probability is within this share of the way
@@ -63,7 +63,7 @@ def predict_iter(
     """Predictions in input order, a batch at a time; unreadable images are warned about and skipped."""
     if top_k < 1 or batch_size < 1:
         raise AutoftError("--top-k and --batch-size must be at least 1")
-    classifier = model if isinstance(model, OnnxClassifier) else OnnxClassifier.load(model, device)
+    classifier = (model if isinstance(model, OnnxClassifier) else OnnxClassifier.load(model, device)).probe()
     files = expand_paths(paths)
     top: list[np.ndarray] = []  # each image's top probability and class: enough to tell a degenerate model
     predicted: list[np.ndarray] = []
@@ -74,7 +74,11 @@ def predict_iter(
             warnings.warn(f"skipped {source}: {reason}", stacklevel=2)
         if not kept:
             continue
-        probabilities = classifier.probabilities(to_pixels(list(images.numpy()), classifier.image_size))
+        logits = classifier.logits(to_pixels(list(images.numpy()), classifier.image_size))
+        if not np.isfinite(logits).all():  # NaN is not JSON, and not a prediction
+            bad = [str(chunk[index]) for index, row in zip(kept, logits) if not np.isfinite(row).all()]
+            raise AutoftError(f"{non_finite_reason(logits)} for {len(bad)} image(s), first {bad[0]}; the model's weights are likely corrupt")
+        probabilities = softmax(logits)
         top.append(probabilities.max(axis=1))
         predicted.append(probabilities.argmax(axis=1))
         for index, labels in zip(kept, classifier.top_k(probabilities, top_k)):

@@ -79,10 +79,29 @@ def digits_onnx(digits_run: Path, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def nan_onnx(digits_onnx: Path, tmp_path_factory) -> Path:
+    """``digits_onnx`` with its classifier's weights set to NaN: it loads and runs, and answers NaN."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    out = tmp_path_factory.mktemp("nan_onnx") / "export"
+    shutil.copytree(digits_onnx, out)
+    model = onnx.load(str(out / "model.onnx"))
+    for weight in model.graph.initializer:
+        if len(weight.dims) == 2:  # the linear head: NaN reaches every logit with no activation to hide it
+            weight.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(weight), np.nan), weight.name))
+    onnx.save(model, str(out / "model.onnx"))
+    return out
+
+
 @pytest.fixture(scope="module")
 def live_app():
     """Start an ASGI app on uvicorn at 127.0.0.1 (a real socket, as clients reach it), in a
-    thread: ``address = live_app(app)``. The servers stop when the test module ends."""
+    thread: ``address = live_app(app, **uvicorn_options)``. The servers stop when the test module ends."""
     import socket
     import threading
     import time
@@ -91,11 +110,11 @@ def live_app():
 
     started = []
 
-    def start(app) -> str:
+    def start(app, **options) -> str:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **options))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         started.append((server, thread))

@@ -92,6 +92,26 @@ def test_cpu_provider_without_a_gpu_and_no_provider_noise(digits_onnx, digit_fol
     assert "Provider" not in run.stderr and "CUDA" not in run.stderr and "[E:" not in run.stderr and "[W:" not in run.stderr
 
 
+def test_a_model_with_nan_weights_is_refused_in_one_line_not_printed_as_nan(nan_onnx, digit_folder):
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("autoft")), "predict", str(nan_onnx), str(digit_folder / "more"), "--format", "json"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and run.stdout == ""
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in run.stderr
+    assert lines[0].startswith("error: ") and "not finite" in lines[0] and "probe batch" in lines[0]
+
+
+def test_non_finite_outputs_after_the_probe_are_refused_naming_the_image(digits_onnx, digit_folder):
+    classifier = OnnxClassifier.load(digits_onnx, device="cpu")
+    sound = classifier.logits
+    classifier.logits = lambda pixels: sound(pixels) if len(pixels) == 4 else np.full_like(sound(pixels), np.inf)  # the probe batch is 4 images
+    with pytest.raises(AutoftError, match=r"not finite \(0 NaN and 20 infinite of 20\) for 2 image\(s\), first .*\.png"):
+        predict(classifier, [digit_folder / "more"], batch_size=2)
+
+
 # ---------------------------------------------------------------------------
 # A model that has not learned is called out
 

@@ -6,10 +6,6 @@ import asyncio
 import base64
 import io
 import json
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import httpx
 import numpy as np
@@ -18,7 +14,7 @@ import tritonclient.http as triton
 from PIL import Image
 
 from autoft.inference import OnnxClassifier
-from autoft.serving import Batcher, ServeConfig, create_app
+from autoft.serving import Batcher, ServeConfig, create_app, uvicorn_options
 
 MAX_BODY = 256 * 1024
 MAX_IMAGES = 4
@@ -32,10 +28,10 @@ def classifier(digits_onnx):
 
 @pytest.fixture(scope="module")
 def server(classifier, live_app):
-    """A live uvicorn server on 127.0.0.1, in a thread; yields (address, app)."""
+    """A live uvicorn server on 127.0.0.1 as ``autoft serve`` runs it, in a thread; yields (address, app)."""
     config = ServeConfig(max_batch=8, max_delay_ms=30, max_body_bytes=MAX_BODY, max_images=MAX_IMAGES, max_image_pixels=MAX_PIXELS, max_queue=64)
     app = create_app(classifier, config)
-    return live_app(app), app
+    return live_app(app, **uvicorn_options(config)), app
 
 
 @pytest.fixture
@@ -259,129 +255,6 @@ def test_serve_binds_localhost_by_default():
 
 
 # ---------------------------------------------------------------------------
-# Load: the queue and the decoders are bounded
-
-
-def _slow(classifier: OnnxClassifier, seconds: float) -> OnnxClassifier:
-    slow = replace(classifier)
-
-    def logits(pixels):
-        time.sleep(seconds)
-        return classifier.logits(pixels)
-
-    slow.logits = logits
-    return slow
-
-
-def _wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-def test_a_full_queue_is_answered_503_with_retry_after(classifier, live_app, digits):
-    app = create_app(_slow(classifier, 1.5), ServeConfig(max_batch=1, max_delay_ms=0, max_images=1, max_queue=2))
-    url = f"http://{live_app(app)}{INFER}"
-    batcher = app.state.batcher
-    body = _valid_body(digits)
-    with ThreadPoolExecutor(2) as pool:
-        running = pool.submit(httpx.post, url, json=body, timeout=60)
-        _wait_for(lambda: batcher.admitted == 1)
-        waiting = pool.submit(httpx.post, url, json=body, timeout=60)
-        _wait_for(lambda: batcher.admitted == 2)
-        shed = httpx.post(url, json=body, timeout=60)
-        assert shed.status_code == 503, shed.text
-        assert shed.headers["retry-after"] == "1"
-        assert "--max-queue 2" in shed.json()["error"]
-        assert running.result().status_code == 200 and waiting.result().status_code == 200
-    assert batcher.admitted == 0
-    assert httpx.post(url, json=body, timeout=60).status_code == 200  # served again once drained
-
-
-def test_images_are_decoded_at_most_decode_workers_at_once(classifier, live_app, digits, monkeypatch):
-    from autoft import serving
-
-    decode, lock = serving.decode, threading.Lock()
-    active, peak = [0], [0]
-
-    def tracked(source, size):
-        with lock:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-        try:
-            time.sleep(0.2)
-            return decode(source, size)
-        finally:
-            with lock:
-                active[0] -= 1
-
-    monkeypatch.setattr(serving, "decode", tracked)
-    url = f"http://{live_app(create_app(classifier, ServeConfig(decode_workers=2)))}{INFER}"
-    with ThreadPoolExecutor(6) as pool:
-        replies = list(pool.map(lambda i: httpx.post(url, json=_images_body([_png(digits, i)]), timeout=60), range(6)))
-    assert [r.status_code for r in replies] == [200] * 6
-    assert peak[0] == 2
-
-
-def test_the_batcher_admits_rows_up_to_its_queue():
-    from autoft.serving import Overloaded
-
-    batcher = Batcher(lambda batch: batch, max_queue=3)
-    with batcher.admit(2):
-        with pytest.raises(Overloaded, match="--max-queue 3"):
-            with batcher.admit(2):
-                pass
-        with batcher.admit(1):
-            assert batcher.admitted == 3
-    assert batcher.admitted == 0
-
-
-@pytest.mark.parametrize(
-    "limits, message",
-    [
-        ({"max_images": 16, "max_queue": 8}, "--max-queue (8) must be at least --max-images (16)"),
-        ({"decode_workers": 0}, "--decode-workers must be at least 1"),
-        ({"max_images": 0}, "--max-images must be at least 1"),
-        ({"max_batch": 0}, "--max-batch must be at least 1"),
-    ],
-)
-def test_unusable_limits_are_refused(limits, message):
-    from autoft.errors import AutoftError
-
-    with pytest.raises(AutoftError) as caught:
-        ServeConfig(**limits).check()
-    assert message in str(caught.value)
-
-
-def test_serve_flags_set_the_limits_and_the_name(monkeypatch, digits_onnx):
-    from typer.testing import CliRunner
-
-    from autoft.cli import make_app
-
-    calls = []
-    monkeypatch.setattr("autoft.serving.serve", lambda model, config, **options: calls.append((model, config, options)))
-    flags = ["--max-images", "8", "--max-megapixels", "2.5", "--decode-workers", "3", "--max-queue", "99", "--max-connections", "7", "--max-body-mb", "1"]
-    result = CliRunner().invoke(make_app(), ["serve", str(digits_onnx), *flags, "--max-batch", "4", "--name", "photos"])
-    assert result.exit_code == 0, result.output
-    (model, config, options), = calls
-    assert config == ServeConfig(max_batch=4, max_body_bytes=2**20, max_images=8, max_image_pixels=2_500_000, decode_workers=3, max_queue=99, max_connections=7)
-    assert options["name"] == "photos" and model == str(digits_onnx)
-    assert CliRunner().invoke(make_app(), ["serve", str(digits_onnx)]).exit_code == 0
-    assert calls[-1][1] == ServeConfig()  # the flags' defaults are the library's
-
-
-def test_serve_refuses_limits_that_cannot_work_in_one_line(digits_onnx):
-    from typer.testing import CliRunner
-
-    from autoft.cli import make_app
-
-    result = CliRunner().invoke(make_app(), ["serve", str(digits_onnx), "--max-images", "8", "--max-queue", "4"])
-    assert result.exit_code == 2
-    assert [line for line in result.output.splitlines() if line.strip()] == ["error: --max-queue (4) must be at least --max-images (8), or no full request could be admitted"]
-
-
-# ---------------------------------------------------------------------------
 # The served name: the run's, recorded by the export
 
 
@@ -426,13 +299,15 @@ def test_export_triton_predict_and_serve_agree_on_the_study_name(tmp_path, digit
 def test_serve_name_overrides_the_recorded_one(monkeypatch, digits_onnx, live_app):
     from autoft.errors import AutoftError
     from autoft.serving import serve
+    from autoft.serving.server import GuardedConnection
 
     started = []
     monkeypatch.setattr("uvicorn.run", lambda app, **options: started.append((app, options)))
     serve(digits_onnx, name="photos", device="cpu")
     (app, options), = started
-    assert options["host"] == "127.0.0.1" and options["limit_concurrency"] == ServeConfig().max_connections
-    address = live_app(app)
+    assert options["host"] == "127.0.0.1" and options["limit_concurrency"] is None  # the app's queue sheds load, not uvicorn
+    assert options["timeout_keep_alive"] == ServeConfig().keep_alive_s and issubclass(options["http"], GuardedConnection)
+    address = live_app(app, **{k: v for k, v in options.items() if k not in ("host", "port", "log_level")})
     assert httpx.get(f"http://{address}/v2/models/photos/ready").status_code == 200
     assert httpx.get(f"http://{address}/v2/models/digits/ready").status_code == 404
     with pytest.raises(AutoftError, match="--name 'my model': use letters, digits"):

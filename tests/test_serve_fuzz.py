@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-_spec = importlib.util.spec_from_file_location("serve_fuzz", Path(__file__).resolve().parents[1] / "benchmarks" / "serve_fuzz.py")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # serve_fuzz imports serve_load, beside it
+_spec = importlib.util.spec_from_file_location("serve_fuzz", BENCHMARKS / "serve_fuzz.py")
 serve_fuzz = sys.modules["serve_fuzz"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(serve_fuzz)
 
@@ -38,3 +40,13 @@ def test_no_request_gets_a_5xx_stops_the_server_or_grows_its_memory(digits_onnx)
     }
     assert summary.after_attacks_rss_mib <= 1.5 * summary.idle_rss_mib
     assert summary.peak_rss_mib <= 1.5 * summary.idle_rss_mib
+
+
+def test_load_scenarios_answer_every_attempt_and_the_normal_client_within_a_second(digits_onnx):
+    overload, slowloris = serve_fuzz.run_load(digits_onnx, ["overload", "slowloris"], seconds=4, serve_args=("--max-queue", "64", "--header-timeout", "1"))
+    for result in (overload, slowloris):
+        serve_fuzz.report_load(result)  # shown with pytest -s
+        assert result.failures == []
+    assert overload.statuses["no answer"] == 0 and overload.statuses["200"] > 0 and overload.statuses["503 busy"] > 0
+    assert slowloris.statuses["200"] > 0 and max(slowloris.latencies["200"]) < 1.0
+    assert slowloris.closed_idle >= 64  # each idle connection closed after its second, and reopened

@@ -32,7 +32,7 @@ def predict_command(
     predictions = predict(model, paths, top_k=top_k, batch_size=batch_size, device=device)
     if format == "json":
         rows = [{"path": p.path, "predictions": [{"label": label, "probability": prob} for label, prob in p.labels]} for p in predictions]
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps(rows, indent=2, allow_nan=False))  # predict refuses non-finite outputs; NaN is not JSON
     elif format == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(["path", "rank", "label", "probability"])

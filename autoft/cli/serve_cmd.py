@@ -23,13 +23,15 @@ def serve_command(
     max_megapixels: Annotated[float, typer.Option(min=0.001, help="Largest image, width x height in millions of pixels, read from its header before decoding (413 beyond).")] = 40.0,
     decode_workers: Annotated[Optional[int], typer.Option(min=1, help=f"Images decoded at once. \\[default: {_DEFAULT_DECODERS}]")] = None,
     max_queue: Annotated[int, typer.Option(min=1, help="Most images being decoded or waiting for a batch; beyond it requests get 503 with Retry-After.")] = 256,
-    max_connections: Annotated[int, typer.Option(min=1, help="Most open connections; beyond them requests get 503.")] = 64,
+    max_connections: Annotated[int, typer.Option(min=1, help="Most open connections, a safety cap: beyond it the longest-idle connection is closed, or, if every one has a request in flight, the request gets 503.")] = 1000,
+    header_timeout: Annotated[float, typer.Option(min=0.001, help="Seconds a connection has to send a request's head, from opening or from its last answer; then it is closed.")] = 10.0,
+    keep_alive: Annotated[int, typer.Option(min=1, help="Seconds an idle kept-alive connection stays open.")] = 5,
     device: Annotated[str, typer.Option(help="auto (CUDA when a GPU is usable), cpu or cuda.")] = "auto",
 ) -> None:
     """Serve an exported model over HTTP (KServe v2 and POST /predict)."""
     from autoft.serving import ServeConfig, serve
 
-    limits = dict(max_images=max_images, max_image_pixels=int(max_megapixels * 1e6), max_queue=max_queue, max_connections=max_connections)
+    limits = dict(max_images=max_images, max_image_pixels=int(max_megapixels * 1e6), max_queue=max_queue, max_connections=max_connections, header_timeout_s=header_timeout, keep_alive_s=keep_alive)
     if decode_workers is not None:
         limits["decode_workers"] = decode_workers
     config = ServeConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_body_bytes=int(max_body_mb * 2**20), **limits)
