@@ -29,8 +29,9 @@ from autoft.testing.datasets import DatasetContract
 from autoft.testing.lifecycle import RegularizerContract, StrategyContract
 from autoft.testing.metrics import MetricContract
 from autoft.testing.pretrainers import PretrainerContract
+from autoft.testing.weights import WeightsContract
 
 __all__ = [
     "BackboneContract", "DatasetContract", "StrategyContract", "RegularizerContract", "MetricContract", "PretrainerContract",
-    "registry_with", "synthetic_splits",
+    "WeightsContract", "registry_with", "synthetic_splits",
 ]  # fmt: skip
