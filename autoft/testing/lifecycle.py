@@ -6,6 +6,7 @@ import abc
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
