@@ -43,8 +43,8 @@ def resolve_weights(weights: str | None, backbone: str, registry: plugins.Regist
         return weights, None
     registry = registry or plugins.registry()
     looked = []
-    for spec, provided in weights_plugins_for(backbone, registry):
-        found = where(spec, provided, registry)
+    for registered, provided in weights_plugins_for(backbone, registry):
+        spec, found = registered.spec, where(registered, provided)
         if found.available:
             what = f"{spec.trained_on} weights" if spec.trained_on else "pretrained weights"
             return plugin_weights(spec.name), f"starting {backbone} from {what} of plugin {spec.name} ({found.location})"
@@ -79,7 +79,7 @@ def parse_plugin_weights(weights: str | None) -> tuple[str, str | None] | None:
     return name, tag or None
 
 
-def weights_plugins_for(backbone: str, registry: plugins.Registry) -> list[tuple[WeightsSpec, str]]:
+def weights_plugins_for(backbone: str, registry: plugins.Registry) -> list[tuple[plugins.Registered[WeightsSpec], str]]:
     """The weights plugins with weights for ``backbone``, in load order, each with the name
     it gives the backbone (``timm:resnet18`` and ``resnet18`` are one backbone)."""
     target = _identity(backbone, registry)
@@ -87,7 +87,7 @@ def weights_plugins_for(backbone: str, registry: plugins.Registry) -> list[tuple
     for registered in registry.weights.values():
         provided = next((name for name in registered.spec.backbones if _identity(name, registry) == target), None)
         if target is not None and provided is not None:
-            found.append((registered.spec, provided))
+            found.append((registered, provided))
     return found
 
 
@@ -99,11 +99,11 @@ def _identity(backbone: str, registry: plugins.Registry) -> tuple[str, str] | No
     return source.name, model_name
 
 
-def where(spec: WeightsSpec, backbone: str, registry: plugins.Registry) -> PretrainedWeights:
+def where(registered: plugins.Registered[WeightsSpec], backbone: str) -> PretrainedWeights:
     """The plugin's own answer; a plugin without ``where`` is taken to have its weights at hand."""
-    origin = registry.describe_origin(spec, "weights")
+    spec = registered.spec
     if spec.where is None:
-        return PretrainedWeights(True, origin.split(" from ", 1)[-1])
+        return PretrainedWeights(True, registered.plugin.origin)
     try:
         found = spec.where(backbone)
     except Exception as exc:  # a plugin's bug must not stop a run that can start from other weights
@@ -119,7 +119,7 @@ def load_plugin_weights(backbone: Backbone, name: str, weights: str, registry: p
     source, tag = parse_plugin_weights(weights) or (weights, None)
     spec = registry.weights_source(source)
     origin = registry.describe_origin(spec, "weights")
-    provided = next((p for s, p in weights_plugins_for(name, registry) if s is spec), None)
+    provided = next((p for r, p in weights_plugins_for(name, registry) if r.spec is spec), None)
     if provided is None:
         raise AutoftError(f"{origin} has no weights for backbone {name!r} (it has {', '.join(spec.backbones) or 'none'})")
     if tag is not None and tag not in spec.tags:

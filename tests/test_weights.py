@@ -18,6 +18,14 @@ from autoft.weights import resolve_weights
 REVISION = "0" * 40
 
 
+@pytest.fixture(autouse=True)
+def fresh_default_manager():
+    """A command run with --plugins-dir sets the process's plugins; none leaks into the next test."""
+    plugins.set_default_plugin_manager(None)
+    yield
+    plugins.set_default_plugin_manager(None)
+
+
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch):
     """A Hugging Face cache folder of this test only: where timm looks for pretrained weights."""
@@ -141,6 +149,22 @@ def test_a_third_party_weights_plugin_is_what_auto_starts_from(tmp_path, hub_cac
     body = [k for k in state if not k.startswith("fc.")]
     assert all(torch.equal(built[k], state[k]) for k in body)
     assert built["fc.weight"].shape == (3, state["fc.weight"].shape[1])  # a fresh head for the task's classes
+
+
+def test_a_run_from_a_weights_plugin_keeps_its_name_in_the_checkpoint(tmp_path, class_folder):
+    """What --jobs workers and checkpoints carry is the plain string plugin:NAME."""
+    from autoft.checkpoints import load_checkpoint
+
+    folder, _ = zoo(tmp_path)
+    result = CliRunner().invoke(
+        make_app(),
+        ["--plugins-dir", str(folder), "train", "--backbone", "test_resnet", "--data", str(class_folder), "--weights", "plugin:zoo",
+         "--epochs", "1", "--image-size", "16", "--device", "cpu", "--out", str(tmp_path / "run")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["params"]["weights"] == "plugin:zoo"
+    without_the_plugin = plugins.build_registry(plugins.get_plugin_manager())
+    assert load_checkpoint(tmp_path / "run" / "model.pt", registry=without_the_plugin).meta["params"]["weights"] == "plugin:zoo"  # reloads without it
 
 
 def _missing(state):

@@ -85,7 +85,7 @@ class WeightsContract(_Contract):
 
         spec = self.spec(weights_under_test, registry)
         for backbone in spec.backbones:
-            providers = [s.name for s, _ in weights_plugins_for(backbone, registry)]
+            providers = [r.spec.name for r, _ in weights_plugins_for(backbone, registry)]
             assert spec.name in providers, f"--weights auto does not see {spec.name} as a source for {backbone}"
             weights, notice = resolve_weights("auto", backbone, registry)  # this plugin, or one loaded before it
             assert weights in {f"plugin:{name}" for name in providers} and weights.removeprefix("plugin:") in notice, (weights, notice)
