@@ -122,12 +122,12 @@ def load(backbone, tag):
 def autoft_register_weights(register):
     register(WeightsSpec(
         name="zoo", description="Our model zoo", backbones=("test_resnet",), load=load,
-        where=lambda backbone: PretrainedWeights(True, f"the zoo at {{FILE}}"),
+        where=lambda backbone: PretrainedWeights({available}, f"the zoo at {{FILE}}"),
     ))
 """
 
 
-def zoo(tmp_path, edit=lambda state: state):
+def zoo(tmp_path, edit=lambda state: state, available=True):
     """A plugins folder whose weights plugin serves test_resnet's ImageNet-shaped tensors from a file."""
     import timm
 
@@ -135,12 +135,13 @@ def zoo(tmp_path, edit=lambda state: state):
     state = edit(timm.create_model("test_resnet", num_classes=1000).state_dict())
     torch.save(state, tmp_path / "zoo.pt")
     (tmp_path / "plugins").mkdir()
-    (tmp_path / "plugins" / "zoo_weights.py").write_text(ZOO_PLUGIN.format(file=str(tmp_path / "zoo.pt")))
+    (tmp_path / "plugins" / "zoo_weights.py").write_text(ZOO_PLUGIN.format(file=str(tmp_path / "zoo.pt"), available=available))
     return tmp_path / "plugins", state
 
 
 def test_a_third_party_weights_plugin_is_what_auto_starts_from(tmp_path, hub_cache):
     folder, state = zoo(tmp_path)
+    _place(hub_cache, {k: torch.zeros_like(v) for k, v in state.items()})  # the source's own cache comes second
     registry = plugins.build_registry(plugins.get_plugin_manager(folder))
     weights, notice = resolve_weights("auto", "timm:test_resnet", registry)  # the same backbone by its full name
     assert weights == "plugin:zoo"
@@ -165,6 +166,14 @@ def test_a_run_from_a_weights_plugin_keeps_its_name_in_the_checkpoint(tmp_path, 
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["params"]["weights"] == "plugin:zoo"
     without_the_plugin = plugins.build_registry(plugins.get_plugin_manager())
     assert load_checkpoint(tmp_path / "run" / "model.pt", registry=without_the_plugin).meta["params"]["weights"] == "plugin:zoo"  # reloads without it
+
+
+def test_auto_passes_over_a_plugin_without_its_weights_at_hand_and_says_where_it_looked(tmp_path, hub_cache):
+    folder, _ = zoo(tmp_path, available=False)
+    registry = plugins.build_registry(plugins.get_plugin_manager(folder))
+    weights, notice = resolve_weights("auto", "test_resnet", registry)
+    assert weights is None
+    assert f"looked in plugin zoo: the zoo at {tmp_path / 'zoo.pt'}; {hub_cache / 'models--timm--test_resnet.r160_in1k'})" in notice
 
 
 def _missing(state):
