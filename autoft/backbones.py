@@ -10,20 +10,25 @@ import torch
 from autoft import plugins
 from autoft.errors import AutoftError
 from autoft.specs import Backbone, BackboneInfo
+from autoft.weights import load_plugin_weights, parse_plugin_weights
 
 
 def build_backbone(name: str, *, num_classes: int, dropout: float = 0.0, weights: str | None = None, registry: plugins.Registry | None = None) -> Backbone:
-    """Build backbone ``name`` through its plugin; ``weights`` is none, a file, or a source tag."""
+    """Build backbone ``name`` through its plugin; ``weights`` is none, a file, a source tag,
+    or ``plugin:NAME`` (a weights plugin's, see :mod:`autoft.weights`)."""
     registry = registry or plugins.registry()
     spec, model_name = registry.backbone(name)
     weights = None if weights in (None, "", "none", "scratch") else str(weights)
-    weights_file = Path(weights).expanduser() if weights and _looks_like_path(weights) else None
+    from_plugin = parse_plugin_weights(weights) is not None  # plugin:NAME, a weights plugin's
+    weights_file = Path(weights).expanduser() if weights and not from_plugin and _looks_like_path(weights) else None
     if weights_file is not None and not weights_file.is_file():
         raise AutoftError(f"weights file not found: {weights}")
-    backbone = spec.factory(model_name, num_classes=num_classes, dropout=dropout, weights=None if weights_file else weights)
+    backbone = spec.factory(model_name, num_classes=num_classes, dropout=dropout, weights=None if weights_file or from_plugin else weights)
     check_groups(backbone, name)
     if weights_file is not None:
         load_weights(backbone.model, weights_file)
+    if from_plugin:
+        load_plugin_weights(backbone, name, weights, registry)
     return backbone
 
 

@@ -138,7 +138,8 @@ OnEvent = Callable[[Event], None]
 
 @dataclass(frozen=True)
 class WeightsNotice(Event):
-    """``--weights auto`` fell back to random weights; ``text`` says where it looked and what to do."""
+    """What ``--weights auto`` chose: a weights plugin's, the source's pretrained weights, or
+    random ones; ``text`` says which (and for random ones, where it looked and what to do)."""
 
     text: str
 

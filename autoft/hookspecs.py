@@ -39,3 +39,8 @@ def autoft_register_regularizers(register):
 @hookspec
 def autoft_register_metrics(register):
     """Register validation metrics: ``register(MetricSpec(...))``."""
+
+
+@hookspec
+def autoft_register_weights(register):
+    """Register sources of pretrained weights for backbones: ``register(WeightsSpec(...))``."""

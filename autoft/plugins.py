@@ -29,7 +29,7 @@ import pluggy
 
 from autoft import hookspecs
 from autoft.errors import AutoftError
-from autoft.specs import BackboneSpec, DatasetSpec, MetricSpec, PretrainerSpec, RegularizerSpec, StrategySpec
+from autoft.specs import BackboneSpec, DatasetSpec, MetricSpec, PretrainerSpec, RegularizerSpec, StrategySpec, WeightsSpec
 
 ENTRY_POINT_GROUP = "autoft"
 BUILTIN_DISTRIBUTION = "autoft"
@@ -45,6 +45,7 @@ KINDS: dict[str, tuple[str, type]] = {
     "autoft_register_pretrainers": ("pretrainers", PretrainerSpec),
     "autoft_register_regularizers": ("regularizers", RegularizerSpec),
     "autoft_register_metrics": ("metrics", MetricSpec),
+    "autoft_register_weights": ("weights", WeightsSpec),
 }
 
 # registry attribute -> what the user calls one of its entries, in messages
@@ -55,6 +56,7 @@ KIND_NAMES: dict[str, str] = {
     "pretrainers": "pretraining method",
     "regularizers": "regulariser",
     "metrics": "metric",
+    "weights": "weights source",
 }
 
 
@@ -96,6 +98,7 @@ class Registry:
     pretrainers: dict[str, Registered[PretrainerSpec]] = field(default_factory=dict)
     regularizers: dict[str, Registered[RegularizerSpec]] = field(default_factory=dict)
     metrics: dict[str, Registered[MetricSpec]] = field(default_factory=dict)
+    weights: dict[str, Registered[WeightsSpec]] = field(default_factory=dict)
     # kind -> name -> every plugin that registered it, when more than one did
     conflicts: dict[str, dict[str, list[PluginInfo]]] = field(default_factory=dict)
 
@@ -131,6 +134,9 @@ class Registry:
 
     def metric(self, name: str) -> MetricSpec:
         return self._get("metrics", name)
+
+    def weights_source(self, name: str) -> WeightsSpec:
+        return self._get("weights", name)
 
     def backbone(self, name: str) -> tuple[BackboneSpec, str]:
         """Resolve ``SOURCE:MODEL`` or a bare model name to its source and model name."""

@@ -68,10 +68,12 @@ class BackboneInfo:
 @dataclass(frozen=True)
 class PretrainedWeights:
     """Whether a source's pretrained weights for a model are at hand (cached, or downloadable
-    now), and where the source reads them from: the notice names it when they are not."""
+    now), and where the source reads them from: ``--weights auto``'s line names it either way.
+    ``download`` says that getting them means downloading them to ``location`` first."""
 
     available: bool
     location: str
+    download: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,30 @@ class BackboneSpec:
     has_model: Callable[[str], bool]
     describe: Callable[[str], BackboneInfo] | None = None
     pretrained: Callable[[str], PretrainedWeights] | None = None
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """A source of pretrained weights for backbones that a backbone source builds: an
+    installed package, a local model zoo, a company's artifact store.
+
+    ``backbones`` names the backbones it has weights for, as ``--backbone`` takes them
+    (``tf_efficientnet_lite0``, ``acme:tinynet``); ``tags`` names variants besides the
+    default one. ``load(backbone, tag)`` returns a state dict in the built backbone's own
+    key names and shapes (``tag`` is ``None`` for the default); autoft checks it tensor by
+    tensor before loading; the classifier may be left out or have another width.
+    ``where(backbone)``, optional, returns :class:`PretrainedWeights`: whether the weights
+    are at hand now and where they come from, for the line ``--weights auto`` prints.
+    ``trained_on`` names the data they were trained on (``ImageNet``), for that line too.
+    """
+
+    name: str
+    description: str
+    backbones: tuple[str, ...]
+    load: Callable[[str, "str | None"], "dict[str, torch.Tensor]"]
+    where: Callable[[str], PretrainedWeights] | None = None
+    tags: tuple[str, ...] = ()
+    trained_on: str = ""
 
 
 # ---------------------------------------------------------------------------

@@ -7,10 +7,12 @@ import pytest
 
 import autoft_torchvision  # the example distribution: `pip install -e plugins/autoft-torchvision`
 from autoft import hookimpl
-from autoft.specs import BackboneSpec, ParamGroup, StrategySpec, TrainPlan
+from autoft.specs import BackboneSpec, ParamGroup, PretrainedWeights, StrategySpec, TrainPlan, WeightsSpec
 from autoft.backbones import build_backbone
 from autoft.lifecycle import PluginError
-from autoft.testing import BackboneContract, DatasetContract, MetricContract, PretrainerContract, RegularizerContract, StrategyContract, registry_with
+from autoft.testing import (
+    BackboneContract, DatasetContract, MetricContract, PretrainerContract, RegularizerContract, StrategyContract, WeightsContract, registry_with,
+)
 
 from conftest import COLOURS, make_image
 
@@ -75,6 +77,10 @@ class TestPretrainers(PretrainerContract):
     @pytest.fixture(params=["simclr", "autoencoder", "masked-autoencoder"])
     def pretrainer_under_test(self, request):
         return request.param
+
+
+class TestLiteWeights(WeightsContract):
+    weights_name = "lite"  # EfficientNet-Lite0/1/2 from their packages, installed with autoft's dev extra
 
 
 # ---------------------------------------------------------------------------
@@ -146,6 +152,16 @@ class Sloppy:
         register(StrategySpec("idle", "", UnfreezesAtZeroRate, api_version=2))
         register(StrategySpec("dict-plan", "", ReturnsADict, api_version=2))
 
+    @hookimpl
+    def autoft_register_weights(self, register):
+        def transposed(backbone, tag):  # a converter that forgot to transpose one linear layer
+            import timm
+
+            state = timm.create_model("test_resnet", num_classes=1000).state_dict()
+            return {**state, "fc.weight": state["fc.weight"].T, "layer4.0.conv2.weight": state["layer4.0.conv2.weight"][:, :1]}
+
+        register(WeightsSpec("misfit", "", ("test_resnet",), transposed, lambda backbone: PretrainedWeights(True, "here")))
+
 
 @pytest.fixture
 def sloppy_registry():
@@ -180,6 +196,11 @@ def test_the_kit_fails_a_strategy_whose_phase_is_lost_on_resume(sloppy_registry,
     with pytest.raises(AssertionError, match=r"resumed after epoch 1 of 3.*state_dict\(\) hold everything"):
         StrategyContract().test_state_survives_save_and_restore("forgetful", sloppy_registry, tmp_path)
     StrategyContract().test_parameters_it_unfreezes_later_train("forgetful", sloppy_registry)  # without a resume it trains fine
+
+
+def test_the_kit_fails_weights_that_do_not_fit_the_backbone(sloppy_registry):
+    with pytest.raises(AssertionError, match=r"load\('test_resnet', None\) does not fit the built backbone: tensor 'layer4.0.conv2.weight' has shape \(96, 1, 3, 3\), the model's is \(96, 96, 3, 3\)"):
+        WeightsContract().test_state_dict_has_the_backbones_keys_and_shapes("misfit", sloppy_registry)
 
 
 def test_the_kit_fails_parameters_unfrozen_later_that_never_train(sloppy_registry):

@@ -29,7 +29,8 @@ TESTS = Path(__file__).resolve().parent
 HOOKS = {name: fn for name, fn in vars(hookspecs).items() if name.startswith("autoft_") and callable(fn)}
 DOCUMENTED_TYPES = [
     specs.BackboneSpec, specs.BackboneInfo, specs.Backbone, specs.ParamGroup, specs.DatasetSpec, specs.LabelledImages,
-    specs.StrategySpec, specs.TrainPlan, specs.RegularizerSpec, specs.MetricSpec, specs.PretrainerSpec,
+    specs.StrategySpec, specs.TrainPlan, specs.RegularizerSpec, specs.MetricSpec, specs.PretrainerSpec, specs.WeightsSpec,
+    specs.PretrainedWeights,
 ]
 PROTOCOLS = [specs.Strategy, specs.TrainCallback, specs.Regularizer, specs.Pretrainer]
 
@@ -124,7 +125,7 @@ def test_the_guide_plugins_load_and_pass_their_contract_tests(tmp_path):
     assert not found["broken"] and not found["conflicts"]
     assert {(r["kind"], r["name"]) for r in found["plugins"] if r["package"] == str(plugins_dir)} == {
         ("backbone source", "acme"), ("dataset", "jsonl"), ("strategy", "bitfit"), ("strategy", "acme-lpft"),
-        ("regularizer", "acme-mixup"), ("metric", "worst_class_recall"), ("pretraining", "rotation"),
+        ("regularizer", "acme-mixup"), ("metric", "worst_class_recall"), ("pretraining", "rotation"), ("weights", "acme-zoo"),
     }
 
     env = {**os.environ, "AUTOFT_PLUGINS_DIR": str(plugins_dir), "AUTOFT_DISABLE_PLUGIN_AUTOLOAD": "1"}

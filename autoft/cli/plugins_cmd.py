@@ -14,7 +14,7 @@ from autoft.cli.common import guarded
 
 KIND_LABELS = {
     "backbones": "backbone source", "datasets": "dataset", "strategies": "strategy", "regularizers": "regularizer",
-    "metrics": "metric", "pretrainers": "pretraining",
+    "metrics": "metric", "pretrainers": "pretraining", "weights": "weights",
 }  # fmt: skip
 
 
@@ -26,9 +26,10 @@ def describe() -> dict:
     for kind, label in KIND_LABELS.items():
         for name, registered in getattr(reg, kind).items():
             info = registered.plugin
-            rows.append(
-                {"kind": label, "name": name, "description": registered.spec.description, "package": info.package, "version": info.version, "plugin": info.name}
-            )
+            row = {"kind": label, "name": name, "description": registered.spec.description, "package": info.package, "version": info.version, "plugin": info.name}
+            if kind == "weights":  # what a weights source has weights for
+                row["provides"] = {"backbones": list(registered.spec.backbones), "tags": list(registered.spec.tags)}
+            rows.append(row)
     conflicts = [
         {"kind": KIND_LABELS[kind], "name": name, "packages": [p.package for p in owners]}
         for kind, names in reg.conflicts.items()
@@ -39,7 +40,7 @@ def describe() -> dict:
 
 
 def plugins_command(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
-    """List every backbone source, dataset format, strategy and pretraining method."""
+    """List every backbone source, dataset format, strategy, pretraining method and weights source."""
     found = describe()
     if as_json:
         typer.echo(json.dumps(found, indent=2))
@@ -47,7 +48,8 @@ def plugins_command(as_json: Annotated[bool, typer.Option("--json", help="Print 
     out = Console()
     table = Table("kind", "name", "package", "entry point", "description")
     for row in found["plugins"]:
-        table.add_row(row["kind"], escape(row["name"]), escape(f"{row['package']} {row['version']}"), escape(row["plugin"]), escape(row["description"]))
+        description = row["description"] + (f" (for {', '.join(row['provides']['backbones'])})" if "provides" in row else "")
+        table.add_row(row["kind"], escape(row["name"]), escape(f"{row['package']} {row['version']}"), escape(row["plugin"]), escape(description))
     for row in found["conflicts"]:
         table.add_row(row["kind"], f"[red]{escape(row['name'])}[/red]", escape(" and ".join(row["packages"])), "", "[red]conflict: registered by more than one plugin, unusable[/red]")
     for row in found["broken"]:

@@ -119,7 +119,7 @@ def search_command(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     weights: Annotated[
         str,
-        typer.Option(metavar="auto|scratch|PATH|TAG", help="Starting weights for every trial: auto (the source's pretrained weights when at hand, else random, said out loud), scratch, a state-dict/.safetensors PATH, or a pretrained tag."),
+        typer.Option(metavar="auto|scratch|PATH|TAG", help="Starting weights for every trial: auto (a weights plugin's, else the source's pretrained weights when at hand, else random; said out loud), scratch, a state-dict/.safetensors PATH, a pretrained tag, or plugin:NAME (a weights plugin's)."),
     ] = "auto",
     unlabelled: Annotated[
         Optional[str],

@@ -54,7 +54,7 @@ def train_command(
     regularizer: Annotated[Optional[str], typer.Option(help=_recipe_help("regularizer"), show_default=False)] = None,
     param: Annotated[list[str], typer.Option(metavar="KEY=VALUE", help="A strategy or regulariser parameter, KEY=VALUE (e.g. l2sp_alpha=0.01). Repeatable.")] = [],
     metric: Annotated[str, typer.Option(help="Validation metric that picks the best epoch (see `autoft plugins`): accuracy, f1_macro, balanced_accuracy, top5_accuracy, log_loss.")] = "accuracy",
-    weights: Annotated[Optional[str], typer.Option(metavar="PATH|TAG", help="Starting weights: a state-dict/.safetensors PATH, or a pretrained tag the source can fetch. \\[default: random]")] = None,
+    weights: Annotated[Optional[str], typer.Option(metavar="PATH|TAG", help="Starting weights: a state-dict/.safetensors PATH, a pretrained tag the source can fetch, or plugin:NAME (a weights plugin's, see `autoft plugins`). \\[default: random]")] = None,
     image_size: Annotated[Optional[int], typer.Option(min=8, help="Training image size. \\[default: the dataset's or backbone's]")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Random seed; a CPU run with the same seed repeats exactly.")] = 0,

@@ -80,7 +80,7 @@ def pretrained(model_name: str) -> PretrainedWeights:
         location = str(Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name)
         if Path(location).is_file():
             return PretrainedWeights(True, location)
-    return PretrainedWeights(_hub_reachable(), location)
+    return PretrainedWeights(_hub_reachable(), location, download=True)
 
 
 def describe(model_name: str) -> BackboneInfo:
