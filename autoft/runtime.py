@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import signal
 import threading
@@ -102,3 +103,36 @@ def graceful_interrupts(on_first: Callable[[], None] = lambda: None) -> Iterator
     finally:
         signal.signal(signal.SIGINT, previous)
         _stop.clear()
+
+
+# ---------------------------------------------------------------------------
+# Processes and threads
+
+
+def resolve_jobs(jobs: int | str, device: torch.device) -> int:
+    """``auto``: one per GPU, one on a CPU."""
+    if jobs == "auto":
+        return max(1, torch.cuda.device_count()) if device.type == "cuda" else 1
+    return int(jobs)
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_job(jobs: int) -> int:
+    return max(1, cores() // jobs)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Intra-op threads of this process within the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

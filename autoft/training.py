@@ -8,7 +8,7 @@ loop) and :mod:`autoft.metrics`. This module keeps the names other code imports 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,15 +17,17 @@ import torch
 from autoft import plugins
 from autoft.backbones import build_backbone, describe_backbone, freeze_batchnorm, load_weights, read_state_dict  # noqa: F401 - public names
 from autoft.checkpoints import CHECKPOINT_NAME, LoadedModel, find_checkpoint, load_checkpoint, save_checkpoint  # noqa: F401
-from autoft.data import DataSplits, Normalize, load_data
+from autoft.data import DataSplits, Normalize
+from autoft.decoding import load_data
 from autoft.errors import AutoftError
 from autoft.events import BatchEnd, EpochEnd, Event
 from autoft.io import write_json
 from autoft.metrics import evaluate, metric_specs, test_metrics  # noqa: F401
-from autoft.recipe import Recipe, resolve_recipe
-from autoft.runtime import cosine_with_warmup, resolve_device, seed_everything  # noqa: F401
+from autoft.recipe import resolve_recipe
+from autoft.fitting import FitRequest, Fitted, fit as fit_request
+from autoft.runtime import as_device, cosine_with_warmup, resolve_device, seed_everything  # noqa: F401
 from autoft.specs import Backbone
-from autoft.trainer import FitResult, Trainer, TrainerConfig, fit  # noqa: F401
+from autoft.trainer import FitResult, Trainer, TrainerConfig  # noqa: F401
 
 
 def resolve_params(strategy_name: str, n_groups: int, given: dict[str, Any], registry: plugins.Registry | None = None) -> dict[str, Any]:
@@ -58,6 +60,7 @@ class TrainJob:
     image_size: int | None = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     on_event: Callable[[Event], None] | None = None
+    registry: plugins.Registry | None = None
 
 
 def train(
@@ -115,61 +118,47 @@ def _event_adapter(on_event, on_epoch, on_batch) -> Callable[[Event], None] | No
 
 
 # ---------------------------------------------------------------------------
-# prepare, run, finish
-
-
-@dataclass
-class _Prepared:
-    data: DataSplits
-    data_source: str | None
-    model: Backbone
-    recipe: Recipe
-    device: torch.device
+# prepare, fit, finish
 
 
 def run_train(job: TrainJob) -> TrainResult:
-    prepared = prepare_train(job)
-    trainer = Trainer(prepared.model, prepared.data, prepared.recipe, _with_device(job.trainer, prepared.device), on_event=job.on_event)
-    result = trainer.fit()
-    return finish_train(job, prepared, result)
+    request = prepare_train(job)
+    return finish_train(job, fit_request(request))
 
 
-def _with_device(config: TrainerConfig, device: torch.device) -> TrainerConfig:
-    return TrainerConfig(**{f.name: getattr(config, f.name) for f in fields(config)} | {"device": device})
-
-
-def prepare_train(job: TrainJob) -> _Prepared:
-    """Check names and the recipe before decoding any image; decode; build the backbone."""
-    registry = plugins.registry()
+def prepare_train(job: TrainJob) -> FitRequest:
+    """Check names and the recipe before decoding any image; decode; say what to fit."""
+    registry = job.registry or plugins.registry()
     if job.trainer.steps is None and job.trainer.epochs < 1:
         raise AutoftError("--epochs must be at least 1")
     metric_specs(job.trainer.metric, registry)  # an unknown metric fails before any work
     info = describe_backbone(job.backbone, registry)  # a bad backbone name fails here
     recipe = resolve_recipe(job.params, info.num_groups, registry)
     device = resolve_device(job.trainer.device) if isinstance(job.trainer.device, str) else job.trainer.device
-    data_source = job.data if isinstance(job.data, str) else None
     data = job.data
     if isinstance(data, str):
         data = load_data(data, image_size=job.image_size, default_size=info.input_size, seed=job.trainer.seed, registry=registry)
-    seed_everything(job.trainer.seed)  # weight initialisation draws from the global generator too
-    model = build_backbone(job.backbone, num_classes=data.num_classes, dropout=recipe.dropout, weights=job.weights, registry=registry)
-    return _Prepared(data=data, data_source=data_source, model=model, recipe=recipe, device=device)
+    build_backbone(job.backbone, num_classes=data.num_classes, weights=job.weights, registry=registry)  # a bad weights file fails before training
+    return FitRequest(
+        backbone=job.backbone, data=data, recipe=recipe, trainer=replace(job.trainer, device=device), registry=registry, weights=job.weights,
+        source=job.data if isinstance(job.data, str) else None, on_event=job.on_event,
+    )  # fmt: skip
 
 
-def finish_train(job: TrainJob, prepared: _Prepared, result: FitResult) -> TrainResult:
+def finish_train(job: TrainJob, fitted: Fitted) -> TrainResult:
     """Score the kept weights on the test split; write the checkpoint, metrics and labels."""
-    data, model, device, config = prepared.data, prepared.model, prepared.device, job.trainer
-    params = prepared.recipe.params()
+    request, result, model = fitted.request, fitted.result, fitted.backbone
+    data, config, device = request.data, request.trainer, as_device(request.trainer.device)
+    params = request.params
     if job.weights:
         params["weights"] = job.weights
     net = torch.nn.Sequential(Normalize(model.mean, model.std), model.model).to(device)
-    specs = metric_specs(config.metric)
     metrics: dict[str, Any] = {
         "backbone": job.backbone,
         "metric": config.metric,
         "best_epoch": result.best_epoch,
         **{f"val_{k}": v for k, v in result.val.items() if isinstance(v, float)},
-        **test_metrics(net, data, device, config.batch_size * 2, specs),
+        **test_metrics(net, data, device, config.batch_size * 2, metric_specs(config.metric, request.registry)),
         "num_train": len(data.train),
         "num_val": len(data.val),
         "num_test": len(data.test) if data.test is not None else 0,
@@ -180,11 +169,7 @@ def finish_train(job: TrainJob, prepared: _Prepared, result: FitResult) -> Train
     }
     checkpoint = None
     if job.out is not None:
-        checkpoint = save_checkpoint(
-            job.out / CHECKPOINT_NAME, backbone_name=job.backbone, backbone=model, classes=data.classes, image_size=data.image_size,
-            params=params, data=prepared.data_source, seed=config.seed,
-        )  # fmt: skip
+        checkpoint = fitted.save(job.out / CHECKPOINT_NAME, params)
         write_json(job.out / "metrics.json", metrics)
         write_json(job.out / "labels.json", data.classes)
     return TrainResult(out=job.out, checkpoint=checkpoint, metrics=metrics, params=params, classes=data.classes, history=result.history, backbone=model, stopped=result.stopped)
-

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from autoft.planning import DataShape, Overrides, Throughput, make_plan
 from autoft.searching.storage import counted_trials, open_storage
-from autoft.searching.workers import threads_per_job
+from autoft.runtime import threads_per_job
 from conftest import COLOURS, make_image
 
 STUDY = "jobs"

@@ -27,7 +27,7 @@ from autoft.errors import AutoftError
 from autoft.searching import SearchSpace, default_study_name, load_overrides, parse_duration, search
 from autoft.io import file_lock
 from autoft.searching.objective import CLEANUP_LOCK, STATE_NAME, retried_from, take_over_state
-from autoft.searching.runner import prune_trial_folders
+from autoft.searching.trials import prune_trial_folders
 from autoft.searching.storage import open_storage, recover_trials
 from autoft.events import EpochEnd, TrialEvent
 from autoft.recipe import default_params
@@ -464,16 +464,25 @@ def test_small_data_is_cross_validated_unless_told_not_to(image_folder, tmp_path
     assert single.plan["folds"] is None and len(_trials(single)[0].intermediate_values) == 1
 
 
-def test_time_budget_keeps_a_cut_trial_and_starts_no_other(image_folder, tmp_path):
-    sessions = []
+def test_time_budget_keeps_a_cut_trial_and_starts_no_other(image_folder, tmp_path, monkeypatch):
+    import types
+
+    import autoft.budget
+    import autoft.trainer
+
+    jumped = [0.0]
+    clock = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
+    clock.monotonic = lambda: time.monotonic() + jumped[0]
+    monkeypatch.setattr(autoft.budget, "time", clock)
+    monkeypatch.setattr(autoft.trainer, "time", clock)
 
     def out_of_time_after_first_epoch(event):
         if isinstance(event, TrialEvent) and isinstance(event.event, EpochEnd):
-            sessions[0].deadline = 0.0  # as if --timeout ran out now
+            jumped[0] = 7200.0  # as if the hour of --timeout ran out long ago, its slack for a refit too
 
     result = search(
         "test_resnet", str(image_folder), tmp_path, trials=2, epochs=3, image_size=16, device="cpu", batch_size=16, export_onnx=False, no_cv=True,
-        pre_search=[sessions.append], on_event=out_of_time_after_first_epoch,
+        timeout="1h", on_event=out_of_time_after_first_epoch,
     )
     (cut,) = [t for t in _trials(result) if t.state != TrialState.WAITING]  # the queued second trial never started: no time was left for it
     assert cut.state == TrialState.COMPLETE and len(cut.intermediate_values) == 1 and "after 1 of 3 evaluations" in cut.user_attrs["cut_short"]
@@ -570,7 +579,7 @@ def test_study_names_come_from_backbone_and_data():
 
 
 def test_a_slow_report_is_refreshed_less_often_than_every_trial(image_folder, tmp_path, monkeypatch):
-    from autoft.searching import runner
+    from autoft.searching import runner, trials
 
     written = []
 
@@ -579,6 +588,7 @@ def test_a_slow_report_is_refreshed_less_often_than_every_trial(image_folder, tm
         written.append(metrics is not None)
 
     monkeypatch.setattr(runner, "write_report_quietly", slow_report)
+    monkeypatch.setattr(trials, "write_report_quietly", slow_report)
     search("test_resnet", str(image_folder), tmp_path, trials=6, epochs=1, image_size=16, device="cpu", batch_size=16, export_onnx=False, no_cv=True, ensemble=1)
     between = written[:-1]
     assert written[-1] is True  # the whole report at the end, with the final metrics

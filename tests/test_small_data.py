@@ -40,7 +40,7 @@ def semi_search(labelled_and_unlabelled, tmp_path_factory):
 
 def test_pseudo_labels_train_only_the_most_confident_unlabelled_images(semi_search):
     _, session = semi_search
-    train_index = session.splits[0][0]
+    train_index = session.ctx.splits[0][0]
     plain = session.fit_data(0, {"pseudo_labels": "none"})
     half = session.fit_data(0, {"pseudo_labels": "propagate", "pseudo_fraction": 0.5})
     assert len(plain.train) == len(train_index)
@@ -48,22 +48,22 @@ def test_pseudo_labels_train_only_the_most_confident_unlabelled_images(semi_sear
     pseudo = session.pseudo(0, train_index)
     added = half.train.images[len(train_index) :]
     kept = np.argsort(-pseudo.confidence, kind="stable")[:15]
-    assert torch.equal(added, session.unlabelled[torch.as_tensor(np.sort(pseudo.index[kept]))])
+    assert torch.equal(added, session.ctx.unlabelled[torch.as_tensor(np.sort(pseudo.index[kept]))])
     assert pseudo.confidence[kept].min() >= np.delete(pseudo.confidence, kept).max()
     assert (half.train.labels[len(train_index) :].numpy() == pseudo.labels[np.sort(kept)]).all()
 
 
 def test_pseudo_labels_never_see_the_validation_labels(semi_search):
     _, session = semi_search
-    train_index, val_index = session.splits[0]
-    original = session.pool.labels.clone()
-    session.pool.labels[torch.as_tensor(val_index)] = (original[torch.as_tensor(val_index)] + 1) % 3  # scramble what must not matter
+    train_index, val_index = session.ctx.splits[0]
+    original = session.ctx.pool.labels.clone()
+    session.ctx.pool.labels[torch.as_tensor(val_index)] = (original[torch.as_tensor(val_index)] + 1) % 3  # scramble what must not matter
     try:
-        session._pseudo.pop(0, None)
+        session.state.pseudo.pop(0, None)
         scrambled = session.pseudo(0, train_index)
     finally:
-        session.pool.labels.copy_(original)
-        session._pseudo.pop(0, None)
+        session.ctx.pool.labels.copy_(original)
+        session.state.pseudo.pop(0, None)
     assert (scrambled.labels == session.pseudo(0, train_index).labels).all()
 
 
@@ -92,9 +92,9 @@ def test_a_search_over_a_pool_on_disk_never_reads_it_whole(labelled_and_unlabell
         pretrain="autoencoder", image_size=16, device="cpu", export_onnx=False, ensemble=1, pre_search=[sessions.append],
     )  # fmt: skip
     session = sessions[0]
-    assert session.pool.on_disk and result.report.is_file() and session.baselines
+    assert session.ctx.pool.on_disk and result.report.is_file() and session.ctx.baselines
     data = session.fit_data(0, {"pseudo_labels": "propagate", "pseudo_fraction": 0.5})  # on disk, joined with pseudo-labelled images in memory
-    assert data.train.on_disk and len(data.train) == len(session.splits[0][0]) + 15
+    assert data.train.on_disk and len(data.train) == len(session.ctx.splits[0][0]) + 15
     Trainer(build_backbone("test_resnet", num_classes=3), data, {"strategy": "full"}, TrainerConfig(epochs=1, batch_size=8, device="cpu")).fit()
     assert whole_reads == []  # (before: the pool and the pseudo-labels' training split, every report, the pretraining pool)
 
@@ -157,7 +157,8 @@ def labelled_colours(root: Path) -> Path:
 def test_mirror_images_tell_whether_flips_keep_labels(tmp_path):
     from autoft.baselines import flips_change_labels, mirror_accuracies
     from autoft import plugins
-    from autoft.data import ImageTensors, prepare
+    from autoft.data import ImageTensors
+    from autoft.decoding import prepare
 
     registry = plugins.registry()
     for folder, symmetric in ((_digit_folder(tmp_path / "digits", 30), False), (labelled_colours(tmp_path / "colours"), True)):
@@ -189,12 +190,12 @@ def test_the_refit_learns_from_the_best_trials_models_only_when_they_label_bette
 
     result, session = semi_search
     best = SimpleNamespace(number=result.best_number, params={**result.best_params, "pseudo_labels": "propagate", "pseudo_fraction": 1.0})
-    everything = np.arange(len(session.pool))
+    everything = np.arange(len(session.ctx.pool))
     propagated = session.pseudo(None, everything)
     wrong = (propagated.labels + 1) % 3  # what the trial's models say: unlike propagation, to tell them apart
-    path = session.trial_dir(best.number) / TEACHER_NAME
+    path = session.ctx.trial_dir(best.number) / TEACHER_NAME
     saved = path.read_bytes() if path.is_file() else None
-    save_array(session.trial_dir(best.number) / TEACHER_NAME, np.eye(3)[wrong] * 0.9 + 0.1 / 3)
+    save_array(session.ctx.trial_dir(best.number) / TEACHER_NAME, np.eye(3)[wrong] * 0.9 + 0.1 / 3)
     try:
         session.teach_refit(PseudoLabels(propagated.index, propagated.labels, propagated.confidence, score=1.01))  # propagation labels better
         assert self_training(session, best) is None
@@ -210,14 +211,14 @@ def test_the_refit_learns_from_the_best_trials_models_only_when_they_label_bette
         path.unlink()
         if saved is not None:
             path.write_bytes(saved)
-        session._pseudo.pop(-1, None)
+        session.state.pseudo.pop(-1, None)
 
 
 def test_a_trial_on_pseudo_labels_keeps_its_models_probabilities_for_the_unlabelled_images(semi_search):
     from autoft.searching.objective import load_teacher
 
     result, session = semi_search
-    folder = session.trial_dir(result.best_number)
+    folder = session.ctx.trial_dir(result.best_number)
     teacher = load_teacher(folder)
     if result.best_params.get("pseudo_labels") == "propagate":
         assert teacher is not None and teacher.shape == (30, 3) and np.allclose(teacher.sum(1), 1, atol=1e-4)

@@ -22,7 +22,8 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from autoft.checkpoints import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from autoft.budget import Budget
+from autoft.checkpoints import CHECKPOINT_NAME, load_checkpoint
 from autoft.ensemble import EnsembleChoice, greedy_selection
 from autoft.errors import AutoftError
 from autoft.events import Export, Refit
@@ -69,13 +70,13 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 def selection_evidence(session: Session, best: optuna.trial.FrozenTrial) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """(pool indices, probabilities by trial) on the images the best trial was scored on,
     for every completed trial that predicted all of them."""
-    own = load_predictions(session.trial_dir(best.number))
+    own = load_predictions(session.ctx.trial_dir(best.number))
     if own is None:
         return np.zeros(0, np.int64), {}
     index, _ = own
     found = {}
     for trial in session.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        saved = load_predictions(session.trial_dir(trial.number))
+        saved = load_predictions(session.ctx.trial_dir(trial.number))
         if saved is not None and np.array_equal(saved[0], index):
             found[trial.number] = saved[1]
     return index, found
@@ -84,13 +85,13 @@ def selection_evidence(session: Session, best: optuna.trial.FrozenTrial) -> tupl
 def choose_members(session: Session, best: optuna.trial.FrozenTrial) -> tuple[dict[int, float], EnsembleChoice | None]:
     """{trial: weight}: the best trial alone, or an ensemble that beats it on the same evidence."""
     index, predictions = selection_evidence(session, best)
-    if session.config.ensemble < 2 or len(predictions) < 2:
+    if session.ctx.config.ensemble < 2 or len(predictions) < 2:
         return {best.number: 1.0}, None
-    labels = session.pool.labels.numpy()[index]
-    spec = session.registry.metric(session.config.metric)
+    labels = session.ctx.pool.labels.numpy()[index]
+    spec = session.ctx.registry.metric(session.ctx.config.metric)
     sign = 1.0 if spec.greater_is_better else -1.0  # selection maximises; log loss is minimised
-    score = lambda y, p: sign * metric_score(spec, y, p, session.registry)
-    choice = greedy_selection(predictions, labels, score, max_members=session.config.ensemble)
+    score = lambda y, p: sign * metric_score(spec, y, p, session.ctx.registry)
+    choice = greedy_selection(predictions, labels, score, max_members=session.ctx.config.ensemble)
     wins = len(choice.weights) > 1 and choice.gain > ENSEMBLE_MARGIN
     choice = dataclasses.replace(choice, value=sign * choice.value, single_value=sign * choice.single_value)  # the metric's own sign again
     if not wins:
@@ -100,9 +101,9 @@ def choose_members(session: Session, best: optuna.trial.FrozenTrial) -> tuple[di
 
 def build_final(session: Session, best: optuna.trial.FrozenTrial) -> FinalModel:
     members, choice = choose_members(session, best)
-    taught = self_training(session, best) if session.config.refit else None
+    taught = self_training(session, best) if session.ctx.config.refit else None
     trials = {t.number: t for t in session.study.get_trials(deepcopy=False)}
-    work = session.out / "refit"
+    work = session.ctx.out / "refit"
     work.mkdir(parents=True, exist_ok=True)
     built: list[tuple[int, Path, float]] = []
     refit: dict[str, Any] | None = None
@@ -129,14 +130,14 @@ def self_training(session: Session, best: optuna.trial.FrozenTrial) -> str | Non
     self-training, one round (Xie et al. 2020, "Self-training with Noisy Student"). The refit
     keeps the trial's share of the surest labels, and every label the teacher gives over half
     its probability (:data:`SURE_PROBABILITY`). Returns the note that says so, or None."""
-    if session.unlabelled is None or best.params.get("pseudo_labels") != "propagate":
+    if session.ctx.unlabelled is None or best.params.get("pseudo_labels") != "propagate":
         return None
-    teacher, own = load_teacher(session.trial_dir(best.number)), load_predictions(session.trial_dir(best.number))
-    if teacher is None or own is None or len(teacher) != len(session.unlabelled):
+    teacher, own = load_teacher(session.ctx.trial_dir(best.number)), load_predictions(session.ctx.trial_dir(best.number))
+    if teacher is None or own is None or len(teacher) != len(session.ctx.unlabelled):
         return None
     index, probabilities = own  # the best trial's held-out predictions: no other trial's are needed
-    taught = float((probabilities.argmax(1) == session.pool.labels.numpy()[index]).mean())
-    propagated = session.pseudo(None, np.arange(len(session.pool)))
+    taught = float((probabilities.argmax(1) == session.ctx.pool.labels.numpy()[index]).mean())
+    propagated = session.pseudo(None, np.arange(len(session.ctx.pool)))
     if propagated.score is None or taught <= propagated.score:
         return None
     session.teach_refit(PseudoLabels(index=np.arange(len(teacher)), labels=teacher.argmax(1).astype(np.int64), confidence=teacher.max(1), features=f"trial {best.number}",
@@ -151,46 +152,49 @@ def _member(session: Session, trial: optuna.trial.FrozenTrial, path: Path, first
     The first member (the best trial) gets what time is left, cut short if need be; a
     further ensemble member is trained only when its whole refit still fits.
     """
-    own = session.trial_dir(trial.number) / CHECKPOINT_NAME
-    if not session.config.refit and own.is_file():
+    own = session.ctx.trial_dir(trial.number) / CHECKPOINT_NAME
+    if not session.ctx.config.refit and own.is_file():
         return own, {}
     steps = _refit_steps(session, trial, whole=not first)
     if steps is None and not first:
         return None, {}
     if steps is None:
         return (own, {"note": "no time left to refit on every image: the best trial's own weights are kept"}) if own.is_file() else (None, {})
-    session.emit(Refit(number=trial.number, steps=steps, images=len(session.pool)))
-    objective = Objective(session)
-    split = None if session.config.refit else 0
+    session.emit(Refit(number=trial.number, steps=steps, images=len(session.ctx.pool)))
+    split = None if session.ctx.config.refit else 0
     try:
-        slack = REFIT_SLACK * session.config.seconds if session.config.seconds else 0.0
-        deadline = None if session.deadline is None else session.deadline + slack
-        result, backbone = objective.fit(dict(trial.params), split, number=trial.number, steps=steps, eval_every=steps, deadline=deadline)
+        fitted = Objective(session).fit(dict(trial.params), split, number=trial.number, steps=steps, eval_every=steps, budget=refit_budget(session))
     except OutOfTime:
         return (own, {"note": "the refit ran out of time: the best trial's own weights are kept"}) if own.is_file() else (None, {})
     images = session.fit_size(split, dict(trial.params))
-    save_checkpoint(path, backbone_name=session.config.backbone, backbone=backbone, classes=session.data.classes, image_size=session.data.image_size,
-                    params=dict(trial.params), data=session.data_source, seed=session.config.seed)  # fmt: skip
-    return path, {"refit": {"images": images, "labelled": len(session.pool) if split is None else len(session.splits[0][0]), "steps": result.history[-1]["step"]}}
+    fitted.save(path, dict(trial.params))
+    return path, {"refit": {"images": images, "labelled": len(session.ctx.pool) if split is None else len(session.ctx.splits[0][0]), "steps": fitted.steps}}
+
+
+def refit_budget(session: Session) -> Budget:
+    """What is left of the search's budget, and :data:`REFIT_SLACK` of it past its end: a short
+    refit that overruns a little beats shipping nothing."""
+    budget = session.ctx.budget
+    return budget.extended(REFIT_SLACK * budget.seconds) if budget.bounded else budget
 
 
 def _refit_steps(session: Session, trial: optuna.trial.FrozenTrial, whole: bool) -> int | None:
     """The steps at which the trial peaked, scaled from its training set to the refit's, cut
     to what the time left can train; None when too little is left (``whole``: for all of them)."""
-    plan, params = session.plan, dict(trial.params)
+    plan, params = session.ctx.plan, dict(trial.params)
     peak = int(trial.user_attrs.get("best_step") or plan.steps)
-    if session.config.refit:  # as many passes over the larger set as the trial peaked at
+    if session.ctx.config.refit:  # as many passes over the larger set as the trial peaked at
         ratio = session.fit_size(None, params) / max(session.fit_size(0, params), 1)
         peak = max(plan.eval_every, round(peak * ratio))
-        if trial.user_attrs.get("peaked_at_end") and not session.config.epochs:
+        if trial.user_attrs.get("peaked_at_end") and not session.ctx.config.epochs:
             peak *= UNDERTRAINED_FACTOR  # still improving when its trial ended: the time kept for the refit lets it go on
-    left = session.time_left()
+    left = session.ctx.budget.left()
     if left is None:
         return peak
     if whole:
         return peak if left - BUILD_SECONDS >= peak * session.seconds_per_step() else None
-    if left < MIN_REFIT_SECONDS and session.config.seconds:
-        left += REFIT_SLACK * session.config.seconds  # the bound's 5%: a short refit beats shipping nothing
+    if left < MIN_REFIT_SECONDS and session.ctx.config.seconds:
+        left += REFIT_SLACK * session.ctx.config.seconds  # the bound's 5%: a short refit beats shipping nothing
     share = left - BUILD_SECONDS
     if share < MIN_REFIT_SECONDS:
         return None
@@ -199,27 +203,27 @@ def _refit_steps(session: Session, trial: optuna.trial.FrozenTrial, whole: bool)
 
 def publish_best(session: Session, final: FinalModel, metrics: dict[str, Any]) -> Path:
     """Write ``best/`` in a staging folder (model, ONNX export, metrics), then swap it in at once."""
-    target = session.out / BEST_FOLDER
-    staging = session.out / f".{BEST_FOLDER}.{uuid.uuid4().hex[:8]}.partial"
+    target = session.ctx.out / BEST_FOLDER
+    staging = session.ctx.out / f".{BEST_FOLDER}.{uuid.uuid4().hex[:8]}.partial"
     staging.mkdir(parents=True)
     from autoft.checkpoints import save_ensemble
 
     save_ensemble(staging / CHECKPOINT_NAME, final.checkpoints, final.weights)
-    loaded = load_checkpoint(staging / CHECKPOINT_NAME, registry=session.registry)
-    if session.config.export_onnx:
+    loaded = load_checkpoint(staging / CHECKPOINT_NAME, registry=session.ctx.registry)
+    if session.ctx.config.export_onnx:
         from autoft.exporting import export
 
         session.emit(Export(number=final.trials[0]))
         with session.timed("export"):
-            verify = session.pool.subset(session.splits[0][1][:VERIFY_IMAGES])
-            exported = export(loaded, staging, images=verify, name=session.study.study_name, registry=session.registry)
+            verify = session.ctx.pool.subset(session.ctx.splits[0][1][:VERIFY_IMAGES])
+            exported = export(loaded, staging, images=verify, name=session.study.study_name, registry=session.ctx.registry)
         metrics["onnx_check"] = exported.report.get("checks", {})
         if final.is_ensemble:
-            metrics["latency_ms"] = ensemble_latency(staging / "model.onnx", load_checkpoint(final.checkpoints[0], registry=session.registry), verify)
+            metrics["latency_ms"] = ensemble_latency(staging / "model.onnx", load_checkpoint(final.checkpoints[0], registry=session.ctx.registry), verify)
     else:
-        write_json(staging / "labels.json", session.data.classes)
-    if session.data.test is not None and len(session.data.test):
-        metrics.update(test_metrics(loaded.network().to(session.device), session.data, session.device, 256))
+        write_json(staging / "labels.json", session.ctx.data.classes)
+    if session.ctx.data.test is not None and len(session.ctx.data.test):
+        metrics.update(test_metrics(loaded.network().to(session.ctx.device), session.ctx.data, session.ctx.device, 256))
     write_json(staging / "metrics.json", metrics)
     publish_dir(staging, target)
     return target
@@ -258,4 +262,4 @@ def chance_level(labels: np.ndarray) -> float:
 
 
 def wall_time(session: Session) -> float:
-    return time.monotonic() - session.started
+    return session.ctx.budget.spent()

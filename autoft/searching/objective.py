@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gc
 import os
-import time
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,16 +29,16 @@ import numpy as np
 import optuna
 import torch
 
-from autoft.backbones import build_backbone
-from autoft.checkpoints import CHECKPOINT_NAME, save_checkpoint
+from autoft.budget import Budget
+from autoft.checkpoints import CHECKPOINT_NAME
 from autoft.data import ImageTensors, Normalize
 from autoft.events import BatchEnd, EpochEnd, FoldEnd, TrialEvent, TrialStart
 from autoft.io import DiskFull, atomic_path, disk_full_error, file_lock
 from autoft.metrics import evaluate
-from autoft.runtime import seed_everything
+from autoft.fitting import FitRequest, Fitted, fit
 from autoft.searching.session import Session
 from autoft.searching.storage import is_surplus, process_identity, resume_point, retry_chains, storage_folder
-from autoft.trainer import STATE_INTERVAL, FitResult, OutOfTime, Trainer, TrainerConfig
+from autoft.trainer import STATE_INTERVAL, OutOfTime, TrainerConfig
 
 STATE_NAME = "state.pt"  # the training state after the last finished evaluation, for resuming
 PREDICTIONS_NAME = "predictions.npy"  # probabilities for the images the trial did not train on
@@ -69,16 +68,16 @@ class Objective:
         if trial.user_attrs.get("crashed"):  # a retry, given its crashed attempt's attributes by Optuna: its own failure is no crash
             trial.set_user_attr("crashed", False)
             trial.set_user_attr("fail_reason", "")
-        total = session.config.trials
+        total = session.ctx.config.trials
         if total is not None and hasattr(trial, "study") and is_surplus(trial.number, trial.study.get_trials(deepcopy=False), total):
             trial.set_user_attr("surplus", True)  # another worker took the last place: this one never trains
             trial.set_user_attr("fail_reason", f"the study already holds its {total} trials")
             trial.study.stop()
             raise optuna.TrialPruned("surplus")
         try:
-            params = session.suggest_pseudo_labels(trial, session.space.suggest(trial, session.strategies, session.n_groups))
+            params = session.suggest_pseudo_labels(trial, session.ctx.space.suggest(trial, session.ctx.strategies, session.ctx.n_groups))
             session.emit(TrialStart(number=trial.number, params=params))
-            if session.cross_validated:
+            if session.ctx.cross_validated:
                 return self.cross_validate(trial, params)
             return self.single_split(trial, params)
         except optuna.TrialPruned:
@@ -92,13 +91,13 @@ class Objective:
             trial.set_user_attr("crashed", True)
             raise
         except Exception as exc:  # bad hyperparameters, divergence, out of memory: record and go on
-            full = disk_full_error(exc, storage_folder(session.storage_url) or session.out)
+            full = disk_full_error(exc, storage_folder(session.ctx.storage_url) or session.ctx.out)
             if full is not None:
                 raise StopSearch(self._give_up(trial, full)) from None
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:2000])
             raise
         finally:
-            free_memory(session.device)
+            free_memory(session.ctx.device)
 
     @staticmethod
     def _give_up(trial, error: DiskFull) -> DiskFull:
@@ -116,35 +115,33 @@ class Objective:
 
     # -- one fit ---------------------------------------------------------------
 
-    def fit(self, params: dict[str, Any], split: int | None, *, number: int, steps: int | None = None, eval_every: int | None = None, deadline: float | None = None,
-            state_file: Path | None = None, on_epoch=None) -> tuple[FitResult, Any]:  # fmt: skip
-        """Train a fresh backbone on split ``split`` (``None``: every labelled image); return the result and the backbone."""
+    def fit(self, params: dict[str, Any], split: int | None, *, number: int, steps: int | None = None, eval_every: int | None = None,
+            budget: Budget | None = None, state_file: Path | None = None, on_epoch=None) -> Fitted:  # fmt: skip
+        """Train a fresh backbone on split ``split`` (``None``: every labelled image) within
+        ``budget`` (by default what trials may spend now, the refit's reserve kept back)."""
         session = self.session
-        plan = session.plan
-        seed_everything(session.config.seed)  # the same initial weights in every trial: differences come from the recipe
-        backbone = build_backbone(session.config.backbone, num_classes=session.data.num_classes, dropout=params["dropout"], weights=params.get("init", session.weights), registry=session.registry)
-        config = TrainerConfig(
-            steps=steps or plan.steps, eval_every=eval_every or plan.eval_every, batch_size=plan.batch_size, device=session.device, seed=session.config.seed,
-            metric=session.config.metric, deadline=deadline if deadline is not None else session.trials_deadline, state_file=state_file,
-            state_interval=float(os.environ.get("AUTOFT_STATE_INTERVAL", STATE_INTERVAL)),
-        )  # fmt: skip
-
-        following = deadline is None  # the trials' deadline may move (a hook, another worker's news)
+        ctx = session.ctx
+        plan = ctx.plan
 
         def on_event(event) -> None:
             if isinstance(event, EpochEnd) and on_epoch is not None:
                 on_epoch(event)
             if isinstance(event, (BatchEnd, EpochEnd)):
                 session.emit(TrialEvent(number=number, event=event))
-                if following:
-                    config.deadline = session.trials_deadline
 
-        data = session.fit_data(split, params)
-        started = time.monotonic()
-        result = Trainer(backbone, data, params, config, registry=session.registry, on_event=on_event, unlabelled=session.unlabelled).fit()
-        if not any(r.get("resumed") for r in result.history):
-            session.fits.append((time.monotonic() - started, int(result.history[-1]["step"])))
-        return result, backbone
+        trainer = TrainerConfig(
+            steps=steps or plan.steps, eval_every=eval_every or plan.eval_every, batch_size=plan.batch_size, device=ctx.device, seed=ctx.config.seed,
+            metric=ctx.config.metric, state_file=state_file, state_interval=float(os.environ.get("AUTOFT_STATE_INTERVAL", STATE_INTERVAL)),
+        )  # fmt: skip
+        request = FitRequest(
+            backbone=ctx.config.backbone, data=session.fit_data(split, params), recipe=params, trainer=trainer, registry=ctx.registry,
+            weights=params.get("init", ctx.weights), budget=budget or session.trials_budget(), source=ctx.data_source, on_event=on_event,
+            unlabelled=ctx.unlabelled,
+        )  # fmt: skip
+        fitted = fit(request)
+        if not fitted.resumed:
+            session.state.fits.append((fitted.seconds, fitted.steps))
+        return fitted
 
     # -- one train/validation split ------------------------------------------
 
@@ -156,10 +153,10 @@ class Objective:
         it takes that attempt's folder as its own, so no superseded copy is left behind.
         """
         session = self.session
-        folder = session.trial_dir(trial.number)
-        origin = take_over_state(trial, session.trial_dir, session.out / CLEANUP_LOCK)
+        folder = session.ctx.trial_dir(trial.number)
+        origin = take_over_state(trial, session.ctx.trial_dir, session.ctx.out / CLEANUP_LOCK)
         history: list[dict[str, Any]] = []
-        metric = session.config.metric
+        metric = session.ctx.config.metric
 
         def on_epoch(event: EpochEnd) -> None:
             history.append(dict(event.record))
@@ -172,39 +169,38 @@ class Objective:
 
         state_file = folder / STATE_NAME
         try:
-            result, backbone = self.fit(params, 0, number=trial.number, state_file=state_file, on_epoch=on_epoch)
+            fitted = self.fit(params, 0, number=trial.number, state_file=state_file, on_epoch=on_epoch)
         except (optuna.TrialPruned, FloatingPointError):
             state_file.unlink(missing_ok=True)  # a verdict on its parameters: it will not run again
             raise
-        self._keep(trial, folder, params, result, backbone, session.splits[0][1])
+        self._keep(trial, folder, params, fitted, session.ctx.splits[0][1])
         state_file.unlink(missing_ok=True)
-        return float(result.val[metric])
+        return float(fitted.result.val[metric])
 
-    def _keep(self, trial, folder: Path, params, result: FitResult, backbone, val_index: np.ndarray) -> None:
-        session = self.session
+    def _keep(self, trial, folder: Path, params, fitted: Fitted, val_index: np.ndarray) -> None:
+        session, result = self.session, fitted.result
         if result.stopped == "interrupted":
             raise KeyboardInterrupt
         if result.stopped == "deadline":
-            trial.set_user_attr("cut_short", f"the time budget ran out after {len(result.history)} of {session.plan.evaluations} evaluations")
+            trial.set_user_attr("cut_short", f"the time budget ran out after {len(result.history)} of {session.ctx.plan.evaluations} evaluations")
         folder.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(folder / CHECKPOINT_NAME, backbone_name=session.config.backbone, backbone=backbone, classes=session.data.classes,
-                        image_size=session.data.image_size, params=params, data=session.data_source, seed=session.config.seed)  # fmt: skip
+        fitted.save(folder / CHECKPOINT_NAME, params)
         save_predictions(folder, val_index, result.val["probabilities"])
-        teacher = self.teach(params, backbone)
+        teacher = self.teach(params, fitted.backbone)
         if teacher is not None:
             save_array(folder / TEACHER_NAME, teacher)
-        trial.set_user_attr("best_step", int(result.history[result.best_epoch - 1]["step"]))
-        trial.set_user_attr("peaked_at_end", result.best_epoch == len(result.history))
+        trial.set_user_attr("best_step", fitted.best_step)
+        trial.set_user_attr("peaked_at_end", fitted.peaked_at_end)
 
     def teach(self, params: dict[str, Any], backbone) -> np.ndarray | None:
         """The fitted model's probabilities for the unlabelled images, when the recipe trains
         on pseudo-labels: the refit may learn from these instead of label propagation's."""
         session = self.session
-        if session.unlabelled is None or params.get("pseudo_labels") != "propagate":
+        if session.ctx.unlabelled is None or params.get("pseudo_labels") != "propagate":
             return None
-        net = torch.nn.Sequential(Normalize(backbone.mean, backbone.std), backbone.model).to(session.device)
-        images = ImageTensors(session.unlabelled, torch.zeros(len(session.unlabelled), dtype=torch.long))
-        return evaluate(net, images, session.device, 2 * session.plan.batch_size, metrics=[])["probabilities"].numpy()
+        net = torch.nn.Sequential(Normalize(backbone.mean, backbone.std), backbone.model).to(session.ctx.device)
+        images = ImageTensors(session.ctx.unlabelled, torch.zeros(len(session.ctx.unlabelled), dtype=torch.long))
+        return evaluate(net, images, session.ctx.device, 2 * session.ctx.plan.batch_size, metrics=[])["probabilities"].numpy()
 
     # -- k-fold cross-validation ---------------------------------------------
 
@@ -216,32 +212,33 @@ class Objective:
         is shuffled per trial so pruning does not favour early folds.
         """
         session = self.session
-        splits = session.splits
+        splits = session.ctx.splits
         scores: dict[int, float] = {}
         steps: list[int] = []
         at_end: list[bool] = []
-        predictions = np.zeros((len(session.pool), session.data.num_classes), dtype=np.float32)
-        counts = np.zeros(len(session.pool), dtype=np.int64)
+        predictions = np.zeros((len(session.ctx.pool), session.ctx.data.num_classes), dtype=np.float32)
+        counts = np.zeros(len(session.ctx.pool), dtype=np.int64)
         teachers: list[np.ndarray] = []
-        order = np.random.default_rng(session.config.seed + trial.number).permutation(len(splits))
+        order = np.random.default_rng(session.ctx.config.seed + trial.number).permutation(len(splits))
         for position, split in enumerate(order):
             try:
-                result, backbone = self.fit(params, int(split), number=trial.number)
+                fitted = self.fit(params, int(split), number=trial.number)
             except OutOfTime:
                 if not scores:
                     raise
                 trial.set_user_attr("cut_short", f"the time budget ran out after {len(scores)} of {len(splits)} folds")
                 break
+            result = fitted.result
             if result.stopped == "interrupted":
                 raise KeyboardInterrupt
-            value = float(result.val[session.config.metric])
+            value = float(result.val[session.ctx.config.metric])
             scores[int(split)] = value
-            steps.append(int(result.history[result.best_epoch - 1]["step"]))
-            at_end.append(result.best_epoch == len(result.history))
+            steps.append(fitted.best_step)
+            at_end.append(fitted.peaked_at_end)
             val_index = splits[split][1]
             predictions[val_index] += result.val["probabilities"].numpy()
             counts[val_index] += 1
-            teacher = self.teach(params, backbone)
+            teacher = self.teach(params, fitted.backbone)
             if teacher is not None:
                 teachers.append(teacher)
             trial.set_user_attr("fold_scores", {str(k): v for k, v in scores.items()})
@@ -257,9 +254,9 @@ class Objective:
                 return float(np.mean(list(scores.values())))
         if len(scores) == len(splits):
             seen = counts > 0
-            save_predictions(session.trial_dir(trial.number), np.flatnonzero(seen), torch.from_numpy(predictions[seen] / counts[seen, None]))
+            save_predictions(session.ctx.trial_dir(trial.number), np.flatnonzero(seen), torch.from_numpy(predictions[seen] / counts[seen, None]))
             if teachers:
-                save_array(session.trial_dir(trial.number) / TEACHER_NAME, np.mean(teachers, axis=0))
+                save_array(session.ctx.trial_dir(trial.number) / TEACHER_NAME, np.mean(teachers, axis=0))
         return float(np.mean(list(scores.values())))
 
 
@@ -342,7 +339,7 @@ def stop_on_full_disk(session: Session) -> Iterator[None]:
     except StopSearch as stop:
         raise stop.error from stop.error.__cause__
     except Exception as exc:
-        full = disk_full_error(exc, storage_folder(session.storage_url) or session.out)
+        full = disk_full_error(exc, storage_folder(session.ctx.storage_url) or session.ctx.out)
         if full is None:
             raise
         raise full from exc

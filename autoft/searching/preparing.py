@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +15,19 @@ import torch
 
 from autoft import plugins
 from autoft.backbones import build_backbone, describe_backbone
-from autoft.data import DataSplits, ImageTensors, image_files, prepare as decode_and_split
+from autoft.budget import Budget
+from autoft.data import DataSplits, ImageTensors, image_files
+from autoft.decoding import prepare as decode_and_split
 from autoft.errors import AutoftError
 from autoft.events import PlanMade, WeightsNotice
 from autoft.metrics import metric_specs, score as metric_score
 from autoft.planning import BudgetTooSmall, DataShape, Overrides, Plan, calibrate, candidate_sizes, make_plan, median_short_side
-from autoft.runtime import resolve_device, seed_everything
+from autoft.runtime import resolve_device, resolve_jobs, seed_everything, threads_per_job, torch_threads
 from autoft.searching.config import SearchConfig, default_study_name
-from autoft.searching.session import PSEUDO_DEFAULT, Session, fit_baselines, make_splits
+from autoft.searching.pretraining_stage import StageResult, pretraining_stage
+from autoft.searching.session import PSEUDO_DEFAULT, SearchContext, SearchState, Session, _Timer, fit_baselines, make_splits
 from autoft.searching.space import DEFAULT_STRATEGIES, SearchSpace, load_overrides
 from autoft.searching.storage import default_storage_url, open_storage
-from autoft.searching.workers import WorkerSpec, resolve_jobs, threads_per_job, torch_threads
 from autoft.weights import resolve_weights
 
 VAL_FRACTION = 0.2
@@ -31,13 +35,81 @@ EMBED_SHARE = 0.05  # of the budget: what embedding every image for pseudo-label
 CALIBRATION_BATCH = 32
 
 
-def prepare(config: SearchConfig, worker: WorkerSpec | None = None) -> Session:
-    """Everything before the first trial. A ``--jobs`` worker process passes its
-    :class:`~autoft.searching.workers.WorkerSpec`: it takes the command's plan and deadline
-    instead of measuring and planning again."""
-    started = time.monotonic()
+@dataclass
+class _Setup:
+    """What is known before any image is decoded: the checked options and the plugins they name."""
+
+    config: SearchConfig
+    registry: plugins.Registry
+    strategies: dict[str, Any]
+    space: SearchSpace
+    n_groups: int
+    input_size: int
+    device: torch.device
+    jobs: int
+    weights: str | None
+    budget: Budget
+
+
+def prepare(config: SearchConfig, registry: plugins.Registry | None = None) -> Session:
+    """Everything before the first trial, in the order the budget needs it: check the options,
+    choose the starting weights, measure the device, plan, decode, check flips, pretrain, fit
+    the reference models. Returns the search with its context complete and frozen."""
+    setup = _setup(config, registry or plugins.registry(), Budget.of(config.seconds))
+    timings: dict[str, float] = {}
+    labelled_images, data_source = _labelled_source(config.data, setup.registry)
+    plan, data, unlabelled, skipped = _plan_and_decode(setup, labelled_images, timings)
+    pool = ImageTensors.concat([data.train, data.val])
+    splits = make_splits(pool.labels.numpy(), len(data.train), plan.folds, plan.repeats, config.seed)
+    if data.hflip:
+        plan = _check_flips(pool, splits[0], plan, config.seed)
+        data.hflip = plan.flips
+    out, study_name, storage_url = _where(config, data_source or data, setup.jobs)
+    study = _create_study(study_name, storage_url, setup.registry, config.metric)
+    state = SearchState(study=study, timings=timings, on_event=config.on_event)
+    _emit(config, PlanMade(plan.line(), plan.as_dict()))
+    space, features = setup.space, {}
+    if unlabelled is not None:
+        with _Timer(timings, "pretraining"):
+            stage = pretraining_stage(config, plan, pool, unlabelled, data, weights=setup.weights, device=setup.device, budget=setup.budget,
+                                      out=out, skipped=skipped, emit=lambda event: _emit(config, event))  # fmt: skip
+        space = _semi_supervised_space(space, stage)
+        features = {"pretrained": stage.features} if stage is not None else {}
+    with _Timer(timings, "baselines"):
+        baselines = _reference_models(setup, plan, pool, splits, data.num_classes, unlabelled, state)
+    if "start" in state.embedders:
+        features = {"start": setup.weights, **features}
+    ctx = SearchContext(
+        config=config, registry=setup.registry, device=setup.device, data=data, pool=pool, splits=tuple(splits), plan=plan, space=space,
+        strategies=setup.strategies, n_groups=setup.n_groups, weights=setup.weights, out=out, study_name=study_name, storage_url=storage_url,
+        budget=setup.budget, data_source=data_source, unlabelled=unlabelled, unlabelled_skipped=tuple(skipped), baselines=tuple(baselines),
+        embedder_weights=features, jobs=setup.jobs,
+    )  # fmt: skip
+    session = Session(ctx, state)
+    for name, weights in features.items():
+        state.embedders.setdefault(name, features_of(config.backbone, data.num_classes, weights, setup.registry, setup.device, config.seed))
+    return session
+
+
+def prepare_worker(ctx: SearchContext, index: int, device: str, registry: plugins.Registry) -> Session:
+    """A ``--jobs`` worker's search: the command's context as it is, with the images read
+    again (from the decode cache) and this process's device, registry and study handle."""
+    config = ctx.config
+    labelled_images, _ = _labelled_source(config.data, registry)
+    data, unlabelled, _ = _decode(config, labelled_images, ctx.plan.image_size, registry)
+    data.hflip = ctx.plan.flips
+    pool = ImageTensors.concat([data.train, data.val])
+    strategies = {name: registry.strategy(name).factory() for name in ctx.strategies}
+    ctx = dataclasses.replace(ctx, registry=registry, strategies=strategies, device=resolve_device(device), data=data, pool=pool, unlabelled=unlabelled, worker=index, jobs=1)
+    state = SearchState(study=_create_study(ctx.study_name, ctx.storage_url, registry, config.metric))
+    for name, weights in ctx.embedder_weights.items():
+        state.embedders[name] = features_of(config.backbone, data.num_classes, weights, registry, ctx.device, config.seed)
+    return Session(ctx, state)
+
+
+def _setup(config: SearchConfig, registry: plugins.Registry, budget: Budget, worker: bool = False) -> _Setup:
+    """Check every option and plugin name; choose the starting weights. Nothing decoded yet."""
     config.check()
-    registry = plugins.registry()
     strategies = {name: registry.strategy(name).factory() for name in dict.fromkeys(config.strategies or DEFAULT_STRATEGIES)}
     metric_specs(config.metric, registry)  # an unknown metric fails here
     if config.unlabelled is not None:
@@ -46,93 +118,89 @@ def prepare(config: SearchConfig, worker: WorkerSpec | None = None) -> Session:
     space = config.space or SearchSpace(tuple(strategies), load_overrides(config.ranges, config.space_file))
     space.check_names(info.num_groups, strategies)
     device = resolve_device(config.device)
-    jobs = 1 if worker is not None else resolve_jobs(config.jobs, device)
+    jobs = 1 if worker else resolve_jobs(config.jobs, device)
     weights, notice = resolve_weights(config.weights, config.backbone, registry)
     if notice:
         _emit(config, WeightsNotice(notice))
     build_backbone(config.backbone, num_classes=2, weights=weights, registry=registry)  # a bad weights file fails before decoding
+    return _Setup(config, registry, strategies, space, info.num_groups, info.input_size, device, jobs, weights, budget)
 
-    labelled_images, data_source = _labelled_source(config.data, registry)
-    timings: dict[str, float] = {}
-    pretrained = weights is not None
-    if worker is None:
-        shape, classes = _data_shape(labelled_images, _count_unlabelled(config.unlabelled))
-        clock = time.monotonic()
-        sizes = [config.image_size] if config.image_size else candidate_sizes(_median_side(config.data, labelled_images), info.input_size, pretrained)
-        make_model = lambda: build_backbone(config.backbone, num_classes=max(2, classes), registry=registry).model
-        with torch_threads(threads_per_job(jobs)):  # what one of the --jobs workers will have
-            rates = calibrate(make_model, sizes, config.batch_size or CALIBRATION_BATCH, device, max(2, classes))
-        timings["calibration"] = time.monotonic() - clock
-        overrides = Overrides(image_size=config.image_size, epochs=config.epochs, trials=config.trials, pretrain_epochs=config.pretrain_epochs, cv=config.cv, no_cv=config.no_cv, batch_size=config.batch_size)
-        plan = _plan(config, shape, rates, overrides, started, pretrained, jobs)
-    else:
-        plan = worker.plan
 
+def _plan_and_decode(setup: _Setup, labelled_images: Any, timings: dict[str, float]):
+    """Calibrate, plan, decode at the planned size, and plan again with what decoding left."""
+    config = setup.config
+    shape, classes = _data_shape(labelled_images, _count_unlabelled(config.unlabelled))
     clock = time.monotonic()
-    data = labelled_images if isinstance(labelled_images, DataSplits) else decode_and_split(labelled_images, image_size=plan.image_size, val_fraction=VAL_FRACTION, seed=config.seed)
-    unlabelled, unlabelled_skipped = _decode_unlabelled(config.unlabelled, data.image_size, registry)
+    pretrained = setup.weights is not None
+    sizes = [config.image_size] if config.image_size else candidate_sizes(_median_side(labelled_images), setup.input_size, pretrained)
+    make_model = lambda: build_backbone(config.backbone, num_classes=max(2, classes), registry=setup.registry).model
+    with torch_threads(threads_per_job(setup.jobs)):  # what one of the --jobs workers will have
+        rates = calibrate(make_model, sizes, config.batch_size or CALIBRATION_BATCH, setup.device, max(2, classes))
+    timings["calibration"] = time.monotonic() - clock
+    overrides = Overrides(image_size=config.image_size, epochs=config.epochs, trials=config.trials, pretrain_epochs=config.pretrain_epochs,
+                          cv=config.cv, no_cv=config.no_cv, batch_size=config.batch_size)  # fmt: skip
+    plan = _plan(setup, shape, rates, overrides, pretrained)
+    clock = time.monotonic()
+    data, unlabelled, skipped = _decode(config, labelled_images, plan.image_size, setup.registry)
     timings["decoding"] = time.monotonic() - clock
-    if worker is None:
-        plan = _plan(config, _data_shape(data, 0 if unlabelled is None else len(unlabelled))[0], rates, overrides, started, pretrained, jobs)  # what decoding left
-    if worker is not None and not plan.flips:
-        data.hflip = False
-    pool = ImageTensors.concat([data.train, data.val])
-    splits = make_splits(pool.labels.numpy(), len(data.train), plan.folds, plan.repeats, config.seed)
+    plan = _plan(setup, _data_shape(data, 0 if unlabelled is None else len(unlabelled))[0], rates, overrides, pretrained)
+    return plan, data, unlabelled, skipped
 
-    study_name = config.study or default_study_name(config.backbone, data_source or data)
+
+def _decode(config: SearchConfig, labelled_images: Any, image_size: int, registry: plugins.Registry):
+    data = labelled_images if isinstance(labelled_images, DataSplits) else decode_and_split(labelled_images, image_size=image_size, val_fraction=VAL_FRACTION, seed=config.seed)
+    unlabelled, skipped = _decode_unlabelled(config.unlabelled, data.image_size, registry)
+    return data, unlabelled, skipped
+
+
+def _where(config: SearchConfig, source: Any, jobs: int) -> tuple[Path, str, str]:
+    """(the search's folder, the study's name, its storage URL)."""
+    study_name = config.study or default_study_name(config.backbone, source)
     out = Path(config.out).expanduser() if config.out is not None else Path("runs") / study_name
     _check_out(out)
-    storage_url = config.storage or default_storage_url(out, jobs)
-    direction = "maximize" if registry.metric(config.metric).greater_is_better else "minimize"
-    study = optuna.create_study(study_name=study_name, storage=open_storage(storage_url), direction=direction, sampler=optuna.samplers.RandomSampler(), load_if_exists=True)
-    if worker is not None:
-        deadline = worker.monotonic_deadline()
-    else:
-        deadline = None if config.seconds is None else started + config.seconds
-    session = Session(
-        config=config, registry=registry, device=device, data=data, pool=pool, splits=splits, plan=plan, study=study, out=out, space=space,
-        strategies=strategies, n_groups=info.num_groups, weights=weights, started=started, unlabelled=unlabelled, data_source=data_source,
-        timings=timings, on_event=config.on_event, storage_url=storage_url, unlabelled_skipped=unlabelled_skipped, deadline=deadline,
-        jobs=jobs, worker=0 if worker is None else worker.index,
-    )  # fmt: skip
-    return session
+    return out, study_name, config.storage or default_storage_url(out, jobs)
 
 
-def finish_preparing(session: Session) -> None:
-    """The stages that need the open study: pretraining, pseudo-label features, baselines."""
-    config = session.config
-    if session.data.hflip:
-        _check_flips(session)
-    _emit(config, PlanMade(session.plan.line(), session.plan.as_dict()))
-    session.study.set_user_attr("plan", session.plan.as_dict())  # for the dashboard: the plan as the data left it
-    if session.unlabelled is not None:
-        from autoft.searching.pretraining_stage import run_pretraining
-
-        with session.timed("pretraining"):
-            run_pretraining(session)
-        session.space.choices["pseudo_labels"] = ["propagate", "none"]
-        if "fixmatch" not in session.space.regularizers and not session.space.overrides.get("regularizer"):
-            session.space.regularizers = (*session.space.regularizers, "fixmatch")
-    spec = session.registry.metric(config.metric)
-    score = lambda labels, probabilities: metric_score(spec, labels, probabilities, session.registry)
-    with session.timed("baselines"):
-        embed = _embedder(session, session.weights)
-        if embed is not None and session.weights is not None:
-            session.embedders["start"] = embed
-            session.embedder_weights["start"] = session.weights
-        session.baselines = fit_baselines(session, score, embed)
+def _create_study(name: str, storage_url: str, registry: plugins.Registry, metric: str) -> optuna.Study:
+    direction = "maximize" if registry.metric(metric).greater_is_better else "minimize"
+    return optuna.create_study(study_name=name, storage=open_storage(storage_url), direction=direction, sampler=optuna.samplers.RandomSampler(), load_if_exists=True)
 
 
-def _check_flips(session: Session) -> None:
+def _semi_supervised_space(space: SearchSpace, stage: StageResult | None) -> SearchSpace:
+    """With unlabelled images the search also chooses pseudo-labels, FixMatch and, after a
+    pretraining stage, which of its checkpoints to start from."""
+    choices = {**space.choices, "pseudo_labels": ["propagate", "none"]}
+    if stage is not None:
+        choices["init"] = list(stage.init)
+    regularizers = space.regularizers
+    if "fixmatch" not in regularizers and not space.overrides.get("regularizer"):
+        regularizers = (*regularizers, "fixmatch")
+    return dataclasses.replace(space, choices=choices, regularizers=regularizers, regularizer_objects={})
+
+
+def _reference_models(setup: _Setup, plan: Plan, pool: ImageTensors, splits: list, num_classes: int, unlabelled: torch.Tensor | None, state: SearchState) -> list:
+    """Logistic regression on pixels and the linear probe, on the trials' splits; keeps the
+    starting weights' features for pseudo-labels when they were cheap enough to compute."""
+    config, registry = setup.config, setup.registry
+    spec = registry.metric(config.metric)
+    score = lambda labels, probabilities: metric_score(spec, labels, probabilities, registry)
+    embed = _embedder(setup, plan, pool, num_classes, unlabelled)
+    if embed is not None and setup.weights is not None:
+        state.embedders["start"] = embed
+    return fit_baselines(pool, splits, num_classes, score, embed, f"{setup.weights or 'random'} {config.backbone}")
+
+
+def _check_flips(pool: ImageTensors, split, plan: Plan, seed: int) -> Plan:
     """Turn horizontal flips off when they change what images show (digits, text, charts):
     a pixel model that reads mirrored images much worse than the originals says so."""
     from autoft.baselines import flips_change_labels, mirror_accuracies
     from autoft.searching.finishing import chance_level
 
-    plain, mirrored = mirror_accuracies(session.pool, session.splits[0], seed=session.config.seed)
-    if flips_change_labels(plain, mirrored, chance_level(session.pool.labels.numpy())):
-        session.data.hflip = session.plan.flips = False
-        session.plan.reasons.append(f"no flips: a pixel model read {plain:.2f} of images right and {mirrored:.2f} of their mirror images")
+    plain, mirrored = mirror_accuracies(pool, split, seed=seed)
+    if not flips_change_labels(plain, mirrored, chance_level(pool.labels.numpy())):
+        return plan
+    reason = f"no flips: a pixel model read {plain:.2f} of images right and {mirrored:.2f} of their mirror images"
+    return dataclasses.replace(plan, flips=False, reasons=[*plan.reasons, reason])
 
 
 # ---------------------------------------------------------------------------
@@ -178,7 +246,7 @@ def _data_shape(labelled: Any, unlabelled: int) -> tuple[DataShape, int]:
     return shape, classes
 
 
-def _median_side(data: Any, labelled: Any) -> int | None:
+def _median_side(labelled: Any) -> int | None:
     if isinstance(labelled, DataSplits):
         return labelled.image_size
     if labelled.image_size:  # a source of small images names its size (sample:digits)
@@ -208,12 +276,12 @@ def _decode_unlabelled(source: Any, size: int, registry) -> tuple[torch.Tensor |
     return pool.images, list(pool.skipped)
 
 
-def _plan(config: SearchConfig, shape: DataShape, rates, overrides: Overrides, started: float, pretrained: bool, jobs: int) -> Plan:
-    budget = None if config.seconds is None else config.seconds - (time.monotonic() - started)
+def _plan(setup: _Setup, shape: DataShape, rates, overrides: Overrides, pretrained: bool) -> Plan:
+    config = setup.config
     try:
-        return make_plan(shape, rates, budget, overrides, pretrained=pretrained, jobs=jobs)
+        return make_plan(shape, rates, setup.budget.left(), overrides, pretrained=pretrained, jobs=setup.jobs)
     except BudgetTooSmall as exc:
-        spent = time.monotonic() - started
+        spent = setup.budget.spent()
         from autoft.planning import duration
 
         raise AutoftError(
@@ -235,22 +303,22 @@ def _check_out(out: Path) -> None:
         raise AutoftError(f"--out {out} cannot be written: {exc.strerror or exc}") from None
 
 
-def _embedder(session: Session, weights: str | None):
+def _embedder(setup: _Setup, plan: Plan, pool: ImageTensors, num_classes: int, unlabelled: torch.Tensor | None):
     """Pooled features of the starting weights, when embedding every image is cheap enough."""
-    total = len(session.pool) + (0 if session.unlabelled is None else len(session.unlabelled))
-    budget = session.config.seconds
-    if budget is not None and total * session.plan.step_seconds / max(session.plan.batch_size, 1) / 3 > EMBED_SHARE * budget:
+    total = len(pool) + (0 if unlabelled is None else len(unlabelled))
+    seconds = setup.config.seconds
+    if seconds is not None and total * plan.step_seconds / max(plan.batch_size, 1) / 3 > EMBED_SHARE * seconds:
         return None
-    return features_of(session, weights)
+    return features_of(setup.config.backbone, num_classes, setup.weights, setup.registry, setup.device, setup.config.seed)
 
 
-def features_of(session: Session, weights: str | None):
+def features_of(backbone_name: str, num_classes: int, weights: str | None, registry: plugins.Registry, device: torch.device, seed: int):
     """``images -> pooled features`` of the backbone with ``weights``."""
     from autoft.pretraining import embed_all
 
-    seed_everything(session.config.seed)
-    backbone = build_backbone(session.config.backbone, num_classes=session.data.num_classes, weights=weights, registry=session.registry)
-    backbone.model.to(session.device)
+    seed_everything(seed)
+    backbone = build_backbone(backbone_name, num_classes=num_classes, weights=weights, registry=registry)
+    backbone.model.to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return lambda images: embed_all(backbone, images, session.device).numpy()
+        return lambda images: embed_all(backbone, images, device).numpy()

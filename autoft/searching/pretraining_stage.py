@@ -9,39 +9,45 @@ much pretraining helps.
 
 from __future__ import annotations
 
-from autoft.data import ImageTensors
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from autoft.budget import Budget
+from autoft.data import DataSplits, ImageTensors
 from autoft.events import PretrainEnd, PretrainStart
 from autoft.io import write_json
-from autoft.searching.session import Session
+from autoft.planning import Plan
+from autoft.searching.config import SearchConfig
 
 
-def run_pretraining(session: Session) -> None:
-    plan, config = session.plan, session.config
-    if not plan.pretrain_epochs or session.unlabelled is None:
-        return
-    from autoft.pretraining import pretrain
+@dataclass(frozen=True)
+class StageResult:
+    init: tuple[str, ...]  # the searched ``init`` choices: checkpoints, longest-trained first, then the starting weights
+    features: str  # the longest-trained checkpoint, whose features label the unlabelled images
 
-    images = ImageTensors.concat([ImageTensors(session.unlabelled), session.pool])  # the labelled pool stays on disk if it is
-    session.emit(PretrainStart(method=config.pretrain, images=len(images)))
-    result = pretrain(
-        config.backbone, images, None, method=config.pretrain, epochs=plan.pretrain_epochs, batch_size=min(128, max(2, len(images) // 4)),
-        weights=session.weights, labelled=session.data, device=str(session.device), seed=config.seed,
-        time_budget=None if session.deadline is None else plan.pretrain_seconds * 1.1, deadline=session.deadline,
+
+def pretraining_stage(
+    config: SearchConfig, plan: Plan, pool: ImageTensors, unlabelled: torch.Tensor, labelled: DataSplits, *, weights: str | None,
+    device: torch.device, budget: Budget, out: Path, skipped: list[tuple[str, str]], emit: Callable[[Any], None],
+) -> StageResult | None:  # fmt: skip
+    """Pretrain for the plan's epochs within ``budget``; None when the plan bought no stage."""
+    if not plan.pretrain_epochs:
+        return None
+    from autoft.pretraining import PretrainConfig, run_pretraining
+
+    images = ImageTensors.concat([ImageTensors(unlabelled), pool])  # the labelled pool stays on disk if it is
+    emit(PretrainStart(method=config.pretrain, images=len(images)))
+    stage = PretrainConfig(
+        method=config.pretrain, epochs=plan.pretrain_epochs, batch_size=min(128, max(2, len(images) // 4)), weights=weights,
+        budget=budget.stage(plan.pretrain_seconds * 1.1) if budget.bounded else None, device=str(device), seed=config.seed,
     )  # fmt: skip
+    result = run_pretraining(config.backbone, images, None, stage, labelled=labelled)
     if not result.checkpoints:
-        return
-    session.space.choices["init"] = [str(c.path) for c in reversed(result.checkpoints)] + [session.weights or "scratch"]
-    session.embedders["pretrained"] = _embed(session, str(result.checkpoints[-1].path))
-    session.embedder_weights["pretrained"] = str(result.checkpoints[-1].path)
-    session.emit(PretrainEnd(cached=result.cached, out=str(result.out), checkpoints=[(c.epoch, c.knn_accuracy) for c in result.checkpoints]))
-    skipped = {"skipped_images": len(session.unlabelled_skipped), "skipped": [{"source": s, "reason": r} for s, r in session.unlabelled_skipped[:100]]}
-    write_json(session.out / "pretrain.json", {**result.metrics, **skipped, "cache": str(result.out), "cached": result.cached})
-
-
-def _embed(session: Session, weights: str):
-    from autoft.backbones import build_backbone
-    from autoft.pretraining import embed_all
-
-    backbone = build_backbone(session.config.backbone, num_classes=session.data.num_classes, weights=weights, registry=session.registry)
-    backbone.model.to(session.device)
-    return lambda images: embed_all(backbone, images, session.device).numpy()
+        return None
+    emit(PretrainEnd(cached=result.cached, out=str(result.out), checkpoints=[(c.epoch, c.knn_accuracy) for c in result.checkpoints]))
+    reasons = {"skipped_images": len(skipped), "skipped": [{"source": s, "reason": r} for s, r in skipped[:100]]}
+    write_json(out / "pretrain.json", {**result.metrics, **reasons, "cache": str(result.out), "cached": result.cached})
+    return StageResult(init=(*(str(c.path) for c in reversed(result.checkpoints)), weights or "scratch"), features=str(result.checkpoints[-1].path))

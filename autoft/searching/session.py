@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import optuna
@@ -19,10 +19,12 @@ import torch
 
 from autoft import plugins
 from autoft.baselines import BaselineResult, pixel_baseline, probe_baseline
+from autoft.budget import Budget
 from autoft.data import DataSplits, Images, ImageTensors
 from autoft.errors import AutoftError
 from autoft.planning import Plan
 from autoft.searching.config import SearchConfig
+from autoft.searching.space import SearchSpace
 from autoft.semisupervised import PseudoLabels, pseudo_label
 
 Split = tuple[np.ndarray, np.ndarray]  # (train, validation) indices into the labelled pool
@@ -30,81 +32,100 @@ PSEUDO_DEFAULT = 0.6  # share of pseudo-labels the default recipe keeps
 PSEUDO_RANGE = (0.2, 1.0)
 
 
-@dataclass
-class Session:
-    """One search's shared state. ``pool`` is every labelled image the trials may use
-    (train and validation splits together); ``splits`` index into it: one train/validation
-    pair, or k folds (repeated)."""
+@dataclass(frozen=True)
+class SearchContext:
+    """What every trial reads, complete before the first trial and never changed after:
+    the data, the plan (flips decided), the space (pretraining's ``init`` choices and
+    FixMatch included), the reference models and the plugins. ``pool`` is every labelled
+    image the trials may use (train and validation splits together); ``splits`` index into
+    it: one train/validation pair, or k folds (repeated). A ``--jobs`` worker gets it as it
+    is, less the images, which it reads again from the decode cache."""
 
     config: SearchConfig
     registry: plugins.Registry
     device: torch.device
     data: DataSplits
     pool: ImageTensors
-    splits: list[Split]
+    splits: tuple[Split, ...]
     plan: Plan
-    study: optuna.Study
-    out: Path
-    space: Any
-    strategies: dict[str, Any]
+    space: SearchSpace
+    strategies: Mapping[str, Any]
     n_groups: int
     weights: str | None
-    started: float
-    deadline: float | None = None  # monotonic time the command must end by (before export)
-    unlabelled: torch.Tensor | None = None
+    out: Path
+    study_name: str
+    storage_url: str
+    budget: Budget
     data_source: str | None = None
-    storage_url: str = ""
-    unlabelled_skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason) of unreadable ones
-    baselines: list[BaselineResult] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    embedders: dict[str, Callable[[Images], np.ndarray]] = field(default_factory=dict)
-    embedder_weights: dict[str, str | None] = field(default_factory=dict)  # the weights behind each embedder, for --jobs workers
+    unlabelled: torch.Tensor | None = None
+    unlabelled_skipped: tuple[tuple[str, str], ...] = ()  # (source, reason) of unreadable ones
+    baselines: tuple[BaselineResult, ...] = ()
+    embedder_weights: Mapping[str, str | None] = field(default_factory=dict)  # name -> the weights whose features label the unlabelled images
     jobs: int = 1  # trials at once (--jobs); this process runs trials as worker ``worker``
     worker: int = 0
-    notes: list[str] = field(default_factory=list)  # said in the summary: a worker that stopped early
-    _pseudo: dict[int, PseudoLabels] = field(default_factory=dict)
-    fits: list[tuple[float, int]] = field(default_factory=list)  # (seconds, steps) of every fit so far
-    on_event: Callable[[Any], None] | None = None
 
     @property
     def cross_validated(self) -> bool:
         return self.plan.folds is not None
 
-    @property
-    def trials_deadline(self) -> float | None:
-        """When trials must stop so that the refit still fits before the command's deadline."""
-        if self.deadline is None:
-            return None
-        return self.deadline - self.refit_reserve()
+    def trial_dir(self, number: int) -> Path:
+        return self.out / "trials" / str(number)
+
+
+@dataclass
+class SearchState:
+    """What changes while a search runs: the study, the stages' wall times, the fits'
+    measured speed, notes for the summary, and results computed once and kept."""
+
+    study: optuna.Study
+    timings: dict[str, float] = field(default_factory=dict)
+    fits: list[tuple[float, int]] = field(default_factory=list)  # (seconds, steps) of every fit so far
+    notes: list[str] = field(default_factory=list)  # said in the summary: a worker that stopped early
+    on_event: Callable[[Any], None] | None = None
+    embedders: dict[str, Callable[[Images], np.ndarray]] = field(default_factory=dict)
+    pseudo: dict[int, PseudoLabels] = field(default_factory=dict)
+
+
+@dataclass
+class Session:
+    """One search: its frozen :class:`SearchContext` and its :class:`SearchState`, with the
+    questions both answer together (how long a fit takes, what a trial may still spend)."""
+
+    ctx: SearchContext
+    state: SearchState
 
     def fit_seconds(self) -> float:
         """A full fit's wall time: measured once fits have run (calibration misses per-step
         overheads such as augmentation and evaluation), the plan's estimate before."""
-        if not self.fits:
-            return self.plan.fit_seconds
-        per_step = sorted(seconds / max(steps, 1) for seconds, steps in self.fits)[len(self.fits) // 2]
-        return max(self.plan.fit_seconds, per_step * self.plan.steps)
+        plan, fits = self.ctx.plan, self.state.fits
+        if not fits:
+            return plan.fit_seconds
+        per_step = sorted(seconds / max(steps, 1) for seconds, steps in fits)[len(fits) // 2]
+        return max(plan.fit_seconds, per_step * plan.steps)
 
     def seconds_per_step(self) -> float:
-        return self.fit_seconds() / max(self.plan.steps, 1)
+        return self.fit_seconds() / max(self.ctx.plan.steps, 1)
 
     def refit_reserve(self) -> float:
         """Time kept back for the refit on every labelled image, with a fifth to spare."""
-        scaled = 1.2 * self.fit_seconds() * self.plan.refit_seconds / max(self.plan.fit_seconds, 1e-9)
-        return max(self.plan.refit_seconds, scaled) if self.fits else scaled
+        plan = self.ctx.plan
+        scaled = 1.2 * self.fit_seconds() * plan.refit_seconds / max(plan.fit_seconds, 1e-9)
+        return max(plan.refit_seconds, scaled) if self.state.fits else scaled
 
-    def time_left(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
+    def trials_budget(self) -> Budget:
+        """What trials may spend: the search's budget less the refit's reserve, as measured now."""
+        return self.ctx.budget.reserve("refit", self.refit_reserve())
 
     def emit(self, event: Any) -> None:
-        if self.on_event is not None:
-            self.on_event(event)
-
-    def trial_dir(self, number: int) -> Path:
-        return self.out / "trials" / str(number)
+        if self.state.on_event is not None:
+            self.state.on_event(event)
 
     def timed(self, stage: str):
-        return _Timer(self.timings, stage)
+        return _Timer(self.state.timings, stage)
+
+    @property
+    def study(self) -> optuna.Study:
+        return self.state.study
 
     # -- the data of one fit -------------------------------------------------
 
@@ -115,18 +136,18 @@ class Session:
             from autoft.searching.space import RangedTrial
 
             low, high = PSEUDO_RANGE
-            params["pseudo_fraction"] = RangedTrial(trial, self.space.overrides).suggest_float("pseudo_fraction", low, high)
+            params["pseudo_fraction"] = RangedTrial(trial, self.ctx.space.overrides).suggest_float("pseudo_fraction", low, high)
         return params
 
     def fit_data(self, split: int | None, params: dict[str, Any]) -> DataSplits:
         """Train and validation images of split ``split`` (``None``: every labelled image,
         validated on the validation split, for the refit), with the recipe's pseudo-labels."""
         train_index, val_index = self._split(split)
-        train = self.pool.subset(train_index)
+        train = self.ctx.pool.subset(train_index)
         index, labels = self._pseudo_for(split, train_index, params)
         if len(index):
-            train = ImageTensors.concat([train, ImageTensors(self.unlabelled[torch.as_tensor(index)], torch.as_tensor(labels))])
-        return DataSplits(train=train, val=self.pool.subset(val_index), test=None, classes=self.data.classes, image_size=self.data.image_size, hflip=self.data.hflip)
+            train = ImageTensors.concat([train, ImageTensors(self.ctx.unlabelled[torch.as_tensor(index)], torch.as_tensor(labels))])
+        return DataSplits(train=train, val=self.ctx.pool.subset(val_index), test=None, classes=self.ctx.data.classes, image_size=self.ctx.data.image_size, hflip=self.ctx.data.hflip)
 
     def fit_size(self, split: int | None, params: dict[str, Any]) -> int:
         """How many images :meth:`fit_data` would train on, without gathering them."""
@@ -134,12 +155,12 @@ class Session:
         return len(train_index) + len(self._pseudo_for(split, train_index, params)[0])
 
     def _split(self, split: int | None) -> tuple[np.ndarray, np.ndarray]:
-        return (np.arange(len(self.pool)), self.splits[0][1]) if split is None else self.splits[split]
+        return (np.arange(len(self.ctx.pool)), self.ctx.splits[0][1]) if split is None else self.ctx.splits[split]
 
     def _pseudo_for(self, split: int | None, train_index: np.ndarray, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """(unlabelled indices, labels) of the pseudo-labels the recipe trains on; none unless it chose them."""
         fraction = float(params.get("pseudo_fraction", 0.0)) if params.get("pseudo_labels", "none") == "propagate" else 0.0
-        if fraction <= 0 or self.unlabelled is None:
+        if fraction <= 0 or self.ctx.unlabelled is None:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         return self.pseudo(split, train_index).most_confident(fraction)
 
@@ -147,14 +168,14 @@ class Session:
         """Pseudo-labels propagated from this split's training labels only, so that no
         validation label leaks into what a trial trains on; computed once per split."""
         key = -1 if split is None else split
-        if key not in self._pseudo:
-            labelled = self.pool.subset(train_index)  # read a batch at a time if it is on disk
-            self._pseudo[key] = pseudo_label(labelled, labelled.labels.numpy(), self.unlabelled, self.data.num_classes, embedders=self.embedders, seed=self.config.seed, measure=split is None)
-        return self._pseudo[key]
+        if key not in self.state.pseudo:
+            labelled = self.ctx.pool.subset(train_index)  # read a batch at a time if it is on disk
+            self.state.pseudo[key] = pseudo_label(labelled, labelled.labels.numpy(), self.ctx.unlabelled, self.ctx.data.num_classes, embedders=self.state.embedders, seed=self.ctx.config.seed, measure=split is None)
+        return self.state.pseudo[key]
 
     def teach_refit(self, labels: PseudoLabels) -> None:
         """Pseudo-labels for the refit on every labelled image, in place of label propagation's."""
-        self._pseudo[-1] = labels
+        self.state.pseudo[-1] = labels
 
 
 class _Timer:
@@ -184,12 +205,12 @@ def make_splits(labels: np.ndarray, n_train: int, folds: int | None, repeats: in
     return [(np.asarray(a), np.asarray(b)) for a, b in splitter.split(np.zeros(len(labels)), labels)]
 
 
-def fit_baselines(session: Session, score: Callable[[np.ndarray, np.ndarray], float], embed: Callable[[Images], np.ndarray] | None) -> list[BaselineResult]:
-    """Logistic regression on pixels and a linear probe on the starting weights' features,
-    on exactly the trials' splits."""
-    labels = session.pool.labels.numpy()
-    found = [pixel_baseline(session.pool, labels, session.splits, session.data.num_classes, score)]
+def fit_baselines(pool: ImageTensors, splits: Sequence[Split], num_classes: int, score: Callable[[np.ndarray, np.ndarray], float],
+                  embed: Callable[[Images], np.ndarray] | None, probe_name: str) -> list[BaselineResult]:  # fmt: skip
+    """Logistic regression on pixels and a linear probe on the starting weights' features
+    (``probe_name``: which), on exactly the trials' splits."""
+    labels = pool.labels.numpy()
+    found = [pixel_baseline(pool, labels, splits, num_classes, score)]
     if embed is not None:
-        source = session.weights or "random"
-        found.append(probe_baseline(embed, session.pool, labels, session.splits, session.data.num_classes, score, f"{source} {session.config.backbone}"))
+        found.append(probe_baseline(embed, pool, labels, splits, num_classes, score, probe_name))
     return found

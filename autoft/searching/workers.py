@@ -27,19 +27,17 @@ import dataclasses
 import multiprocessing
 import os
 import signal
-import sys
 import threading
 import time
-import zlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import optuna
 import torch
 
-from autoft.events import TrialEnd, WorkerFailed
-from autoft.planning import Plan
-from autoft.searching.config import SearchConfig
+from autoft.events import WorkerFailed
+from autoft.runtime import threads_per_job, torch_threads
+from autoft.searching.session import SearchContext
 
 JOIN_GRACE = 60.0  # seconds past the deadline a worker may take to finish its batch and record its trial
 
@@ -49,58 +47,23 @@ class WorkerSpec:
     """What a worker process needs from the command: picklable, no callbacks."""
 
     index: int
-    config: SearchConfig
-    plan: Plan
-    deadline: float | None  # wall-clock (time.time()) end of the command, before export
+    context: SearchContext  # the command's, less its images and registry: the worker reads both again
     threads: int
     device: str
-    embedders: dict[str, str | None]  # name -> the weights whose features label the unlabelled images
     verbosity: int  # Optuna's logging level in the command
 
-    def monotonic_deadline(self) -> float | None:
-        return None if self.deadline is None else time.monotonic() + (self.deadline - time.time())
-
-
-def resolve_jobs(jobs: int | str, device: torch.device) -> int:
-    """``auto``: one per GPU, one on a CPU."""
-    if jobs == "auto":
-        return max(1, torch.cuda.device_count()) if device.type == "cuda" else 1
-    return int(jobs)
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def threads_per_job(jobs: int) -> int:
-    return max(1, cores() // jobs)
-
 
 @contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Intra-op threads of this process within the block."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def parallel_workers(session) -> Iterator[None]:
-    """Start ``session.jobs - 1`` worker processes for the block (the caller runs trials
+def parallel_workers(session, target: Callable[[WorkerSpec, Any], None]) -> Iterator[None]:
+    """Start ``session.ctx.jobs - 1`` processes running ``target(spec, events)`` for the block (the caller runs trials
     too, as worker 0, with its share of threads); wait for them when it ends."""
-    if session.jobs <= 1:
+    if session.ctx.jobs <= 1:
         yield
         return
-    threads = threads_per_job(session.jobs)
+    threads = threads_per_job(session.ctx.jobs)
     context = multiprocessing.get_context("spawn")  # fork and torch's thread pools do not mix
     events = context.Queue()
-    processes = [context.Process(target=worker_main, args=(_spec(session, index, threads), events), name=f"autoft-worker-{index}") for index in range(1, session.jobs)]
+    processes = [context.Process(target=target, args=(_spec(session, index, threads), events), name=f"autoft-worker-{index}") for index in range(1, session.ctx.jobs)]
     for process in processes:
         process.start()
     forwarder = threading.Thread(target=_forward, args=(events, session), name="autoft-worker-events", daemon=True)
@@ -114,7 +77,8 @@ def parallel_workers(session) -> Iterator[None]:
         _wait(processes, time.monotonic() + JOIN_GRACE)
         raise
     else:
-        _wait(processes, None if session.deadline is None else session.deadline + JOIN_GRACE)
+        end = session.ctx.budget.end
+        _wait(processes, None if end is None else end + JOIN_GRACE)
     finally:
         for process in processes:
             if process.is_alive():
@@ -124,19 +88,14 @@ def parallel_workers(session) -> Iterator[None]:
 
 
 def _spec(session, index: int, threads: int) -> WorkerSpec:
-    config = session.config
-    space = dataclasses.replace(session.space, regularizer_objects={})
-    worker_config = dataclasses.replace(
-        config, out=session.out, storage=session.storage_url, study=session.study.study_name, weights=session.weights or "scratch",
-        space=space, jobs=1, on_event=None, pre_search=(), sampler=config.sampler if isinstance(config.sampler, str) else "tpe",
-    )  # fmt: skip
-    device = str(session.device)
-    if session.device.type == "cuda" and torch.cuda.device_count() > 1:
+    ctx = session.ctx
+    config = dataclasses.replace(ctx.config, jobs=1, on_event=None, pre_search=(), sampler=ctx.config.sampler if isinstance(ctx.config.sampler, str) else "tpe")
+    space = dataclasses.replace(ctx.space, regularizer_objects={})
+    context = dataclasses.replace(ctx, config=config, space=space, registry=None, strategies=dict.fromkeys(ctx.strategies), data=None, pool=None, unlabelled=None)
+    device = str(ctx.device)
+    if ctx.device.type == "cuda" and torch.cuda.device_count() > 1:
         device = f"cuda:{index % torch.cuda.device_count()}"
-    deadline = None if session.deadline is None else time.time() + (session.deadline - time.monotonic())
-    return WorkerSpec(index=index, config=worker_config, plan=session.plan, deadline=deadline, threads=threads, device=device, embedders=dict(session.embedder_weights),
-        verbosity=optuna.logging.get_verbosity(),
-    )
+    return WorkerSpec(index=index, context=context, threads=threads, device=device, verbosity=optuna.logging.get_verbosity())
 
 
 def _forward(events, session) -> None:
@@ -146,7 +105,7 @@ def _forward(events, session) -> None:
         if event is None:
             return
         if isinstance(event, WorkerFailed):
-            session.notes.append(f"worker {event.worker} stopped: {event.reason}")
+            session.state.notes.append(f"worker {event.worker} stopped: {event.reason}")
         session.emit(event)
 
 
@@ -160,55 +119,3 @@ def _interrupt(processes: list) -> None:
         if process.is_alive() and process.pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signal.SIGINT)
-
-
-# ---------------------------------------------------------------------------
-# In the worker process
-
-
-def worker_main(spec: WorkerSpec, events) -> None:
-    """Run trials until the study's cap or the deadline; report each to the command."""
-    from autoft.errors import AutoftError
-    from autoft.runtime import graceful_interrupts
-
-    _die_with_parent()
-    optuna.logging.set_verbosity(spec.verbosity)
-    torch.set_num_threads(spec.threads)
-    with graceful_interrupts():
-        try:
-            _run(spec, events)
-        except KeyboardInterrupt:
-            pass
-        except AutoftError as exc:
-            events.put(WorkerFailed(spec.index, str(exc)))
-        except Exception as exc:  # noqa: BLE001 - the command goes on with the other workers
-            events.put(WorkerFailed(spec.index, f"{type(exc).__name__}: {exc}"))
-
-
-def _run(spec: WorkerSpec, events) -> None:
-    import socket
-
-    from autoft.searching.preparing import prepare, features_of
-    from autoft.searching.runner import make_pruner, make_sampler, run_trials
-
-    session = prepare(dataclasses.replace(spec.config, device=spec.device), worker=spec)
-    for name, weights in spec.embedders.items():
-        session.embedders[name] = features_of(session, weights)
-    seed = zlib.crc32(f"{spec.config.seed}/worker{spec.index}/{socket.gethostname()}/{os.getpid()}".encode())
-    session.study.sampler = make_sampler(spec.config.sampler, seed)
-    session.study.pruner = make_pruner(spec.config.pruner, session.plan.evaluations, session.cross_validated)
-    session.on_event = lambda event: events.put(event) if isinstance(event, TrialEnd) else None
-    run_trials(session, [])
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to kill this process when the command's process dies (``kill -9`` included)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)

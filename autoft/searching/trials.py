@@ -1,0 +1,217 @@
+"""The trials of a search: the study configured and seeded, then Optuna runs :class:`Objective`
+until the cap (``--trials``) or while the budget holds another trial.
+
+The command's process and every ``--jobs`` worker run the same :func:`run_trials` on the
+same study; :func:`configure_study` gives each its own sampler seed and the same pruner.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from autoft.errors import AutoftError
+from autoft.events import SearchStart, TrialEnd
+from autoft.io import file_lock
+from autoft.searching.finishing import best_trial
+from autoft.searching.objective import CLEANUP_LOCK, STATE_NAME, Objective, stop_on_full_disk
+from autoft.searching.reporting import write_report_quietly
+from autoft.searching.session import Session
+from autoft.searching.storage import awaited_states, counted_trials, recover_trials
+
+PORTFOLIO = (  # tried first on a fresh study, after the default recipe: strong, different recipes
+    {"augment": "shift"},  # small objects that fill the frame: a random crop cuts them, a shift keeps them whole
+    {"regularizer": "mixup"},
+    {"augment": "none"},  # for images any crop or flip changes the meaning of (text, charts)
+)
+
+
+# ---------------------------------------------------------------------------
+# The study
+
+
+def open_study(session: Session) -> list[int]:
+    """Check the study is this search's, recover crashed trials, store the plan, and seed a fresh study."""
+    study, ctx = session.study, session.ctx
+    config = ctx.config
+    stored = {"backbone": config.backbone, "weights": ctx.weights, "data": ctx.data_source, "metric": config.metric,
+              "num_classes": ctx.data.num_classes, "image_size": ctx.data.image_size, "folds": ctx.plan.folds}  # fmt: skip
+    _check_config(study, stored)
+    queued_again = recover_trials(study)
+    existing = study.get_trials(deepcopy=False)
+    fresh = not existing and config.storage is None
+    configure_study(session, config.seed if fresh else None)
+    study.set_user_attr("plan", ctx.plan.as_dict())  # for the dashboard: the plan as the data left it
+    if not existing:
+        _enqueue_portfolio(session)
+    return queued_again
+
+
+def configure_study(session: Session, seed: int | None = None) -> None:
+    """This process's sampler and the search's pruner on the study. The same seed gives the
+    same fresh search; a resumed search or another worker must not replay the first one's
+    random draws, so without ``seed`` the sampler's also depends on who and when."""
+    ctx = session.ctx
+    if seed is None:
+        seed = zlib.crc32(f"{ctx.config.seed}/{ctx.worker}/{socket.gethostname()}/{os.getpid()}/{time.time_ns()}".encode())
+    session.study.sampler = make_sampler(ctx.config.sampler, seed)
+    session.study.pruner = make_pruner(ctx.config.pruner, ctx.plan.evaluations, ctx.cross_validated)
+
+
+def _check_config(study: optuna.Study, config: dict[str, Any]) -> None:
+    stored = study.user_attrs.get("autoft")
+    if stored is None:
+        study.set_user_attr("autoft", config)
+        return
+    for key in ("backbone", "weights", "metric", "num_classes", "image_size", "folds"):
+        if key in stored and stored.get(key) != config[key]:
+            raise AutoftError(
+                f"study {study.study_name!r} in this storage was started with {key} {stored.get(key)!r}, not {config[key]!r}; "
+                "pass another --study (or --out) to start a new search, or the same flags to resume it"
+            )
+
+
+def _enqueue_portfolio(session: Session) -> None:
+    """The known-good default recipe first, then a few strong, different ones."""
+    space, strategies = session.ctx.space, session.ctx.strategies
+    first = "freeze" if "freeze" in strategies else next(iter(strategies))
+    default = space.defaults(first, strategies[first], session.ctx.n_groups)
+    if session.ctx.unlabelled is not None:
+        default = {**default, **{k: v for k, v in {"pseudo_labels": "propagate", "pseudo_fraction": 0.6}.items() if space.contains(k, v)}}
+    session.study.enqueue_trial(default, user_attrs={"recipe": "default"})
+    room = len(PORTFOLIO) if session.ctx.config.trials is None else session.ctx.config.trials - 1
+    for change in PORTFOLIO[: max(0, room)]:
+        recipe = {**default, **change}
+        if all(space.contains(k, v) for k, v in change.items()):
+            session.study.enqueue_trial(recipe, user_attrs={"recipe": "portfolio"})
+
+
+def make_sampler(name: Any, seed: int) -> optuna.samplers.BaseSampler:
+    if isinstance(name, optuna.samplers.BaseSampler):
+        return name
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # constant_liar: parallel workers do not all sample next to the same running trial.
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=5)
+
+
+def make_pruner(name: Any, evaluations: int, folds: bool) -> optuna.pruners.BasePruner:
+    if isinstance(name, optuna.pruners.BasePruner):
+        return name
+    name = name or ("wilcoxon" if folds else "hyperband")
+    if folds and name in ("hyperband", "median"):
+        raise AutoftError(f"--pruner {name} compares evaluations, but cross-validated trials report one score per fold; use --pruner wilcoxon or none")
+    if not folds and name == "wilcoxon":
+        raise AutoftError("--pruner wilcoxon compares per-fold scores; use it with cross-validation (--cv K)")
+    if name == "hyperband":
+        # The first evaluation is mostly learning-rate warmup: judging a trial on it alone is noise.
+        return optuna.pruners.HyperbandPruner(min_resource=2 if evaluations >= 4 else 1, max_resource=evaluations, reduction_factor=3)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if name == "wilcoxon":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(p_threshold=0.1)
+    return optuna.pruners.NopPruner()
+
+
+# ---------------------------------------------------------------------------
+# The trials
+
+
+def run_trials(session: Session, queued_again: list[int]) -> None:
+    """Trials until the cap (``--trials``), or while time remains for another one."""
+    config, study = session.ctx.config, session.study
+    total = config.trials if config.trials is not None else (None if config.seconds is not None else 20)
+    done = counted_trials(study.get_trials(deepcopy=False))
+    session.emit(SearchStart(study=study.study_name, total=total or session.ctx.plan.expected_trials, done=done, queued_again=queued_again))
+    if total is not None and done >= total:
+        return
+    with stop_on_full_disk(session):
+        study.optimize(Objective(session), n_trials=None if total is None else total - done, catch=(Exception,), callbacks=[_AfterTrial(session, total)], gc_after_trial=False)
+
+
+REPORT_SHARE = 0.05  # of the trials' time, the most that refreshing report.html between trials may take
+
+
+class _AfterTrial:
+    """After each trial: drop weights that cannot be used, refresh the report, stop at the cap or the budget.
+
+    The report is refreshed after a trial only when the time since the last refresh is
+    at least 1 / :data:`REPORT_SHARE` times what that refresh took (its plots cost seconds
+    once a study has many trials); the search writes it whole at its end.
+    """
+
+    def __init__(self, session: Session, total: int | None):
+        self.session, self.total = session, total
+        self.report_cost, self.reported = 0.0, float("-inf")
+
+    def _refresh_report(self) -> None:
+        if time.monotonic() - self.reported < self.report_cost / REPORT_SHARE:
+            return
+        started = time.monotonic()
+        write_report_quietly(self.session)
+        self.reported = time.monotonic()
+        self.report_cost = self.reported - started
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        session = self.session
+        if trial.user_attrs.get("surplus"):
+            return  # it never trained: nothing to clean, report or count
+        trials = study.get_trials(deepcopy=False)
+        best = best_trial(study)
+        with file_lock(session.ctx.out / CLEANUP_LOCK, wait=False) as held:
+            if held:  # only one worker deletes trial folders at a time
+                prune_trial_folders(session.ctx.out, trials, best, keep_predictions=session.ctx.config.ensemble > 1)
+        if session.ctx.worker == 0:  # the command's process writes the report; --jobs workers only train
+            self._refresh_report()
+        done = counted_trials(trials)
+        session.emit(TrialEnd(
+            number=trial.number, state=_state_label(trial), value=trial.value, reason=trial.user_attrs.get("fail_reason"),
+            best_value=best.value if best else None, best_number=best.number if best else None, done=done, total=self.total or done,
+        ))  # fmt: skip
+        if self.total is not None and done >= self.total:
+            study.stop()  # other workers count toward the same total
+        left = session.trials_budget().left()
+        if left is not None and left < 0.5 * session.fit_seconds() * (session.ctx.plan.folds or 1) * session.ctx.plan.repeats:
+            study.stop()  # too little time for another trial to say anything: it goes to the refit
+
+
+def _state_label(trial: optuna.trial.FrozenTrial) -> str:
+    return trial.state.name
+
+
+def prune_trial_folders(out: Path, trials: list[optuna.trial.FrozenTrial], best: optuna.trial.FrozenTrial | None, keep_predictions: bool) -> None:
+    """Keep the weights of the best trial and of unfinished ones, and the state of each crashed
+    trial that a retry, queued, running or to come, will resume from (the newest attempt's; the
+    retry takes that folder over); keep every completed trial's predictions when ensembles are
+    on; delete the rest, superseded attempts included. Call it holding :data:`CLEANUP_LOCK`."""
+    folder = out / "trials"
+    if not folder.is_dir():
+        return
+    by_number = {t.number: t for t in trials}
+    keep = {t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)}
+    keep |= awaited_states(trials, has_state=lambda number: (folder / str(number) / STATE_NAME).is_file())
+    if best is not None:
+        keep.add(best.number)
+    for child in folder.iterdir():
+        if not (child.is_dir() and child.name.isdigit()) or int(child.name) in keep:
+            continue
+        trial = by_number.get(int(child.name))
+        if keep_predictions and trial is not None and trial.state == TrialState.COMPLETE:
+            for item in child.iterdir():
+                if item.name != "predictions.npy":
+                    item.unlink(missing_ok=True) if item.is_file() else shutil.rmtree(item, ignore_errors=True)
+        elif trial is None or trial.state != TrialState.RUNNING:
+            shutil.rmtree(child, ignore_errors=True)
+
+
