@@ -1,7 +1,7 @@
 """Exported models at run time: an onnxruntime session, its preprocessing, and its labels.
 
 ``autoft predict`` and ``autoft serve`` both go through :class:`OnnxClassifier`, so an
-image is decoded and resized exactly as it was for training (:func:`autoft.data.decode_image`)
+image is decoded and resized exactly as it was for training (:func:`autoft.decoding.decode_image`)
 whichever way it arrives.
 """
 
@@ -18,6 +18,9 @@ import numpy as np
 from autoft.errors import AutoftError
 from autoft.io import read_json
 from autoft.specs import ImageSource
+
+INPUT_NAME = "input"  # the exported graph's input: float32 NCHW pixels in [0, 1]
+OUTPUT_NAME = "logits"
 
 MODEL_FILE = "model.onnx"
 PREPROCESS_FILE = "preprocess.json"
@@ -150,7 +153,7 @@ class OnnxClassifier:
 
 
 def decode(source: ImageSource, size: int) -> np.ndarray:
-    from autoft.data import decode_image
+    from autoft.decoding import decode_image
 
     return decode_image(source, size).numpy()
 

@@ -10,7 +10,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from autoft.data import decode_all, find_images, warn_left_out
+from autoft.data import find_images, warn_left_out
+from autoft.decoding import decode_all
 from autoft.errors import AutoftError
 from autoft.inference import OnnxClassifier, non_finite_reason, softmax, to_pixels
 

@@ -54,7 +54,7 @@ def split_folder(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def digits():
     """scikit-learn digits, decoded once at 32px and split (seed 0)."""
-    from autoft.data import load_data
+    from autoft.decoding import load_data
 
     return load_data("sample:digits", image_size=32, seed=0)
 

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from autoft import cache
 from autoft import data as data_module
 from autoft.cli import make_app
-from autoft.data import ImageTensors, load_data, prepare
+from autoft.data import ImageTensors
+from autoft.decoding import load_data, prepare
 from autoft.specs import LabelledImages
 from conftest import make_image
 
@@ -205,7 +206,7 @@ RSS_PROBE = textwrap.dedent(
     import json, sys, zlib
     import sklearn.model_selection, torch, PIL.Image  # imported before the baseline: not the data's memory
     from autoft import plugins
-    from autoft.data import load_data
+    from autoft.decoding import load_data
 
     plugins.registry()  # loads the plugins (timm...) before the baseline
 

@@ -5,7 +5,7 @@ import torch
 from pathlib import Path
 
 from autoft import hookimpl, plugins
-from autoft.data import decode_image, load_data, prepare, stratified_split
+from autoft.decoding import decode_image, load_data, prepare, stratified_split
 from autoft.errors import AutoftError
 from autoft.specs import DatasetSpec
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import autoft
 from autoft import exporting as export_module
+from autoft import quantizing
 from autoft.cli import make_app
 from autoft.errors import AutoftError
 from autoft.exporting import export
@@ -118,7 +119,7 @@ def test_int8_is_quantised_per_channel_and_keeps_accuracy(digits_run, tmp_path, 
 
 
 def test_int8_beyond_the_accuracy_bound_after_every_try_is_an_error_naming_the_best_drop(digits_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(export_module, "onnx_accuracy", lambda path, images: 0.2 if "int8" in Path(path).name else 0.9)
+    monkeypatch.setattr(quantizing, "onnx_accuracy", lambda path, images: 0.2 if "int8" in Path(path).name else 0.9)
     with pytest.raises(AutoftError, match=r"int8 lost 70.0 points of validation accuracy at best \(0.900 -> 0.200, MinMax calibration, 0 node\(s\) in fp32; allowed 1.0\) after 7 tries: calibration by MinMax, Entropy, Percentile, then up to 4 of the most sensitive nodes in fp32"):
         export(digits_run, tmp_path / "int8", precision="int8")
     assert not (tmp_path / "int8" / "model.onnx").exists()
@@ -141,10 +142,10 @@ def test_int8_keeps_the_most_sensitive_node_in_fp32_when_no_calibration_holds(di
         quantised[Path(path).name] = _quantized_inputs(path)
         return 0.9 if len(quantised[Path(path).name]) < len(quantised["model-int8-MinMax-0.onnx"]) else 0.8
 
-    monkeypatch.setattr(export_module, "onnx_accuracy", accuracy)
+    monkeypatch.setattr(quantizing, "onnx_accuracy", accuracy)
     ranked = []
-    real_ranking = export_module.Int8Tuner.sensitive_nodes
-    monkeypatch.setattr(export_module.Int8Tuner, "sensitive_nodes", lambda self, method: ranked.extend(real_ranking(self, method)) or list(ranked))
+    real_ranking = quantizing.Int8Tuner.sensitive_nodes
+    monkeypatch.setattr(quantizing.Int8Tuner, "sensitive_nodes", lambda self, method: ranked.extend(real_ranking(self, method)) or list(ranked))
     result = export(digits_run, tmp_path / "int8", precision="int8")
     quantization = read_json(tmp_path / "int8" / "export.json")["quantization"]
     assert [(t["method"], t["nodes_in_fp32"]) for t in quantization["tries"]] == [("MinMax", 0), ("Entropy", 0), ("Percentile", 0), ("MinMax", 1)]

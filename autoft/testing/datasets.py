@@ -47,7 +47,7 @@ class DatasetContract(_Contract):
             assert "train" in set(labelled.splits)
 
     def test_every_image_decodes(self, dataset_under_test, registry):
-        from autoft.data import prepare
+        from autoft.decoding import prepare
 
         _, labelled = self.load(dataset_under_test, registry)
         data = prepare(labelled, image_size=16, seed=0)

@@ -200,10 +200,10 @@ class StrategyContract(_LifecycleChecks):
             assert all(g.get("lr_scale", 1.0) > 0 for g in plan.param_groups)
 
     def test_one_epoch_trains(self, strategy_under_test, registry, backbone):
-        from autoft.trainer import fit
+        from autoft.trainer import Trainer, TrainerConfig
 
         before = {n: p.detach().clone() for n, p in backbone.model.named_parameters()}
-        result = fit(backbone, synthetic_splits(), self.recipe(strategy_under_test, registry, len(backbone.groups)), epochs=1, batch_size=8, device="cpu", registry=registry)
+        result = Trainer(backbone, synthetic_splits(), self.recipe(strategy_under_test, registry, len(backbone.groups)), TrainerConfig(epochs=1, batch_size=8, device="cpu"), registry=registry).fit()
         assert len(result.history) == 1 and np.isfinite(result.history[0]["train_loss"])
         after = dict(backbone.model.named_parameters())
         for name, p in after.items():

@@ -45,9 +45,9 @@ class MetricContract(_Contract):
 
     def test_selects_the_best_epoch_in_training(self, metric_under_test, registry):
         from autoft.backbones import build_backbone
-        from autoft.trainer import fit
+        from autoft.trainer import Trainer, TrainerConfig
 
         torch.manual_seed(0)
         backbone = build_backbone("test_resnet", num_classes=3, registry=registry)
-        result = fit(backbone, synthetic_splits(), {"strategy": "full"}, epochs=2, batch_size=8, device="cpu", metric=metric_under_test, registry=registry)
+        result = Trainer(backbone, synthetic_splits(), {"strategy": "full"}, TrainerConfig(epochs=2, batch_size=8, device="cpu", metric=metric_under_test), registry=registry).fit()
         assert all(np.isfinite(r[f"val_{metric_under_test}"]) for r in result.history)
