@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from autoft.backbones import build_backbone
-from autoft.baselines import BaselineResult, Score, Split, pixel_baseline, probe_baseline
+from autoft.baselines import BaselineResult, Score, Split, fit_logistic, pixel_baseline, probe_baseline
 from autoft.candidate_modules import PIXELS, PROBE, fold_linear, pixel_backbone, probe_backbone
 from autoft.checkpoints import save_checkpoint
 from autoft.data import Images, ImageTensors
@@ -38,7 +38,6 @@ from autoft.specs import Backbone
 
 PIXELS_NAME = "logistic regression on pixels"
 SPREAD_NAME = "label spreading (distilled)"
-MAX_ITER = 500  # as the baselines fit
 # The share of spread labels the student learns from, the surest first: the share the search's
 # default recipe trains on. benchmarks/spread_student.py (digits at 10 labelled a class, 4 draws
 # of 1157 unlabelled and 540 test): test accuracy 0.894, against 0.884 for logistic regression
@@ -136,19 +135,6 @@ def held_out(splits: Sequence[Split], rows: np.ndarray, pool_size: int) -> tuple
     np.add.at(counts, order, 1)
     seen = np.flatnonzero(counts)
     return seen, (total[seen] / counts[seen, None]).astype(np.float32)
-
-
-def fit_logistic(features: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None):
-    """The baselines' model: standardised features, logistic regression (C=1)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=MAX_ITER, C=1.0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # convergence warnings on tiny sets: the fit is still usable
-        model.fit(features, labels, logisticregression__sample_weight=weights)
-    return model
 
 
 def flat_pixels(images: Images) -> np.ndarray:

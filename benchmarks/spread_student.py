@@ -24,7 +24,8 @@ def main() -> None:
     parser.add_argument("--shares", type=float, nargs="+", default=[0.3, 0.45, 0.6, 0.8, 1.0])
     args = parser.parse_args()
 
-    from autoft.candidates import PixelFitter, fit_logistic, flat_pixels
+    from autoft.baselines import fit_logistic
+    from autoft.candidates import PixelFitter, flat_pixels
     from autoft.data import ImageTensors, load_data
     from autoft.semisupervised import pseudo_label
 
