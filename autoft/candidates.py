@@ -70,9 +70,9 @@ class Candidate:
     split_scores: list[float]
     seconds: float
     reference: BaselineResult
+    classes: list[str]
+    image_size: int
     fitter: Fitter = field(repr=False)
-    classes: list[str] = field(default_factory=list)
-    image_size: int = 0
 
     @property
     def value(self) -> float:
@@ -122,7 +122,7 @@ def _candidate(reference: BaselineResult, kind: str, fitter: Fitter, splits: Seq
     for _, val in splits:
         scores.append(float(score(labels[val], reference.probabilities[start : start + len(val)])))
         start += len(val)
-    return Candidate(reference.name, kind, index, probabilities, scores, reference.seconds, reference, fitter, list(classes), int(pool.image_shape[-1]))
+    return Candidate(reference.name, kind, index, probabilities, scores, reference.seconds, reference, list(classes), int(pool.image_shape[-1]), fitter)
 
 
 def held_out(splits: Sequence[Split], rows: np.ndarray, pool_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -238,25 +238,27 @@ class SpreadFitter:
     pool: ImageTensors
     unlabelled: torch.Tensor
     pseudo: PseudoSource
-    _pixels: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _pixels: np.ndarray | None = field(default=None, repr=False)
 
-    def pixels(self) -> tuple[np.ndarray, np.ndarray]:
-        """Downscaled pixels of the pool and of the unlabelled images, computed once."""
+    def pixels(self) -> np.ndarray:
+        """Downscaled pixels of the labelled pool, computed once (those of the unlabelled
+        images are computed for the few the student learns from, split by split)."""
         if self._pixels is None:
-            self._pixels = flat_pixels(self.pool), flat_pixels(self.unlabelled)
+            self._pixels = flat_pixels(self.pool)
         return self._pixels
 
     def fit(self, split: int | None, train: np.ndarray):
         """The student of one split: the split's labelled images and the surest
         :data:`STUDENT_SHARE` of the labels spread from them."""
-        labelled, unlabelled = self.pixels()
         index, spread = self.pseudo(split, train).most_confident(STUDENT_SHARE)
-        features = np.concatenate([labelled[train], unlabelled[index]])
+        labelled = self.pixels()[train]
+        taught = flat_pixels(self.unlabelled[torch.as_tensor(index)]) if len(index) else labelled[:0]
+        features = np.concatenate([labelled, taught])
         return fit_logistic(features, np.concatenate([self.pool.labels.numpy()[train], spread]))
 
     def baseline(self, splits: Sequence[Split], classes: int, score: Score) -> BaselineResult:
         started = time.perf_counter()
-        labelled, _ = self.pixels()
+        labelled = self.pixels()
         rows = []
         for number, (train, val) in enumerate(splits):
             model = self.fit(number, train)
