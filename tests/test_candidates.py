@@ -141,6 +141,8 @@ def test_a_single_split_gives_its_validation_images(digits, pool):
 
 
 def test_each_candidate_module_gives_scikit_learns_probabilities(candidates, fitted, shipped, digits):
+    """load_checkpoint rebuilds each module; the probe's backbone is built afresh (another
+    random initialisation), so its match proves the checkpoint carries the body's weights."""
     val = digits.val.subset(np.arange(64))
     for name in candidates:
         loaded = load_checkpoint(shipped[name])
