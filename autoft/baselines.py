@@ -37,21 +37,27 @@ class BaselineResult:
         return f"{self.name} {self.value:.4f}"
 
 
-def fit_and_score(features: np.ndarray, labels: np.ndarray, splits: Sequence[Split], num_classes: int, score: Score, name: str) -> BaselineResult:
-    """Fit a standardised logistic regression on each split's train rows; score every validation row once."""
-    import time
-
+def fit_logistic(features: np.ndarray, labels: np.ndarray):
+    """The references' model: standardised features, then logistic regression (C=1)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence warnings on tiny sets: the fit is still usable
+        model.fit(features, labels)
+    return model
+
+
+def fit_and_score(features: np.ndarray, labels: np.ndarray, splits: Sequence[Split], num_classes: int, score: Score, name: str) -> BaselineResult:
+    """Fit a standardised logistic regression on each split's train rows; score every validation row once."""
+    import time
+
     started = time.perf_counter()
     validated, probabilities = [], []
     for train, val in splits:
-        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=1.0))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # convergence warnings on tiny sets: the fit is still usable
-            model.fit(features[train], labels[train])
+        model = fit_logistic(features[train], labels[train])
         proba = np.zeros((len(val), num_classes))
         proba[:, model.classes_] = model.predict_proba(features[val])
         validated.append(val)
@@ -77,20 +83,13 @@ def mirror_accuracies(pool: ImageTensors, split: Split, limit: int = 2000, seed:
     regression on the training images' pixels: whether a horizontal flip changes what an
     image shows (digits, text, charts), measured on the data. At most ``limit`` training
     images of the labelled ``pool`` are used, read a batch at a time."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     labels = pool.labels.numpy()
     rng = np.random.default_rng(seed)
     train, val = (rng.choice(part, min(len(part), n), replace=False) for part, n in ((split[0], limit), (split[1], limit // 2)))
     pixels = downscaled_pixels(pool.subset(np.concatenate([train, val])))
     mirrored = pixels[len(train) :, ..., ::-1]  # downscaling keeps left and right: mirror the small images, not read them again
     features = np.concatenate([pixels, mirrored]).reshape(len(train) + 2 * len(val), -1)
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.fit(features[: len(train)], labels[train])
+    model = fit_logistic(features[: len(train)], labels[train])
     plain, flipped = features[len(train) : len(train) + len(val)], features[len(train) + len(val) :]
     return float(model.score(plain, labels[val])), float(model.score(flipped, labels[val]))
 

@@ -16,6 +16,7 @@ import torch
 
 from autoft import plugins
 from autoft.backbones import build_backbone, safe_load
+from autoft.candidate_modules import build_candidate
 from autoft.data import Normalize
 from autoft.errors import AutoftError
 from autoft.io import atomic_path
@@ -36,11 +37,14 @@ def save_checkpoint(
     params: dict[str, Any],
     data: str | None = None,
     seed: int = 0,
+    candidate: dict[str, Any] | None = None,
 ) -> Path:
     """Weights plus what rebuilding and preprocessing need, written atomically.
 
     ``data`` and ``seed`` record where the images came from, so that export can verify
-    and calibrate on the same validation split later.
+    and calibrate on the same validation split later. ``candidate`` marks a simple model
+    (:mod:`autoft.candidate_modules`): plain data naming its kind, from which loading
+    rebuilds its module instead of asking a backbone source.
     """
     from autoft import __version__
 
@@ -57,6 +61,8 @@ def save_checkpoint(
         "seed": seed,
         "state_dict": {k: v.detach().cpu() for k, v in backbone.model.state_dict().items()},
     }
+    if candidate is not None:
+        payload["candidate"] = dict(candidate)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
@@ -123,7 +129,10 @@ def load_checkpoint(path: str | Path, registry: plugins.Registry | None = None) 
 
 
 def _build_member(meta: dict[str, Any], member: dict[str, Any], registry: plugins.Registry | None) -> Backbone:
-    backbone = build_backbone(meta["backbone"], num_classes=len(meta["classes"]), dropout=member["params"].get("dropout", 0.0), registry=registry)
+    if meta.get("candidate") is not None:  # a simple model: its module is rebuilt from the checkpoint alone
+        backbone = build_candidate(meta, registry)
+    else:
+        backbone = build_backbone(meta["backbone"], num_classes=len(meta["classes"]), dropout=member["params"].get("dropout", 0.0), registry=registry)
     backbone.model.load_state_dict(member["state_dict"])
     backbone.model.eval()
     return backbone
