@@ -25,7 +25,7 @@ from autoft.planning import BudgetTooSmall, DataShape, Overrides, Plan, calibrat
 from autoft.runtime import resolve_device, resolve_jobs, seed_everything, threads_per_job, torch_threads
 from autoft.searching.config import SearchConfig, default_study_name
 from autoft.searching.pretraining_stage import StageResult, pretraining_stage
-from autoft.searching.session import PSEUDO_DEFAULT, SearchContext, SearchState, Session, _Timer, fit_baselines, make_splits
+from autoft.searching.session import PSEUDO_DEFAULT, SearchContext, SearchState, Session, _Timer, make_splits, pseudo_labels
 from autoft.searching.space import DEFAULT_STRATEGIES, SearchSpace, load_overrides
 from autoft.searching.storage import default_storage_url, open_storage
 from autoft.weights import resolve_weights
@@ -74,20 +74,21 @@ def prepare(config: SearchConfig, registry: plugins.Registry | None = None) -> S
             stage = pretraining_stage(config, plan, pool, unlabelled, data, weights=setup.weights, device=setup.device, budget=setup.budget,
                                       out=out, skipped=skipped, emit=lambda event: _emit(config, event))  # fmt: skip
         space = _semi_supervised_space(space, stage)
-        features = {"pretrained": stage.features} if stage is not None else {}
+        if stage is not None:
+            features["pretrained"] = stage.features
+            state.embedders["pretrained"] = features_of(config.backbone, data.num_classes, stage.features, setup.registry, setup.device, config.seed)
     with _Timer(timings, "baselines"):
-        baselines = _reference_models(setup, plan, pool, splits, data.num_classes, unlabelled, state)
+        candidates = _candidates(setup, plan, pool, splits, data, unlabelled, state)
     if "start" in state.embedders:
         features = {"start": setup.weights, **features}
+        state.embedders = {"start": state.embedders["start"], **state.embedders}
     ctx = SearchContext(
         config=config, registry=setup.registry, device=setup.device, data=data, pool=pool, splits=tuple(splits), plan=plan, space=space,
         strategies=setup.strategies, n_groups=setup.n_groups, weights=setup.weights, out=out, study_name=study_name, storage_url=storage_url,
-        budget=setup.budget, data_source=data_source, unlabelled=unlabelled, unlabelled_skipped=tuple(skipped), baselines=tuple(baselines),
+        budget=setup.budget, data_source=data_source, unlabelled=unlabelled, unlabelled_skipped=tuple(skipped), candidates=tuple(candidates),
         embedder_weights=features, jobs=setup.jobs,
     )  # fmt: skip
     session = Session(ctx, state)
-    for name, weights in features.items():
-        state.embedders.setdefault(name, features_of(config.backbone, data.num_classes, weights, setup.registry, setup.device, config.seed))
     return session
 
 
@@ -178,16 +179,25 @@ def _semi_supervised_space(space: SearchSpace, stage: StageResult | None) -> Sea
     return dataclasses.replace(space, choices=choices, regularizers=regularizers, regularizer_objects={})
 
 
-def _reference_models(setup: _Setup, plan: Plan, pool: ImageTensors, splits: list, num_classes: int, unlabelled: torch.Tensor | None, state: SearchState) -> list:
-    """Logistic regression on pixels and the linear probe, on the trials' splits; keeps the
-    starting weights' features for pseudo-labels when they were cheap enough to compute."""
+def _candidates(setup: _Setup, plan: Plan, pool: ImageTensors, splits: list, data: DataSplits, unlabelled: torch.Tensor | None, state: SearchState) -> list:
+    """The simple models, fitted and scored on exactly the trials' splits: logistic regression on
+    pixels, the linear probe on the starting weights' features (when embedding every image is
+    cheap enough; those features then also label the unlabelled images), and, with unlabelled
+    images, label spreading distilled into a model. Each can ship if it wins."""
+    from autoft.candidates import Probe, fit_candidates
+
     config, registry = setup.config, setup.registry
     spec = registry.metric(config.metric)
     score = lambda labels, probabilities: metric_score(spec, labels, probabilities, registry)
-    embed = _embedder(setup, plan, pool, num_classes, unlabelled)
-    if embed is not None and setup.weights is not None:
-        state.embedders["start"] = embed
-    return fit_baselines(pool, splits, num_classes, score, embed, f"{setup.weights or 'random'} {config.backbone}")
+    probe = None
+    if _embedding_is_cheap(setup, plan, pool, unlabelled):
+        probe = Probe.build(config.backbone, setup.weights, data.num_classes, registry=registry, device=setup.device, seed=config.seed)
+        if setup.weights is not None:
+            state.embedders["start"] = probe.embed
+    pseudo = None
+    if unlabelled is not None:
+        pseudo = lambda split, train: pseudo_labels(state.pseudo, pool, unlabelled, data.num_classes, state.embedders, config.seed, split, train)
+    return fit_candidates(pool, splits, data.classes, score, probe=probe, unlabelled=unlabelled, pseudo=pseudo, seed=config.seed)
 
 
 def _check_flips(pool: ImageTensors, split, plan: Plan, seed: int) -> Plan:
@@ -303,13 +313,11 @@ def _check_out(out: Path) -> None:
         raise AutoftError(f"--out {out} cannot be written: {exc.strerror or exc}") from None
 
 
-def _embedder(setup: _Setup, plan: Plan, pool: ImageTensors, num_classes: int, unlabelled: torch.Tensor | None):
-    """Pooled features of the starting weights, when embedding every image is cheap enough."""
+def _embedding_is_cheap(setup: _Setup, plan: Plan, pool: ImageTensors, unlabelled: torch.Tensor | None) -> bool:
+    """Whether embedding every image with the backbone fits in :data:`EMBED_SHARE` of the budget."""
     total = len(pool) + (0 if unlabelled is None else len(unlabelled))
     seconds = setup.config.seconds
-    if seconds is not None and total * plan.step_seconds / max(plan.batch_size, 1) / 3 > EMBED_SHARE * seconds:
-        return None
-    return features_of(setup.config.backbone, num_classes, setup.weights, setup.registry, setup.device, setup.config.seed)
+    return seconds is None or total * plan.step_seconds / max(plan.batch_size, 1) / 3 <= EMBED_SHARE * seconds
 
 
 def features_of(backbone_name: str, num_classes: int, weights: str | None, registry: plugins.Registry, device: torch.device, seed: int):

@@ -11,20 +11,23 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 import optuna
 import torch
 
 from autoft import plugins
-from autoft.baselines import BaselineResult, pixel_baseline, probe_baseline
+from autoft.baselines import BaselineResult
 from autoft.budget import Budget
 from autoft.data import DataSplits, Images, ImageTensors
 from autoft.errors import AutoftError
 from autoft.planning import Plan
 from autoft.searching.config import SearchConfig
 from autoft.searching.space import SearchSpace
+
+if TYPE_CHECKING:
+    from autoft.candidates import Candidate
 from autoft.semisupervised import PseudoLabels, pseudo_label
 
 Split = tuple[np.ndarray, np.ndarray]  # (train, validation) indices into the labelled pool
@@ -59,7 +62,7 @@ class SearchContext:
     data_source: str | None = None
     unlabelled: torch.Tensor | None = None
     unlabelled_skipped: tuple[tuple[str, str], ...] = ()  # (source, reason) of unreadable ones
-    baselines: tuple[BaselineResult, ...] = ()
+    candidates: tuple[Candidate, ...] = ()  # the simple models, scored on ``splits``; shipped when they win
     embedder_weights: Mapping[str, str | None] = field(default_factory=dict)  # name -> the weights whose features label the unlabelled images
     jobs: int = 1  # trials at once (--jobs); this process runs trials as worker ``worker``
     worker: int = 0
@@ -67,6 +70,11 @@ class SearchContext:
     @property
     def cross_validated(self) -> bool:
         return self.plan.folds is not None
+
+    @property
+    def baselines(self) -> tuple[BaselineResult, ...]:
+        """The simple models as the summary and the leaderboard quote them."""
+        return tuple(c.reference for c in self.candidates)
 
     def trial_dir(self, number: int) -> Path:
         return self.out / "trials" / str(number)
@@ -165,13 +173,9 @@ class Session:
         return self.pseudo(split, train_index).most_confident(fraction)
 
     def pseudo(self, split: int | None, train_index: np.ndarray) -> PseudoLabels:
-        """Pseudo-labels propagated from this split's training labels only, so that no
-        validation label leaks into what a trial trains on; computed once per split."""
-        key = -1 if split is None else split
-        if key not in self.state.pseudo:
-            labelled = self.ctx.pool.subset(train_index)  # read a batch at a time if it is on disk
-            self.state.pseudo[key] = pseudo_label(labelled, labelled.labels.numpy(), self.ctx.unlabelled, self.ctx.data.num_classes, embedders=self.state.embedders, seed=self.ctx.config.seed, measure=split is None)
-        return self.state.pseudo[key]
+        """Pseudo-labels propagated from this split's training labels only; computed once per split."""
+        ctx = self.ctx
+        return pseudo_labels(self.state.pseudo, ctx.pool, ctx.unlabelled, ctx.data.num_classes, self.state.embedders, ctx.config.seed, split, train_index)
 
     def teach_refit(self, labels: PseudoLabels) -> None:
         """Pseudo-labels for the refit on every labelled image, in place of label propagation's."""
@@ -205,12 +209,13 @@ def make_splits(labels: np.ndarray, n_train: int, folds: int | None, repeats: in
     return [(np.asarray(a), np.asarray(b)) for a, b in splitter.split(np.zeros(len(labels)), labels)]
 
 
-def fit_baselines(pool: ImageTensors, splits: Sequence[Split], num_classes: int, score: Callable[[np.ndarray, np.ndarray], float],
-                  embed: Callable[[Images], np.ndarray] | None, probe_name: str) -> list[BaselineResult]:  # fmt: skip
-    """Logistic regression on pixels and a linear probe on the starting weights' features
-    (``probe_name``: which), on exactly the trials' splits."""
-    labels = pool.labels.numpy()
-    found = [pixel_baseline(pool, labels, splits, num_classes, score)]
-    if embed is not None:
-        found.append(probe_baseline(embed, pool, labels, splits, num_classes, score, probe_name))
-    return found
+def pseudo_labels(cache: dict[int, PseudoLabels], pool: ImageTensors, unlabelled: torch.Tensor, num_classes: int, embedders: Mapping[str, Callable],
+                  seed: int, split: int | None, train_index: np.ndarray) -> PseudoLabels:  # fmt: skip
+    """Pseudo-labels propagated from split ``split``'s training labels only (``None``: every
+    labelled image), so that no validation label leaks into what trains on them; kept in
+    ``cache``, so trials and the distilled candidate share one computation per split."""
+    key = -1 if split is None else split
+    if key not in cache:
+        labelled = pool.subset(train_index)  # read a batch at a time if it is on disk
+        cache[key] = pseudo_label(labelled, labelled.labels.numpy(), unlabelled, num_classes, embedders=embedders, seed=seed, measure=split is None)
+    return cache[key]

@@ -91,7 +91,7 @@ def _spec(session, index: int, threads: int) -> WorkerSpec:
     ctx = session.ctx
     config = dataclasses.replace(ctx.config, jobs=1, on_event=None, pre_search=(), sampler=ctx.config.sampler if isinstance(ctx.config.sampler, str) else "tpe")
     space = dataclasses.replace(ctx.space, regularizer_objects={})
-    context = dataclasses.replace(ctx, config=config, space=space, registry=None, strategies=dict.fromkeys(ctx.strategies), data=None, pool=None, unlabelled=None)
+    context = dataclasses.replace(ctx, config=config, space=space, registry=None, strategies=dict.fromkeys(ctx.strategies), data=None, pool=None, unlabelled=None, candidates=())
     device = str(ctx.device)
     if ctx.device.type == "cuda" and torch.cuda.device_count() > 1:
         device = f"cuda:{index % torch.cuda.device_count()}"
