@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from autoft.data import DataSplits, ImageTensors, image_files, prepare as decode
 from autoft.errors import AutoftError
 from autoft.events import PlanMade, WeightsNotice
 from autoft.metrics import metric_specs, score as metric_score
-from autoft.planning import BudgetTooSmall, DataShape, Overrides, Plan, calibrate, candidate_sizes, make_plan, median_short_side
+from autoft.planning import BudgetTooSmall, DataShape, Overrides, Plan, calibrate, candidate_sizes, duration, make_plan, median_short_side
 from autoft.runtime import resolve_device, seed_everything
 from autoft.searching.config import SearchConfig, default_study_name
 from autoft.searching.session import PSEUDO_DEFAULT, Session, fit_baselines, make_splits
@@ -58,7 +59,10 @@ def prepare(config: SearchConfig, worker: WorkerSpec | None = None) -> Session:
     if worker is None:
         shape, classes = _data_shape(labelled_images, _count_unlabelled(config.unlabelled))
         clock = time.monotonic()
-        sizes = [config.image_size] if config.image_size else candidate_sizes(_median_side(config.data, labelled_images), info.input_size, pretrained)
+        side = _median_side(config.data, labelled_images)
+        undecoded = 0 if isinstance(labelled_images, DataSplits) else len(labelled_images.samples) + shape.unlabelled
+        shape = replace(shape, undecoded=undecoded, source_side=side)  # what decoding will cost: the plan keeps time for it
+        sizes = [config.image_size] if config.image_size else candidate_sizes(side, info.input_size, pretrained)
         make_model = lambda: build_backbone(config.backbone, num_classes=max(2, classes), registry=registry).model
         with torch_threads(threads_per_job(jobs)):  # what one of the --jobs workers will have
             rates = calibrate(make_model, sizes, config.batch_size or CALIBRATION_BATCH, device, max(2, classes))
@@ -73,7 +77,8 @@ def prepare(config: SearchConfig, worker: WorkerSpec | None = None) -> Session:
     unlabelled, unlabelled_skipped = _decode_unlabelled(config.unlabelled, data.image_size, registry)
     timings["decoding"] = time.monotonic() - clock
     if worker is None:
-        plan = _plan(config, _data_shape(data, 0 if unlabelled is None else len(unlabelled))[0], rates, overrides, started, pretrained, jobs)  # what decoding left
+        decoded = _data_shape(data, 0 if unlabelled is None else len(unlabelled))[0]
+        plan = _plan(config, decoded, rates, replace(overrides, image_size=data.image_size), started, pretrained, jobs)  # what decoding left, at the size decoded
     if worker is not None and not plan.flips:
         data.hflip = False
     pool = ImageTensors.concat([data.train, data.val])
@@ -173,7 +178,7 @@ def _data_shape(labelled: Any, unlabelled: int) -> tuple[DataShape, int]:
     shape = DataShape(
         labelled=len(labels), val=val_total, smallest_class=int(counts[counts > 0].min()) if counts.any() else 0,
         smallest_val_class=int(val_counts[counts > 0].min()) if counts.any() else 0, unlabelled=unlabelled,
-        extra_train=int(PSEUDO_DEFAULT * unlabelled),
+        extra_train=int(PSEUDO_DEFAULT * unlabelled), classes=classes,
     )  # fmt: skip
     return shape, classes
 
@@ -211,14 +216,12 @@ def _decode_unlabelled(source: Any, size: int, registry) -> tuple[torch.Tensor |
 def _plan(config: SearchConfig, shape: DataShape, rates, overrides: Overrides, started: float, pretrained: bool, jobs: int) -> Plan:
     budget = None if config.seconds is None else config.seconds - (time.monotonic() - started)
     try:
-        return make_plan(shape, rates, budget, overrides, pretrained=pretrained, jobs=jobs)
+        return make_plan(shape, rates, budget, overrides, pretrained=pretrained, jobs=jobs, backbone=config.backbone)
     except BudgetTooSmall as exc:
         spent = time.monotonic() - started
-        from autoft.planning import duration
-
         raise AutoftError(
-            f"--timeout {duration(config.seconds)} cannot hold even the smallest plan for {shape.labelled} images on this device "
-            f"(decoding and calibration took {duration(spent)}); give it at least {duration(spent + exc.least)}"
+            f"--timeout {duration(config.seconds)} cannot hold even the smallest plan (decoding {shape.labelled} images, logistic regression on their pixels) "
+            f"on this device after {duration(spent)} of checks and calibration; give it at least {duration(spent + exc.least)}"
         ) from None
 
 
