@@ -190,7 +190,7 @@ def test_flags_override_each_choice():
 def test_pretraining_is_bought_from_what_the_default_fit_leaves():
     shape = DataShape(labelled=100, val=20, smallest_class=10, smallest_val_class=2, unlabelled=1500, classes=10)
     plan = make_plan(shape, RATES, 360)
-    assert plan.pretrain_epochs >= 2 and plan.default_steps == GOOD_STEPS
+    assert plan.pretrain_epochs >= 1 and plan.default_steps == GOOD_STEPS
     assert plan.pretrain_seconds <= 0.25 * (360 - plan.default_seconds - plan.refit_seconds)
     assert make_plan(shape, RATES, 360, Overrides(pretrain_epochs=3)).pretrain_epochs == 3
     short = make_plan(shape, {32: Throughput(32, 100.0, 400.0)}, 150)
