@@ -22,7 +22,7 @@ class Plan:
 
     image_size: int
     batch_size: int
-    steps: int  # optimizer steps of a search trial's fit, its full fidelity (the default fit's length)
+    steps: int  # optimizer steps of a search trial's fit, its full fidelity (the default fit's length; the least fit's without one)
     evaluations: int  # evaluation points of one fit (the pruner's resource)
     folds: int | None  # k of the search's k-fold cross-validation, None for one split
     repeats: int  # repetitions of the k folds with other shuffles

@@ -231,6 +231,8 @@ def _plan_at(data: DataShape, rate: Throughput, budget: float | None, overrides:
         plan.skipped.append(f"the linear probe (embedding {data.labelled + data.unlabelled} images takes {duration(probe)})")
     left = None if budget is None else budget * MARGIN_FREE - simple
     if not _buy_default(plan, fit, left, overrides, pretrained):
+        least = min(fit.wanted, ENOUGH_STEPS)  # what the least fit would be: the fields stay usable by code that reads them
+        plan.steps, plan.evaluations, plan.fit_seconds = least, 2, fit.seconds(least, 2)
         return plan
     left = None if left is None else left - plan.default_seconds
     plan.refit_seconds = BUILD_SECONDS + plan.default_steps * data.labelled / max(train, 1) * fit.step_seconds  # the refit's steps grow with its data
