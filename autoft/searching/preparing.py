@@ -60,8 +60,7 @@ def prepare(config: SearchConfig, worker: WorkerSpec | None = None) -> Session:
         shape, classes = _data_shape(labelled_images, _count_unlabelled(config.unlabelled))
         clock = time.monotonic()
         side = _median_side(config.data, labelled_images)
-        undecoded = 0 if isinstance(labelled_images, DataSplits) else len(labelled_images.samples) + shape.unlabelled
-        shape = replace(shape, undecoded=undecoded, source_side=side)  # what decoding will cost: the plan keeps time for it
+        shape = _before_decoding(shape, labelled_images, side)
         sizes = [config.image_size] if config.image_size else candidate_sizes(side, info.input_size, pretrained)
         make_model = lambda: build_backbone(config.backbone, num_classes=max(2, classes), registry=registry).model
         with torch_threads(threads_per_job(jobs)):  # what one of the --jobs workers will have
@@ -77,8 +76,7 @@ def prepare(config: SearchConfig, worker: WorkerSpec | None = None) -> Session:
     unlabelled, unlabelled_skipped = _decode_unlabelled(config.unlabelled, data.image_size, registry)
     timings["decoding"] = time.monotonic() - clock
     if worker is None:
-        decoded = _data_shape(data, 0 if unlabelled is None else len(unlabelled))[0]
-        plan = _plan(config, decoded, rates, replace(overrides, image_size=data.image_size), started, pretrained, jobs)  # what decoding left, at the size decoded
+        plan = _plan(config, _data_shape(data, 0 if unlabelled is None else len(unlabelled))[0], rates, replace(overrides, image_size=data.image_size), started, pretrained, jobs)  # what decoding left, at the size decoded
     if worker is not None and not plan.flips:
         data.hflip = False
     pool = ImageTensors.concat([data.train, data.val])
@@ -181,6 +179,12 @@ def _data_shape(labelled: Any, unlabelled: int) -> tuple[DataShape, int]:
         extra_train=int(PSEUDO_DEFAULT * unlabelled), classes=classes,
     )  # fmt: skip
     return shape, classes
+
+
+def _before_decoding(shape: DataShape, labelled: Any, side: int | None) -> DataShape:
+    """The shape with what decoding will cost: the plan keeps time for it."""
+    undecoded = 0 if isinstance(labelled, DataSplits) else len(labelled.samples) + shape.unlabelled
+    return replace(shape, undecoded=undecoded, source_side=side)
 
 
 def _median_side(data: Any, labelled: Any) -> int | None:
