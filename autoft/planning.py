@@ -1,53 +1,59 @@
-"""The budget planner: turn ``--timeout`` into image size, training length, folds and trials.
+"""The budget planner: turn ``--timeout`` into stages bought in order, and their shapes.
 
-Before any trial, a short calibration times a few training batches of the backbone on
-the device at each candidate image size. From that throughput, the dataset's size and
-the time left, :func:`make_plan` chooses
+A search that loses to logistic regression on pixels, or refuses a budget logistic
+regression fits in, is worse than no search. So the time is spent in this order, and each
+stage is bought only from what the ones before it leave:
 
-- the image size: the images' median short side (a multiple of 8, at least 32, at most
-  the backbone's native size); a larger one only with pretrained weights and time to spare;
-- the training length of a trial in optimizer *steps*, so that a trial on 80 images still
-  gets the hundreds of steps it needs (the data repeat), and how often it is evaluated;
-- k-fold cross-validation when a validation split would be too small to choose on;
-- the pretraining stage's epochs, and time kept back for the final refit;
-- so that about :data:`TRIAL_EQUIVALENTS` full-length trials fit in the rest.
+1. the simple models (seconds: logistic regression on pixels, a linear probe): always,
+   unless the budget cannot even decode the images and fit logistic regression
+   (:class:`BudgetTooSmall`);
+2. the known-good default recipe, trained once at full strength (:data:`GOOD_STEPS`, or
+   :data:`TARGET_EPOCHS` passes over large data) at the images' own size on one split;
+   squeezed to fewer steps, no fewer than :data:`ENOUGH_STEPS`, when the budget is short;
+3. the final refit on every labelled image;
+4. the search, when at least :data:`SEARCH_MIN` trials at the default's length fit; and
+   within it, in this order, pretraining on unlabelled images, pseudo-labels, then
+   cross-validation (:data:`CV_EQUIVALENTS` trials of k fits) and its repeats.
 
-Every choice can be forced by the flag that names it; a choice the flags force is taken
-as given and the rest is planned around it.
+:meth:`Plan.line` says what was bought and what was skipped. Throughput comes from
+:mod:`autoft.calibration`. Every choice can be forced by the flag that names it; a forced
+choice is taken as given and the rest is planned around it.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass
 
+from autoft.calibration import MIN_SIZE, Throughput, calibrate, candidate_sizes, median_rate, median_short_side, own_size, short_side  # noqa: F401  (re-exported)
 from autoft.errors import AutoftError
+from autoft.plan import SIMPLE_MODELS, Plan, bucket, duration  # noqa: F401  (re-exported)
 
-MIN_SIZE = 32
-TRIAL_EQUIVALENTS = 10  # full-length trials the search budget must hold
-MIN_STEPS = 40  # below this a trial learns nothing worth ranking
-GOOD_STEPS = 400  # what a small dataset needs: more is spent only while epochs are few
-ENOUGH_STEPS = 150  # fewer than this, and fewer folds or trial-equivalents are tried first
-TARGET_EPOCHS = 15  # ... and for larger ones, about this many passes over the data
-EVALUATIONS = 8  # evaluation points of a trial: the pruner's rungs
-PRETRAIN_SHARE = 0.2  # of the time left, for the pretraining stage
-REFIT_SHARE = 0.15  # of what pretraining leaves, kept for the final refit on every labelled image
+GOOD_STEPS = 400  # what a fixed recipe needs on a small dataset: the default fit's length
+ENOUGH_STEPS = 150  # fewer, and a model trained from scratch loses to logistic regression: the default is not bought
+MIN_STEPS = 40  # ... with pretrained weights a short fine-tune still helps
+TARGET_EPOCHS = 15  # on large data, about this many passes over it ...
+DEFAULT_SHARE = 0.5  # ... within at most this share of the budget (never below GOOD_STEPS)
+EVALUATIONS = 8  # evaluation points of a fit: the pruner's rungs
+SEARCH_MIN = 2  # trials at the default's length a search must hold to be bought
+CV_EQUIVALENTS = 6  # ... and that many k-fold trials for cross-validation to be bought
+PRETRAIN_SHARE = 0.2  # of what the default fit and the refit leave, for pretraining
+PRETRAIN_MIN_EPOCHS = 1  # an epoch on a few hundred unlabelled images already helps a from-scratch start
 PRETRAIN_MAX_EPOCHS = 50
+PSEUDO_SHARE = 0.1  # embedding every image for pseudo-labels may take this share of the search's time
 CV_MIN_VAL = 300  # a validation split smaller than this is noise to choose on
 CV_MIN_PER_CLASS = 30
 MARGIN = 0.03  # of the budget, kept for the report and the last trial's bookkeeping
+MARGIN_FREE = 1 - MARGIN
 BUILD_SECONDS = 0.5  # building a backbone and its optimizer, per fit
-
-
-@dataclass(frozen=True)
-class Throughput:
-    """Images a second on this device at one image size, measured."""
-
-    size: int
-    train: float
-    evaluate: float
+# The simple models' cost, measured with scikit-learn on a 2-core CPU shared with other work:
+DECODE_SECONDS = 2e-3  # an image file opened, decoded and resized ...
+DECODE_PIXEL_SECONDS = 2e-8  # ... and per pixel of the file
+LOGISTIC_SECONDS = 2e-7  # lbfgs logistic regression, per training image x feature x class
+LOGISTIC_FIXED = 0.3
+PIXEL_FEATURES = 3 * 16 * 16  # autoft.semisupervised.PIXEL_SIZE
+PROBE_FEATURES = 512
+SHRINK_FLOOR = 64  # images larger than this may train smaller when the default fit cannot hold their size
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,9 @@ class DataShape:
     smallest_val_class: int  # ... in the single validation split
     unlabelled: int = 0
     extra_train: int = 0  # images a trial may add to its training set (pseudo-labels)
+    classes: int = 2
+    undecoded: int = 0  # images still to decode (labelled and unlabelled) when the plan is made
+    source_side: int | None = None  # the image files' median short side, for the cost of decoding them
 
 
 @dataclass(frozen=True)
@@ -75,154 +84,40 @@ class Overrides:
     batch_size: int | None = None
 
 
-@dataclass
-class Plan:
-    image_size: int
-    batch_size: int
-    steps: int  # optimizer steps of one fit
-    evaluations: int  # evaluation points of one fit (the pruner's resource)
-    folds: int | None  # k of k-fold cross-validation, None for one split
-    repeats: int  # repetitions of the k folds with other shuffles
-    trials: int | None  # a cap, when the user gave one
-    expected_trials: int  # full-length trials expected to fit
-    pretrain_epochs: int
-    fit_seconds: float  # one fit, estimated
-    pretrain_seconds: float
-    refit_seconds: float  # kept back for the final refit
-    budget: float | None  # the seconds the plan was made for, None without --timeout
-    reasons: list[str] = field(default_factory=list)
-    wanted_steps: int = 0  # what the data would want, before the budget
-    step_seconds: float = 0.0
-    jobs: int = 1  # trials run at once (``--jobs``), each at the throughput measured for one
-    flips: bool = True  # whether augmentation may flip images horizontally (the data decide: see autoft.baselines)
+class BudgetTooSmall(AutoftError):
+    """Not even the simple models fit; ``least`` is the smallest budget (seconds from now) that holds them."""
 
-    @property
-    def trial_seconds(self) -> float:
-        return self.fit_seconds * (self.folds or 1) * self.repeats
-
-    @property
-    def eval_every(self) -> int:
-        return max(1, self.steps // self.evaluations)
-
-    def estimated_seconds(self) -> float:
-        return self.pretrain_seconds + self.expected_trials * self.trial_seconds / self.jobs + self.refit_seconds
-
-    def line(self) -> str:
-        """``plan: 32 px, 400 steps a trial (...), 5-fold CV (...), ~24 trials, pretraining 15 epochs (1m10s), within 6m``."""
-        parts = [f"{self.image_size} px", f"{self.steps} steps of {self.batch_size} a fit, {self.evaluations} evaluations"]
-        if self.folds:
-            parts.append(f"{self.folds}-fold CV" + (f" x{self.repeats}" if self.repeats > 1 else ""))
-        parts.append(f"~{self.expected_trials} trials" if self.trials is None else f"{self.trials} trials")
-        if self.jobs > 1:
-            parts[-1] += f", {self.jobs} at a time"
-        if self.pretrain_epochs:
-            parts.append(f"pretraining {self.pretrain_epochs} epochs ({duration(self.pretrain_seconds)})")
-        tail = f"within {duration(self.budget)}" if self.budget is not None else f"about {duration(self.estimated_seconds())} in all"
-        why = f" ({'; '.join(self.reasons)})" if self.reasons else ""
-        return "plan: " + ", ".join(parts) + f", {tail}{why}"
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "eval_every": self.eval_every, "line": self.line()}
-
-
-def duration(seconds: float | None) -> str:
-    """``95`` -> ``1m35s``; ``3600`` -> ``1h``."""
-    if seconds is None:
-        return "-"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs or not (hours or minutes) else "")
-    return text
+    def __init__(self, budget: float, least: float):
+        self.budget, self.least = budget, least
+        super().__init__(
+            f"--timeout {duration(budget)} cannot hold even the smallest plan (decoding the images, logistic regression on their pixels) "
+            f"on this device; give it at least {duration(least)}"
+        )
 
 
 # ---------------------------------------------------------------------------
-# The data's own size
+# The simple models' cost
 
 
-def short_side(sample) -> int | None:
-    """The shorter side of one image without decoding it (a header read for files)."""
-    import numpy as np
-    from PIL import Image
-
-    try:
-        if isinstance(sample, np.ndarray):
-            return int(min(sample.shape[:2]))
-        if isinstance(sample, Image.Image):
-            return int(min(sample.size))
-        with Image.open(sample) as image:
-            return int(min(image.size))
-    except Exception:  # unreadable: decoding reports it later
-        return None
+def _logistic_seconds(train: int, features: int, classes: int) -> float:
+    return LOGISTIC_FIXED + LOGISTIC_SECONDS * train * features * max(2, classes)
 
 
-def median_short_side(samples: Sequence, limit: int = 256, seed: int = 0) -> int | None:
-    import random
-
-    chosen = list(samples) if len(samples) <= limit else random.Random(seed).sample(list(samples), limit)
-    sides = sorted(s for s in map(short_side, chosen) if s)
-    return sides[len(sides) // 2] if sides else None
+def _decode_seconds(data: DataShape) -> float:
+    return data.undecoded * (DECODE_SECONDS + DECODE_PIXEL_SECONDS * (data.source_side or 64) ** 2)
 
 
-def candidate_sizes(median_side: int | None, native: int, pretrained: bool) -> list[int]:
-    """The data's own size, then (pretrained weights only) larger ones up to the native size."""
-    if median_side is None:
-        return [native]
-    base = min(native, max(MIN_SIZE, 8 * round(median_side / 8)))
-    sizes = [base]
-    if pretrained:
-        sizes += [s for s in (2 * base, native) if base < s <= native and s not in sizes]
-    return sizes
+def floor_seconds(data: DataShape) -> float:
+    """The least any plan needs: decoding what is left to decode, logistic regression on one split's pixels."""
+    return _decode_seconds(data) + _logistic_seconds(data.labelled - data.val, PIXEL_FEATURES, data.classes)
 
 
-# ---------------------------------------------------------------------------
-# Calibration
-
-
-def calibrate(make_model: Callable[[], "object"], sizes: Sequence[int], batch_size: int, device, num_classes: int, seconds: float = 1.0) -> dict[int, Throughput]:
-    """Time a few training steps and one evaluation batch at each size: seconds, not minutes."""
-    import torch
-
-    model = make_model().to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    results = {}
-    for size in sizes:
-        x = torch.rand(batch_size, 3, size, size, device=device)
-        y = torch.randint(0, num_classes, (batch_size,), device=device)
-        model.train()
-
-        def step() -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        step()  # the first step pays for allocation and kernel selection
-        train = _rate(step, batch_size, seconds, device)
-        model.eval()
-        with torch.inference_mode():
-            evaluate = _rate(lambda: model(x), batch_size, seconds / 4, device)
-        results[size] = Throughput(size, train, evaluate)
-        if train * seconds < batch_size:  # this size is already slow: larger ones only more so
-            break
-    return results
-
-
-def _rate(step: Callable[[], object], batch_size: int, seconds: float, device) -> float:
-    import torch
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    sync()
-    started, count = time.perf_counter(), 0
-    while count < 2 or (time.perf_counter() - started < seconds and count < 20):
-        step()
-        sync()
-        count += 1
-    return batch_size * count / (time.perf_counter() - started)
+def simple_seconds(data: DataShape, rate: Throughput, folds: int | None) -> tuple[float, float]:
+    """(decoding and logistic regression on pixels, the linear probe: embedding every image once), on each split."""
+    splits = folds or 1
+    train = data.labelled * (splits - 1) // splits if folds else data.labelled - data.val
+    pixels = _decode_seconds(data) + splits * _logistic_seconds(train, PIXEL_FEATURES, data.classes)
+    return pixels, splits * _logistic_seconds(train, PROBE_FEATURES, data.classes) + (data.labelled + data.unlabelled) / rate.evaluate
 
 
 # ---------------------------------------------------------------------------
@@ -230,7 +125,7 @@ def _rate(step: Callable[[], object], batch_size: int, seconds: float, device) -
 
 
 def choose_folds(data: DataShape, overrides: Overrides) -> tuple[int | None, int, str | None]:
-    """(k, repeats, why) for the trials' scoring."""
+    """(k, repeats, why) the data would want for the trials' scoring, before the budget."""
     if overrides.cv:
         return overrides.cv, 1, None
     if overrides.no_cv:
@@ -254,117 +149,182 @@ def default_batch_size(train_images: int) -> int:
     return size
 
 
-def make_plan(data: DataShape, rates: dict[int, Throughput], budget: float | None, overrides: Overrides = Overrides(), *, pretrained: bool = False, jobs: int = 1) -> Plan:
-    """The best plan ``budget`` seconds (from now) can buy; an error naming the least that would do.
 
-    ``jobs`` trials run at once, each at the measured throughput (``rates`` measured with
-    one job's share of the device): the trials' time holds ``jobs`` times as many fits.
+def make_plan(
+    data: DataShape, rates: dict[int, Throughput], budget: float | None, overrides: Overrides = Overrides(), *, pretrained: bool = False, jobs: int = 1,
+    backbone: str = "the backbone",
+) -> Plan:
+    """The stages ``budget`` seconds (from now) buy, in order; :class:`BudgetTooSmall` only when
+    not even decoding and logistic regression on pixels fit.
 
-    Sizes are tried largest first; at each, the most folds whose fits still get
-    :data:`GOOD_STEPS` / 2 steps, else the most folds that get :data:`MIN_STEPS`. When the
-    data's own size cannot fit, smaller sizes are tried: a model at half the size beats none.
+    ``rates`` are measured at the images' own size (the smallest) and, with pretrained weights,
+    larger ones: a larger size is planned only when it buys the same stages and a search of
+    :data:`CV_EQUIVALENTS` trials. Images over :data:`SHRINK_FLOOR` px train smaller only when
+    their own size cannot hold the default fit at full strength; smaller images never do.
+    ``jobs`` trials run at once, each at the measured throughput: the search holds ``jobs``
+    times as many fits; the default fit and the refit run alone.
     """
-    plan = _first_fitting(data, rates, budget, overrides, jobs)
-    if plan is None:
-        raise BudgetTooSmall(budget or 0.0, _least_budget(data, rates, overrides, jobs))
+    least = floor_seconds(data)
+    if budget is not None and budget * MARGIN_FREE < least:
+        raise BudgetTooSmall(budget, math.ceil(least / MARGIN_FREE))
+
+    def at(size: int) -> Plan:
+        return _plan_at(data, rates.get(size) or _scaled(rates, size), budget, overrides, pretrained, jobs, backbone)
+
+    if overrides.image_size:
+        return at(overrides.image_size)
+    base = min(rates)
+    plan = at(base)
+    for size in sorted((s for s in rates if s > base), reverse=True):
+        larger = at(size)
+        if _full(larger) and _stages(larger) == _stages(plan) and larger.search and larger.expected_trials >= CV_EQUIVALENTS:
+            return larger
+    if not _full(plan) and base > SHRINK_FLOOR:
+        for size in dict.fromkeys((max(SHRINK_FLOOR, 8 * (base // 16)), SHRINK_FLOOR)):
+            smaller = at(size)
+            if _full(smaller):
+                smaller.reasons.append(f"{size} px, not the images' {base}: {duration(budget)} cannot train the default recipe at {base} px")
+                return smaller
     return plan
 
 
-def _first_fitting(data: DataShape, rates: dict[int, Throughput], budget: float | None, overrides: Overrides, jobs: int = 1) -> Plan | None:
-    """The first plan that trains enough (:data:`ENOUGH_STEPS`), sizes largest first; failing
-    that, the first that trains at all: a well-trained model at a smaller size beats a barely
-    trained one at a larger."""
+def _full(plan: Plan) -> bool:
+    """The default fit at full strength: all it wants, or at least :data:`GOOD_STEPS` on large data."""
+    return plan.default_fit and plan.default_steps >= min(plan.wanted_steps, GOOD_STEPS)
+
+
+def _stages(plan: Plan) -> tuple:
+    return plan.default_fit, plan.search, plan.folds, plan.repeats, plan.pretraining, plan.pseudo_labels, plan.refit
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """The default recipe's fit on one split, at one size."""
+
+    train: int
+    batch: int
+    wanted: int  # steps at full strength, before the budget
+    step_seconds: float
+    eval_seconds: float  # one evaluation of the validation split
+
+    def seconds(self, steps: int, evaluations: int) -> float:
+        return BUILD_SECONDS + evaluations * self.eval_seconds + steps * self.step_seconds
+
+
+def _plan_at(data: DataShape, rate: Throughput, budget: float | None, overrides: Overrides, pretrained: bool, jobs: int, backbone: str) -> Plan:
+    """Buy the stages in order at one size, each from what the ones before it left."""
     folds, repeats, why = choose_folds(data, overrides)
-    sizes = [overrides.image_size] if overrides.image_size else sorted(rates, reverse=True)
-    if not overrides.image_size:
-        smallest = min(sizes)
-        sizes += [s for s in dict.fromkeys((smallest // 2, smallest // 4, MIN_SIZE)) if MIN_SIZE <= s < smallest]
-    options = [
-        _plan_at(data, rates.get(size) or _scaled(rates, size), k, repeats if k == folds else 1, budget, overrides, why if k else None, equivalents, jobs)
-        for size in sizes
-        for equivalents in (TRIAL_EQUIVALENTS, 6, MIN_TRIAL_EQUIVALENTS)
-        for k in _fold_options(folds, overrides)
-    ]
-    good = [p for p in options if p.steps >= min(ENOUGH_STEPS, p.wanted_steps)] or [p for p in options if p.steps >= _min_steps(overrides)]
-    return good[0] if good else None
+    train = data.labelled - data.val
+    batch = overrides.batch_size or default_batch_size(train)
+    per_epoch = max(1, math.ceil(train / batch))
+    wanted = overrides.epochs * per_epoch if overrides.epochs else max(GOOD_STEPS, TARGET_EPOCHS * per_epoch)
+    fit = _Fit(train, batch, wanted, batch / rate.train, data.val / rate.evaluate)
+    pixels, probe = simple_seconds(data, rate, folds)
+    bought_probe = budget is None or pixels + probe <= budget * MARGIN_FREE
+    simple = pixels + probe if bought_probe else pixels
+    plan = Plan(
+        image_size=rate.size, batch_size=batch, steps=0, evaluations=1, folds=None, repeats=1, trials=overrides.trials, expected_trials=0, pretrain_epochs=0,
+        fit_seconds=0.0, pretrain_seconds=0.0, refit_seconds=0.0, budget=budget, wanted_steps=wanted, step_seconds=fit.step_seconds, jobs=jobs,
+        default_fit=False, search=False, refit=False, simple_seconds=simple, probe=bought_probe, backbone=backbone,
+    )  # fmt: skip
+    if not bought_probe:
+        plan.skipped.append(f"the linear probe (embedding {data.labelled + data.unlabelled} images takes {duration(probe)})")
+    left = None if budget is None else budget * MARGIN_FREE - simple
+    if not _buy_default(plan, fit, left, overrides, pretrained):
+        least = min(fit.wanted, ENOUGH_STEPS)  # what the least fit would be: the fields stay usable by code that reads them
+        plan.steps, plan.evaluations, plan.fit_seconds = least, 2, fit.seconds(least, 2)
+        return plan
+    left = None if left is None else left - plan.default_seconds
+    plan.refit_seconds = BUILD_SECONDS + plan.default_steps * data.labelled / max(train, 1) * fit.step_seconds  # the refit's steps grow with its data
+    plan.refit = left is None or left >= plan.refit_seconds
+    if not plan.refit:
+        plan.skipped.append(f"the refit on all {data.labelled} labelled images ({duration(plan.refit_seconds)}, {duration(max(left, 0))} left)")
+        return plan
+    left = None if left is None else left - plan.refit_seconds
+    if left is not None and left * jobs < SEARCH_MIN * plan.default_seconds:
+        plan.skipped.append(f"the search ({SEARCH_MIN} trials of {plan.steps} steps need {duration(SEARCH_MIN * plan.default_seconds / jobs)}, {duration(max(left, 0))} left)")
+        return plan
+    plan.search = True
+    left = _buy_pretraining(plan, data, rate, left, overrides)
+    left = _buy_pseudo_labels(plan, data, rate, left)
+    _buy_folds(plan, data, rate, left, overrides, (folds, repeats, why))
+    return plan
 
 
-class BudgetTooSmall(AutoftError):
-    """No plan fits; ``least`` is the smallest budget (seconds from now) that would hold one."""
-
-    def __init__(self, budget: float, least: float):
-        self.budget, self.least = budget, least
-        super().__init__(f"--timeout {duration(budget)} cannot hold even the smallest plan on this device; give it at least {duration(least)}")
-
-
-def _least_budget(data: DataShape, rates: dict[int, Throughput], overrides: Overrides, jobs: int = 1) -> float:
-    """Bisect on the budget: plans are arithmetic, so this costs microseconds."""
-    low, high = 1.0, 3600.0
-    while _first_fitting(data, rates, high, overrides, jobs) is None and high < 1e7:
-        low, high = high, high * 4
-    for _ in range(30):
-        middle = (low + high) / 2
-        low, high = (low, middle) if _first_fitting(data, rates, middle, overrides, jobs) else (middle, high)
-    return math.ceil(high)
-
-
-MARGIN_FREE = 1 - MARGIN
-MIN_TRIAL_EQUIVALENTS = 3  # fewer than TRIAL_EQUIVALENTS are planned only when no size affords them
-
-
-def _min_steps(overrides: Overrides) -> int:
-    return 1 if overrides.epochs else MIN_STEPS
-
-
-def _fold_options(folds: int | None, overrides: Overrides) -> list[int | None]:
-    if folds is None or overrides.cv:
-        return [folds]
-    return [k for k in (folds, 3, 2) if k <= folds]
-
-
-def _scaled(rates: dict[int, Throughput], size: int) -> Throughput:
-    """Throughput at an unmeasured size, from the nearest measured one (cost ~ pixels)."""
-    near = min(rates, key=lambda s: abs(s - size))
-    ratio = (near / size) ** 2
-    return Throughput(size, rates[near].train * ratio, rates[near].evaluate * ratio)
-
-
-def _plan_at(
-    data: DataShape, rate: Throughput, folds: int | None, repeats: int, budget: float | None, overrides: Overrides, why: str | None,
-    trial_equivalents: int = TRIAL_EQUIVALENTS, jobs: int = 1,
-) -> Plan:
-    fit_train = (data.labelled * (folds - 1) // folds if folds else data.labelled - data.val) + data.extra_train
-    fit_val = data.labelled // folds if folds else data.val
-    batch = overrides.batch_size or default_batch_size(fit_train)
-    steps_per_epoch = max(1, math.ceil(fit_train / batch))
-    wanted = overrides.epochs * steps_per_epoch if overrides.epochs else max(GOOD_STEPS, TARGET_EPOCHS * steps_per_epoch)
-    step_seconds = batch / rate.train
-    fits = (folds or 1) * repeats
-    usable = None if budget is None else budget * MARGIN_FREE
-    pretrain_epochs = _pretrain_epochs(data, rate, usable, overrides)
-    pretrain_seconds = pretrain_epochs * _pretrain_epoch_seconds(data, rate)
-    refit_ratio = (data.labelled + data.extra_train) / max(fit_train, 1)
+def _buy_default(plan: Plan, fit: _Fit, left: float | None, overrides: Overrides, pretrained: bool) -> bool:
+    """The default recipe at full strength, squeezed to fewer steps (no fewer than
+    :data:`ENOUGH_STEPS`, or :data:`MIN_STEPS` from pretrained weights) when ``left`` is short."""
     evaluations = overrides.epochs or EVALUATIONS
-    if usable is None or overrides.epochs:
-        steps = wanted
+    steps = fit.wanted
+    if left is not None and not overrides.epochs:
+        steps = min(steps, max(GOOD_STEPS, bucket(DEFAULT_SHARE * left / fit.step_seconds)))  # large data: half the budget, the search the rest
+        if fit.seconds(steps, evaluations) > left:
+            evaluations = _evaluations(left, fit.eval_seconds)
+            steps = min(steps, bucket((left - BUILD_SECONDS - evaluations * fit.eval_seconds) / fit.step_seconds))
+    least = 1 if overrides.epochs else min(fit.wanted, MIN_STEPS if pretrained else ENOUGH_STEPS)
+    if left is not None and fit.seconds(least, 1) > left:
+        plan.skipped.append(f"the default recipe ({least} steps of {fit.batch} at {plan.image_size} px need {duration(fit.seconds(least, 1))}, {duration(max(left, 0))} left)")
+        return False
+    if not overrides.epochs:
+        evaluations = min(evaluations, _evaluations(fit.seconds(steps, 0), fit.eval_seconds))
+    if steps < fit.wanted:
+        plan.reasons.append(f"the default recipe squeezed to {steps} of its {fit.wanted} steps")
+    plan.default_fit, plan.default_steps, plan.steps = True, steps, steps
+    plan.evaluations = max(1, min(evaluations, steps))
+    plan.default_seconds = plan.fit_seconds = fit.seconds(steps, plan.evaluations)
+    return True
+
+
+def _buy_pretraining(plan: Plan, data: DataShape, rate: Throughput, left: float | None, overrides: Overrides) -> float | None:
+    if not data.unlabelled or overrides.pretrain_epochs == 0:
+        return left
+    epoch = 2.2 * (data.unlabelled + data.labelled) / rate.train  # two augmented views an image
+    if overrides.pretrain_epochs is not None:
+        epochs = overrides.pretrain_epochs
+    elif left is None:
+        epochs = PRETRAIN_MAX_EPOCHS
     else:
-        # The trial-equivalents, then one refit on every labelled image, share what pretraining leaves.
-        # The final refit keeps REFIT_SHARE (trials are short; the model shipped trains longer), the trials share the rest.
-        per_fit = (usable - pretrain_seconds) * (1 - REFIT_SHARE) * jobs / (trial_equivalents * fits)
-        evaluations = _evaluations(per_fit, fit_val / rate.evaluate)
-        steps = min(wanted, int((per_fit - BUILD_SECONDS - evaluations * fit_val / rate.evaluate) / step_seconds))
-    fit_seconds = BUILD_SECONDS + evaluations * fit_val / rate.evaluate + max(steps, 0) * step_seconds
-    refit_seconds = fit_seconds * refit_ratio if usable is None else max(fit_seconds * refit_ratio, REFIT_SHARE * (usable - pretrain_seconds))
-    if usable is None:
-        expected = overrides.trials or 20
+        epochs = min(PRETRAIN_MAX_EPOCHS, int(PRETRAIN_SHARE * left / epoch))
+        if epochs < PRETRAIN_MIN_EPOCHS or (left - epochs * epoch) * plan.jobs < SEARCH_MIN * plan.default_seconds:
+            plan.skipped.append(f"pretraining ({PRETRAIN_MIN_EPOCHS} epochs on {data.unlabelled + data.labelled} images need {duration(PRETRAIN_MIN_EPOCHS * epoch)}, "
+                                f"a fifth of the search's {duration(left)})")  # fmt: skip
+            return left
+    plan.pretrain_epochs, plan.pretrain_seconds = epochs, epochs * epoch
+    return None if left is None else left - plan.pretrain_seconds
+
+
+def _buy_pseudo_labels(plan: Plan, data: DataShape, rate: Throughput, left: float | None) -> float | None:
+    if not data.unlabelled:
+        return left
+    embed = (data.unlabelled + data.labelled) / rate.evaluate
+    plan.pseudo_labels = left is None or embed <= PSEUDO_SHARE * left
+    if not plan.pseudo_labels:
+        plan.skipped.append(f"pseudo-labels (embedding {data.unlabelled + data.labelled} images takes {duration(embed)}, over a tenth of the search's {duration(left)})")
+        return left
+    return None if left is None else left - embed
+
+
+def _buy_folds(plan: Plan, data: DataShape, rate: Throughput, left: float | None, overrides: Overrides, wanted: tuple[int | None, int, str | None]) -> None:
+    """The most folds (and repeats) the data want whose trials the search holds :data:`CV_EQUIVALENTS` of; else one split."""
+    k, repeats, why = wanted
+    options = [(k, repeats)] if k is None or overrides.cv else list(dict.fromkeys([(k, repeats), (k, 1), *((f, 1) for f in (3, 2) if f < k), (None, 1)]))
+    for folds, times in options:
+        val = data.labelled // folds if folds else data.val
+        fit_seconds = BUILD_SECONDS + plan.evaluations * val / rate.evaluate + plan.steps * plan.step_seconds
+        trial = fit_seconds * (folds or 1) * times
+        if left is None or folds is None or overrides.cv or left * plan.jobs >= CV_EQUIVALENTS * trial:
+            break
+    plan.folds, plan.repeats, plan.fit_seconds = folds, times, fit_seconds
+    if folds and why:
+        plan.reasons.append(why)
+    if (folds, times) != (k, repeats):
+        wanted_trial = (BUILD_SECONDS + plan.evaluations * data.labelled // k / rate.evaluate + plan.steps * plan.step_seconds) * k * repeats
+        plan.skipped.append(f"{k}-fold CV" + (f" x{repeats}" if repeats > 1 else "") + f" ({CV_EQUIVALENTS} trials need {duration(CV_EQUIVALENTS * wanted_trial / plan.jobs)}, {duration(left)} left)")
+    if left is None:
+        plan.expected_trials = overrides.trials or 20
     else:
-        expected = max(0, round(jobs * (usable - pretrain_seconds - refit_seconds) / (fit_seconds * fits)))
-        expected = min(expected, overrides.trials) if overrides.trials else expected
-    return Plan(
-        image_size=rate.size, batch_size=batch, steps=max(steps, 0), evaluations=max(1, min(evaluations, max(steps, 1))), folds=folds, repeats=repeats,
-        trials=overrides.trials, expected_trials=expected, pretrain_epochs=pretrain_epochs, fit_seconds=fit_seconds, pretrain_seconds=pretrain_seconds,
-        refit_seconds=refit_seconds, budget=budget, reasons=[why] if why else [], wanted_steps=wanted, step_seconds=step_seconds, jobs=jobs,
-    )
+        plan.expected_trials = max(0, int(left * plan.jobs / trial))
+        plan.expected_trials = min(plan.expected_trials, overrides.trials) if overrides.trials else plan.expected_trials
 
 
 def _evaluations(fit_seconds: float, one_evaluation: float) -> int:
@@ -372,15 +332,8 @@ def _evaluations(fit_seconds: float, one_evaluation: float) -> int:
     return int(max(2, min(EVALUATIONS, 0.2 * fit_seconds / max(one_evaluation, 1e-9))))
 
 
-def _pretrain_epoch_seconds(data: DataShape, rate: Throughput) -> float:
-    return 2.2 * (data.unlabelled + data.labelled) / rate.train  # two augmented views an image
-
-
-def _pretrain_epochs(data: DataShape, rate: Throughput, usable: float | None, overrides: Overrides) -> int:
-    if not data.unlabelled:
-        return 0
-    if overrides.pretrain_epochs is not None:
-        return overrides.pretrain_epochs
-    if usable is None:
-        return PRETRAIN_MAX_EPOCHS
-    return min(PRETRAIN_MAX_EPOCHS, int(PRETRAIN_SHARE * usable / _pretrain_epoch_seconds(data, rate)))
+def _scaled(rates: dict[int, Throughput], size: int) -> Throughput:
+    """Throughput at an unmeasured size, from the nearest measured one (cost ~ pixels)."""
+    near = min(rates, key=lambda s: abs(s - size))
+    ratio = (near / size) ** 2
+    return Throughput(size, rates[near].train * ratio, rates[near].evaluate * ratio)

@@ -23,7 +23,7 @@ from PIL import Image
 @dataclass
 class DigitFolders:
     labelled: Path
-    unlabelled: Path
+    unlabelled: Path | None  # None: no unlabelled images, no --unlabelled
     test: list[Path]
     test_labels: np.ndarray
     train_pixels: np.ndarray
@@ -104,10 +104,12 @@ def fixed_recipe_accuracy(folders: DigitFolders, backbone: str = "resnet18", *, 
     import torch.nn.functional as F
 
     torch.manual_seed(seed)
-    side = int(np.sqrt(folders.train_pixels.shape[1]))
+    values = folders.train_pixels.shape[1]
+    channels = 1 if round(np.sqrt(values)) ** 2 == values else 3  # grayscale side**2, or RGB 3 * side**2 (channels first)
+    side = round(np.sqrt(values // channels))
 
     def tensors(pixels: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(pixels).view(-1, 1, side, side).expand(-1, 3, -1, -1)
+        x = torch.from_numpy(pixels).view(-1, channels, side, side).expand(-1, 3, -1, -1)
         return (x - 0.5) / 0.25
 
     x, y = tensors(folders.train_pixels), torch.from_numpy(folders.train_labels).long()
@@ -142,8 +144,9 @@ class SearchRun:
 
 
 def run_search(folders: DigitFolders, out: Path, timeout: str, backbone: str = "resnet18", extra: tuple[str, ...] = ()) -> SearchRun:
-    """``autoft search --backbone B --data D --unlabelled U --timeout T``, no tuning flags, timed from outside."""
-    command = [str(Path(sys.executable).parent / "autoft"), "search", "--backbone", backbone, "--data", str(folders.labelled), "--unlabelled", str(folders.unlabelled), "--timeout", timeout, "--out", str(out), *extra]
+    """``autoft search --backbone B --data D [--unlabelled U] --timeout T``, no tuning flags, timed from outside."""
+    unlabelled = ["--unlabelled", str(folders.unlabelled)] if folders.unlabelled is not None else []
+    command = [str(Path(sys.executable).parent / "autoft"), "search", "--backbone", backbone, "--data", str(folders.labelled), *unlabelled, "--timeout", timeout, "--out", str(out), *extra]
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.monotonic() - started

@@ -21,7 +21,7 @@ from autoft.decoding import prepare as decode_and_split
 from autoft.errors import AutoftError
 from autoft.events import PlanMade, WeightsNotice
 from autoft.metrics import metric_specs, score as metric_score
-from autoft.planning import BudgetTooSmall, DataShape, Overrides, Plan, calibrate, candidate_sizes, make_plan, median_short_side
+from autoft.planning import BudgetTooSmall, DataShape, Overrides, Plan, calibrate, candidate_sizes, duration, make_plan, median_short_side
 from autoft.runtime import resolve_device, resolve_jobs, seed_everything, threads_per_job, torch_threads
 from autoft.searching.config import SearchConfig, default_study_name
 from autoft.searching.pretraining_stage import StageResult, pretraining_stage
@@ -133,7 +133,9 @@ def _plan_and_decode(setup: _Setup, labelled_images: Any, timings: dict[str, flo
     shape, classes = _data_shape(labelled_images, _count_unlabelled(config.unlabelled))
     clock = time.monotonic()
     pretrained = setup.weights is not None
-    sizes = [config.image_size] if config.image_size else candidate_sizes(_median_side(labelled_images), setup.input_size, pretrained)
+    side = _median_side(labelled_images)
+    shape = _before_decoding(shape, labelled_images, side)
+    sizes = [config.image_size] if config.image_size else candidate_sizes(side, setup.input_size, pretrained)
     make_model = lambda: build_backbone(config.backbone, num_classes=max(2, classes), registry=setup.registry).model
     with torch_threads(threads_per_job(setup.jobs)):  # what one of the --jobs workers will have
         rates = calibrate(make_model, sizes, config.batch_size or CALIBRATION_BATCH, setup.device, max(2, classes))
@@ -144,7 +146,8 @@ def _plan_and_decode(setup: _Setup, labelled_images: Any, timings: dict[str, flo
     clock = time.monotonic()
     data, unlabelled, skipped = _decode(config, labelled_images, plan.image_size, setup.registry)
     timings["decoding"] = time.monotonic() - clock
-    plan = _plan(setup, _data_shape(data, 0 if unlabelled is None else len(unlabelled))[0], rates, overrides, pretrained)
+    decoded = dataclasses.replace(overrides, image_size=data.image_size)  # what decoding left, at the size decoded
+    plan = _plan(setup, _data_shape(data, 0 if unlabelled is None else len(unlabelled))[0], rates, decoded, pretrained)
     return plan, data, unlabelled, skipped
 
 
@@ -251,9 +254,15 @@ def _data_shape(labelled: Any, unlabelled: int) -> tuple[DataShape, int]:
     shape = DataShape(
         labelled=len(labels), val=val_total, smallest_class=int(counts[counts > 0].min()) if counts.any() else 0,
         smallest_val_class=int(val_counts[counts > 0].min()) if counts.any() else 0, unlabelled=unlabelled,
-        extra_train=int(PSEUDO_DEFAULT * unlabelled),
+        extra_train=int(PSEUDO_DEFAULT * unlabelled), classes=classes,
     )  # fmt: skip
     return shape, classes
+
+
+def _before_decoding(shape: DataShape, labelled: Any, side: int | None) -> DataShape:
+    """The shape with what decoding will cost: the plan keeps time for it."""
+    undecoded = 0 if isinstance(labelled, DataSplits) else len(labelled.samples) + shape.unlabelled
+    return dataclasses.replace(shape, undecoded=undecoded, source_side=side)
 
 
 def _median_side(labelled: Any) -> int | None:
@@ -289,14 +298,12 @@ def _decode_unlabelled(source: Any, size: int, registry) -> tuple[torch.Tensor |
 def _plan(setup: _Setup, shape: DataShape, rates, overrides: Overrides, pretrained: bool) -> Plan:
     config = setup.config
     try:
-        return make_plan(shape, rates, setup.budget.left(), overrides, pretrained=pretrained, jobs=setup.jobs)
+        return make_plan(shape, rates, setup.budget.left(), overrides, pretrained=pretrained, jobs=setup.jobs, backbone=config.backbone)
     except BudgetTooSmall as exc:
         spent = setup.budget.spent()
-        from autoft.planning import duration
-
         raise AutoftError(
-            f"--timeout {duration(config.seconds)} cannot hold even the smallest plan for {shape.labelled} images on this device "
-            f"(decoding and calibration took {duration(spent)}); give it at least {duration(spent + exc.least)}"
+            f"--timeout {duration(config.seconds)} cannot hold even the smallest plan (decoding {shape.labelled} images, logistic regression on their pixels) "
+            f"on this device after {duration(spent)} of checks and calibration; give it at least {duration(spent + exc.least)}"
         ) from None
 
 

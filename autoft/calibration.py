@@ -1,0 +1,132 @@
+"""What the planner measures: the images' own size, and the backbone's throughput at it.
+
+Calibration times training batches in several short windows after a warm-up and keeps the
+median window's rate: one window slowed by another process (the machine is shared, a
+kernel is being selected, the garbage collector runs) moves the median little, so two
+runs of one command on one machine plan the same shape.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+MIN_SIZE = 32  # smaller inputs leave a few pixels after a backbone's downsampling
+WINDOWS = 5  # timed windows per measurement: the median of five shrugs off two bad ones
+WARMUP_STEPS = 1  # allocation, kernel selection, first-touch: never timed
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Images a second on this device at one image size, measured."""
+
+    size: int
+    train: float
+    evaluate: float
+
+
+# ---------------------------------------------------------------------------
+# The data's own size
+
+
+def short_side(sample) -> int | None:
+    """The shorter side of one image without decoding it (a header read for files)."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        if isinstance(sample, np.ndarray):
+            return int(min(sample.shape[:2]))
+        if isinstance(sample, Image.Image):
+            return int(min(sample.size))
+        with Image.open(sample) as image:
+            return int(min(image.size))
+    except Exception:  # unreadable: decoding reports it later
+        return None
+
+
+def median_short_side(samples: Sequence, limit: int = 256, seed: int = 0) -> int | None:
+    chosen = list(samples) if len(samples) <= limit else random.Random(seed).sample(list(samples), limit)
+    sides = sorted(s for s in map(short_side, chosen) if s)
+    return sides[len(sides) // 2] if sides else None
+
+
+def own_size(median_side: int, native: int) -> int:
+    """The images' own size rounded *up* to a multiple of 8 (never below it: 48-px images
+    train at 48, not 40 or 32), at least :data:`MIN_SIZE`, at most the backbone's native size."""
+    return min(native, max(MIN_SIZE, 8 * math.ceil(median_side / 8)))
+
+
+def candidate_sizes(median_side: int | None, native: int, pretrained: bool) -> list[int]:
+    """The data's own size, then (pretrained weights only) larger ones up to the native size."""
+    if median_side is None:
+        return [native]
+    base = own_size(median_side, native)
+    sizes = [base]
+    if pretrained:
+        sizes += [s for s in (2 * base, native) if base < s <= native and s not in sizes]
+    return sizes
+
+
+# ---------------------------------------------------------------------------
+# Throughput
+
+
+def calibrate(
+    make_model: Callable[[], object], sizes: Sequence[int], batch_size: int, device, num_classes: int, seconds: float = 1.0, windows: int = WINDOWS
+) -> dict[int, Throughput]:
+    """Time training steps and evaluation batches at each size: about ``1.25 * seconds`` a
+    size, in ``windows`` windows each, the median window's rate kept."""
+    import torch
+
+    model = make_model().to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    results = {}
+    for size in sizes:
+        x = torch.rand(batch_size, 3, size, size, device=device)
+        y = torch.randint(0, num_classes, (batch_size,), device=device)
+
+        def step() -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        model.train()
+        train = median_rate(step, batch_size, seconds, device, windows)
+        model.eval()
+        with torch.inference_mode():
+            evaluate = median_rate(lambda: model(x), batch_size, seconds / 4, device, windows)
+        results[size] = Throughput(size, train, evaluate)
+        if train * seconds < batch_size:  # this size is already slow: larger ones only more so
+            break
+    return results
+
+
+def median_rate(step: Callable[[], object], batch_size: int, seconds: float, device, windows: int = WINDOWS) -> float:
+    """Images a second: the median over ``windows`` windows of about ``seconds / windows``
+    each (at least one step a window), after :data:`WARMUP_STEPS` untimed steps."""
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(WARMUP_STEPS):
+        step()
+    sync()
+    window, rates, started = seconds / windows, [], time.perf_counter()
+    # Steps much slower than a window end the measurement after three windows: a median of three still drops one outlier.
+    while len(rates) < windows and (len(rates) < 3 or time.perf_counter() - started < 2 * seconds):
+        opened, count = time.perf_counter(), 0
+        while count < 1 or time.perf_counter() - opened < window:
+            step()
+            sync()
+            count += 1
+        rates.append(batch_size * count / (time.perf_counter() - opened))
+    return statistics.median(rates)
