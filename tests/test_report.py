@@ -3,7 +3,6 @@ optional sections a caller fills, and the page as a real browser shows it."""
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 import os
@@ -19,19 +18,8 @@ from PIL import Image
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from autoft.report import (
-    Baseline,
-    BestEvaluation,
-    EnsembleSummary,
-    ReportExtras,
-    SearchPlan,
-    Timings,
-    confident_mistakes,
-    format_duration,
-    per_class_metrics,
-    top_k_accuracy,
-    write_report,
-)
+from autoft.report import write_report
+from autoft.report_data import Baseline, BestEvaluation, EnsembleSummary, ReportExtras, SearchPlan, Timings, confident_mistakes, format_duration, per_class_metrics, top_k_accuracy
 
 DISTRIBUTIONS = {"lr": FloatDistribution(1e-5, 1e-2, log=True), "strategy": CategoricalDistribution(["freeze", "l2sp"])}
 

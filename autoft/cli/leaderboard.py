@@ -12,7 +12,7 @@ from typing import Sequence
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
-from autoft.report import Baseline, EnsembleSummary, describe_ensemble, epochs_run, format_duration, trial_seconds
+from autoft.report_data import Baseline, EnsembleSummary, describe_ensemble, epochs_run, format_duration, trial_seconds
 
 TOP = 5
 BASELINE_STYLE = "italic dim"

@@ -163,7 +163,7 @@ def _jobs(text: str) -> int | str:
 
 def _print_summary(result, metric: str) -> None:
     from autoft.cli.leaderboard import leaderboard
-    from autoft.report import Baseline
+    from autoft.report_data import Baseline
 
     m = result.metrics
     study = _study(result)
