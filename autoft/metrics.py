@@ -19,9 +19,8 @@ from autoft.specs import MetricSpec
 STANDARD_METRICS = ("accuracy", "f1_macro")
 
 
-def metric_specs(selected: str, registry: plugins.Registry | None = None) -> list[MetricSpec]:
+def metric_specs(selected: str, registry: plugins.Registry) -> list[MetricSpec]:
     """The selected metric's spec first (an AutoftError when it is unknown), then the standard ones."""
-    registry = registry or plugins.registry()
     names = dict.fromkeys([selected, *STANDARD_METRICS])
     return [registry.metric(name) for name in names]
 
@@ -47,10 +46,11 @@ def score(spec: MetricSpec, labels: np.ndarray, probabilities: np.ndarray, regis
 
 @torch.inference_mode()
 def evaluate(
-    net: torch.nn.Module, data: ImageTensors, device: torch.device, batch_size: int = 256, metrics: Sequence[MetricSpec] | None = None, registry: plugins.Registry | None = None
+    net: torch.nn.Module, data: ImageTensors, device: torch.device, batch_size: int, metrics: Sequence[MetricSpec], registry: plugins.Registry | None = None
 ) -> dict[str, Any]:
-    """Loss, each metric, predictions and probabilities of ``net`` (normalisation included) on ``data``."""
-    specs = list(metrics) if metrics is not None else metric_specs("accuracy", registry)
+    """Loss, each metric, predictions and probabilities of ``net`` (normalisation included) on ``data``;
+    ``registry`` names a metric's plugin when it fails."""
+    specs = list(metrics)
     net.eval()
     logits = []
     for images, _ in data.iter_batches(batch_size=batch_size, pin_memory=data.on_disk and device.type == "cuda"):
@@ -68,7 +68,7 @@ def evaluate(
     return result
 
 
-def test_metrics(net: torch.nn.Module, data: DataSplits, device: torch.device, batch_size: int, metrics: Sequence[MetricSpec] | None = None) -> dict[str, float]:
+def test_metrics(net: torch.nn.Module, data: DataSplits, device: torch.device, batch_size: int, metrics: Sequence[MetricSpec]) -> dict[str, float]:
     """``test_loss`` and ``test_<metric>`` on the test split, when there is one."""
     if data.test is None or len(data.test) == 0:
         return {}

@@ -40,7 +40,7 @@ class Pool:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def load_pool(source: str | os.PathLike, image_size: int, registry=None) -> Pool:
+def load_pool(source: str | os.PathLike, image_size: int, registry: plugins.Registry) -> Pool:
     """Decode a flat folder of images, a class folder (labels kept aside), or any dataset source.
 
     Unreadable files are skipped with a warning and counted; only a pool with no readable
@@ -59,7 +59,6 @@ def load_pool(source: str | os.PathLike, image_size: int, registry=None) -> Pool
         if not samples:
             raise AutoftError(f"no images found in {source}: expected image files in it or in its subfolders")
     else:
-        registry = registry or plugins.registry()
         spec, argument = registry.dataset(str(source))
         labelled = spec.factory(argument)
         samples, labels = labelled.samples, list(labelled.labels)

@@ -127,13 +127,12 @@ def default_params() -> dict[str, Any]:
 # Completing and checking a recipe
 
 
-def resolve_recipe(given: dict[str, Any], n_groups: int, registry: plugins.Registry | None = None) -> Recipe:
+def resolve_recipe(given: dict[str, Any], n_groups: int, registry: plugins.Registry) -> Recipe:
     """Complete ``given`` with the defaults (base, strategy's, regulariser's) and check it.
 
     A value the user gave outside a range is an :class:`AutoftError`; a plugin's own default
     outside its own range is a :class:`PluginError` naming the plugin.
     """
-    registry = registry or plugins.registry()
     given = {k: v for k, v in given.items() if v is not None}
     recipe = Recipe.from_params(given)
     declared = {}

@@ -47,13 +47,13 @@ class Trainer:
 
     def __init__(
         self, backbone: Backbone, data: DataSplits, recipe: Recipe | dict[str, Any], config: TrainerConfig | None = None, *,
-        registry: plugins.Registry | None = None, on_event: Callable[[Event], None] | None = None,
+        registry: plugins.Registry, on_event: Callable[[Event], None] | None = None,
         callbacks: Sequence[Any] = (), unlabelled: torch.Tensor | None = None,
     ):  # fmt: skip
         self.backbone, self.data = backbone, data
         self.recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_params(recipe)
         self.config = config or TrainerConfig()
-        self.registry = registry or plugins.registry()
+        self.registry = registry
         self.on_event = on_event
         self.device = as_device(self.config.device)
         self.metrics = metric_specs(self.config.metric, self.registry)

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from autoft import plugins
 from autoft.backbones import build_backbone
 from autoft.data import DataSplits, ImageTensors
 from autoft.events import BatchEnd
@@ -68,8 +69,9 @@ def images_per_second(data: DataSplits, args, device: torch.device) -> float:
             stamps.append(time.perf_counter())
 
     config = TrainerConfig(steps=args.steps, eval_every=args.steps, batch_size=args.batch_size, device=device, seed=0)
-    recipe = resolve_recipe({"strategy": "freeze"}, len(backbone.groups))  # autoft train's defaults: everything trains, crop-flip augmentation
-    Trainer(backbone, data, recipe, config, on_event=on_event).fit()
+    registry = plugins.registry()
+    recipe = resolve_recipe({"strategy": "freeze"}, len(backbone.groups), registry)  # autoft train's defaults: everything trains, crop-flip augmentation
+    Trainer(backbone, data, recipe, config, registry=registry, on_event=on_event).fit()
     timed = stamps[args.warmup - 1 :]
     return (len(timed) - 1) * args.batch_size / (timed[-1] - timed[0])
 

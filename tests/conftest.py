@@ -233,3 +233,11 @@ def whole_reads(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(ImageTensors, "images", property(recorded))
     return reads
+
+
+@pytest.fixture(scope="session")
+def registry():
+    """The installed plugins, built once: what autoft's commands pass down to every layer."""
+    from autoft import plugins
+
+    return plugins.registry()

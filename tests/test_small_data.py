@@ -95,7 +95,7 @@ def test_a_search_over_a_pool_on_disk_never_reads_it_whole(labelled_and_unlabell
     assert session.ctx.pool.on_disk and result.report.is_file() and session.ctx.baselines
     data = session.fit_data(0, {"pseudo_labels": "propagate", "pseudo_fraction": 0.5})  # on disk, joined with pseudo-labelled images in memory
     assert data.train.on_disk and len(data.train) == len(session.ctx.splits[0][0]) + 15
-    Trainer(build_backbone("test_resnet", num_classes=3), data, {"strategy": "full"}, TrainerConfig(epochs=1, batch_size=8, device="cpu")).fit()
+    Trainer(build_backbone("test_resnet", num_classes=3), data, {"strategy": "full"}, TrainerConfig(epochs=1, batch_size=8, device="cpu"), registry=session.ctx.registry).fit()
     assert whole_reads == []  # (before: the pool and the pseudo-labels' training split, every report, the pretraining pool)
 
 

@@ -359,7 +359,7 @@ def test_lp_ft_trains_the_head_first_then_the_body(small):
         def on_epoch_start(self, ctx):
             seen[ctx.epoch] = sorted({g.name for g in ctx.backbone.groups for p in ctx.group_parameters([g.name]) if p.requires_grad})
 
-    recipe = resolve_recipe({"strategy": "lp-ft", "lpft_probe_share": 0.5}, 6)
+    recipe = resolve_recipe({"strategy": "lp-ft", "lpft_probe_share": 0.5}, 6, plugins.registry())
     trainer(small, recipe, callbacks=[Watch()], epochs=4, batch_size=64).fit()
     assert seen[1] == seen[2] == ["head"] and len(seen[3]) == 6 == len(seen[4])
 
@@ -499,7 +499,7 @@ def test_the_pseudo_label_loss_only_uses_confident_images():
 
 
 def test_fixmatch_trains_on_unlabelled_images_handed_to_the_trainer(small, digits):
-    recipe = resolve_recipe({"strategy": "full", "lr": 3e-3, "regularizer": "fixmatch", "fixmatch_threshold": 0.7}, 6)
+    recipe = resolve_recipe({"strategy": "full", "lr": 3e-3, "regularizer": "fixmatch", "fixmatch_threshold": 0.7}, 6, plugins.registry())
     run = trainer(small, recipe, epochs=3, batch_size=32)
     run.unlabelled = digits.val.images[:64]
     result = run.fit()

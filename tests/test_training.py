@@ -53,7 +53,7 @@ def test_frozen_batchnorm_keeps_its_running_statistics(digits):
     backbone = build_backbone("test_resnet", num_classes=10)
     before = backbone.model.bn1.running_mean.clone()
     params = resolve_params("freeze", len(backbone.groups), {"freeze_depth": 1})
-    Trainer(backbone, digits, params, TrainerConfig(epochs=1, batch_size=128)).fit()
+    Trainer(backbone, digits, params, TrainerConfig(epochs=1, batch_size=128), registry=plugins.registry()).fit()
     assert torch.equal(backbone.model.bn1.running_mean, before)  # stem frozen: stats untouched
     assert not torch.equal(backbone.model.layer4[0].bn1.running_mean, torch.zeros_like(before[:0]))
 
@@ -124,7 +124,7 @@ def test_nan_loss_is_an_error_not_a_silent_model(digits):
     backbone = build_backbone("test_resnet", num_classes=10)
     params = resolve_params("full", len(backbone.groups), {"lr": 1e12})
     with pytest.raises(FloatingPointError, match="loss is"):
-        Trainer(backbone, digits, params, TrainerConfig(epochs=2, batch_size=256)).fit()
+        Trainer(backbone, digits, params, TrainerConfig(epochs=2, batch_size=256), registry=plugins.registry()).fit()
 
 
 def test_an_interrupted_fit_resumes_from_its_state_file_exactly(digits, tmp_path):
@@ -143,7 +143,7 @@ def test_an_interrupted_fit_resumes_from_its_state_file_exactly(digits, tmp_path
                     raise KeyboardInterrupt  # a crash right after the epoch's state was written
 
         try:
-            result = Trainer(backbone, small, params, TrainerConfig(epochs=3, batch_size=64, state_file=state_file, state_interval=0), on_event=on_event).fit()
+            result = Trainer(backbone, small, params, TrainerConfig(epochs=3, batch_size=64, state_file=state_file, state_interval=0), registry=plugins.registry(), on_event=on_event).fit()
         except KeyboardInterrupt:
             return None, seen, backbone
         return result, seen, backbone
@@ -215,7 +215,7 @@ TRAIN_PROBE = textwrap.dedent(
     data = load_data(folder, image_size=size)
     whole = data.train.images
     net = torch.nn.Sequential(Normalize(result.backbone.mean, result.backbone.std), result.backbone.model)
-    evaluate(net, data.val, torch.device("cpu"), 2 * batch)
+    evaluate(net, data.val, torch.device("cpu"), 2 * batch, [])
     print(json.dumps({
         "growth": trained - baseline, "whole_growth": peak_bytes() - baseline, "whole_bytes": whole.numel(), "on_disk": data.train.on_disk,
         "reads": training_reads, "num_train": result.metrics["num_train"], "num_val": result.metrics["num_val"],

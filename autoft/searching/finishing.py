@@ -28,7 +28,7 @@ from autoft.ensemble import EnsembleChoice, greedy_selection
 from autoft.errors import AutoftError
 from autoft.events import Export, Refit
 from autoft.io import publish_dir, write_json
-from autoft.metrics import score as metric_score, test_metrics
+from autoft.metrics import metric_specs, score as metric_score, test_metrics
 from autoft.searching.objective import Objective, load_predictions, load_teacher
 from autoft.searching.session import Session
 from autoft.semisupervised import PseudoLabels
@@ -223,7 +223,7 @@ def publish_best(session: Session, final: FinalModel, metrics: dict[str, Any]) -
     else:
         write_json(staging / "labels.json", session.ctx.data.classes)
     if session.ctx.data.test is not None and len(session.ctx.data.test):
-        metrics.update(test_metrics(loaded.network().to(session.ctx.device), session.ctx.data, session.ctx.device, 256))
+        metrics.update(test_metrics(loaded.network().to(session.ctx.device), session.ctx.data, session.ctx.device, 256, metric_specs(session.ctx.config.metric, session.ctx.registry)))
     write_json(staging / "metrics.json", metrics)
     publish_dir(staging, target)
     return target
