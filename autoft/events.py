@@ -114,7 +114,7 @@ class Retrain(Event):
 
 @dataclass(frozen=True)
 class Export(Event):
-    number: int
+    number: int | None  # the trial shipped; None for a simple model
 
 
 @dataclass(frozen=True)
@@ -154,11 +154,13 @@ class PlanMade(Event):
 
 @dataclass(frozen=True)
 class Refit(Event):
-    """Trial ``number``'s recipe trains once more, on ``images`` labelled images, for ``steps`` steps."""
+    """Trial ``number``'s recipe trains once more, on ``images`` labelled images, for ``steps``
+    steps; or a simple ``model`` (``number`` None) fits on them."""
 
-    number: int
+    number: int | None
     steps: int
     images: int
+    model: str = ""
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,9 @@ class SearchProgress(LazyProgress):
                 self._trial_end(event)
             case WorkerFailed(worker=worker, reason=reason):
                 self._say(f"[yellow]worker {worker} stopped:[/yellow] {reason}")
-            case Refit(number=number, steps=steps, images=images):
-                self.progress.update(self.running, description=f"refitting trial {number} on {images} labelled images", visible=True, completed=0, total=steps, status="")
+            case Refit(number=number, steps=steps, images=images, model=model):
+                what = model or f"trial {number}"
+                self.progress.update(self.running, description=f"refitting {what} on {images} labelled images", visible=True, completed=0, total=steps or None, status="")
             case Export(number=number):
                 self.progress.update(self.running, description="exporting the best model to ONNX", visible=True, total=None, status="")
             case PretrainStart(method=method, images=images):

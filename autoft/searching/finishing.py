@@ -54,6 +54,8 @@ class FinalModel:
     refit: dict[str, Any] | None  # images and steps of the refit, None when trial weights are kept
     choice: EnsembleChoice | None = None
     notes: list[str] = field(default_factory=list)
+    candidate: str | None = None  # the simple model shipped instead of trials (see autoft.searching.selection)
+    reason: str | None = None  # why it ships
 
     @property
     def is_ensemble(self) -> bool:
@@ -99,8 +101,10 @@ def choose_members(session: Session, best: optuna.trial.FrozenTrial) -> tuple[di
     return dict(sorted(choice.weights.items(), key=lambda kv: -kv[1])), choice
 
 
-def build_final(session: Session, best: optuna.trial.FrozenTrial) -> FinalModel:
-    members, choice = choose_members(session, best)
+def build_final(session: Session, best: optuna.trial.FrozenTrial, members: dict[int, float] | None = None, choice: EnsembleChoice | None = None) -> FinalModel:
+    """The chosen trials (``members``, by default :func:`choose_members`'), each refit on every labelled image."""
+    if members is None:
+        members, choice = choose_members(session, best)
     taught = self_training(session, best) if session.ctx.config.refit else None
     trials = {t.number: t for t in session.study.get_trials(deepcopy=False)}
     work = session.ctx.out / "refit"
@@ -213,7 +217,7 @@ def publish_best(session: Session, final: FinalModel, metrics: dict[str, Any]) -
     if session.ctx.config.export_onnx:
         from autoft.exporting import export
 
-        session.emit(Export(number=final.trials[0]))
+        session.emit(Export(number=final.trials[0] if final.trials else None))
         with session.timed("export"):
             verify = session.ctx.pool.subset(session.ctx.splits[0][1][:VERIFY_IMAGES])
             exported = export(loaded, staging, images=verify, name=session.study.study_name, registry=session.ctx.registry)

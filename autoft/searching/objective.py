@@ -77,7 +77,7 @@ class Objective:
         try:
             params = session.suggest_pseudo_labels(trial, session.ctx.space.suggest(trial, session.ctx.strategies, session.ctx.n_groups))
             session.emit(TrialStart(number=trial.number, params=params))
-            if session.ctx.cross_validated:
+            if session.ctx.cross_validated and not is_default(trial):
                 return self.cross_validate(trial, params)
             return self.single_split(trial, params)
         except optuna.TrialPruned:
@@ -158,13 +158,17 @@ class Objective:
         history: list[dict[str, Any]] = []
         metric = session.ctx.config.metric
 
+        anchor = is_default(trial)  # the default recipe at full strength is what every other model must beat: never pruned
+        reports = not (anchor and session.ctx.cross_validated)  # under CV the pruner compares folds, not this split's evaluations
+
         def on_epoch(event: EpochEnd) -> None:
             history.append(dict(event.record))
             trial.set_user_attr("history", history)
-            trial.report(event.value, event.epoch)
+            if reports:
+                trial.report(event.value, event.epoch)
             if event.resumed:
                 trial.set_user_attr("resumed_from", {"trial": origin, "epoch": event.epoch})
-            elif event.epoch < event.epochs and trial.should_prune():  # a trial that ran all its evaluations is not pruned
+            elif not anchor and event.epoch < event.epochs and trial.should_prune():  # a trial that ran all its evaluations is not pruned
                 raise optuna.TrialPruned(f"val {metric} {event.value:.4f} at evaluation {event.epoch}")
 
         state_file = folder / STATE_NAME
@@ -258,6 +262,12 @@ class Objective:
             if teachers:
                 save_array(session.ctx.trial_dir(trial.number) / TEACHER_NAME, np.mean(teachers, axis=0))
         return float(np.mean(list(scores.values())))
+
+
+def is_default(trial) -> bool:
+    """Whether ``trial`` is the default recipe's fit: the first of a fresh study, on one split,
+    before any cross-validated trial (see :func:`autoft.searching.trials.open_study`)."""
+    return trial.user_attrs.get("recipe") == "default"
 
 
 def save_predictions(folder: Path, index: np.ndarray, probabilities: torch.Tensor) -> None:

@@ -73,7 +73,7 @@ def prepare(config: SearchConfig, registry: plugins.Registry | None = None) -> S
         with _Timer(timings, "pretraining"):
             stage = pretraining_stage(config, plan, pool, unlabelled, data, weights=setup.weights, device=setup.device, budget=setup.budget,
                                       out=out, skipped=skipped, emit=lambda event: _emit(config, event))  # fmt: skip
-        space = _semi_supervised_space(space, stage)
+        space = _semi_supervised_space(space, stage, plan.pseudo_labels)
         if stage is not None:
             features["pretrained"] = stage.features
             state.embedders["pretrained"] = features_of(config.backbone, data.num_classes, stage.features, setup.registry, setup.device, config.seed)
@@ -170,14 +170,16 @@ def _create_study(name: str, storage_url: str, registry: plugins.Registry, metri
     return optuna.create_study(study_name=name, storage=open_storage(storage_url), direction=direction, sampler=optuna.samplers.RandomSampler(), load_if_exists=True)
 
 
-def _semi_supervised_space(space: SearchSpace, stage: StageResult | None) -> SearchSpace:
-    """With unlabelled images the search also chooses pseudo-labels, FixMatch and, after a
-    pretraining stage, which of its checkpoints to start from."""
-    choices = {**space.choices, "pseudo_labels": ["propagate", "none"]}
+def _semi_supervised_space(space: SearchSpace, stage: StageResult | None, pseudo_labels: bool) -> SearchSpace:
+    """With unlabelled images the search also chooses, when the plan bought them, pseudo-labels
+    and FixMatch, and, after a pretraining stage, which of its checkpoints to start from."""
+    choices = dict(space.choices)
+    if pseudo_labels:
+        choices["pseudo_labels"] = ["propagate", "none"]
     if stage is not None:
         choices["init"] = list(stage.init)
     regularizers = space.regularizers
-    if "fixmatch" not in regularizers and not space.overrides.get("regularizer"):
+    if pseudo_labels and "fixmatch" not in regularizers and not space.overrides.get("regularizer"):
         regularizers = (*regularizers, "fixmatch")
     return dataclasses.replace(space, choices=choices, regularizers=regularizers, regularizer_objects={})
 

@@ -18,10 +18,11 @@ from optuna.trial import TrialState
 
 from autoft.errors import AutoftError
 from autoft.searching.config import SearchConfig
-from autoft.searching.finishing import FinalModel, best_trial, build_final, chance_level, publish_best, selection_evidence, wall_time
+from autoft.searching.finishing import FinalModel, best_trial, build_final, chance_level, choose_members, publish_best, selection_evidence, wall_time
 from autoft.searching.objective import stop_on_full_disk
 from autoft.searching.preparing import prepare
 from autoft.searching.reporting import REPORT_FILE, write_report_quietly
+from autoft.searching.selection import candidate_final, judge
 from autoft.searching.session import Session
 from autoft.searching.trials import open_study, run_trials
 from autoft.searching.worker import worker_main
@@ -33,7 +34,7 @@ class SearchResult:
     out: Path
     study_name: str
     storage: str
-    best_number: int
+    best_number: int | None  # the trial shipped; None when a simple model ships
     best_value: float
     best_params: dict[str, Any]
     best_dir: Path
@@ -75,57 +76,84 @@ def run_search(config: SearchConfig) -> SearchResult:
 
 
 def finish(session: Session, queued_again: list[int]) -> SearchResult:
+    """Choose what ships (the trials' model or a simple candidate), refit it, publish ``best/``, report."""
     study = session.study
     trials = study.get_trials(deepcopy=False)
     states = {s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
     best = best_trial(study)
-    if best is None:
-        write_report_quietly(session)
-        reasons = [f"trial {t.number}: {t.user_attrs['fail_reason']}" for t in trials if t.user_attrs.get("fail_reason")]
-        raise AutoftError(f"no trial completed ({', '.join(f'{n} {k.lower()}' for k, n in states.items()) or 'none ran'})" + (f"; {reasons[0]}" if reasons else ""))
     with session.timed("refit"):
-        final = build_final(session, best)
+        final = _final_model(session, best, trials, states)
     metrics = describe_final(session, best, final, states)
     best_dir = publish_best(session, final, metrics)
     session.state.timings["total"] = wall_time(session)
     write_report_quietly(session, metrics)
     return SearchResult(
-        out=session.ctx.out, study_name=study.study_name, storage=session.ctx.storage_url, best_number=best.number, best_value=float(best.value),
-        best_params=dict(best.params), best_dir=best_dir, report=session.ctx.out / REPORT_FILE, states=states, metrics=metrics,
-        seconds=wall_time(session), queued_again=queued_again, plan=session.ctx.plan.as_dict(),
+        out=session.ctx.out, study_name=study.study_name, storage=session.ctx.storage_url, best_number=best.number if best else None,
+        best_value=float(metrics["value"]), best_params=dict(best.params) if best and not final.candidate else {}, best_dir=best_dir,
+        report=session.ctx.out / REPORT_FILE, states=states, metrics=metrics, seconds=wall_time(session), queued_again=queued_again, plan=session.ctx.plan.as_dict(),
     )  # fmt: skip
 
 
-def describe_final(session: Session, best: optuna.trial.FrozenTrial, final: FinalModel, states: dict[str, int]) -> dict[str, Any]:
+def _final_model(session: Session, best: optuna.trial.FrozenTrial | None, trials: list, states: dict[str, int]) -> FinalModel:
+    if best is None:
+        verdict = judge(session, None, "")
+        if verdict.candidate is None:
+            write_report_quietly(session)
+            reasons = [f"trial {t.number}: {t.user_attrs['fail_reason']}" for t in trials if t.user_attrs.get("fail_reason")]
+            raise AutoftError(f"no trial completed ({', '.join(f'{n} {k.lower()}' for k, n in states.items()) or 'none ran'})" + (f"; {reasons[0]}" if reasons else ""))
+        return candidate_final(session, verdict.candidate, verdict.reason)
+    members, choice = choose_members(session, best)
+    ensemble = len(members) > 1 and choice is not None
+    verdict = judge(session, choice.value if ensemble else float(best.value), "ensemble of trials" if ensemble else f"best trial ({best.number})")
+    if verdict.candidate is not None:
+        return candidate_final(session, verdict.candidate, verdict.reason)
+    return build_final(session, best, members, choice)
+
+
+def describe_final(session: Session, best: optuna.trial.FrozenTrial | None, final: FinalModel, states: dict[str, int]) -> dict[str, Any]:
     """best/metrics.json: what was chosen, on what evidence, against which references."""
-    config, plan = session.ctx.config, session.ctx.plan
-    value = final.choice.value if final.is_ensemble and final.choice else float(best.value)
-    evidence = f"{plan.folds}-fold cross-validation" + (f" x{plan.repeats}" if plan.repeats > 1 else "") + f" on {len(session.ctx.pool)} images" if plan.folds else f"a validation split of {len(session.ctx.splits[0][1])} images"
-    model = f"ensemble of {len(final.trials)}" if final.is_ensemble else f"trial {best.number}"
-    if final.refit:
-        model += f", refit on {final.refit['images']} images"
-    summary = f"best {value:.4f} ({model})"
-    baselines = [{"name": b.name, "value": b.value} for b in session.ctx.baselines]
-    if baselines:
-        sign = 1.0 if session.study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
-        top = max(session.ctx.baselines, key=lambda b: sign * b.value)
-        summary += f" vs {top.name} {top.value:.4f}"
-        if sign * value <= sign * top.value:
-            summary += f": the search did not beat {top.name}"
+    config, plan, ctx = session.ctx.config, session.ctx.plan, session.ctx
+    if final.candidate:
+        value = next(c.value for c in ctx.candidates if c.name == final.candidate)
+        model = f"{final.candidate}, refit on {len(ctx.pool)} images"
+    else:
+        value = final.choice.value if final.is_ensemble and final.choice else float(best.value)
+        model = f"ensemble of {len(final.trials)}" if final.is_ensemble else f"trial {best.number}"
+        if final.refit:
+            model += f", refit on {final.refit['images']} images"
+    evidence = f"{plan.folds}-fold cross-validation" + (f" x{plan.repeats}" if plan.repeats > 1 else "") + f" on {len(ctx.pool)} images" if plan.folds else f"a validation split of {len(ctx.splits[0][1])} images"
+    summary = f"best {value:.4f} ({model})" + _against_references(session, value, final)
     metrics: dict[str, Any] = {
-        "study": session.study.study_name, "trial": best.number, "metric": config.metric, "value": value, "best_trial_value": float(best.value),
-        "selection": evidence, "summary": summary, "baselines": baselines, "model": {"members": final.trials, "weights": final.weights, "refit": final.refit},
-        "notes": final.notes + session.state.notes, "plan": plan.as_dict(), "trial_states": states, "timings": dict(session.state.timings), "params": dict(best.params),
-        "history": best.user_attrs.get("history", []), "num_labelled": len(session.ctx.pool), "num_unlabelled": 0 if session.ctx.unlabelled is None else len(session.ctx.unlabelled),
+        "study": session.study.study_name, "trial": best.number if best and not final.candidate else None, "metric": config.metric, "value": value,
+        "best_trial_value": float(best.value) if best else None, "selection": evidence, "summary": summary, "baselines": [{"name": b.name, "value": b.value} for b in ctx.baselines],
+        "model": {"members": final.trials, "weights": final.weights, "refit": final.refit, "candidate": final.candidate},
+        "notes": final.notes + session.state.notes, "plan": plan.as_dict(), "trial_states": states, "timings": dict(session.state.timings),
+        "params": dict(best.params) if best and not final.candidate else {}, "history": best.user_attrs.get("history", []) if best and not final.candidate else [],
+        "num_labelled": len(ctx.pool), "num_unlabelled": 0 if ctx.unlabelled is None else len(ctx.unlabelled),
     }  # fmt: skip
-    chance = chance_level(session.ctx.pool.labels.numpy())
+    chance = chance_level(ctx.pool.labels.numpy())
     if config.metric == "accuracy" and value <= chance + 0.02:
         metrics["warning"] = f"the best model is no better than chance ({chance:.3f}, always the most common class)"
         metrics["summary"] += f"; WARNING: {metrics['warning']}"
-    degenerate = _degenerate(session, best)
+    degenerate = _degenerate(session, best) if best and not final.candidate else None
     if degenerate:
         metrics.setdefault("warning", degenerate)
     return metrics
+
+
+def _against_references(session: Session, value: float, final: FinalModel) -> str:
+    """`` vs logistic regression on pixels 0.9610`` and, when a simple model ships, why."""
+    if final.candidate:
+        return f": {final.reason}" if final.reason else ""
+    baselines = session.ctx.baselines
+    if not baselines:
+        return ""
+    sign = 1.0 if session.study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    top = max(baselines, key=lambda b: sign * b.value)
+    text = f" vs {top.name} {top.value:.4f}"
+    if sign * value <= sign * top.value:
+        text += f": the search did not beat {top.name}"
+    return text
 
 
 def _degenerate(session: Session, best: optuna.trial.FrozenTrial) -> str | None:

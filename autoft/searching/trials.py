@@ -51,7 +51,7 @@ def open_study(session: Session) -> list[int]:
     fresh = not existing and config.storage is None
     configure_study(session, config.seed if fresh else None)
     study.set_user_attr("plan", ctx.plan.as_dict())  # for the dashboard: the plan as the data left it
-    if not existing:
+    if not existing and trial_cap(session) != 0:
         _enqueue_portfolio(session)
     return queued_again
 
@@ -88,7 +88,8 @@ def _enqueue_portfolio(session: Session) -> None:
     if session.ctx.unlabelled is not None:
         default = {**default, **{k: v for k, v in {"pseudo_labels": "propagate", "pseudo_fraction": 0.6}.items() if space.contains(k, v)}}
     session.study.enqueue_trial(default, user_attrs={"recipe": "default"})
-    room = len(PORTFOLIO) if session.ctx.config.trials is None else session.ctx.config.trials - 1
+    cap = trial_cap(session)
+    room = len(PORTFOLIO) if cap is None else cap - 1
     for change in PORTFOLIO[: max(0, room)]:
         recipe = {**default, **change}
         if all(space.contains(k, v) for k, v in change.items()):
@@ -130,14 +131,28 @@ def make_pruner(name: Any, evaluations: int, folds: bool) -> optuna.pruners.Base
 
 def run_trials(session: Session, queued_again: list[int]) -> None:
     """Trials until the cap (``--trials``), or while time remains for another one."""
-    config, study = session.ctx.config, session.study
-    total = config.trials if config.trials is not None else (None if config.seconds is not None else 20)
+    study = session.study
+    total = trial_cap(session)
     done = counted_trials(study.get_trials(deepcopy=False))
     session.emit(SearchStart(study=study.study_name, total=total or session.ctx.plan.expected_trials, done=done, queued_again=queued_again))
     if total is not None and done >= total:
         return
     with stop_on_full_disk(session):
         study.optimize(Objective(session), n_trials=None if total is None else total - done, catch=(Exception,), callbacks=[_AfterTrial(session, total)], gc_after_trial=False)
+
+
+def trial_cap(session: Session) -> int | None:
+    """How many trials the study may hold: ``--trials`` when given; else none when the plan
+    bought only the simple models, the default recipe's alone when it bought no search, and
+    while time remains (20 without ``--timeout``) when it bought one."""
+    config, plan = session.ctx.config, session.ctx.plan
+    if config.trials is not None:
+        return config.trials
+    if not plan.default_fit:
+        return 0
+    if not plan.search:
+        return 1
+    return None if config.seconds is not None else 20
 
 
 REPORT_SHARE = 0.05  # of the trials' time, the most that refreshing report.html between trials may take

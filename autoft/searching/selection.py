@@ -1,0 +1,67 @@
+"""Which model ships: the trials' model (the best trial, or an ensemble of trials) or a simple
+candidate, whichever is better on the same evidence.
+
+The simple models (:mod:`autoft.candidates`) are fitted on exactly the trials' splits before
+the first trial, so a candidate's value and a trial's are the same metric on the same held-out
+images. A candidate ships only when it is strictly better than what the trials would ship:
+on a tie the fine-tuned network wins, being the model the user asked autoft to train. With no
+completed trial at all (a budget that bought only the simple models, or trials that all
+failed) the best candidate ships instead of nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from autoft.errors import AutoftError
+from autoft.events import Refit
+from autoft.searching.finishing import FinalModel
+from autoft.searching.session import Session
+
+if TYPE_CHECKING:
+    from autoft.candidates import Candidate
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The candidate that ships (None: the trials' model), and the one line that says why."""
+
+    candidate: "Candidate | None"
+    reason: str | None = None
+
+
+def best_candidate(session: Session) -> "Candidate | None":
+    sign = _sign(session)
+    return max(session.ctx.candidates, key=lambda c: sign * c.value, default=None)
+
+
+def judge(session: Session, trials_value: float | None, trials_model: str) -> Verdict:
+    """Compare the trials' model, scored ``trials_value`` (None: no trial completed), with the best candidate."""
+    top = best_candidate(session)
+    if top is None:
+        return Verdict(None)
+    if trials_value is None:
+        return Verdict(top, f"{top.name} ships: no trial completed, and it scored {top.value:.4f} on the same splits")
+    sign = _sign(session)
+    if sign * top.value > sign * trials_value:
+        return Verdict(top, f"{top.name} ships: it scored {top.value:.4f} on the same splits, above the {trials_model}'s {trials_value:.4f}")
+    return Verdict(None)
+
+
+def candidate_final(session: Session, candidate: "Candidate", reason: str) -> FinalModel:
+    """The candidate fitted on every labelled image, as ``best/``'s one member."""
+    ctx = session.ctx
+    work = ctx.out / "refit"
+    work.mkdir(parents=True, exist_ok=True)
+    session.emit(Refit(number=None, steps=0, images=len(ctx.pool), model=candidate.name))
+    try:
+        path = candidate.refit(work / f"{re.sub(r'[^a-z0-9]+', '-', candidate.name.lower()).strip('-')}.pt", data=ctx.data_source, seed=ctx.config.seed)
+    except (ValueError, RuntimeError) as exc:  # a fit scikit-learn refuses (one class left, say): say so, do not crash
+        raise AutoftError(f"could not fit {candidate.name} on every labelled image: {exc}") from None
+    return FinalModel([path], [1.0], [], {"images": len(ctx.pool), "labelled": len(ctx.pool), "steps": 0}, candidate=candidate.name, reason=reason)
+
+
+def _sign(session: Session) -> float:
+    return 1.0 if session.ctx.registry.metric(session.ctx.config.metric).greater_is_better else -1.0

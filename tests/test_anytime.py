@@ -1,0 +1,97 @@
+"""The anytime search: the simple models are candidates that ship when they win, the default
+recipe's fit comes first, and a budget that holds only the simple models still ships one."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+from PIL import Image
+from typer.testing import CliRunner
+
+from autoft.checkpoints import load_checkpoint
+from autoft.cli import make_app
+from autoft.inference import OnnxClassifier
+from autoft.searching import search
+from autoft.searching.storage import open_storage
+from autoft.serving import ServeConfig, create_app
+
+PIXELS = "logistic regression on pixels"
+
+
+def _trials(result) -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name=result.study_name, storage=open_storage(result.storage))
+    return sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+
+
+def test_a_simple_model_that_beats_every_trial_ships_exported_and_served(image_folder, tmp_path, live_app):
+    """Trials that cannot learn (a learning rate of 1e-9) lose to logistic regression on the
+    colours' pixels: the search ships that model, through the same export, and it serves."""
+    result = search(
+        "test_resnet", str(image_folder), tmp_path / "run", trials=1, epochs=1, image_size=16, device="cpu", batch_size=8, no_cv=True, ensemble=1,
+        ranges=["lr=1e-9"], refit=False,
+    )
+    metrics = result.metrics
+    (trial,) = [t for t in _trials(result) if t.state == TrialState.COMPLETE]
+    assert metrics["model"]["candidate"] == PIXELS and result.best_number is None and metrics["trial"] is None
+    assert metrics["value"] > trial.value and result.best_value == metrics["value"]
+    assert f"{PIXELS} ships: it scored" in metrics["summary"] and f"best trial ({trial.number})" in metrics["summary"]
+    assert load_checkpoint(result.best_dir).meta["params"] == {"candidate": PIXELS}
+    assert json.loads((result.best_dir / "export.json").read_text())["checks"]  # the export's own verification ran
+
+    classifier = OnnxClassifier.load(result.best_dir, device="cpu")
+    address = live_app(create_app(classifier, ServeConfig(max_batch=4, max_delay_ms=5)))
+    for name in ("red", "green"):
+        png = next((image_folder / name).glob("*.png")).read_bytes()
+        with httpx.Client(base_url=f"http://{address}", timeout=30) as http:
+            reply = http.post("/predict?top_k=1", files={"file": ("x.png", png, "image/png")})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["predictions"][0]["label"] == name
+
+
+def test_the_default_recipe_fits_on_one_split_before_any_cross_validated_trial(image_folder, tmp_path):
+    result = search("test_resnet", str(image_folder), tmp_path, trials=3, epochs=2, image_size=16, device="cpu", batch_size=8, cv=2, pruner="none", ensemble=1, export_onnx=False)
+    default, *others = _trials(result)
+    assert default.user_attrs["recipe"] == "default" and "fold_scores" not in default.user_attrs
+    assert len(default.user_attrs["history"]) == 2 and not default.intermediate_values  # its split's evaluations, not reported as folds
+    assert others and all(len(t.user_attrs["fold_scores"]) == 2 for t in others if t.state == TrialState.COMPLETE)
+    assert all(default.datetime_complete <= t.datetime_start for t in others)
+
+
+def test_a_budget_that_holds_only_the_simple_models_ships_one_instead_of_refusing(tmp_path):
+    """Large images on a CPU with 8 seconds: no fine-tune fits, logistic regression does."""
+    folder = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for c, colour in enumerate([(220, 40, 40), (40, 40, 220)]):
+        for i in range(6):
+            pixels = np.clip(rng.normal(colour, 20, (160, 160, 3)), 0, 255).astype(np.uint8)
+            (folder / f"class{c}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(folder / f"class{c}" / f"{i}.png")
+    result = CliRunner().invoke(make_app(), ["search", "--backbone", "resnet18", "--data", str(folder), "--out", str(tmp_path / "run"), "--timeout", "8s", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "plan: only the simple models" in result.output
+    metrics = json.loads((tmp_path / "run" / "best" / "metrics.json").read_text())
+    assert metrics["model"]["candidate"] in (PIXELS, "linear probe on random resnet18 features") and metrics["trial_states"] == {}
+    assert (tmp_path / "run" / "best" / "model.onnx").is_file()
+
+
+def test_a_tie_ships_the_trained_network_and_a_loss_for_log_loss_is_a_lower_value(registry):
+    """Selection is strict, in the metric's own direction: a candidate ships only when it is better."""
+    from types import SimpleNamespace
+
+    from autoft.searching.selection import judge
+
+    def session(metric: str, *values: float):
+        candidates = tuple(SimpleNamespace(name=f"simple {v}", value=v) for v in values)
+        return SimpleNamespace(ctx=SimpleNamespace(candidates=candidates, registry=registry, config=SimpleNamespace(metric=metric)))
+
+    assert judge(session("accuracy", 0.9, 0.8), 0.9, "best trial (0)").candidate is None  # a tie: the network
+    assert judge(session("accuracy", 0.91, 0.8), 0.9, "best trial (0)").candidate.value == 0.91
+    assert judge(session("accuracy", 0.5), None, "").candidate.value == 0.5  # nothing trained: the simple model, never nothing
+    assert judge(session("log_loss", 0.3, 0.5), 0.4, "best trial (0)").candidate.value == 0.3  # lower is better
+    assert judge(session("log_loss", 0.5), 0.4, "best trial (0)").candidate is None
+    assert judge(session("accuracy"), 0.4, "best trial (0)").candidate is None  # no candidates at all
