@@ -23,7 +23,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 # (train, search), so importing a submodule never shadows an API function.
 _API = {
     "train": "autoft.training",
-    "load_checkpoint": "autoft.training",
+    "load_checkpoint": "autoft.checkpoints",
     "search": "autoft.searching",
     "pretrain": "autoft.pretraining",
     "export": "autoft.exporting",

@@ -77,11 +77,15 @@ def candidate_sizes(median_side: int | None, native: int, pretrained: bool) -> l
 
 
 def calibrate(
-    make_model: Callable[[], object], sizes: Sequence[int], batch_size: int, device, num_classes: int, seconds: float = 1.0, windows: int = WINDOWS
+    make_model: Callable[[], object], sizes: Sequence[int], batch_size: int, device, num_classes: int, seconds: float = 1.0, windows: int = WINDOWS,
+    limit: float | None = None,
 ) -> dict[int, Throughput]:
     """Time training steps and evaluation batches at each size: about ``1.25 * seconds`` a
-    size, in ``windows`` windows each, the median window's rate kept."""
+    size, in ``windows`` windows each, the median window's rate kept. ``limit`` (seconds) caps
+    the whole measurement, so a short budget is not spent measuring a model too slow for it."""
     import torch
+
+    until = None if limit is None else time.perf_counter() + max(limit, 0.0)
 
     model = make_model().to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -98,31 +102,36 @@ def calibrate(
             optimizer.step()
 
         model.train()
-        train = median_rate(step, batch_size, seconds, device, windows)
+        train = median_rate(step, batch_size, seconds, device, windows, until)
         model.eval()
         with torch.inference_mode():
-            evaluate = median_rate(lambda: model(x), batch_size, seconds / 4, device, windows)
+            evaluate = median_rate(lambda: model(x), batch_size, seconds / 4, device, windows, until)
         results[size] = Throughput(size, train, evaluate)
-        if train * seconds < batch_size:  # this size is already slow: larger ones only more so
+        if train * seconds < batch_size or (until is not None and time.perf_counter() >= until):  # slow already: larger sizes only more so
             break
     return results
 
 
-def median_rate(step: Callable[[], object], batch_size: int, seconds: float, device, windows: int = WINDOWS) -> float:
+def median_rate(step: Callable[[], object], batch_size: int, seconds: float, device, windows: int = WINDOWS, until: float | None = None) -> float:
     """Images a second: the median over ``windows`` windows of about ``seconds / windows``
-    each (at least one step a window), after :data:`WARMUP_STEPS` untimed steps."""
+    each (at least one step a window), after :data:`WARMUP_STEPS` untimed steps. Past ``until``
+    (a ``time.perf_counter()`` value) the windows measured so far count, or, with none yet, the
+    warm-up itself: slower than a measured step, it says enough of a model too slow to train."""
     import torch
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    warm = time.perf_counter()
     for _ in range(WARMUP_STEPS):
         step()
     sync()
+    if until is not None and time.perf_counter() >= until:
+        return batch_size * WARMUP_STEPS / (time.perf_counter() - warm)
     window, rates, started = seconds / windows, [], time.perf_counter()
     # Steps much slower than a window end the measurement after three windows: a median of three still drops one outlier.
-    while len(rates) < windows and (len(rates) < 3 or time.perf_counter() - started < 2 * seconds):
+    while len(rates) < windows and (len(rates) < 3 or time.perf_counter() - started < 2 * seconds) and not (rates and until is not None and time.perf_counter() >= until):
         opened, count = time.perf_counter(), 0
         while count < 1 or time.perf_counter() - opened < window:
             step()

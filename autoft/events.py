@@ -108,11 +108,6 @@ class TrialEnd(Event):
 
 
 @dataclass(frozen=True)
-class Retrain(Event):
-    number: int
-
-
-@dataclass(frozen=True)
 class Export(Event):
     number: int | None  # the trial shipped; None for a simple model
 
@@ -169,3 +164,20 @@ class WorkerFailed(Event):
 
     worker: int
     reason: str
+
+
+def with_shorthands(on_event, on_epoch, on_batch) -> Callable[[Event], None] | None:
+    """One event handler for the API's ``on_event`` and its shorthands ``on_epoch`` (each
+    epoch's record, resumed ones left out) and ``on_batch`` (step, steps)."""
+    if on_epoch is None and on_batch is None:
+        return on_event
+
+    def handle(event: Event) -> None:
+        if on_event is not None:
+            on_event(event)
+        if on_epoch is not None and isinstance(event, EpochEnd) and not event.resumed:
+            on_epoch(event.record)
+        if on_batch is not None and isinstance(event, BatchEnd):
+            on_batch(event.step, event.steps)
+
+    return handle

@@ -33,7 +33,7 @@ from autoft.decoding import load_data
 from autoft.errors import AutoftError
 from autoft.inference import LABELS_FILE, MODEL_FILE, PREPROCESS_FILE, create_session, model_name
 from autoft.io import atomic_path, read_json, write_json, write_text
-from autoft.training import LoadedModel, find_checkpoint, load_checkpoint
+from autoft.checkpoints import LoadedModel, find_checkpoint, load_checkpoint
 from autoft.inference import INPUT_NAME, OUTPUT_NAME
 from autoft.quantizing import quiet_onnx, to_fp16, tune_int8
 

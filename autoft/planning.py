@@ -245,7 +245,7 @@ def _plan_at(data: DataShape, rate: Throughput, budget: float | None, overrides:
         plan.skipped.append(f"the search ({SEARCH_MIN} trials of {plan.steps} steps need {duration(SEARCH_MIN * plan.default_seconds / jobs)}, {duration(max(left, 0))} left)")
         return plan
     plan.search = True
-    left = _buy_pretraining(plan, data, rate, left, overrides)
+    left = _buy_pretraining(plan, data, rate, left, overrides, pretrained)
     left = _buy_pseudo_labels(plan, data, rate, left)
     _buy_folds(plan, data, rate, left, overrides, (folds, repeats, why))
     return plan
@@ -275,8 +275,13 @@ def _buy_default(plan: Plan, fit: _Fit, left: float | None, overrides: Overrides
     return True
 
 
-def _buy_pretraining(plan: Plan, data: DataShape, rate: Throughput, left: float | None, overrides: Overrides) -> float | None:
+def _buy_pretraining(plan: Plan, data: DataShape, rate: Throughput, left: float | None, overrides: Overrides, pretrained: bool) -> float | None:
     if not data.unlabelled or overrides.pretrain_epochs == 0:
+        return left
+    if pretrained and overrides.pretrain_epochs is None:
+        # Self-supervised training from ImageNet features on a few hundred images mostly unlearns them:
+        # on top of pretrained weights it runs only when asked for.
+        plan.skipped.append("pretraining (the weights are pretrained already; --pretrain-epochs N asks for it)")
         return left
     epoch = 2.2 * (data.unlabelled + data.labelled) / rate.train  # two augmented views an image
     if overrides.pretrain_epochs is not None:

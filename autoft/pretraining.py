@@ -6,7 +6,7 @@ default 25%, 50% and 100% of the epochs), and, when labelled images are at hand,
 every checkpoint by k-NN accuracy on frozen features.
 
 Checkpoints hold the backbone's state dict without its classifier, in a form that
-``autoft train --weights PATH`` and :func:`autoft.training.build_backbone` load.
+``autoft train --weights PATH`` and :func:`autoft.backbones.build_backbone` load.
 
 With ``out=None`` the stage lives in autoft's cache, keyed by backbone, method, images
 (a hash of the decoded pixels), image size, budget and starting weights, and a finished
@@ -34,7 +34,7 @@ from autoft.errors import AutoftError
 from autoft.io import read_json
 from autoft.backbones import describe_backbone
 from autoft.budget import Budget
-from autoft.events import Event
+from autoft.events import with_shorthands, Event
 from autoft.runtime import as_device
 
 from autoft.pretrain_pool import (  # noqa: F401 - the pool, features and checkpoints of a stage
@@ -141,13 +141,11 @@ def pretrain(
     ``out=None`` keeps the stage in the cache (see the module docstring) and reuses it.
     ``on_event`` receives :mod:`autoft.events`; ``on_epoch`` and ``on_batch`` are shorthands.
     """
-    from autoft.training import _event_adapter
-
     config = PretrainConfig(
         method=method, epochs=epochs, batch_size=batch_size, image_size=image_size, weights=weights, lr=lr, weight_decay=weight_decay,
         checkpoints=checkpoints, budget=stage_budget(time_budget, deadline), device=device, seed=seed,
     )  # fmt: skip
-    return run_pretraining(backbone, data, out, config, labelled=labelled, on_event=_event_adapter(on_event, on_epoch, on_batch))
+    return run_pretraining(backbone, data, out, config, labelled=labelled, on_event=with_shorthands(on_event, on_epoch, on_batch))
 
 
 @dataclass

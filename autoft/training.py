@@ -1,9 +1,8 @@
-"""One fine-tuning run, ``autoft train``: load data, build a backbone, run a Trainer, save.
+"""One fine-tuning run, ``autoft train``: check the recipe, load the data, fit, score, save.
 
-The work is split by job: :mod:`autoft.backbones` (building, weights),
-:mod:`autoft.checkpoints` (``model.pt`` and the resumable state), :mod:`autoft.runtime`
-(device, seeds), :mod:`autoft.recipe` (hyperparameters), :mod:`autoft.trainer` (the
-loop) and :mod:`autoft.metrics`. This module keeps the names other code imports from it.
+The fit itself is :func:`autoft.fitting.fit`, as for every trial of a search; this module
+adds what a single run needs around it: checks before any image is decoded, the test split's
+metrics, and ``model.pt``, ``metrics.json`` and ``labels.json`` in ``out``.
 """
 
 from __future__ import annotations
@@ -15,19 +14,19 @@ from typing import Any, Callable
 import torch
 
 from autoft import plugins
-from autoft.backbones import build_backbone, describe_backbone, freeze_batchnorm, load_weights, read_state_dict  # noqa: F401 - public names
-from autoft.checkpoints import CHECKPOINT_NAME, LoadedModel, find_checkpoint, load_checkpoint, save_checkpoint  # noqa: F401
+from autoft.backbones import build_backbone, describe_backbone
+from autoft.checkpoints import CHECKPOINT_NAME
 from autoft.data import DataSplits, Normalize
 from autoft.decoding import load_data
 from autoft.errors import AutoftError
-from autoft.events import BatchEnd, EpochEnd, Event
+from autoft.events import Event, with_shorthands
 from autoft.io import write_json
-from autoft.metrics import evaluate, metric_specs, test_metrics  # noqa: F401
+from autoft.metrics import metric_specs, test_metrics
 from autoft.recipe import resolve_recipe
 from autoft.fitting import FitRequest, Fitted, fit as fit_request
-from autoft.runtime import as_device, cosine_with_warmup, resolve_device, seed_everything  # noqa: F401
+from autoft.runtime import as_device, resolve_device
 from autoft.specs import Backbone
-from autoft.trainer import FitResult, Trainer, TrainerConfig  # noqa: F401
+from autoft.trainer import TrainerConfig
 
 
 def resolve_params(strategy_name: str, n_groups: int, given: dict[str, Any], registry: plugins.Registry | None = None) -> dict[str, Any]:
@@ -97,24 +96,9 @@ def train(
     config = TrainerConfig(epochs=epochs, batch_size=batch_size, device=device, seed=seed, metric=metric, deadline=deadline)
     job = TrainJob(
         backbone=backbone, data=str(data) if isinstance(data, Path) else data, out=Path(out) if out is not None else None,
-        params=given, weights=weights, image_size=image_size, trainer=config, on_event=_event_adapter(on_event, on_epoch, on_batch),
+        params=given, weights=weights, image_size=image_size, trainer=config, on_event=with_shorthands(on_event, on_epoch, on_batch),
     )  # fmt: skip
     return run_train(job)
-
-
-def _event_adapter(on_event, on_epoch, on_batch) -> Callable[[Event], None] | None:
-    if on_epoch is None and on_batch is None:
-        return on_event
-
-    def handle(event: Event) -> None:
-        if on_event is not None:
-            on_event(event)
-        if on_epoch is not None and isinstance(event, EpochEnd) and not event.resumed:
-            on_epoch(event.record)
-        if on_batch is not None and isinstance(event, BatchEnd):
-            on_batch(event.step, event.steps)
-
-    return handle
 
 
 # ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 
 import autoft
 from autoft.inference import create_session
-from autoft.training import load_checkpoint
+from autoft.checkpoints import load_checkpoint
 
 
 def median_ms(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:

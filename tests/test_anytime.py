@@ -21,6 +21,20 @@ from autoft.searching.storage import open_storage
 from autoft.serving import ServeConfig, create_app
 
 PIXELS = "logistic regression on pixels"
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """DIR/<class>/*.png: three noisy colours, 24 images each, 16 px."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for name, colour in COLOURS.items():
+        (root / name).mkdir()
+        for i in range(24):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
 
 
 def _trials(result) -> list[optuna.trial.FrozenTrial]:
@@ -63,7 +77,7 @@ def test_the_default_recipe_fits_on_one_split_before_any_cross_validated_trial(i
 
 
 def test_a_budget_that_holds_only_the_simple_models_ships_one_instead_of_refusing(tmp_path):
-    """Large images on a CPU with 8 seconds: no fine-tune fits, logistic regression does."""
+    """Large images on a CPU with 20 seconds: no fine-tune of resnet18 fits, logistic regression does."""
     folder = tmp_path / "photos"
     rng = np.random.default_rng(0)
     for c, colour in enumerate([(220, 40, 40), (40, 40, 220)]):
@@ -71,7 +85,7 @@ def test_a_budget_that_holds_only_the_simple_models_ships_one_instead_of_refusin
             pixels = np.clip(rng.normal(colour, 20, (160, 160, 3)), 0, 255).astype(np.uint8)
             (folder / f"class{c}").mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(folder / f"class{c}" / f"{i}.png")
-    result = CliRunner().invoke(make_app(), ["search", "--backbone", "resnet18", "--data", str(folder), "--out", str(tmp_path / "run"), "--timeout", "8s", "--device", "cpu"])
+    result = CliRunner().invoke(make_app(), ["search", "--backbone", "resnet18", "--data", str(folder), "--out", str(tmp_path / "run"), "--timeout", "20s", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "plan: only the simple models" in result.output
     metrics = json.loads((tmp_path / "run" / "best" / "metrics.json").read_text())
@@ -95,3 +109,16 @@ def test_a_tie_ships_the_trained_network_and_a_loss_for_log_loss_is_a_lower_valu
     assert judge(session("log_loss", 0.3, 0.5), 0.4, "best trial (0)").candidate.value == 0.3  # lower is better
     assert judge(session("log_loss", 0.5), 0.4, "best trial (0)").candidate is None
     assert judge(session("accuracy"), 0.4, "best trial (0)").candidate is None  # no candidates at all
+
+
+def test_from_pretrained_weights_the_default_recipe_is_lp_ft_at_a_low_learning_rate(image_folder, tmp_path):
+    import torch
+
+    from autoft.backbones import build_backbone
+
+    weights = tmp_path / "start.pt"
+    torch.save(build_backbone("test_resnet", num_classes=3).model.state_dict(), weights)
+    result = search("test_resnet", str(image_folder), tmp_path / "run", trials=1, epochs=1, image_size=16, device="cpu", batch_size=8, no_cv=True,
+                    ensemble=1, export_onnx=False, weights=str(weights))  # fmt: skip
+    (default,) = _trials(result)
+    assert default.user_attrs["recipe"] == "default" and default.params["strategy"] == "lp-ft" and default.params["lr"] == pytest.approx(3e-4)

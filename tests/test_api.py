@@ -37,7 +37,8 @@ def test_the_api_functions_are_callable_however_submodules_were_imported(name):
 def test_train_pretrain_and_export_return_result_objects(class_folder, tmp_path):
     from autoft.exporting import ExportResult
     from autoft.pretraining import PretrainResult
-    from autoft.training import LoadedModel, TrainResult
+    from autoft.training import TrainResult
+    from autoft.checkpoints import LoadedModel
 
     pretrained = autoft.pretrain("test_resnet", class_folder, tmp_path / "pretrain", method="simclr", epochs=1, batch_size=8, image_size=16, device="cpu")
     assert isinstance(pretrained, PretrainResult)

@@ -19,7 +19,7 @@ from autoft.errors import AutoftError
 from autoft.exporting import export
 from autoft.inference import create_session
 from autoft.io import read_json
-from autoft.training import load_checkpoint
+from autoft.checkpoints import load_checkpoint
 
 
 def _pytorch_logits(run: Path, pixels: torch.Tensor) -> np.ndarray:

@@ -199,6 +199,14 @@ def test_pretraining_is_bought_from_what_the_default_fit_leaves():
     assert not short.pretraining and "skipped pretraining" in short.line() or not short.search
 
 
+def test_pretrained_weights_are_not_pretrained_again_unless_asked():
+    shape = DataShape(labelled=100, val=20, smallest_class=10, smallest_val_class=2, unlabelled=1500, classes=10)
+    assert make_plan(shape, RATES, 360).pretrain_epochs >= 1  # from random weights the same budget buys it
+    plan = make_plan(shape, RATES, 360, pretrained=True)
+    assert plan.pretrain_epochs == 0 and "skipped pretraining (the weights are pretrained already" in plan.line()
+    assert make_plan(shape, RATES, 360, Overrides(pretrain_epochs=2), pretrained=True).pretrain_epochs == 2
+
+
 def test_steps_fall_in_buckets():
     assert [bucket(s) for s in (7, 42, 119, 160, 399, 400, 451, 999)] == [7, 40, 100, 150, 300, 400, 400, 800]
 

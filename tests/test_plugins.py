@@ -441,7 +441,7 @@ def test_train_on_a_torchvision_backbone_end_to_end(class_folder, tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["backbone"] == "torchvision:resnet18" and metrics["params"]["freeze_depth"] == 3
-    from autoft.training import load_checkpoint
+    from autoft.checkpoints import load_checkpoint
 
     loaded = load_checkpoint(out)
     assert [g.name for g in loaded.backbone.groups] == ["stem", "stage1", "stage2", "stage3", "stage4", "head"]
@@ -486,7 +486,7 @@ def test_search_on_a_torchvision_backbone_end_to_end(class_folder, tmp_path):
         "--epochs", "1", "--image-size", "32", "--batch-size", "8", "--strategy", "freeze", "--device", "cpu", "--no-onnx",
     )
     assert result.exit_code == 0, result.output
-    from autoft.training import load_checkpoint
+    from autoft.checkpoints import load_checkpoint
 
     best = load_checkpoint(out)  # a search folder resolves to its best/ model
     assert best.meta["backbone"] == "torchvision:resnet18"

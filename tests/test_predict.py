@@ -19,7 +19,7 @@ from autoft.cli import make_app
 from autoft.errors import AutoftError
 from autoft.inference import OnnxClassifier, providers_for
 from autoft.predict import MIN_IMAGES_FOR_ONE_CLASS, degenerate_predictions, predict
-from autoft.training import load_checkpoint
+from autoft.checkpoints import load_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from autoft.searching.trials import prune_trial_folders
 from autoft.searching.storage import open_storage, recover_trials
 from autoft.events import EpochEnd, TrialEvent
 from autoft.recipe import default_params
-from autoft.training import load_checkpoint
+from autoft.checkpoints import load_checkpoint
 
 BASE = {"lr", "dropout", "weight_decay", "strategy", "freeze_depth"}
 EPOCHS = 3
@@ -166,7 +166,7 @@ def test_rerun_adds_trials_and_loses_none(searched, image_folder):
 
 
 def test_weights_start_every_trial(image_folder, tmp_path):
-    from autoft.training import build_backbone
+    from autoft.backbones import build_backbone
 
     source = build_backbone("test_resnet", num_classes=3)
     torch.save(source.model.state_dict(), tmp_path / "start.pt")

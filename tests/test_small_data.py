@@ -82,7 +82,7 @@ def test_the_search_plans_pretraining_and_chooses_pseudo_labels(semi_search):
 def test_a_search_over_a_pool_on_disk_never_reads_it_whole(labelled_and_unlabelled, tmp_path, monkeypatch, whole_reads):
     """Pretraining, the baselines, pseudo-labels, trials, the refit and the report all read a pool on disk a batch at a time."""
     from autoft.trainer import Trainer, TrainerConfig
-    from autoft.training import build_backbone
+    from autoft.backbones import build_backbone
 
     labelled, unlabelled = labelled_and_unlabelled
     monkeypatch.setenv("AUTOFT_MAX_IN_MEMORY", "0")

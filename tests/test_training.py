@@ -10,7 +10,9 @@ import torch
 from autoft import plugins
 from autoft.errors import AutoftError
 from autoft.events import EpochEnd
-from autoft.training import build_backbone, load_checkpoint, resolve_params, train
+from autoft.training import resolve_params, train
+from autoft.backbones import build_backbone
+from autoft.checkpoints import load_checkpoint
 from autoft.trainer import Trainer, TrainerConfig
 from conftest import make_image
 

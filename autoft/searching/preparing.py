@@ -33,6 +33,7 @@ from autoft.weights import resolve_weights
 VAL_FRACTION = 0.2
 EMBED_SHARE = 0.05  # of the budget: what embedding every image for pseudo-labels may cost
 CALIBRATION_BATCH = 32
+CALIBRATION_SHARE = 0.1  # of the budget left: the most measuring the device may take
 
 
 @dataclass
@@ -138,7 +139,8 @@ def _plan_and_decode(setup: _Setup, labelled_images: Any, timings: dict[str, flo
     sizes = [config.image_size] if config.image_size else candidate_sizes(side, setup.input_size, pretrained)
     make_model = lambda: build_backbone(config.backbone, num_classes=max(2, classes), registry=setup.registry).model
     with torch_threads(threads_per_job(setup.jobs)):  # what one of the --jobs workers will have
-        rates = calibrate(make_model, sizes, config.batch_size or CALIBRATION_BATCH, setup.device, max(2, classes))
+        left = setup.budget.left()
+        rates = calibrate(make_model, sizes, config.batch_size or CALIBRATION_BATCH, setup.device, max(2, classes), limit=None if left is None else CALIBRATION_SHARE * left)
     timings["calibration"] = time.monotonic() - clock
     overrides = Overrides(image_size=config.image_size, epochs=config.epochs, trials=config.trials, pretrain_epochs=config.pretrain_epochs,
                           cv=config.cv, no_cv=config.no_cv, batch_size=config.batch_size)  # fmt: skip

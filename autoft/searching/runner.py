@@ -88,7 +88,7 @@ def finish(session: Session, queued_again: list[int]) -> SearchResult:
     session.state.timings["total"] = wall_time(session)
     write_report_quietly(session, metrics)
     return SearchResult(
-        out=session.ctx.out, study_name=study.study_name, storage=session.ctx.storage_url, best_number=best.number if best else None,
+        out=session.ctx.out, study_name=study.study_name, storage=session.ctx.storage_url, best_number=best.number if best and not final.candidate else None,
         best_value=float(metrics["value"]), best_params=dict(best.params) if best and not final.candidate else {}, best_dir=best_dir,
         report=session.ctx.out / REPORT_FILE, states=states, metrics=metrics, seconds=wall_time(session), queued_again=queued_again, plan=session.ctx.plan.as_dict(),
     )  # fmt: skip

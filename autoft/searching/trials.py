@@ -28,6 +28,7 @@ from autoft.searching.reporting import write_report_quietly
 from autoft.searching.session import Session
 from autoft.searching.storage import awaited_states, counted_trials, recover_trials
 
+PRETRAINED_LR = 3e-4  # the default recipe's learning rate from pretrained weights: low, so fine-tuning keeps what they know
 PORTFOLIO = (  # tried first on a fresh study, after the default recipe: strong, different recipes
     {"augment": "shift"},  # small objects that fill the frame: a random crop cuts them, a shift keeps them whole
     {"regularizer": "mixup"},
@@ -83,8 +84,10 @@ def _check_config(study: optuna.Study, config: dict[str, Any]) -> None:
 def _enqueue_portfolio(session: Session) -> None:
     """The known-good default recipe first, then a few strong, different ones."""
     space, strategies = session.ctx.space, session.ctx.strategies
-    first = "freeze" if "freeze" in strategies else next(iter(strategies))
+    first = default_strategy(strategies, pretrained=session.ctx.weights is not None)
     default = space.defaults(first, strategies[first], session.ctx.n_groups)
+    if first == "lp-ft" and space.contains("lr", PRETRAINED_LR):
+        default["lr"] = PRETRAINED_LR
     if session.ctx.unlabelled is not None:
         default = {**default, **{k: v for k, v in {"pseudo_labels": "propagate", "pseudo_fraction": 0.6}.items() if space.contains(k, v)}}
     session.study.enqueue_trial(default, user_attrs={"recipe": "default"})
@@ -94,6 +97,16 @@ def _enqueue_portfolio(session: Session) -> None:
         recipe = {**default, **change}
         if all(space.contains(k, v) for k, v in change.items()):
             session.study.enqueue_trial(recipe, user_attrs={"recipe": "portfolio"})
+
+
+def default_strategy(strategies: dict[str, Any], pretrained: bool) -> str:
+    """The default recipe's strategy: from pretrained weights, a linear probe then fine-tuning
+    (LP-FT: the head learns on frozen features before they move, so they are not wrecked by a
+    random head's gradients); from random weights, every layer trains (``freeze`` at depth 0)."""
+    for name in ("lp-ft", "freeze") if pretrained else ("freeze",):
+        if name in strategies:
+            return name
+    return next(iter(strategies))
 
 
 def make_sampler(name: Any, seed: int) -> optuna.samplers.BaseSampler:
