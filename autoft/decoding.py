@@ -226,10 +226,10 @@ def load_data(
     spec, argument = registry.dataset(source)
     labelled = spec.factory(argument)
     size = image_size or labelled.image_size or default_size
-    return prepare(labelled, image_size=size, val_fraction=val_fraction, seed=seed, origin=f"dataset plugin {spec.name!r}", progress=progress)
+    return decode_and_split(labelled, image_size=size, val_fraction=val_fraction, seed=seed, origin=f"dataset plugin {spec.name!r}", progress=progress)
 
 
-def prepare(
+def decode_and_split(
     labelled: LabelledImages,
     *,
     image_size: int,

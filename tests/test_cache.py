@@ -18,7 +18,7 @@ from autoft import cache
 from autoft import data as data_module
 from autoft.cli import make_app
 from autoft.data import ImageTensors
-from autoft.decoding import load_data, prepare
+from autoft.decoding import decode_and_split, load_data
 from autoft.specs import LabelledImages
 from conftest import make_image
 
@@ -66,7 +66,7 @@ def test_a_second_load_reads_the_cache_and_decodes_nothing(class_folder, own_cac
     assert len(entries(own_cache)) == 1
     from autoft_plugins.datasets import load_class_folder
 
-    uncached = prepare(load_class_folder(str(class_folder)), image_size=16, seed=0, use_cache=False)
+    uncached = decode_and_split(load_class_folder(str(class_folder)), image_size=16, seed=0, use_cache=False)
     assert torch.equal(uncached.train.images, second.train.images)
 
 
@@ -285,8 +285,8 @@ def test_cache_list_and_clear_show_and_free_the_entries(class_folder, own_cache)
 def test_in_memory_samples_are_cached_by_content(own_cache, count_decodes):
     samples = [np.full((6, 6), 40 * (i % 2) + i, np.uint8) for i in range(8)]
     labelled = LabelledImages(samples=samples, labels=[i % 2 for i in range(8)], classes=["a", "b"])
-    prepare(labelled, image_size=8)
-    prepare(labelled, image_size=8)
+    decode_and_split(labelled, image_size=8)
+    decode_and_split(labelled, image_size=8)
     assert len(count_decodes) == 8
 
 

@@ -5,7 +5,7 @@ import torch
 from pathlib import Path
 
 from autoft import hookimpl, plugins
-from autoft.decoding import decode_image, load_data, prepare, stratified_split
+from autoft.decoding import decode_and_split, decode_image, load_data, stratified_split
 from autoft.errors import AutoftError
 from autoft.specs import DatasetSpec
 
@@ -175,7 +175,7 @@ def test_out_of_range_labels_name_the_plugin_and_show_the_counts(monkeypatch):
     monkeypatch.setattr(data_module, "decode_image", lambda *a: pytest.fail("decoded before the labels were checked"))
     labelled = _labelled([0, 0, 1, 1, 2, 3, 3, -1])
     with pytest.raises(AutoftError) as error:
-        prepare(labelled, image_size=8, origin="dataset plugin 'npz'")
+        decode_and_split(labelled, image_size=8, origin="dataset plugin 'npz'")
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith("dataset plugin 'npz' returned 3 label(s) outside 0..2 for its 3 classes")
@@ -192,16 +192,16 @@ def test_out_of_range_labels_name_the_plugin_and_show_the_counts(monkeypatch):
 )
 def test_labels_that_are_not_one_integer_per_sample_are_refused(labels, message):
     with pytest.raises(AutoftError, match=message):
-        prepare(_labelled(labels, n=4), image_size=8, origin="dataset plugin 'x'")
+        decode_and_split(_labelled(labels, n=4), image_size=8, origin="dataset plugin 'x'")
 
 
 def test_a_class_with_fewer_than_two_images_is_one_clear_error():
     labelled = _labelled([0, 0, 0, 1, 1, 2])
     with pytest.raises(AutoftError, match=r"every class needs at least 2 readable images; too few in 'c' \(1\): add images or remove the class"):
-        prepare(labelled, image_size=8)
+        decode_and_split(labelled, image_size=8)
     unused = _labelled([0, 0, 1, 1], classes=("a", "b", "never"))
     with pytest.raises(AutoftError, match=r"too few in 'never' \(0\)"):
-        prepare(unused, image_size=8)
+        decode_and_split(unused, image_size=8)
 
 
 def test_a_pre_split_class_without_training_images_is_an_error(split_folder):

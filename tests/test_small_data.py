@@ -158,12 +158,12 @@ def test_mirror_images_tell_whether_flips_keep_labels(tmp_path):
     from autoft.baselines import flips_change_labels, mirror_accuracies
     from autoft import plugins
     from autoft.data import ImageTensors
-    from autoft.decoding import prepare
+    from autoft.decoding import decode_and_split
 
     registry = plugins.registry()
     for folder, symmetric in ((_digit_folder(tmp_path / "digits", 30), False), (labelled_colours(tmp_path / "colours"), True)):
         spec, argument = registry.dataset(str(folder))
-        data = prepare(spec.factory(argument), image_size=16, val_fraction=0.3, seed=0)
+        data = decode_and_split(spec.factory(argument), image_size=16, val_fraction=0.3, seed=0)
         pool = torch.cat([data.train.images, data.val.images])
         labels = np.concatenate([data.train.labels.numpy(), data.val.labels.numpy()])
         split = (np.arange(len(data.train)), np.arange(len(data.train), len(labels)))

@@ -82,7 +82,7 @@ class _RateColumn(ProgressColumn):
 
 
 class DecodeProgress:
-    """Count, rate and ETA while images decode: a ``(done, total)`` callback for :func:`autoft.decoding.prepare`.
+    """Count, rate and ETA while images decode: a ``(done, total)`` callback for :func:`autoft.decoding.decode_and_split`.
 
     Nothing shows when the images come from the cache; the bar appears with the first
     decoded image and stops with the last, before any training display starts.

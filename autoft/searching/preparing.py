@@ -17,7 +17,7 @@ from autoft import plugins
 from autoft.backbones import build_backbone, describe_backbone
 from autoft.budget import Budget
 from autoft.data import DataSplits, ImageTensors, image_files
-from autoft.decoding import prepare as decode_and_split
+from autoft.decoding import decode_and_split
 from autoft.errors import AutoftError
 from autoft.events import PlanMade, WeightsNotice
 from autoft.metrics import metric_specs, score as metric_score

@@ -47,10 +47,10 @@ class DatasetContract(_Contract):
             assert "train" in set(labelled.splits)
 
     def test_every_image_decodes(self, dataset_under_test, registry):
-        from autoft.decoding import prepare
+        from autoft.decoding import decode_and_split
 
         _, labelled = self.load(dataset_under_test, registry)
-        data = prepare(labelled, image_size=16, seed=0)
+        data = decode_and_split(labelled, image_size=16, seed=0)
         assert not data.skipped, f"undecodable samples: {data.skipped[:3]}"
         assert data.train.image_shape == (3, 16, 16)  # not .images: a plugin's large set stays on disk
         assert len(data.train) + len(data.val) + (len(data.test) if data.test else 0) == len(labelled.samples)
