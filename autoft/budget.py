@@ -17,9 +17,9 @@ from dataclasses import dataclass, field, replace
 class Budget:
     """Time from ``start`` until ``end`` (``time.monotonic()`` values; ``end=None``: unbounded).
 
-    ``hard_end`` is the end of the whole command, which a stage's budget may not pass: a stage
-    that must leave something (a pretraining checkpoint) may finish its first step after its
-    own ``end``, never after ``hard_end``. ``reserved`` names the time kept back, for messages.
+    ``hard_end`` is the end of the whole command (None: none), which a stage's budget may not
+    pass: a stage that must leave something (a pretraining checkpoint) may finish its first step
+    after its own ``end``, never after ``hard_end``. ``reserved`` names the time kept back.
     """
 
     end: float | None = None
@@ -31,7 +31,8 @@ class Budget:
     def of(cls, seconds: float | None, start: float | None = None) -> Budget:
         """``seconds`` from ``start`` (now by default); None: no limit."""
         start = time.monotonic() if start is None else start
-        return cls(end=None if seconds is None else start + seconds, start=start)
+        end = None if seconds is None else start + seconds
+        return cls(end=end, start=start, hard_end=end)
 
     @property
     def bounded(self) -> bool:
@@ -60,29 +61,23 @@ class Budget:
         """This budget, ending ``seconds`` earlier: what is left once ``name`` has its time."""
         if self.end is None:
             return self
-        return replace(self, end=self.end - max(0.0, seconds), hard_end=self.outer_end, reserved=(*self.reserved, (name, max(0.0, seconds))))
+        return replace(self, end=self.end - max(0.0, seconds), reserved=(*self.reserved, (name, max(0.0, seconds))))
 
     def extended(self, seconds: float) -> Budget:
         """This budget with ``seconds`` of slack past its end (a refit that is all that is left)."""
         if self.end is None:
             return self
         end = self.end + max(0.0, seconds)
-        return replace(self, end=end, hard_end=max(end, self.outer_end or end))
+        return replace(self, end=end, hard_end=end if self.hard_end is None else max(end, self.hard_end))
 
     def stage(self, seconds: float | None) -> Budget:
         """A stage starting now that may take ``seconds`` (None: what is left), within this budget."""
         now = time.monotonic()
         ends = [e for e in (self.end, None if seconds is None else now + seconds) if e is not None]
-        return Budget(end=min(ends) if ends else None, start=now, hard_end=self.outer_end)
-
-    @property
-    def outer_end(self) -> float | None:
-        """The end no stage of this budget may pass."""
-        return self.hard_end if self.hard_end is not None else self.end
+        return Budget(end=min(ends) if ends else None, start=now, hard_end=self.hard_end)
 
     def hard_expired(self) -> bool:
-        end = self.outer_end
-        return end is not None and time.monotonic() > end
+        return self.hard_end is not None and time.monotonic() > self.hard_end
 
 
 UNBOUNDED = Budget()
