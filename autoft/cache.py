@@ -6,28 +6,21 @@ The root is ``$AUTOFT_CACHE_DIR``, else ``$XDG_CACHE_HOME/autoft``, else ``~/.ca
     images/<key>/meta.json    shape, the samples left out, per-block CRC32 checksums
     pretrain/<key>/...        pretraining stages (autoft.pretraining)
 
-**The key of decoded images** hashes, for each sample in order, the absolute path, size and
-modification time (ns) of a file, or a SHA-256 of the pixels of an in-memory array or PIL
-image; then the image size, :data:`DECODE_SETTINGS` and Pillow's version. Files are keyed by
-``stat`` rather than by content because hashing 100,000 photos reads them all, which costs
-about as much as decoding them; a file rewritten in place gets a new mtime and so a new key.
-(A tool that replaces a file keeping its size and mtime would go unnoticed: clear the cache.)
+**The key of decoded images** hashes, for each sample in order, the absolute path (as the
+file system's bytes), size and modification time (ns) of a file, or a SHA-256 of the pixels
+of an in-memory image; then the image size, :data:`DECODE_SETTINGS` and Pillow's version.
+Files are keyed by ``stat``, not content: hashing 100,000 photos costs about as much as
+decoding them, and a file rewritten in place gets a new mtime. (A tool that replaces a file
+keeping its size and mtime would go unnoticed: clear the cache.)
 
 **Writes are atomic**: an entry is built in ``images/.<key>.<pid>.<random>.partial`` and renamed
 into place whole. **Opening verifies** the format, the file's size against the shape, and the
 CRC32 of its blocks (all of them up to :data:`FULL_VERIFY_BYTES`, else the first, the last and
 evenly spaced ones); an entry that fails is removed and rebuilt, never read.
-
-Images are read with ``os.pread`` into fresh buffers rather than through a live memory map,
-so pages of a dataset larger than memory are never charged to the process (a map's pages
-count in its RSS until the kernel evicts them); :meth:`ImageStore.memmap` still gives the
-file as a read-only ``np.memmap`` for tools that want one.
 """
-
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -67,24 +60,28 @@ def cache_root() -> Path:
 # Keys
 
 
-def sample_identity(sample: Any) -> str:
-    """What identifies one sample's pixels: a file's path, size and mtime, or a hash of an in-memory image."""
+def sample_identity(sample: Any) -> bytes:
+    """What identifies one sample's pixels: a file's path, size and mtime, or a hash of an in-memory image.
+
+    A path is taken as the file system's bytes: on Linux a name need not be UTF-8
+    (``\\xff\\xfe.png`` reaches Python as lone surrogates, which ``str.encode`` refuses).
+    """
     if isinstance(sample, (str, os.PathLike)):
-        path = os.path.abspath(os.fspath(sample))
+        path = os.fsencode(os.path.abspath(os.fspath(sample)))
         try:
             stat = os.stat(path)
         except OSError:
-            return f"missing:{path}"  # decoding will skip it and say why
-        return f"file:{path}:{stat.st_size}:{stat.st_mtime_ns}"
+            return b"missing:" + path  # decoding will skip it and say why
+        return b"file:%s:%d:%d" % (path, stat.st_size, stat.st_mtime_ns)
     if isinstance(sample, np.ndarray):
         array = np.ascontiguousarray(sample)
         header = f"{array.dtype.str}:{array.shape}".encode()
-        return "array:" + hashlib.sha256(header + array.tobytes()).hexdigest()
+        return b"array:" + hashlib.sha256(header + array.tobytes()).hexdigest().encode()
     from PIL import Image
 
     if isinstance(sample, Image.Image):
         header = f"{sample.mode}:{sample.size}".encode()
-        return "pil:" + hashlib.sha256(header + sample.tobytes()).hexdigest()
+        return b"pil:" + hashlib.sha256(header + sample.tobytes()).hexdigest().encode()
     raise TypeError(f"a sample must be a path, a PIL image or a uint8 array, got {type(sample).__name__}")
 
 
@@ -93,8 +90,7 @@ def images_key(samples: Sequence[Any], image_size: int) -> str:
 
     digest = hashlib.sha256(f"{FORMAT}|{DECODE_SETTINGS}|pillow {PIL.__version__}|{image_size}|{len(samples)}\n".encode())
     for sample in samples:
-        digest.update(sample_identity(sample).encode())
-        digest.update(b"\n")
+        digest.update(sample_identity(sample) + b"\n")
     return digest.hexdigest()[:40]
 
 
@@ -115,19 +111,17 @@ def describe_samples(samples: Sequence[Any], origin: str | None = None) -> str:
 
 
 class ImageStore:
-    """A verified cache entry: ``rows`` decoded images of shape ``(3, S, S)`` read on demand."""
+    """A verified cache entry: ``rows`` decoded images of shape ``(3, S, S)`` read on demand,
+    with ``os.pread`` into fresh buffers: a memory map's pages of a dataset larger than memory
+    would count in the process's RSS until the kernel evicts them."""
 
     def __init__(self, folder: Path, meta: dict[str, Any]):
-        self.folder = folder
-        self.meta = meta
+        self.folder, self.meta = folder, meta
+        self.file = folder / IMAGES_FILE
         self.rows = int(meta["rows"])
         self.shape = tuple(meta["shape"])
         self.row_bytes = int(np.prod(self.shape))
         self._fd: int | None = os.open(self.file, os.O_RDONLY)  # opened now: batches are read from several threads
-
-    @property
-    def file(self) -> Path:
-        return self.folder / IMAGES_FILE
 
     def describe(self) -> str:
         return f"at {self.folder}"
@@ -154,13 +148,9 @@ class ImageStore:
         fd = self._fd
         if fd is None:
             raise ValueError(f"{self.folder} was closed")
-        start = 0
-        while start < len(rows):
-            end = start + 1
-            while end < len(rows) and rows[end] == rows[end - 1] + 1:
-                end += 1
+        starts = np.flatnonzero(np.diff(rows, prepend=rows[:1] - 2) != 1).tolist()  # where runs of consecutive rows begin
+        for start, end in zip(starts, [*starts[1:], len(rows)]):
             self._read_into(fd, flat[start:end], int(rows[start]))
-            start = end
         return torch.from_numpy(out)
 
     def _read_into(self, fd: int, target: np.ndarray, first_row: int) -> None:
@@ -174,9 +164,6 @@ class ImageStore:
 
     def read_all(self) -> torch.Tensor:
         return self.read(np.arange(self.rows))
-
-    def memmap(self) -> np.memmap:
-        return np.memmap(self.file, dtype=np.uint8, mode="r", shape=(self.rows, *self.shape))
 
     def close(self) -> None:
         if self._fd is not None:
@@ -268,8 +255,7 @@ class ImageWriter:
         data = image.contiguous().numpy().tobytes()
         self.file.write(data)
         self.crc = zlib.crc32(data, self.crc)
-        self.rows += 1
-        self.pending += 1
+        self.rows, self.pending = self.rows + 1, self.pending + 1
         if self.pending == self.block_rows:
             self._close_block()
 
@@ -309,17 +295,13 @@ def new_images(key: str, image_size: int, *, samples: Sequence[Any], origin: str
             os.fsync(f.fileno())
         meta.update(rows=writer.rows, block_rows=writer.block_rows, block_crc32=writer.checksums)
         write_json(work / META_FILE, meta)
-        _publish(work, root / key)
+        try:
+            os.rename(work, root / key)
+        except OSError:
+            if not (root / key).is_dir():  # not a lost race with another process publishing the key: a real failure
+                raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _publish(work: Path, final: Path) -> None:
-    try:
-        os.rename(work, final)
-    except OSError:
-        if not final.is_dir():  # not a lost race: a real failure
-            raise
 
 
 def remove_abandoned(root: Path, key: str) -> None:
@@ -379,11 +361,10 @@ def _describe(kind: str, folder: Path) -> str:
     try:
         if kind == IMAGES:
             meta = read_json(folder / META_FILE)
-            size = meta["shape"][-1]
-            return f"{meta['rows']} images at {size}px from {meta['source']}"
+            return f"{meta['rows']} images at {meta['shape'][-1]}px from {meta['source']}"
         metrics = read_json(folder / "metrics.json")
         return f"{metrics.get('method', '?')} pretraining of {metrics.get('backbone', '?')}, {len(metrics.get('epochs', []))} epochs"
-    except (OSError, ValueError, KeyError, TypeError, IndexError, json.JSONDecodeError):
+    except (OSError, ValueError, KeyError, TypeError, IndexError):  # a JSONDecodeError is a ValueError
         return "unreadable (will be rebuilt when used)"
 
 
