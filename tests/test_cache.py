@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from autoft import cache
@@ -88,6 +90,28 @@ def test_the_key_follows_the_files_the_size_and_the_pixels(class_folder, own_cac
     assert cache.images_key(arrays, 8) == key  # same pixels, another object: same key
     arrays[3][0, 0] += 1
     assert cache.images_key(arrays, 8) != key
+
+
+
+# A file name is bytes on Linux: anything but "/" and NUL, UTF-8 or not.
+file_names = st.binary(min_size=1, max_size=40).map(lambda b: b.replace(b"/", b"_").replace(b"\0", b"_")).filter(lambda b: b not in (b".", b".."))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(names=st.lists(file_names, min_size=1, max_size=4, unique=True))
+def test_the_key_of_files_with_any_names_is_stable_and_tells_them_apart(tmp_path, names):
+    folder = os.fsencode(tmp_path) + b"/" + os.urandom(6).hex().encode()
+    os.mkdir(folder)
+    paths = []
+    for name in names:
+        with open(folder + b"/" + name, "wb") as f:
+            f.write(b"pixels")
+        paths.append(os.fsdecode(folder + b"/" + name))  # how os.listdir hands them to the dataset plugin
+    key = cache.images_key(paths, 16)
+    assert key == cache.images_key([Path(p) for p in paths], 16) and len(key) == 40
+    if len(paths) > 1:
+        assert cache.images_key(paths[::-1], 16) != key  # the order, and so each name, counts
+    assert cache.images_key(paths[:1] + [paths[0] + "x"], 16) != cache.images_key(paths[:1] * 2, 16)
 
 
 def _corrupt_block(folder: Path) -> None:

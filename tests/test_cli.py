@@ -82,6 +82,34 @@ def test_user_mistakes_end_in_one_line_and_exit_2(class_folder, tmp_path, args, 
     assert not (tmp_path / "out" / "model.pt").exists()
 
 
+
+def _write_odd(folder, name: bytes, content: bytes) -> None:
+    """A file whose name is raw bytes, as Linux allows: Python sees them as lone surrogates."""
+    import os
+
+    with open(os.fsencode(folder) + b"/" + name, "wb") as f:
+        f.write(content)
+
+
+def test_files_named_in_no_encoding_train_or_are_skipped_with_a_warning(class_folder, tmp_path):
+    _write_odd(class_folder / "red", b"\xff\xfe.png", (class_folder / "red" / "0.png").read_bytes())
+    _write_odd(class_folder / "green", b"caf\xe9 \x80.png", b"not a png")
+    result = invoke("train", "--backbone", "test_resnet", "--data", class_folder, "--out", tmp_path / "out", "--epochs", "1", "--image-size", "16")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output and "skipped 1 unreadable image(s) of 26" in result.output
+    assert (tmp_path / "out" / "model.pt").exists()
+
+    # A class whose only file is such a name, and no image: that file's warning, then one error line.
+    for png in class_folder.glob("[gb]*/[0-9].png"):
+        png.unlink()
+    result = invoke("train", "--backbone", "test_resnet", "--data", class_folder, "--out", tmp_path / "out2", "--epochs", "1", "--image-size", "16")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    *warnings, error = result.output.strip().splitlines()
+    assert all(w.startswith("warning: ") for w in warnings)
+    assert any(w.startswith("warning: skipped 1 unreadable") and "/green/caf" in w for w in warnings)
+    assert error == "error: need at least two classes, found 1 ('red')"
+
+
 def test_version():
     result = invoke("--version")
     assert result.exit_code == 0 and result.output.startswith("autoft ")

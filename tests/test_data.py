@@ -112,10 +112,14 @@ def test_stratified_split_falls_back_when_a_class_has_one_image():
 
 
 def _messy(class_folder):
-    """Sub-albums, hidden files and folders, non-images, and a file outside any class folder."""
+    """Sub-albums, hidden files and folders, non-images, a file outside any class folder, and
+    a name that is not UTF-8 (Linux names are bytes)."""
+    import os
+
     from conftest import make_image
 
     make_image(class_folder / "red" / "album" / "deeper" / "nested.png", (220, 40, 40), seed=1)
+    make_image(Path(os.fsdecode(os.fsencode(class_folder / "red") + b"/\xff\xfe.png")), (220, 40, 40), seed=4)
     make_image(class_folder / "red" / ".hidden.png", (220, 40, 40), seed=2)
     make_image(class_folder / "blue" / ".thumbnails" / "t.png", (40, 60, 220), seed=3)
     (class_folder / "green" / "notes.txt").write_text("not an image")
@@ -135,7 +139,7 @@ def test_nested_folders_belong_to_their_class_and_what_is_left_out_is_one_warnin
     for part in ("2 hidden (blue/.thumbnails, red/.hidden.png)", "1 not an image (green/notes.txt)", "1 outside a class folder (README.md)"):
         assert part in messages[0]
     nested = [label for sample, label in zip(labelled.samples, labelled.labels) if Path(sample).name == "nested.png"]
-    assert nested == [labelled.classes.index("red")] and len(labelled.samples) == 25
+    assert nested == [labelled.classes.index("red")] and len(labelled.samples) == 26
 
 
 def test_predict_and_training_read_a_folder_by_the_same_rule(class_folder):
