@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from autoft.errors import AutoftError
 from autoft.hookspecs import hookimpl
+from autoft.specs import API_VERSIONS, PLUGIN_API_VERSION
 
 try:
     __version__ = version("autoft")
@@ -29,7 +30,9 @@ _API = {
     "export": "autoft.exporting",
 }
 
-__all__ = ["AutoftError", "hookimpl", "__version__", *_API]
+# A plugin written for plugin API 2 requires ``autoft>=0.2`` in its metadata; a spec's
+# ``api_version`` names the version of its kind's API (API_VERSIONS) it was written for.
+__all__ = ["AutoftError", "hookimpl", "__version__", "PLUGIN_API_VERSION", "API_VERSIONS", *_API]
 
 
 def __getattr__(name: str):

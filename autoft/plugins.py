@@ -1,39 +1,35 @@
-"""Plugin loading and the registry of what plugins provide.
+"""The registry of what plugins provide (loading them is :mod:`autoft.plugin_loading`).
 
 Built-in plugins (``autoft_plugins``) and third-party ones load the same way: through
 the ``autoft`` entry-point group. A plugin that fails to import, or raises in a hook,
 is recorded as broken and skipped; the others load. Two plugins registering one name
 make that name unusable, with an error naming both packages, while everything else
-keeps working.
+keeps working (a default search leaves such a name out, with a warning).
 
 Environment:
 
 - ``AUTOFT_DISABLE_PLUGIN_AUTOLOAD=1`` loads only the built-in plugins.
+- ``AUTOFT_DISABLE_PLUGINS=acme-autoft,other:strategies`` loads neither the distributions
+  named nor the single entry points named as ``DISTRIBUTION:ENTRY_POINT``.
 - ``AUTOFT_PLUGINS_DIR=DIR`` (or the CLI's ``--plugins-dir``) also loads every ``*.py``
   module in ``DIR`` as a plugin, without packaging.
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib.metadata
-import importlib.util
-import os
-import sys
-import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Sequence, TypeVar
 
 import pluggy
 
-from autoft import hookspecs
 from autoft.errors import AutoftError
+from autoft.plugin_loading import (  # noqa: F401 - re-exported: loading is part of this module's API
+    BUILTIN_DISTRIBUTION, ENTRY_POINT_GROUP, LOCAL_VERSION, PluginInfo, did_you_mean, get_plugin_manager, load_plugins_dir,
+    module_roots, one_line, plugin_info, register_plugin,
+)  # fmt: skip
 from autoft.specs import BackboneSpec, DatasetSpec, MetricSpec, PretrainerSpec, RegularizerSpec, StrategySpec, WeightsSpec
-
-ENTRY_POINT_GROUP = "autoft"
-BUILTIN_DISTRIBUTION = "autoft"
-LOCAL_VERSION = "local"  # the version shown for modules loaded from a plugins folder
 
 SpecT = TypeVar("SpecT")
 
@@ -58,27 +54,6 @@ KIND_NAMES: dict[str, str] = {
     "metrics": "metric",
     "weights": "weights source",
 }
-
-
-@dataclass
-class PluginInfo:
-    name: str
-    package: str
-    version: str
-    error: str | None = None
-
-    @property
-    def broken(self) -> bool:
-        return self.error is not None
-
-    @property
-    def origin(self) -> str:
-        """``package acme 1.2 (entry point strategies)``, or the module of a plugins folder."""
-        if self.version == LOCAL_VERSION:
-            return f"module {self.name}.py in {self.package}"
-        if not self.version:  # registered by hand: the name is all there is
-            return f"plugin {self.name}"
-        return f"package {self.package} {self.version} (entry point {self.name})"
 
 
 @dataclass
@@ -108,13 +83,27 @@ class Registry:
         what = KIND_NAMES.get(kind, kind)
         clash = self.conflicts.get(kind, {}).get(name)
         if clash:
-            owners = " and ".join(f"{p.package} ({p.name})" for p in clash)
-            raise AutoftError(f"{what} {name!r} is registered by both {owners}; uninstall or disable one of them")
+            raise AutoftError(f"{what} {name!r} is registered by both {_owners(clash)}; uninstall or disable one of them{_disable_hint(clash)}")
         table: dict[str, Registered[Any]] = getattr(self, kind)
         if name not in table:
-            hint = _did_you_mean(name, table)
+            hint = did_you_mean(name, table)
             raise AutoftError(f"unknown {what} {name!r}{hint}; run `autoft plugins` to list them{self._broken_note()}")
         return table[name].spec
+
+    def without_clashes(self, kind: str, names: Sequence[str]) -> tuple[str, ...]:
+        """``names`` (a default list) less those two plugins registered, each left out with one warning.
+
+        Asked for by name, such a name fails with the clash error; a default list goes on without it.
+        """
+        what = KIND_NAMES.get(kind, kind)
+        kept = []
+        for name in names:
+            clash = self.conflicts.get(kind, {}).get(name)
+            if clash:
+                warnings.warn(f"{what} {name!r} is registered by both {_owners(clash)}: left out of the default search{_disable_hint(clash)}", stacklevel=2)
+            else:
+                kept.append(name)
+        return tuple(kept)
 
     def _broken_note(self) -> str:
         """The name may belong to a plugin that failed to load: say so rather than only 'unknown'."""
@@ -144,7 +133,7 @@ class Registry:
         if sep and (source in self.backbones or source in self.conflicts.get("backbones", {})):
             spec = self._get("backbones", source)
             if not spec.has_model(model_name):
-                hint = _did_you_mean(model_name, list(spec.list_models()))
+                hint = did_you_mean(model_name, list(spec.list_models()))
                 raise AutoftError(f"unknown backbone {name!r}{hint}")
             return spec, model_name
         # A bare name: timm first (the built-in default), then the other sources in load order.
@@ -156,7 +145,7 @@ class Registry:
         for registered in sources:
             prefix = "" if registered.spec.name == "timm" else f"{registered.spec.name}:"
             known.extend(prefix + m for m in registered.spec.list_models())
-        raise AutoftError(f"unknown backbone {name!r}{_did_you_mean(name, known)}{self._broken_note()}")
+        raise AutoftError(f"unknown backbone {name!r}{did_you_mean(name, known)}{self._broken_note()}")
 
     def dataset(self, source: str) -> tuple[DatasetSpec, str]:
         """Resolve ``FORMAT:SOURCE`` or a bare path to its dataset format and argument."""
@@ -165,7 +154,7 @@ class Registry:
         if sep and len(fmt) > 1 and (fmt in self.datasets or fmt in self.conflicts.get("datasets", {})):
             return self._get("datasets", fmt), rest
         if sep and len(fmt) > 1 and not Path(source).exists() and not fmt.startswith((".", "/", "~")):
-            hint = _did_you_mean(fmt, self.datasets)
+            hint = did_you_mean(fmt, self.datasets)
             raise AutoftError(f"unknown dataset format {fmt!r} in {source!r}{hint}{self._broken_note()}")
         if not Path(source).expanduser().exists():
             raise AutoftError(f"data not found: {source}")
@@ -210,127 +199,14 @@ def describe_origin(item: Any, kind: str | None = None, registry: Registry | Non
     return (registry or build_registry(default_plugin_manager())).describe_origin(item, kind)
 
 
-def _did_you_mean(name: str, choices: Any) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
+def _owners(clash: Sequence[PluginInfo]) -> str:
+    """``autoft 0.2.0 and acme-old 0.3 (entry point strategies)``: each distribution with its version."""
+    return " and ".join(f"{p.package} {p.version} (entry point {p.name})".replace("  ", " ") if p.version != LOCAL_VERSION else p.origin for p in clash)
 
 
-# ---------------------------------------------------------------------------
-# Loading
-
-
-def get_plugin_manager(plugins_dir: str | os.PathLike | None = None) -> pluggy.PluginManager:
-    """Build a plugin manager: add the hookspecs, load entry points, load a plugins folder."""
-    pm = pluggy.PluginManager("autoft")
-    pm.add_hookspecs(hookspecs)
-    pm.autoft_info = {}  # plugin name -> PluginInfo, broken ones included
-    builtins_only = os.environ.get("AUTOFT_DISABLE_PLUGIN_AUTOLOAD", "").strip() not in ("", "0", "false")
-    for ep in sorted(_entry_points(), key=lambda ep: ep.dist.name != BUILTIN_DISTRIBUTION if ep.dist else True):
-        dist = ep.dist.name if ep.dist else "?"
-        if builtins_only and dist != BUILTIN_DISTRIBUTION:
-            continue
-        info = PluginInfo(name=ep.name, package=dist, version=ep.dist.version if ep.dist else "?")
-        name = f"{dist}:{ep.name}"
-        if pm.get_plugin(name) is not None or name in pm.autoft_info:
-            continue  # the same distribution seen twice on sys.path
-        try:
-            register_plugin(pm, ep.load(), name)
-        except Exception as exc:  # a broken plugin must not stop the others
-            info.error = _one_line(exc, _module_roots(ep.module))
-        pm.autoft_info[name] = info
-    folder = plugins_dir or os.environ.get("AUTOFT_PLUGINS_DIR")
-    if folder:
-        load_plugins_dir(pm, Path(folder))
-    return pm
-
-
-def load_plugins_dir(pm: pluggy.PluginManager, folder: Path) -> None:
-    """Register every ``*.py`` module in ``folder`` as a plugin."""
-    if not folder.is_dir():
-        raise AutoftError(f"plugins folder not found: {folder}")
-    for path in sorted(folder.glob("*.py")):
-        name = f"{folder.name}:{path.stem}"
-        info = PluginInfo(name=path.stem, package=str(folder), version=LOCAL_VERSION)
-        module_name = f"autoft_local_plugins.{path.stem}"
-        try:
-            spec = importlib.util.spec_from_file_location(module_name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[module_name] = module  # dataclasses and pickling look modules up here
-            spec.loader.exec_module(module)
-            register_plugin(pm, module, name)
-        except Exception as exc:
-            sys.modules.pop(module_name, None)
-            info.error = _one_line(exc, [path])
-        pm.autoft_info[name] = info
-
-
-def register_plugin(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
-    """Register ``plugin``; a hook name autoft does not define is an error, not silence.
-
-    pluggy accepts an implementation of a hook nobody specified (``autoft_register_backbone``,
-    singular) and never calls it, so a typo would look like a plugin that registers nothing.
-    """
-    pm.register(plugin, name=name)
-    unknown = [c.name for c in pm.get_hookcallers(plugin) or [] if not c.has_spec()]
-    if unknown:
-        pm.unregister(plugin, name=name)
-        known = [n for n in dir(hookspecs) if n.startswith("autoft_")]
-        hints = [f"{n}{_did_you_mean(n, known)}{_defined_at(getattr(plugin, n, None))}" for n in unknown]
-        raise AttributeError(f"unknown hook {', '.join(hints)}")
-
-
-def _defined_at(function: Any) -> str:
-    code = getattr(function, "__code__", None)
-    return f" at {code.co_filename}:{code.co_firstlineno}" if code else ""
-
-
-def _entry_points() -> list[importlib.metadata.EntryPoint]:
-    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
-
-
-def _one_line(exc: BaseException, plugin_files: Sequence[Path] = ()) -> str:
-    """``Type: message (file:line)``, the line being the innermost one in the plugin's own code.
-
-    A plugin's author needs the line of *their* code: not json's decoder that raised, nor
-    autoft's check that refused what the plugin registered, nor importlib's frames.
-    """
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")] if exc.__traceback__ else []
-    own = [f for f in frames if _within(f.filename, plugin_files)]
-    # Without the plugin's files, never point at autoft's or pluggy's own lines: they are not the mistake.
-    outside = [f for f in frames if not _within(f.filename, _HOST_FILES)]
-    where = [] if isinstance(exc, SyntaxError) else (own or outside)[-1:]  # a SyntaxError names its line itself
-    place = f" ({where[0].filename}:{where[0].lineno})" if where else ""
-    return f"{type(exc).__name__}: {exc}{place}".replace("\n", " ")
-
-
-_HOST_FILES = (Path(__file__).parent, Path(pluggy.__file__).parent)
-
-
-def _within(filename: str, roots: Sequence[Path]) -> bool:
-    path = Path(filename).resolve()
-    return any(path == root or root in path.parents for root in (r.resolve() for r in roots))
-
-
-def _module_roots(module: str) -> list[Path]:
-    """The files of the distribution a module belongs to: its top-level package's folders, or the module's file."""
-    top = module.split(".")[0]
-    try:
-        spec = importlib.util.find_spec(top) if top not in sys.modules else getattr(sys.modules[top], "__spec__", None)
-    except (ImportError, ValueError):
-        return []
-    if spec is None:
-        return []
-    if spec.submodule_search_locations:
-        return [Path(p) for p in spec.submodule_search_locations]
-    return [Path(spec.origin)] if spec.origin and spec.origin not in ("built-in", "frozen") else []
-
-
-def plugin_info(pm: pluggy.PluginManager, plugin_name: str) -> PluginInfo:
-    if not hasattr(pm, "autoft_info"):  # a manager built without get_plugin_manager()
-        pm.autoft_info = {}
-    if plugin_name not in pm.autoft_info:  # registered by hand, e.g. pm.register(obj, name=...) in a test
-        pm.autoft_info[plugin_name] = PluginInfo(name=plugin_name, package=plugin_name, version="")
-    return pm.autoft_info[plugin_name]
+def _disable_hint(clash: Sequence[PluginInfo]) -> str:
+    others = [p for p in clash if p.package != BUILTIN_DISTRIBUTION and p.version not in (LOCAL_VERSION, "")]
+    return f" (AUTOFT_DISABLE_PLUGINS={others[0].package} turns one off)" if others else ""
 
 
 def build_registry(pm: pluggy.PluginManager) -> Registry:
@@ -364,7 +240,7 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
             try:
                 impl.function(**{a: arguments[a] for a in impl.argnames})
             except Exception as exc:
-                info.error = _one_line(exc, [Path(impl.function.__code__.co_filename), *_module_roots(impl.function.__module__)])
+                info.error = one_line(exc, [Path(impl.function.__code__.co_filename), *module_roots(impl.function.__module__)])
                 continue
             collected.extend((kind, spec, info) for spec in specs)
     owners: dict[tuple[str, str], list[Registered[Any]]] = {}

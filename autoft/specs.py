@@ -5,6 +5,11 @@ Describing a plugin never builds a model or reads data; only calling the factory
 
 Strategies and regularisers see the training loop through a lifecycle (API version
 :data:`STRATEGY_API`): see :class:`TrainCallback` and :class:`autoft.lifecycle.TrainContext`.
+
+**API versions.** Each kind of plugin has an API version (:data:`API_VERSIONS`), raised when
+what autoft asks of that kind changes; :data:`PLUGIN_API_VERSION` is the highest of them. A
+spec's ``api_version`` says which version its plugin was written for, and a distribution
+pins the autoft that offers it (``Requires-Dist: autoft>=0.2`` for API 2).
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from autoft.lifecycle import TrainContext
+
+# kind -> the version of its API that this autoft offers (strategies 2: the lifecycle, autoft 0.2)
+API_VERSIONS: dict[str, int] = {"backbones": 1, "datasets": 1, "strategies": 2, "pretrainers": 1, "regularizers": 2, "metrics": 1}
+PLUGIN_API_VERSION = max(API_VERSIONS.values())
+STRATEGY_API = API_VERSIONS["strategies"]  # the version of the strategy and regulariser API described here
 
 # ---------------------------------------------------------------------------
 # Backbones
@@ -98,6 +108,7 @@ class BackboneSpec:
     has_model: Callable[[str], bool]
     describe: Callable[[str], BackboneInfo] | None = None
     pretrained: Callable[[str], PretrainedWeights] | None = None
+    api_version: int = API_VERSIONS["backbones"]
 
 
 @dataclass(frozen=True)
@@ -161,12 +172,11 @@ class DatasetSpec:
     description: str
     factory: Callable[[str], LabelledImages]
     detect: Callable[[str], bool] | None = None
+    api_version: int = API_VERSIONS["datasets"]
 
 
 # ---------------------------------------------------------------------------
 # Strategies and regularisers
-
-STRATEGY_API = 2  # the version of the strategy and regulariser API described here
 
 
 @dataclass
@@ -231,13 +241,14 @@ class Strategy(Protocol):
 @dataclass(frozen=True)
 class StrategySpec:
     """A fine-tuning strategy. ``api_version`` is the strategy API the plugin was written
-    for: 2 (:data:`STRATEGY_API`) for the lifecycle; 1, the default, runs through an
-    adapter with a deprecation warning."""
+    for: :data:`STRATEGY_API` (2, the default) for the lifecycle; a plugin written for 1
+    (``TrainPlan.extra_loss``) says ``api_version=1`` and runs through an adapter, with a
+    deprecation warning."""
 
     name: str
     description: str
     factory: Callable[[], Strategy]
-    api_version: int = 1
+    api_version: int = API_VERSIONS["strategies"]
 
 
 class Regularizer(Protocol):
@@ -260,6 +271,7 @@ class RegularizerSpec:
     name: str
     description: str
     factory: Callable[[], Regularizer]
+    api_version: int = API_VERSIONS["regularizers"]
 
 
 # ---------------------------------------------------------------------------
@@ -279,6 +291,7 @@ class MetricSpec:
     description: str
     compute: Callable[["np.ndarray", "np.ndarray"], float]
     greater_is_better: bool = True
+    api_version: int = API_VERSIONS["metrics"]
 
 
 # ---------------------------------------------------------------------------
@@ -318,3 +331,4 @@ class PretrainerSpec:
     name: str
     description: str
     factory: Callable[[], Pretrainer]
+    api_version: int = API_VERSIONS["pretrainers"]

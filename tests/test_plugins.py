@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 import autoft_torchvision  # the example distribution: `pip install -e plugins/autoft-torchvision`
+import autoft
 from autoft import AutoftError, hookimpl, plugins
 from autoft.cli import make_app
 from autoft.specs import BackboneSpec, DatasetSpec, LabelledImages, PretrainerSpec, StrategySpec
@@ -266,8 +267,8 @@ def test_describe_origin_names_the_package_version_and_entry_point(installed, pl
     expected = "strategy 'acme-head' from package acme-autoft 2.0.1 (entry point headwork)"
     assert plugins.describe_origin(registry.strategy("acme-head")) == expected  # a spec
     assert plugins.describe_origin("acme-head", registry=registry) == expected  # a name
-    assert registry.describe_origin("freeze", "strategies") == "strategy 'freeze' from package autoft 0.1.0 (entry point strategies)"
-    assert registry.describe_origin("timm") == "backbone source 'timm' from package autoft 0.1.0 (entry point timm)"
+    assert registry.describe_origin("freeze", "strategies") == f"strategy 'freeze' from package autoft {autoft.__version__} (entry point strategies)"
+    assert registry.describe_origin("timm") == f"backbone source 'timm' from package autoft {autoft.__version__} (entry point timm)"
     assert registry.describe_origin("house-head") == f"strategy 'house-head' from module house_rules.py in {plugins_folder}"
     assert registry.describe_origin("nothing", "pretrainers") == "pretraining method 'nothing' (not registered by any loaded plugin)"
     assert registry.describe_origin(StrategySpec("ghost", "", LinearProbe)) == "strategy 'ghost' (not registered by any loaded plugin)"
