@@ -9,23 +9,41 @@ expected and what came back.
 
 from __future__ import annotations
 
-import traceback
+import inspect
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 
 from autoft import plugins
 from autoft.errors import AutoftError
+from autoft.plugin_loading import module_roots, one_line
 from autoft.specs import STRATEGY_API, Backbone, TrainPlan
 
 HOOKS = ("on_epoch_start", "transform_batch", "loss_term", "on_epoch_end", "state_dict", "load_state_dict")
+TRAINING_HOOKS = HOOKS[:4]  # those that change training; state_dict and load_state_dict only keep state
+
+_warned: set[str] = set()  # run-time warnings already given in this process, one each
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 class PluginError(AutoftError):
-    """A plugin returned or raised something autoft cannot use; the message names the plugin."""
+    """A plugin returned or raised something autoft cannot use; the message names the plugin.
+
+    ``kind`` and ``name`` (``"strategies"``, ``"lp-ft"``), when known, say which registered
+    choice it was: a search leaves a choice whose plugin failed out of its later trials."""
+
+    def __init__(self, message: str, *, kind: str | None = None, name: str | None = None):
+        super().__init__(message)
+        self.kind, self.name = kind, name
 
 
 def plugin_label(registry: plugins.Registry | None, kind: str, name: str) -> str:
@@ -39,8 +57,11 @@ def plugin_label(registry: plugins.Registry | None, kind: str, name: str) -> str
 
 
 def describe_value(value: Any) -> str:
+    """What a plugin returned, on one line: a value's type and shape, never its multi-line repr."""
     if isinstance(value, torch.Tensor):
         return f"a {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')} tensor"
+    if isinstance(value, np.ndarray):
+        return f"a {value.shape} {value.dtype} array" if value.ndim else f"a 0-d {value.dtype} array {value.item()!r}"
     if isinstance(value, tuple):
         return "(" + ", ".join(describe_value(v) for v in value) + ")"
     if isinstance(value, dict):
@@ -51,9 +72,16 @@ def describe_value(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"[:120].replace("\n", " ")
 
 
-def _where(exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
-    return f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+def source_files(obj: Any) -> list[Path]:
+    """The files of the plugin ``obj`` (an object, a class or a function) comes from: its own
+    file and its distribution's package."""
+    target = obj if inspect.isroutine(obj) or isinstance(obj, type) else type(obj)
+    try:
+        own = [Path(inspect.getfile(target))]
+    except (TypeError, OSError):  # a built-in, a functools.partial
+        own = []
+    module = getattr(target, "__module__", None)
+    return own + (module_roots(module) if isinstance(module, str) else [])
 
 
 # ---------------------------------------------------------------------------
@@ -125,20 +153,28 @@ def optimizer_group(params: list[torch.nn.Parameter], recipe: dict[str, Any], lr
 class PluginCallback:
     """One plugin object in the loop: calls only the hooks it implements, checks what comes back."""
 
-    def __init__(self, obj: Any, label: str):
-        self.obj, self.label = obj, label
-        self.hooks = {name for name in HOOKS if callable(getattr(obj, name, None))}
+    def __init__(self, obj: Any, label: str, *, kind: str | None = None, name: str | None = None):
+        self.obj, self.label, self.kind, self.name = obj, label, kind, name
+        self.hooks = {hook for hook in HOOKS if callable(getattr(obj, hook, None))}
+        self.files = source_files(obj)
+        self.names: dict[str, str] = {}  # hook -> what the plugin calls it, where that differs (API 1's extra_loss)
+        if kind == "regularizers" and not self.hooks & set(TRAINING_HOOKS):
+            warn_once(f"{label} implements none of {', '.join(TRAINING_HOOKS)}: it changes nothing in training")
+
+    def named(self, hook: str) -> str:
+        """``loss_term()``, or the name the plugin gave the method that serves as it."""
+        return self.names.get(hook, f"{hook}()")
 
     def fail(self, what: str, expected: str, got: Any) -> PluginError:
-        return PluginError(f"{self.label}: {what} returned {describe_value(got)}; expected {expected}")
+        return PluginError(f"{self.label}: {what} returned {describe_value(got)}; expected {expected}", kind=self.kind, name=self.name)
 
     def call(self, hook: str, *args: Any) -> Any:
         try:
             return getattr(self.obj, hook)(*args)
         except (AutoftError, torch.cuda.OutOfMemoryError):
             raise
-        except Exception as exc:
-            raise PluginError(f"{self.label}: {hook}() raised {type(exc).__name__}: {exc}{_where(exc)}".replace("\n", " ")) from exc
+        except Exception as exc:  # named at the innermost line of the plugin's own code, not autoft's
+            raise PluginError(f"{self.label}: {self.named(hook)} raised {one_line(exc, self.files)}", kind=self.kind, name=self.name) from exc
 
     def epoch_hook(self, hook: str, ctx: TrainContext) -> None:
         if hook in self.hooks:
@@ -151,13 +187,13 @@ class PluginCallback:
         if not (isinstance(result, tuple) and len(result) == 2 and all(isinstance(t, torch.Tensor) for t in result)) or (
             result[0].shape != images.shape or result[1].shape != targets.shape
         ):
-            raise self.fail("transform_batch()", f"(images {tuple(images.shape)}, targets {tuple(targets.shape)})", result)
+            raise self.fail(self.named("transform_batch"), f"(images {tuple(images.shape)}, targets {tuple(targets.shape)})", result)
         return result
 
     def loss_term(self, ctx: TrainContext, logits: torch.Tensor, targets: torch.Tensor, features: torch.Tensor) -> torch.Tensor | None:
         term = self.call("loss_term", ctx, logits, targets, features)
         if term is not None and not (isinstance(term, torch.Tensor) and term.ndim == 0):
-            raise self.fail("loss_term()", "a scalar tensor or None", term)
+            raise self.fail(self.named("loss_term"), "a scalar tensor or None", term)
         return term
 
     def state_dict(self) -> dict[str, Any]:
@@ -175,15 +211,27 @@ class PluginCallback:
 
 def apply_strategy(strategy: PluginCallback, backbone: Backbone, params: dict[str, Any], api_version: int) -> TrainPlan:
     """Call the strategy's ``apply`` and check its plan; a version-1 ``extra_loss`` becomes a loss term."""
+    if api_version > STRATEGY_API:
+        from autoft import __version__
+
+        raise PluginError(
+            f"{strategy.label} is written for strategy API {api_version}; this autoft ({__version__}) offers API {STRATEGY_API}: "
+            "upgrade autoft", kind=strategy.kind, name=strategy.name,
+        )  # fmt: skip
     plan = strategy.call("apply", backbone, params)
     if not isinstance(plan, TrainPlan):
         raise strategy.fail("apply()", "TrainPlan", plan)
     groups = plan.param_groups
     if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in groups):
         raise strategy.fail("apply()", "TrainPlan.param_groups as a list of {'params': [...], ...} dicts", groups)
+    _warn_stray_parameters(strategy, backbone, groups)
     if plan.extra_loss is not None:
         if api_version >= STRATEGY_API:
-            raise PluginError(f"{strategy.label}: apply() returned TrainPlan.extra_loss, which API version {STRATEGY_API} replaces by loss_term(ctx, logits, targets, features)")
+            raise PluginError(
+                f"{strategy.label}: apply() returned TrainPlan.extra_loss, which API version {STRATEGY_API} replaces by "
+                "loss_term(ctx, logits, targets, features); a plugin written for API 1 says StrategySpec(..., api_version=1)",
+                kind=strategy.kind, name=strategy.name,
+            )  # fmt: skip
         warnings.warn(
             f"{strategy.label} is written for autoft's strategy API 1 (TrainPlan.extra_loss); it still works, "
             f"but API {STRATEGY_API} adds loss terms through loss_term(ctx, logits, targets, features): see docs/plugins.md",
@@ -192,7 +240,19 @@ def apply_strategy(strategy: PluginCallback, backbone: Backbone, params: dict[st
         )
         strategy.obj = _LegacyLoss(strategy.obj, plan.extra_loss)
         strategy.hooks.add("loss_term")
+        strategy.names["loss_term"] = f"TrainPlan.extra_loss ({getattr(plan.extra_loss, '__qualname__', 'extra_loss')}())"
     return plan
+
+
+def _warn_stray_parameters(strategy: PluginCallback, backbone: Backbone, groups: list[dict[str, Any]]) -> None:
+    """Parameters left trainable outside every group get gradients but no optimizer step: say so, once."""
+    planned = {id(p) for g in groups for p in g["params"]}
+    stray = [name for name, p in backbone.model.named_parameters() if p.requires_grad and id(p) not in planned]
+    if stray:
+        warn_once(
+            f"{strategy.label}: apply() leaves {len(stray)} parameter(s) trainable outside its TrainPlan ({', '.join(stray[:3])}"
+            f"{', ...' if len(stray) > 3 else ''}); they get gradients but never train: freeze them or add them to a group"
+        )
 
 
 class _LegacyLoss:

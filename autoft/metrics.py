@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from autoft import plugins
 from autoft.data import DataSplits, ImageTensors, to_float
-from autoft.lifecycle import PluginError, plugin_label
+from autoft.lifecycle import PluginError, describe_value, plugin_label, source_files
+from autoft.plugin_loading import one_line
 from autoft.runtime import autocast, layout
 from autoft.specs import MetricSpec
 
@@ -35,12 +36,12 @@ def score(spec: MetricSpec, labels: np.ndarray, probabilities: np.ndarray, regis
     """The metric's value, checked at the plugin boundary."""
     try:
         value = spec.compute(labels, probabilities)
-    except Exception as exc:
-        raise PluginError(f"{plugin_label(registry, 'metrics', spec.name)}: compute() raised {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # named at the innermost line of the plugin's own code
+        raise PluginError(f"{plugin_label(registry, 'metrics', spec.name)}: compute() raised {one_line(exc, source_files(spec.compute))}", kind="metrics", name=spec.name) from exc
     if isinstance(value, (np.floating, np.integer)):
         value = value.item()
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
-        raise PluginError(f"{plugin_label(registry, 'metrics', spec.name)}: compute() returned {value!r}; expected a float")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise PluginError(f"{plugin_label(registry, 'metrics', spec.name)}: compute() returned {describe_value(value)}; expected a finite float", kind="metrics", name=spec.name)
     return float(value)
 
 

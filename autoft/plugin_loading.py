@@ -111,7 +111,7 @@ def _check_disabled(disabled: set[str], entry_points: Sequence[importlib.metadat
     known = {_normalise(ep.dist.name) for ep in entry_points if ep.dist}
     known |= {f"{_normalise(ep.dist.name)}:{ep.name}" for ep in entry_points if ep.dist}
     for entry in sorted(disabled - known):
-        warnings.warn(f"AUTOFT_DISABLE_PLUGINS names {entry!r}, which no installed plugin is{did_you_mean(entry, known)}", stacklevel=3)
+        warnings.warn(f"AUTOFT_DISABLE_PLUGINS names {entry!r}, but no installed plugin has that name{did_you_mean(entry, known)}", stacklevel=3)
 
 
 def load_plugins_dir(pm: pluggy.PluginManager, folder: Path) -> None:

@@ -24,6 +24,7 @@ from typing import Any, Generic, Sequence, TypeVar
 
 import pluggy
 
+from autoft import hookspecs  # noqa: F401 - plugins.hookspecs, as autoft.testing uses it
 from autoft.errors import AutoftError
 from autoft.plugin_loading import (  # noqa: F401 - re-exported: loading is part of this module's API
     BUILTIN_DISTRIBUTION, ENTRY_POINT_GROUP, LOCAL_VERSION, PluginInfo, did_you_mean, get_plugin_manager, load_plugins_dir,
@@ -103,6 +104,8 @@ class Registry:
                 warnings.warn(f"{what} {name!r} is registered by both {_owners(clash)}: left out of the default search{_disable_hint(clash)}", stacklevel=2)
             else:
                 kept.append(name)
+        if names and not kept:
+            self._get(kind, names[0])  # nothing left to search: the clash is the error
         return tuple(kept)
 
     def _broken_note(self) -> str:

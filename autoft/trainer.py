@@ -126,10 +126,11 @@ class Trainer:
     def _callbacks(self) -> list[PluginCallback]:
         """The strategy first, then the regulariser, then the caller's callbacks."""
         strategy = self.registry.strategy(self.recipe.strategy).factory()
-        found = [PluginCallback(strategy, plugin_label(self.registry, "strategies", self.recipe.strategy))]
+        found = [PluginCallback(strategy, plugin_label(self.registry, "strategies", self.recipe.strategy), kind="strategies", name=self.recipe.strategy)]
         if self.recipe.regularizer != NO_REGULARIZER:
             regularizer = self.registry.regularizer(self.recipe.regularizer).factory()
-            found.append(PluginCallback(regularizer, plugin_label(self.registry, "regularizers", self.recipe.regularizer)))
+            label = plugin_label(self.registry, "regularizers", self.recipe.regularizer)
+            found.append(PluginCallback(regularizer, label, kind="regularizers", name=self.recipe.regularizer))
         return found + [PluginCallback(c, type(c).__name__) for c in self.extra_callbacks]
 
     def _plan_steps(self) -> None:
@@ -351,7 +352,7 @@ class Trainer:
         ce_bad = first_bad[0] if first_bad[0] >= 0 else never
         for callback, value, bad in zip(self.loss_callbacks, terms, first_bad[1:]):
             if not math.isfinite(value) and 0 <= bad < ce_bad:
-                raise PluginError(f"{callback.label}: loss_term() returned {value} at step {int(bad)} (epoch {epoch}) while the cross-entropy was finite")
+                raise PluginError(f"{callback.label}: {callback.named('loss_term')} returned {value} at step {int(bad)} (epoch {epoch}) while the cross-entropy was finite")
         if not math.isfinite(sum(losses)):
             raise Diverged(f"loss is {sum(losses)} in epoch {epoch}; the learning rate may be too high")
         chance = math.log(self.data.num_classes)

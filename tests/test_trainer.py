@@ -273,7 +273,7 @@ class Faulty:
 
         register(StrategySpec("bad-default", "", BadDefault, api_version=STRATEGY_API))
         register(StrategySpec("nan-later", "", NanLater, api_version=STRATEGY_API))
-        register(StrategySpec("legacy", "", Legacy))
+        register(StrategySpec("legacy", "", Legacy, api_version=1))
         register(StrategySpec("legacy-as-v2", "", Legacy, api_version=STRATEGY_API))
 
     @hookimpl

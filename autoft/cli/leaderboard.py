@@ -2,7 +2,8 @@
 
 Like AutoGluon's leaderboard, one table ranks what was tried: the top trials with their
 strategy, key parameters, epochs and time, the default recipe for comparison, and reference
-baselines and an ensemble, drawn apart so that no one mistakes them for trials.
+baselines and an ensemble, drawn apart so that no one mistakes them for trials. Printed to a
+log or a pipe, it is plain lines, one a row, nothing cut to fit a width (:mod:`autoft.cli.tables`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Sequence
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
+from autoft.cli.tables import WholeTable
 from autoft.report_data import Baseline, EnsembleSummary, describe_ensemble, epochs_run, format_duration, trial_seconds
 
 TOP = 5
@@ -27,7 +29,7 @@ def leaderboard(
     baselines: Sequence[Baseline] = (),
     ensemble: EnsembleSummary | None = None,
     top: int = TOP,
-) -> Table:
+) -> WholeTable:
     """A Rich table of the ``top`` completed trials by ``metric`` (higher is better), the default
     recipe when it is not among them, and the baselines and ensemble ranked among them by value."""
     ranked = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.value is not None), key=lambda t: -t.value)
@@ -50,7 +52,7 @@ def leaderboard(
         table.add_row(*_trial_cells(default, ranked.index(default) + 1), style=DEFAULT_RECIPE_STYLE)
     if not ranked:
         table.caption = "no trial completed"
-    return table
+    return WholeTable(table)
 
 
 def _trial_cells(trial: FrozenTrial, rank: int) -> list[str]:

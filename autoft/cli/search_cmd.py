@@ -170,7 +170,7 @@ def _print_summary(result, metric: str) -> None:
     study = _study(result)
     if study is not None:
         baselines = [Baseline(b["name"], b["value"]) for b in m.get("baselines", [])]
-        console.print(leaderboard(study.get_trials(deepcopy=False), metric, baselines=baselines))
+        console.print(leaderboard(study.get_trials(deepcopy=False), metric, baselines=baselines), crop=False)  # whole in a log
     states = ", ".join(f"{n} {s.lower()}" for s, n in result.states.items())
     line = m["summary"] + (f"; test {metric} {m[f'test_{metric}']:.4f}" if f"test_{metric}" in m else "")
     colour = "yellow" if "did not beat" in line or "WARNING" in line else "green"

@@ -34,6 +34,7 @@ from autoft.checkpoints import CHECKPOINT_NAME
 from autoft.data import ImageTensors, Normalize
 from autoft.events import BatchEnd, EpochEnd, FoldEnd, TrialEvent, TrialStart
 from autoft.io import DiskFull, atomic_path, disk_full_error, file_lock
+from autoft.lifecycle import PluginError
 from autoft.metrics import evaluate
 from autoft.fitting import FitRequest, Fitted, fit
 from autoft.searching.session import Session
@@ -95,6 +96,8 @@ class Objective:
             if full is not None:
                 raise StopSearch(self._give_up(trial, full)) from None
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:2000])
+            if isinstance(exc, PluginError) and session.ctx.space.leave_out(exc, trial.number) and hasattr(trial, "study"):
+                trial.study.stop()  # every choice's plugin failed: no trial is left to run
             raise
         finally:
             free_memory(session.ctx.device)

@@ -26,7 +26,7 @@ from autoft.runtime import resolve_device, resolve_jobs, seed_everything, thread
 from autoft.searching.config import SearchConfig, default_study_name
 from autoft.searching.pretraining_stage import StageResult, pretraining_stage
 from autoft.searching.session import PSEUDO_DEFAULT, SearchContext, SearchState, Session, _Timer, make_splits, pseudo_labels
-from autoft.searching.space import DEFAULT_STRATEGIES, SearchSpace, load_overrides
+from autoft.searching.space import DEFAULT_REGULARIZERS, DEFAULT_STRATEGIES, SearchSpace, load_overrides
 from autoft.searching.storage import default_storage_url, open_storage
 from autoft.weights import resolve_weights
 
@@ -112,12 +112,14 @@ def prepare_worker(ctx: SearchContext, index: int, device: str, registry: plugin
 def _setup(config: SearchConfig, registry: plugins.Registry, budget: Budget, worker: bool = False) -> _Setup:
     """Check every option and plugin name; choose the starting weights. Nothing decoded yet."""
     config.check()
-    strategies = {name: registry.strategy(name).factory() for name in dict.fromkeys(config.strategies or DEFAULT_STRATEGIES)}
+    chosen = config.strategies or registry.without_clashes("strategies", DEFAULT_STRATEGIES)  # a clash breaks only a name asked for
+    strategies = {name: registry.strategy(name).factory() for name in dict.fromkeys(chosen)}
     metric_specs(config.metric, registry)  # an unknown metric fails here
     if config.unlabelled is not None:
         registry.pretrainer(config.pretrain)
     info = describe_backbone(config.backbone, registry)
-    space = config.space or SearchSpace(tuple(strategies), load_overrides(config.ranges, config.space_file))
+    regularizers = registry.without_clashes("regularizers", DEFAULT_REGULARIZERS)
+    space = config.space or SearchSpace(tuple(strategies), load_overrides(config.ranges, config.space_file), regularizers=regularizers)
     space.check_names(info.num_groups, strategies)
     device = resolve_device(config.device)
     jobs = 1 if worker else resolve_jobs(config.jobs, device)

@@ -24,6 +24,7 @@ objects, or lists of choices.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -50,6 +51,8 @@ class SearchSpace:
     choices: dict[str, list[Any]] = field(default_factory=dict)
     regularizers: tuple[str, ...] = DEFAULT_REGULARIZERS
     regularizer_objects: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # made on first use
+    # ("strategy" or "regularizer", name) -> why later trials leave it out: its plugin failed
+    failed: dict[tuple[str, str], str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         chosen = self.overrides.get("regularizer", {}).get("choices")
@@ -80,12 +83,32 @@ class SearchSpace:
                 params[p.name] = ranged.suggest_float(p.name, p.low, p.high, log=p.log)
         for name, options in self.choices.items():
             params[name] = ranged.suggest_categorical(name, list(options))
-        params["strategy"] = ranged.suggest_categorical("strategy", list(self.strategies))
+        params["strategy"] = self._usable("strategy", ranged.suggest_categorical("strategy", list(self.strategies)))
         params.update(strategies[params["strategy"]].suggest(ranged, n_groups))
-        params["regularizer"] = ranged.suggest_categorical("regularizer", list(self.regularizers))
+        params["regularizer"] = self._usable("regularizer", ranged.suggest_categorical("regularizer", list(self.regularizers)))
         if params["regularizer"] != NO_REGULARIZER:
             params.update(self._regularizer(params["regularizer"]).suggest(ranged))
         return params
+
+    def leave_out(self, error: Any, trial_number: int) -> bool:
+        """After a strategy's or regulariser's plugin failed (a :class:`~autoft.lifecycle.PluginError`
+        naming it), later trials leave it out, said in one line. Optuna's choices cannot change
+        within a study, so a trial that draws it is pruned before it trains. True when no choice
+        of that parameter is left."""
+        param = {"strategies": "strategy", "regularizers": "regularizer"}.get(getattr(error, "kind", None))
+        if param is None or (param, error.name) in self.failed:
+            return False
+        self.failed[(param, error.name)] = f"{param} {error.name!r} failed in trial {trial_number}: {error}"
+        warnings.warn(f"{error}; later trials leave {param} {error.name!r} out", stacklevel=2)
+        choices = self.strategies if param == "strategy" else self.regularizers
+        return all((param, name) in self.failed for name in choices)
+
+    def _usable(self, param: str, value: Any) -> Any:
+        if (param, value) in self.failed:
+            import optuna
+
+            raise optuna.TrialPruned(f"left out: {self.failed[(param, value)]}")
+        return value
 
     def defaults(self, strategy_name: str, strategy, n_groups: int, base: dict[str, Any] | None = None) -> dict[str, Any]:
         """The known-good first trial, keeping only values inside the (possibly overridden) space."""
@@ -96,7 +119,10 @@ class SearchSpace:
             wanted.update(self._regularizer(wanted["regularizer"]).default_params())
         for name, options in self.choices.items():
             wanted.setdefault(name, options[0])
-        return {k: v for k, v in wanted.items() if self.contains(k, v)}
+        kept = {k: v for k, v in wanted.items() if self.contains(k, v)}
+        for name in sorted((set(wanted) - set(kept)) & set(self.overrides)):  # the user's range left it out: say so
+            warnings.warn(f"--range {name}={_describe(self.overrides[name])} leaves out the default recipe's {name}={wanted[name]!r}; its first trial draws {name} from that range instead", stacklevel=2)
+        return kept
 
     def contains(self, name: str, value: Any) -> bool:
         if name == "strategy":
