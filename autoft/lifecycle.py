@@ -53,6 +53,8 @@ def plugin_label(registry: plugins.Registry | None, kind: str, name: str) -> str
     if registered is None:
         return f"{what} {name!r}"
     info = registered.plugin
+    if info.version == plugins.LOCAL_VERSION:  # a module of a plugins folder
+        return f"{what} {name!r} ({info.name}.py in {info.package})"
     return f"{what} {name!r} ({info.package} {info.version})".replace(" )", ")")
 
 

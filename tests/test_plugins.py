@@ -492,3 +492,292 @@ def test_search_on_a_torchvision_backbone_end_to_end(class_folder, tmp_path):
     best = load_checkpoint(out)  # a search folder resolves to its best/ model
     assert best.meta["backbone"] == "torchvision:resnet18"
     assert best.meta["params"]["strategy"] == "freeze" and 0 <= best.meta["params"]["freeze_depth"] <= 4
+
+
+# ---------------------------------------------------------------------------
+# Disabling plugins, API versions
+
+
+def test_one_distribution_or_one_entry_point_is_disabled_by_name(installed, monkeypatch):
+    first, second = module_name("acme_a"), module_name("acme_b")
+    installed("Acme_AutoFT", {first: GOOD_PLUGIN.format(name="acme-a"), second: GOOD_PLUGIN.format(name="acme-b")}, {"a": first, "b": second})
+    assert {"acme-a", "acme-b"} <= set(plugins.build_registry(plugins.get_plugin_manager()).strategies)
+    monkeypatch.setenv("AUTOFT_DISABLE_PLUGINS", "acme-autoft:b")  # one entry point; names compare as pip compares them
+    registry = plugins.build_registry(plugins.get_plugin_manager())
+    assert "acme-a" in registry.strategies and "acme-b" not in registry.strategies
+    monkeypatch.setenv("AUTOFT_DISABLE_PLUGINS", " autoft-torchvision , acme-autoft ")  # whole distributions
+    registry = use(plugins.get_plugin_manager())
+    assert not {"acme-a", "acme-b"} & set(registry.strategies) and "torchvision" not in registry.backbones
+    assert "freeze" in registry.strategies  # the others load as before
+    listing = json.loads(invoke("plugins", "--json").output)
+    assert {(d["package"], d["plugin"]) for d in listing["disabled"]} == {("Acme_AutoFT", "a"), ("Acme_AutoFT", "b"), ("autoft-torchvision", "torchvision")}
+
+
+def test_a_disabled_name_that_matches_nothing_is_one_warning(monkeypatch):
+    monkeypatch.setenv("AUTOFT_DISABLE_PLUGINS", "autoft-torchvison")
+    with pytest.warns(UserWarning, match=r"^AUTOFT_DISABLE_PLUGINS names 'autoft-torchvison', but no installed plugin has that name \(did you mean autoft-torchvision"):
+        registry = plugins.build_registry(plugins.get_plugin_manager())
+    assert "torchvision" in registry.backbones
+
+
+def test_autoft_marks_its_plugin_api_in_its_version_and_constants():
+    import importlib.metadata
+
+    from autoft.specs import API_VERSIONS, STRATEGY_API, RegularizerSpec
+
+    assert autoft.PLUGIN_API_VERSION == 2 == STRATEGY_API == API_VERSIONS["strategies"]
+    assert autoft.__version__ == importlib.metadata.version("autoft") and tuple(map(int, autoft.__version__.split(".")[:2])) >= (0, 2)
+    assert StrategySpec("s", "", LinearProbe).api_version == STRATEGY_API  # the default is the current API, not the deprecated 1
+    assert RegularizerSpec("r", "", object).api_version == STRATEGY_API and BackboneSpec("b", "", None, list, bool).api_version == 1
+
+
+def test_autoft_plugins_warns_about_a_plugin_written_for_a_newer_api():
+    class Future:
+        @hookimpl
+        def autoft_register_strategies(self, register):
+            register(StrategySpec("from-the-future", "", LinearProbe, api_version=3))
+
+    pm = plugins.get_plugin_manager()
+    pm.register(Future(), name="future-plugin")
+    use(pm)
+    result = invoke("plugins")
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    warning = next(line for line in result.output.splitlines() if line.startswith("warning:"))
+    assert warning == (
+        f"warning: strategy 'from-the-future' from future-plugin is written for strategy API 3, but this autoft ({autoft.__version__}) "
+        "offers API 2: upgrade autoft, or install a release of future-plugin for API 2"
+    )
+    train = invoke("train", "--backbone", "test_resnet", "--data", "sample:digits", "--out", "unused", "--strategy", "from-the-future", "--epochs", "1")
+    assert train.exit_code == 2 and "Traceback" not in train.output
+    assert "is written for strategy API 3; this autoft" in train.output and "upgrade autoft" in train.output
+
+
+# ---------------------------------------------------------------------------
+# A clash on a default name
+
+
+STALE_LPFT = '''
+from autoft import hookimpl
+from autoft.specs import StrategySpec
+from autoft_plugins.strategies import LinearProbe
+
+@hookimpl
+def autoft_register_strategies(register):
+    register(StrategySpec("lp-ft", "an old copy", LinearProbe))
+'''
+
+
+def test_a_clash_on_a_default_strategy_leaves_it_out_of_the_default_search(installed, class_folder, tmp_path):
+    import optuna
+
+    from autoft.searching import search
+    from autoft.searching.storage import open_storage
+
+    stale = module_name("stale_lpft")
+    installed("acme-stale", {stale: STALE_LPFT}, {"strategies": stale}, version="0.3")
+    use(plugins.get_plugin_manager())
+    expected = (
+        f"strategy 'lp-ft' is registered by both autoft {autoft.__version__} (entry point strategies) and acme-stale 0.3 "
+        "(entry point strategies): left out of the default search (AUTOFT_DISABLE_PLUGINS=acme-stale turns one off)"
+    )
+    with pytest.warns(UserWarning) as caught:
+        result = search("test_resnet", str(class_folder), tmp_path / "s", trials=1, epochs=1, image_size=16, device="cpu", no_cv=True, export_onnx=False, batch_size=8, ensemble=1)
+    assert [str(w.message) for w in caught if "lp-ft" in str(w.message)] == [expected]
+    assert result.states == {"COMPLETE": 1}
+    (trial,) = optuna.load_study(study_name=result.study_name, storage=open_storage(result.storage)).get_trials()
+    assert trial.distributions["strategy"].choices == ("freeze", "l2sp")  # the clashing name is no choice of the search
+    # Asked for by name, the clash is still the error, in one line.
+    asked = invoke("search", "--backbone", "test_resnet", "--data", class_folder, "--out", tmp_path / "x", "--strategy", "lp-ft", "--trials", "1")
+    assert asked.exit_code == 2 and "Traceback" not in asked.output
+    assert asked.output.strip().splitlines()[-1].startswith("error: strategy 'lp-ft' is registered by both autoft")
+
+
+# ---------------------------------------------------------------------------
+# Errors and silent misbehaviour at the boundary: one line, naming the plugin's own code
+
+
+BOUNDARY_PLUGIN = '''
+import torch
+from autoft import hookimpl
+from autoft.specs import MetricSpec, RegularizerSpec, StrategySpec, TrainPlan
+from autoft_plugins.strategies import Full
+
+
+class Boom(Full):
+    def on_epoch_start(self, ctx):
+        ctx.group_parameters(["no-such-group"])  # line 10: the ValueError is raised in autoft's lifecycle.py
+
+
+class LegacyNan(Full):
+    def apply(self, backbone, params):
+        return TrainPlan([{"params": list(backbone.model.parameters())}], extra_loss=self.penalty)
+
+    def penalty(self):
+        return torch.tensor(float("nan"))
+
+
+class HeadOnlyPlan(Full):
+    def apply(self, backbone, params):  # forgets to freeze what it does not train
+        head = [p for n, p in backbone.model.named_parameters() if n in backbone.head.params]
+        return TrainPlan([{"params": head}])
+
+
+class Inert:
+    def default_params(self):
+        return {}
+
+    def suggest(self, trial):
+        return {}
+
+
+@hookimpl
+def autoft_register_strategies(register):
+    register(StrategySpec("boom", "raises at the first epoch", Boom))
+    register(StrategySpec("legacy-nan", "an API 1 strategy whose extra loss is NaN", LegacyNan, api_version=1))
+    register(StrategySpec("head-only-plan", "leaves the backbone trainable outside its plan", HeadOnlyPlan))
+
+
+@hookimpl
+def autoft_register_regularizers(register):
+    register(RegularizerSpec("inert", "implements no lifecycle method", Inert))
+
+
+@hookimpl
+def autoft_register_metrics(register):
+    register(MetricSpec("acme_recall_of_every_class", "an array, not a float", lambda labels, p: p[:, 0]))
+    register(MetricSpec("acme_nan", "NaN", lambda labels, p: float("nan")))
+'''
+
+
+@pytest.fixture
+def boundary(tmp_path):
+    folder = tmp_path / "boundary_plugins"
+    folder.mkdir()
+    (folder / "acme_boundary.py").write_text(BOUNDARY_PLUGIN)
+    registry = use(plugins.get_plugin_manager(folder))
+    assert not any(p.broken for p in registry.plugins.values())
+    return folder, registry
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    from autoft.data import load_data
+    from conftest import COLOURS, make_image
+
+    root = tmp_path_factory.mktemp("boundary") / "colours"
+    for c, (name, colour) in enumerate(COLOURS.items()):
+        for i in range(6):
+            make_image(root / name / f"{i}.png", colour, seed=100 * c + i, size=16)
+    return load_data(str(root), image_size=16, seed=0)
+
+
+def fit(data, registry, **params):
+    from autoft.backbones import build_backbone
+    from autoft.trainer import Trainer, TrainerConfig
+
+    backbone = build_backbone("test_resnet", num_classes=data.num_classes, registry=registry)
+    return Trainer(backbone, data, {"strategy": "full", **params}, TrainerConfig(epochs=1, batch_size=8, device="cpu"), registry=registry).fit()
+
+
+def test_an_error_raised_in_a_plugin_names_the_plugins_own_file_and_line(boundary, colours, tmp_path):
+    from autoft.lifecycle import PluginError
+
+    folder, registry = boundary
+    with pytest.raises(PluginError) as caught:
+        fit(colours, registry, strategy="boom")
+    message = str(caught.value)
+    assert message.startswith("strategy 'boom' (") and "on_epoch_start() raised ValueError: no parameter group ['no-such-group']" in message
+    assert message.endswith(f"({folder / 'acme_boundary.py'}:10)") and "lifecycle.py" not in message and "\n" not in message
+    assert (caught.value.kind, caught.value.name) == ("strategies", "boom")
+    result = invoke("--plugins-dir", folder, "train", "--backbone", "test_resnet", "--data", "sample:digits", "--out", tmp_path / "r", "--strategy", "boom", "--epochs", "1", "--image-size", "16")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].endswith(f"acme_boundary.py:10)")
+
+
+def test_a_metric_returning_an_array_or_nan_is_one_line_asking_for_a_finite_float(boundary):
+    import numpy as np
+
+    from autoft.lifecycle import PluginError
+    from autoft.metrics import score
+
+    folder, registry = boundary
+    labels, probabilities = np.array([0, 1, 1, 0, 2, 2]), np.full((6, 3), 1 / 3, dtype=np.float32)
+    with pytest.raises(PluginError) as array:
+        score(registry.metric("acme_recall_of_every_class"), labels, probabilities, registry)
+    assert str(array.value) == f"metric 'acme_recall_of_every_class' (acme_boundary.py in {folder}): compute() returned a (6,) float32 array; expected a finite float"
+    with pytest.raises(PluginError) as nan:
+        score(registry.metric("acme_nan"), labels, probabilities, registry)
+    assert str(nan.value) == f"metric 'acme_nan' (acme_boundary.py in {folder}): compute() returned float nan; expected a finite float"
+
+
+def test_a_nan_from_an_api_1_extra_loss_names_the_method_the_plugin_defined(boundary, colours):
+    from autoft.lifecycle import PluginError
+
+    _, registry = boundary
+    with pytest.warns(DeprecationWarning), pytest.raises(PluginError) as caught:
+        fit(colours, registry, strategy="legacy-nan")
+    assert "TrainPlan.extra_loss (LegacyNan.penalty()) returned nan at step 0 (epoch 1)" in str(caught.value)
+    assert "loss_term" not in str(caught.value)
+
+
+def test_a_regulariser_that_changes_nothing_and_parameters_outside_the_plan_are_said_once(boundary, colours):
+    folder, registry = boundary
+    with pytest.warns(UserWarning) as caught:
+        fit(colours, registry, regularizer="inert")
+        fit(colours, registry, regularizer="inert")
+        fit(colours, registry, strategy="head-only-plan")
+        fit(colours, registry, strategy="head-only-plan")
+    messages = [str(w.message) for w in caught if "inert" in str(w.message) or "head-only-plan" in str(w.message)]
+    assert messages == [
+        f"regularizer 'inert' (acme_boundary.py in {folder}) implements none of on_epoch_start, transform_batch, loss_term, on_epoch_end: it changes nothing in training",
+        messages[1],
+    ]
+    assert messages[1].startswith(f"strategy 'head-only-plan' (acme_boundary.py in {folder}): apply() leaves ")
+    assert "parameter(s) trainable outside its TrainPlan (" in messages[1] and messages[1].endswith("they get gradients but never train: freeze them or add them to a group")
+
+
+def test_a_strategy_whose_plugin_raised_is_left_out_of_later_trials(boundary):
+    import optuna
+
+    from autoft.lifecycle import PluginError
+    from autoft.searching.space import SearchSpace
+
+    _, registry = boundary
+    strategies = {name: registry.strategy(name).factory() for name in ("freeze", "boom")}
+    space = SearchSpace(("freeze", "boom"), regularizers=("none",))
+    error = PluginError("strategy 'boom' (local): on_epoch_start() raised ValueError: no (acme_boundary.py:10)", kind="strategies", name="boom")
+    with pytest.warns(UserWarning) as caught:
+        assert space.leave_out(error, trial_number=3) is False  # freeze is left
+        assert space.leave_out(error, trial_number=4) is False  # said once
+    assert [str(w.message) for w in caught] == [f"{error}; later trials leave strategy 'boom' out"]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda trial: len(space.suggest(trial, strategies, 6)), n_trials=12)
+    drew_boom = [t for t in study.trials if t.params["strategy"] == "boom"]
+    assert drew_boom and all(t.state == optuna.trial.TrialState.PRUNED for t in drew_boom)  # none of them trains
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials if t.params["strategy"] == "freeze")
+    assert space.leave_out(PluginError("x", kind="strategies", name="freeze"), 5) is True  # nothing left to search
+
+
+def test_a_search_whose_only_strategy_raised_stops_instead_of_failing_every_trial(boundary, class_folder, tmp_path):
+    folder, _ = boundary
+    result = invoke(
+        "--plugins-dir", folder, "search", "--backbone", "test_resnet", "--data", class_folder, "--out", tmp_path / "s", "--strategy", "boom",
+        "--trials", "4", "--epochs", "1", "--image-size", "16", "--no-cv", "--no-onnx", "--batch-size", "8",
+    )
+    assert "Traceback" not in result.output
+    said = [line for line in result.output.splitlines() if "later trials leave strategy 'boom' out" in line]
+    assert len(said) == 1 and said[0].startswith("warning: strategy 'boom' (") and "acme_boundary.py:10)" in said[0]
+    assert result.exit_code == 2 and result.output.strip().splitlines()[-1].startswith("error: no trial completed (1 fail, ")  # the other 3 never ran
+
+
+def test_a_range_that_leaves_out_the_default_recipes_value_says_so():
+    from autoft.searching.space import SearchSpace, load_overrides
+    from autoft_plugins.strategies import Freeze
+
+    space = SearchSpace(("freeze",), load_overrides(["lr=0.01:0.1:log", "dropout=0.1:0.3"]))
+    with pytest.warns(UserWarning) as caught:
+        first = space.defaults("freeze", Freeze(), 6)
+    assert [str(w.message) for w in caught] == [
+        "--range lr=0.01 to 0.1 (log) leaves out the default recipe's lr=0.001; its first trial draws lr from that range instead"
+    ]
+    assert "lr" not in first and first["dropout"] == 0.1  # a value inside the range stays

@@ -55,7 +55,7 @@ def newer_api(reg) -> list[str]:
             if isinstance(wanted, int) and wanted > offered:
                 info = registered.plugin
                 found.append(
-                    f"{label} {name!r} from {info.package} {info.version} is written for {label} API {wanted}, but this autoft "
+                    f"{label} {name!r} from {f'{info.package} {info.version}'.strip()} is written for {label} API {wanted}, but this autoft "
                     f"({__version__}) offers API {offered}: upgrade autoft, or install a release of {info.package} for API {offered}"
                 )
     return found
