@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from datetime import datetime, timedelta
 
 import optuna
@@ -35,9 +36,9 @@ def trial(number: int, value: float | None, *, state=TrialState.COMPLETE, second
     return t
 
 
-def render(table) -> list[str]:
-    console = Console(record=True, width=220)
-    console.print(table)
+def render(table, terminal: bool = True, width: int = 220) -> list[str]:
+    console = Console(record=True, width=width, force_terminal=terminal, file=io.StringIO())
+    console.print(table, crop=False)  # as `autoft search` prints it
     return console.export_text().splitlines()
 
 
@@ -63,7 +64,7 @@ def test_the_default_recipe_is_shown_last_when_it_is_not_in_the_top():
     lines = render(table)
     assert row_of(lines, "default recipe")[:3] == ["7", "trial 0 (default recipe)", "0.9000"] and row_of(lines, "default recipe")[-1] == "1m42s"
     assert [line for line in lines if "trial" in line and "Top" not in line][-1].count("default recipe") == 1
-    assert table.rows[-1].style == DEFAULT_RECIPE_STYLE
+    assert table.table.rows[-1].style == DEFAULT_RECIPE_STYLE
 
 
 def test_baselines_and_the_ensemble_rank_among_the_trials_drawn_apart():
@@ -81,7 +82,7 @@ def test_baselines_and_the_ensemble_rank_among_the_trials_drawn_apart():
     assert row_of(lines, "ensemble")[:4] == ["ref", "ensemble of trials 1, 0, 2", "0.9910", "ensemble"]
     assert "(3.0x)" in row_of(lines, "ensemble")[5]
     assert row_of(lines, "logistic")[:4] == ["ref", "logistic regression on pixels", "0.8810", "baseline"]
-    assert [r.style for r in table.rows] == [ENSEMBLE_STYLE, None, None, None, BASELINE_STYLE]
+    assert [r.style for r in table.table.rows] == [ENSEMBLE_STYLE, None, None, None, BASELINE_STYLE]
 
 
 def test_cross_validated_and_cut_short_trials_say_so():
@@ -99,3 +100,18 @@ def test_key_parameters_read_compactly():
     params = {"strategy": "l2sp", "weight_decay": 0.0123456, "lr": 0.00031623, "freeze_depth": 2, "regularizer": "none", "augment": "none", "init": "/cache/pretrain/k/backbone-epoch12.pt"}
     assert key_parameters(params) == "lr=0.00032 freeze_depth=2 init=backbone-epoch12"  # the few that tell recipes apart; "none" is left out
     assert key_parameters({**params, "regularizer": "mixup", "pseudo_labels": "propagate"}) == "lr=0.00032 regularizer=mixup pseudo_labels=propagate freeze_depth=2 init=backbone-epoch12"
+
+
+def test_printed_to_a_log_every_row_is_one_whole_line_at_any_width():
+    trials = [trial(0, 0.975, recipe="default"), trial(1, 0.981, cut_short="the time budget ran out")]
+    trials[1].params.update(regularizer="mixup", augment="randaugment", pseudo_labels="propagate", init="runs/pretrain/simclr-epoch-40.pt")
+    baselines = [Baseline("logistic regression on pixels", 0.9, "same splits")]
+    boxed = render(leaderboard(trials, "accuracy", baselines=baselines), terminal=True, width=80)
+    assert any("…" in line for line in boxed) and all(len(line) <= 80 for line in boxed)  # a terminal: fitted, cells cut
+    lines = render(leaderboard(trials, "accuracy", baselines=baselines), terminal=False, width=80)
+    assert lines[0] == "Top 2 of 2 trials" and lines[1].split() == ["rank", "model", "val", "accuracy", "state", "strategy", "key", "parameters", "epochs", "time"]
+    assert len(lines) == 5 and not any("…" in line or "│" in line for line in lines)
+    row = next(line for line in lines if "trial 1" in line)
+    assert "lr=0.00064 regularizer=mixup augment=randaugment pseudo_labels=propagate freeze_depth=1 init=simclr-epoch-40" in row
+    assert row.split()[:2] == ["1", "trial"] and "cut short" in row
+    assert "logistic regression on pixels" in next(line for line in lines if line.lstrip().startswith("ref"))

@@ -289,9 +289,24 @@ def test_the_listing_shows_entry_point_names(installed):
     assert rows["acme-head"]["plugin"] == "headwork" and rows["freeze"]["plugin"] == "strategies" and rows["timm"]["plugin"] == "timm"
     table = invoke("plugins", env={"COLUMNS": "250"})
     assert table.exit_code == 0, table.output
-    assert "entry point" in table.output.splitlines()[1]
+    assert table.output.splitlines()[0].split() == ["kind", "name", "package", "entry", "point", "description"]
     row = next(line for line in table.output.splitlines() if "acme-head" in line)
-    assert [cell.strip() for cell in row.strip("│ ").split("│")][:4] == ["strategy", "acme-head", "acme-autoft 2.0.1", "headwork"]
+    assert row.split()[:5] == ["strategy", "acme-head", "acme-autoft", "2.0.1", "headwork"]
+
+
+def test_the_listing_in_a_log_or_an_80_column_terminal_cuts_nothing(installed):
+    long_name = "acme_recall_at_five_for_the_rarest_classes"
+    mod = module_name("acme_metrics")
+    source = (
+        "from autoft import hookimpl\nfrom autoft.specs import MetricSpec\n\n@hookimpl\ndef autoft_register_metrics(register):\n"
+        f"    register(MetricSpec({long_name!r}, 'Recall at five, averaged over the ten rarest classes of the validation split', lambda l, p: 0.5))\n"
+    )
+    installed("acme-metrics-for-long-tailed-data", {mod: source}, {"metrics": mod}, version="1.0.0")
+    result = invoke("plugins", env={"COLUMNS": "80"})  # stdout is no terminal here, as in a log
+    assert result.exit_code == 0 and "…" not in result.output
+    row = next(line for line in result.output.splitlines() if long_name in line)
+    assert row.split()[:5] == ["metric", long_name, "acme-metrics-for-long-tailed-data", "1.0.0", "metrics"]
+    assert row.endswith("Recall at five, averaged over the ten rarest classes of the validation split")
 
 
 def test_a_command_that_does_not_need_a_broken_plugin_still_works(installed, class_folder, tmp_path):
