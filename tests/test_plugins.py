@@ -770,7 +770,8 @@ def test_a_strategy_whose_plugin_raised_is_left_out_of_later_trials(boundary):
     drew_boom = [t for t in study.trials if t.params["strategy"] == "boom"]
     assert drew_boom and all(t.state == optuna.trial.TrialState.PRUNED for t in drew_boom)  # none of them trains
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials if t.params["strategy"] == "freeze")
-    assert space.leave_out(PluginError("x", kind="strategies", name="freeze"), 5) is True  # nothing left to search
+    with pytest.warns(UserWarning, match="later trials leave strategy 'freeze' out"):
+        assert space.leave_out(PluginError("x", kind="strategies", name="freeze"), 5) is True  # nothing left to search
 
 
 def test_a_search_whose_only_strategy_raised_stops_instead_of_failing_every_trial(boundary, class_folder, tmp_path):
