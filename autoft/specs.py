@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from autoft.lifecycle import TrainContext
 
 # kind -> the version of its API that this autoft offers (strategies 2: the lifecycle, autoft 0.2)
-API_VERSIONS: dict[str, int] = {"backbones": 1, "datasets": 1, "strategies": 2, "pretrainers": 1, "regularizers": 2, "metrics": 1}
+API_VERSIONS: dict[str, int] = {"backbones": 1, "datasets": 1, "strategies": 2, "pretrainers": 1, "regularizers": 2, "metrics": 1, "weights": 1}
 PLUGIN_API_VERSION = max(API_VERSIONS.values())
 STRATEGY_API = API_VERSIONS["strategies"]  # the version of the strategy and regulariser API described here
 
@@ -133,6 +133,7 @@ class WeightsSpec:
     where: Callable[[str], PretrainedWeights] | None = None
     tags: tuple[str, ...] = ()
     trained_on: str = ""
+    api_version: int = API_VERSIONS["weights"]
 
 
 # ---------------------------------------------------------------------------
