@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from autoft import cache
 from autoft import data as data_module
+from autoft import decoding
 from autoft.cli import make_app
 from autoft.data import ImageTensors
 from autoft.decoding import decode_and_split, load_data
@@ -37,13 +38,13 @@ def own_cache(tmp_path, monkeypatch) -> Path:
 def count_decodes(monkeypatch):
     """How many images were decoded since the fixture started."""
     calls = []
-    real = data_module.decode_image
+    real = decoding.decode_image
 
     def counting(source, size):
         calls.append(source)
         return real(source, size)
 
-    monkeypatch.setattr(data_module, "decode_image", counting)
+    monkeypatch.setattr(decoding, "decode_image", counting)
     return calls
 
 
@@ -184,7 +185,7 @@ def test_an_unwritable_cache_decodes_in_memory_with_a_warning(class_folder, tmp_
 
 def test_progress_is_reported_while_decoding_and_silent_from_the_cache(class_folder, own_cache):
     seen = []
-    with data_module.reporting_progress(lambda done, total: seen.append((done, total))):
+    with decoding.reporting_progress(lambda done, total: seen.append((done, total))):
         load_data(str(class_folder), image_size=16)
         assert seen[-1] == (24, 24) and [d for d, _ in seen] == sorted(d for d, _ in seen)
         seen.clear()
@@ -321,10 +322,10 @@ def test_the_cli_decoding_display_shows_count_and_rate_then_stops(class_folder, 
     monkeypatch.setattr(console, "_force_terminal", True)  # a bar is drawn only where it can move
     with decoding_progress():
         load_data(str(class_folder), image_size=16)
-        assert data_module._decode_progress.get() is not None
+        assert decoding._decode_progress.get() is not None
     shown = capsys.readouterr().err
     assert "decoding images" in shown and "24/24" in shown and "images/s" in shown
-    assert data_module._decode_progress.get() is None
+    assert decoding._decode_progress.get() is None
     with decoding_progress():
         load_data(str(class_folder), image_size=16)  # from the cache: nothing to show
     assert "decoding images" not in capsys.readouterr().err

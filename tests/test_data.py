@@ -174,7 +174,7 @@ def _labelled(labels, classes=("a", "b", "c"), n=None):
 
 
 def test_out_of_range_labels_name_the_plugin_and_show_the_counts(monkeypatch):
-    from autoft import data as data_module
+    from autoft import decoding as data_module
 
     monkeypatch.setattr(data_module, "decode_image", lambda *a: pytest.fail("decoded before the labels were checked"))
     labelled = _labelled([0, 0, 1, 1, 2, 3, 3, -1])

@@ -499,12 +499,13 @@ def test_search_on_a_torchvision_backbone_end_to_end(class_folder, tmp_path):
     out = tmp_path / "search"
     result = invoke(
         "search", "--backbone", "torchvision:resnet18", "--data", class_folder, "--out", out, "--trials", "2",
-        "--epochs", "1", "--image-size", "32", "--batch-size", "8", "--strategy", "freeze", "--device", "cpu", "--no-onnx",
+        "--epochs", "1", "--image-size", "32", "--batch-size", "8", "--strategy", "freeze", "--device", "cpu", "--no-onnx", "--no-cv",
     )
     assert result.exit_code == 0, result.output
-    from autoft.checkpoints import load_checkpoint
+    from autoft.checkpoints import CHECKPOINT_NAME, load_checkpoint
 
-    best = load_checkpoint(out)  # a search folder resolves to its best/ model
+    # The best trial's model (a baseline may ship instead when it scores higher on these easy colours).
+    best = load_checkpoint(next(out.glob(f"trials/*/{CHECKPOINT_NAME}")))
     assert best.meta["backbone"] == "torchvision:resnet18"
     assert best.meta["params"]["strategy"] == "freeze" and 0 <= best.meta["params"]["freeze_depth"] <= 4
 
@@ -676,7 +677,7 @@ def boundary(tmp_path):
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory):
-    from autoft.data import load_data
+    from autoft.decoding import load_data
     from conftest import COLOURS, make_image
 
     root = tmp_path_factory.mktemp("boundary") / "colours"
@@ -783,7 +784,7 @@ def test_a_search_whose_only_strategy_raised_stops_instead_of_failing_every_tria
     assert "Traceback" not in result.output
     said = [line for line in result.output.splitlines() if "later trials leave strategy 'boom' out" in line]
     assert len(said) == 1 and said[0].startswith("warning: strategy 'boom' (") and "acme_boundary.py:10)" in said[0]
-    assert result.exit_code == 2 and result.output.strip().splitlines()[-1].startswith("error: no trial completed (1 fail, ")  # the other 3 never ran
+    assert result.exit_code == 0 and "(1 fail, 3 waiting;" in " ".join(result.output.split())  # the search stopped: the other 3 never ran
 
 
 def test_a_range_that_leaves_out_the_default_recipes_value_says_so():
