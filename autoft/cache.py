@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from autoft.io import read_json, write_json
+from autoft.text import human_bytes  # noqa: F401 - cache sizes, as `autoft cache` prints them
 
 IMAGES = "images"
 PRETRAIN = "pretrain"
@@ -380,16 +381,6 @@ def clear(kinds: Sequence[str] = KINDS) -> tuple[int, int]:
             remove_entry(entry.path)
         removed, freed = removed + 1, freed + entry.bytes
     return removed, freed
-
-
-def human_bytes(n: float) -> str:
-    if n < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            break
-    return f"{n:.1f} {unit}"
 
 
 def parse_bytes(text: str) -> int:

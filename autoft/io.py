@@ -67,7 +67,7 @@ class DiskFull(AutoftError):
 
 def describe_disk(folder: Path) -> str:
     """``/mnt/data (ext4 /dev/sdb1, 12.0 KiB free of 20.0 GiB)``: the mount point holding ``folder``."""
-    from autoft.cache import human_bytes
+    from autoft.text import human_bytes
 
     folder = Path(os.path.abspath(folder))
     while not folder.exists() and folder != folder.parent:

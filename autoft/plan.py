@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from autoft.text import duration
+
 SIMPLE_MODELS = "logistic regression on pixels, a linear probe"
 
 
@@ -98,17 +100,6 @@ class Plan:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "eval_every": self.eval_every, "line": self.line(), "cv": self.cv, "pretraining": self.pretraining}
-
-
-def duration(seconds: float | None) -> str:
-    """``95`` -> ``1m35s``; ``3600`` -> ``1h``."""
-    if seconds is None:
-        return "-"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs or not (hours or minutes) else "")
-    return text
 
 
 def bucket(steps: float) -> int:

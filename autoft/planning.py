@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 from autoft.calibration import MIN_SIZE, Throughput, calibrate, candidate_sizes, median_rate, median_short_side, own_size, short_side  # noqa: F401  (re-exported)
 from autoft.errors import AutoftError
-from autoft.plan import SIMPLE_MODELS, Plan, bucket, duration  # noqa: F401  (re-exported)
+from autoft.plan import SIMPLE_MODELS, Plan, bucket  # noqa: F401  (re-exported)
+from autoft.text import duration
 
 GOOD_STEPS = 400  # what a fixed recipe needs on a small dataset: the default fit's length
 ENOUGH_STEPS = 150  # fewer, and a model trained from scratch loses to logistic regression: the default is not bought

@@ -21,8 +21,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autoft.io import write_text
-from autoft.report_data import BestEvaluation, ReportExtras, SearchPlan, THUMBNAIL_SIZE, TOP_K, Timings, confident_mistakes, describe_ensemble, epochs_run, format_duration, format_value, per_class_metrics, top_k_accuracy, trial_seconds
+from autoft.report_data import BestEvaluation, ReportExtras, SearchPlan, THUMBNAIL_SIZE, TOP_K, Timings, confident_mistakes, describe_ensemble, epochs_run, format_value, per_class_metrics, top_k_accuracy, trial_seconds
 from autoft.report_plots import confusion_plot, curves_plot, escape, history_plot, importance_plot, note_html, section_html, slice_plot
+from autoft.text import duration
 
 if TYPE_CHECKING:
 
@@ -146,7 +147,7 @@ def _summary(trials: list[FrozenTrial], best: FrozenTrial | None, info: dict[str
         rows["best"] = f"trial {best.number}: {metric} {best.value:.4f}"
     spent = _timing_rows(timings)
     if spent:
-        rows["wall time"] = format_duration(sum(spent.values()))
+        rows["wall time"] = duration(sum(spent.values()), column=True)
     return _key_values(rows)
 
 
@@ -175,7 +176,7 @@ def _plan_rows(plan: SearchPlan) -> dict[str, Any]:
         "trials": plan.trials,
         "cross-validation folds": plan.folds,
         "pretraining": plan.pretraining,
-        "time budget": format_duration(plan.time_budget_s) or None,
+        "time budget": duration(plan.time_budget_s, column=True) or None,
     }
     return {k: v for k, v in rows.items() if v is not None}
 
@@ -192,12 +193,12 @@ def _timings(timings: Timings) -> str:
     if not rows or total <= 0:
         return note_html("No phase has been timed yet.")
     body = "".join(
-        f'<tr><td>{escape(phase)}</td><td class="number" data-sort="{seconds}">{format_duration(seconds)}</td>'
+        f'<tr><td>{escape(phase)}</td><td class="number" data-sort="{seconds}">{duration(seconds, column=True)}</td>'
         f'<td><span class="bar" style="width:{300 * seconds / total:.0f}px"></span> {seconds / total:.0%}</td></tr>'
         for phase, seconds in rows.items()
     )
     return f"<table><thead><tr><th>phase</th><th>wall time</th><th>share</th></tr></thead><tbody>{body}</tbody></table>" + note_html(
-        f"{format_duration(total)} in all."
+        f"{duration(total, column=True)} in all."
     )
 
 
@@ -265,7 +266,7 @@ def _trials_table(trials: list[FrozenTrial], metric: str) -> str:
             f'<td><span class="{t.state.name}">{t.state.name.lower()}</span></td>',
             _cell(format_value(t.value), t.value),
             _cell(epochs_run(t)),
-            _cell(format_duration(seconds), seconds),
+            _cell(duration(seconds, column=True), seconds),
             *(_cell(format_value(t.params.get(n, "")), t.params.get(n)) for n in names),
             f"<td>{escape(_trial_note(t))}</td>",
         ]

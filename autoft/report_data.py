@@ -5,7 +5,6 @@ formatters the console leaderboard shares."""
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -173,20 +172,6 @@ def _thumbnail(image: "np.ndarray") -> bytes:
 
 # ---------------------------------------------------------------------------
 # Small formatters shared with the console leaderboard
-
-
-def format_duration(seconds: float | None) -> str:
-    """``4.2s``, ``42s``, ``1m42s``, ``2h05m``; empty for ``None``."""
-    if seconds is None or not math.isfinite(seconds):
-        return ""
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    whole = round(seconds)
-    if whole < 60:
-        return f"{whole}s"
-    if whole < 3600:
-        return f"{whole // 60}m{whole % 60:02d}s"
-    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
 
 
 def trial_seconds(trial: FrozenTrial) -> float | None:

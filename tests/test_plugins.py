@@ -707,7 +707,7 @@ def test_an_error_raised_in_a_plugin_names_the_plugins_own_file_and_line(boundar
     assert (caught.value.kind, caught.value.name) == ("strategies", "boom")
     result = invoke("--plugins-dir", folder, "train", "--backbone", "test_resnet", "--data", "sample:digits", "--out", tmp_path / "r", "--strategy", "boom", "--epochs", "1", "--image-size", "16")
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert result.output.strip().splitlines()[-1].endswith(f"acme_boundary.py:10)")
+    assert result.output.strip().splitlines()[-1].endswith("acme_boundary.py:10)")
 
 
 def test_a_metric_returning_an_array_or_nan_is_one_line_asking_for_a_finite_float(boundary):

@@ -19,7 +19,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from autoft.report import write_report
-from autoft.report_data import Baseline, BestEvaluation, EnsembleSummary, ReportExtras, SearchPlan, Timings, confident_mistakes, format_duration, per_class_metrics, top_k_accuracy
+from autoft.report_data import Baseline, BestEvaluation, EnsembleSummary, ReportExtras, SearchPlan, Timings, confident_mistakes, per_class_metrics, top_k_accuracy
+from autoft.text import duration
 
 DISTRIBUTIONS = {"lr": FloatDistribution(1e-5, 1e-2, log=True), "strategy": CategoricalDistribution(["freeze", "l2sp"])}
 
@@ -79,8 +80,8 @@ def test_report_of_an_empty_study(tmp_path: Path):
 
 
 def test_durations_read_as_durations(tmp_path: Path):
-    assert [format_duration(s) for s in (4.23, 42.4, 102, 3599.6, 7500)] == ["4.2s", "42s", "1m42s", "1h00m", "2h05m"]
-    assert format_duration(None) == ""
+    assert [duration(s, column=True) for s in (4.23, 42.4, 102, 3599.6, 7500)] == ["4.2s", "42s", "1m42s", "1h00m", "2h05m"]
+    assert duration(None, column=True) == ""
     slow = _trial(0, 1e-3)
     slow.datetime_start = slow.datetime_complete - timedelta(seconds=102)
     page = write_report(_study([slow]), tmp_path / "report.html").read_text()

@@ -14,7 +14,8 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
 from autoft.cli.tables import WholeTable
-from autoft.report_data import Baseline, EnsembleSummary, describe_ensemble, epochs_run, format_duration, trial_seconds
+from autoft.report_data import Baseline, EnsembleSummary, describe_ensemble, epochs_run, trial_seconds
+from autoft.text import duration
 
 TOP = 5
 BASELINE_STYLE = "italic dim"
@@ -60,7 +61,7 @@ def _trial_cells(trial: FrozenTrial, rank: int) -> list[str]:
     state = "cut short" if trial.user_attrs.get("cut_short") else "complete"
     folds = trial.user_attrs.get("fold_scores")
     epochs = f"{len(folds)} folds" if folds else str(epochs_run(trial))
-    return [str(rank), name, f"{trial.value:.4f}", state, str(trial.params.get("strategy", "")), key_parameters(trial.params), epochs, format_duration(trial_seconds(trial))]
+    return [str(rank), name, f"{trial.value:.4f}", state, str(trial.params.get("strategy", "")), key_parameters(trial.params), epochs, duration(trial_seconds(trial), column=True)]
 
 
 KEY_PARAMETERS = ("lr", "regularizer", "augment", "pseudo_labels", "freeze_depth")  # what most tells recipes apart

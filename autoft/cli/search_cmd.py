@@ -14,7 +14,7 @@ from autoft.events import (
     BatchEnd, EpochEnd, Event, Export, FoldEnd, PlanMade, PretrainEnd, PretrainStart, Refit, SearchStart, TrialEnd, TrialEvent, TrialStart, WeightsNotice,
     WorkerFailed,
 )  # fmt: skip
-from autoft.planning import duration
+from autoft.text import duration
 
 
 class SearchProgress(LazyProgress):

@@ -21,7 +21,8 @@ from autoft.decoding import decode_and_split
 from autoft.errors import AutoftError
 from autoft.events import PlanMade, WeightsNotice
 from autoft.metrics import metric_specs, score as metric_score
-from autoft.planning import BudgetTooSmall, DataShape, Overrides, Plan, calibrate, candidate_sizes, duration, make_plan, median_short_side
+from autoft.planning import BudgetTooSmall, DataShape, Overrides, Plan, calibrate, candidate_sizes, make_plan, median_short_side
+from autoft.text import duration
 from autoft.runtime import resolve_device, resolve_jobs, seed_everything, threads_per_job, torch_threads
 from autoft.searching.config import SearchConfig, default_study_name
 from autoft.searching.pretraining_stage import StageResult, pretraining_stage
