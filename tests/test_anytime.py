@@ -122,3 +122,19 @@ def test_from_pretrained_weights_the_default_recipe_is_lp_ft_at_a_low_learning_r
                     ensemble=1, export_onnx=False, weights=str(weights))  # fmt: skip
     (default,) = _trials(result)
     assert default.user_attrs["recipe"] == "default" and default.params["strategy"] == "lp-ft" and default.params["lr"] == pytest.approx(3e-4)
+
+
+def test_no_time_is_kept_back_for_a_refit_the_plan_did_not_buy():
+    """A plan that skipped the refit must not starve its own default fit by reserving for it."""
+    from types import SimpleNamespace
+
+    from autoft.budget import Budget
+    from autoft.searching.session import SearchState, Session
+
+    def session(refit: bool) -> Session:
+        plan = SimpleNamespace(refit=refit, refit_seconds=47.0, fit_seconds=38.0, steps=150)
+        ctx = SimpleNamespace(plan=plan, config=SimpleNamespace(refit=True), budget=Budget.of(50.0))
+        return Session(ctx, SearchState(study=None))
+
+    assert session(refit=False).refit_reserve() == 0.0 and session(refit=False).trials_budget().left() > 45
+    assert session(refit=True).refit_reserve() == pytest.approx(47.0) and session(refit=True).trials_budget().left() < 5

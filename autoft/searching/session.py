@@ -115,8 +115,11 @@ class Session:
         return self.fit_seconds() / max(self.ctx.plan.steps, 1)
 
     def refit_reserve(self) -> float:
-        """Time kept back for the refit on every labelled image, with a fifth to spare."""
+        """Time kept back for the refit on every labelled image, with a fifth to spare; none
+        when the plan bought no refit (it still runs if the trials leave it the time)."""
         plan = self.ctx.plan
+        if not (self.ctx.config.refit and plan.refit):
+            return 0.0
         scaled = 1.2 * self.fit_seconds() * plan.refit_seconds / max(plan.fit_seconds, 1e-9)
         return max(plan.refit_seconds, scaled) if self.state.fits else scaled
 
