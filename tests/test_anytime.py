@@ -137,4 +137,4 @@ def test_no_time_is_kept_back_for_a_refit_the_plan_did_not_buy():
         return Session(ctx, SearchState(study=None))
 
     assert session(refit=False).refit_reserve() == 0.0 and session(refit=False).trials_budget().left() > 45
-    assert session(refit=True).refit_reserve() == pytest.approx(47.0) and session(refit=True).trials_budget().left() < 5
+    assert session(refit=True).refit_reserve() == pytest.approx(1.2 * 47.0) and session(refit=True).trials_budget().left() < 0  # a fifth to spare
