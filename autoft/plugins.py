@@ -233,9 +233,15 @@ def get_plugin_manager(plugins_dir: str | os.PathLike | None = None) -> pluggy.P
             info.error = _one_line(exc, _module_roots(ep.module))
         pm.autoft_info[name] = info
     folder = plugins_dir or os.environ.get("AUTOFT_PLUGINS_DIR")
+    pm.autoft_plugins_dir = str(Path(folder).resolve()) if folder else None  # for --jobs workers, which build their own
     if folder:
         load_plugins_dir(pm, Path(folder))
     return pm
+
+
+def default_plugins_dir() -> str | None:
+    """The plugins folder the process-wide manager loaded, or None."""
+    return getattr(default_plugin_manager(), "autoft_plugins_dir", None)
 
 
 def load_plugins_dir(pm: pluggy.PluginManager, folder: Path) -> None:

@@ -249,7 +249,9 @@ def write_report(
 
     matplotlib.use("Agg", force=False)
     info, extras = dict(info or {}), extras or ReportExtras()
-    trials = study.get_trials(deepcopy=False)
+    from autoft.searching.records import visible
+
+    trials = visible(study.get_trials(deepcopy=False))  # surplus trials never trained: not shown
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = max(complete, key=lambda t: t.value) if complete else None
     metric = info.get("metric") or study.user_attrs.get("autoft", {}).get("metric") or "accuracy"
@@ -481,17 +483,18 @@ def _cell(text: Any, sort: Any = None) -> str:
 
 def _trial_note(t: FrozenTrial) -> str:
     notes = []
-    if t.user_attrs.get("recipe") == "default":
+    from autoft.searching.records import TrialRecord
+
+    record = TrialRecord.of(t)
+    if record.recipe == "default":
         notes.append("default recipe")
-    if "failed_trial" in t.system_attrs:
-        notes.append(f"rerun of trial {t.system_attrs['failed_trial']}")
+    if record.retry_of is not None:
+        notes.append(f"rerun of trial {record.retry_of}")
     if t.state == TrialState.PRUNED and t.intermediate_values:
         notes.append(f"pruned after epoch {max(t.intermediate_values)}")
-    if t.user_attrs.get("pruned_after_folds"):
-        notes.append(f"stopped by the pruner after {t.user_attrs['pruned_after_folds']} folds")
-    for key in ("cut_short", "fail_reason"):
-        if t.user_attrs.get(key):
-            notes.append(str(t.user_attrs[key]))
+    if record.pruned_after_folds:
+        notes.append(f"stopped by the pruner after {record.pruned_after_folds} folds")
+    notes += [text for text in (record.cut_short, record.reason(t)) if text]
     return "; ".join(notes)
 
 
@@ -562,14 +565,16 @@ def _importance_plot(study: optuna.Study, complete: list[FrozenTrial]) -> str:
 
 
 def _curves_plot(complete: list[FrozenTrial], metric: str) -> str:
-    top = sorted((t for t in complete if t.user_attrs.get("history")), key=lambda t: -t.value)[:TOP_CURVES]
+    from autoft.searching.records import TrialRecord
+
+    top = sorted((t for t in complete if TrialRecord.of(t).history), key=lambda t: -t.value)[:TOP_CURVES]
     if not top:
         return _note("No completed trial has per-epoch values (cross-validated trials report one score per fold).")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for t in top:
-        history = t.user_attrs["history"]
+        history = TrialRecord.of(t).history
         epochs = [r["epoch"] for r in history]
         line = left.plot(epochs, [r[f"val_{metric}"] for r in history], marker="o", ms=3, label=f"trial {t.number}")[0]
         right.plot(epochs, [r["train_loss"] for r in history], color=line.get_color(), linestyle="--", label=f"trial {t.number} train")

@@ -28,8 +28,10 @@ from autoft.searching.config import SearchConfig
 from autoft.searching.finishing import FinalModel, best_trial, build_final, chance_level, publish_best, selection_evidence, wall_time
 from autoft.searching.objective import CLEANUP_LOCK, STATE_NAME, Objective, stop_on_full_disk
 from autoft.searching.preparing import finish_preparing, prepare
+from autoft.runtime import stop_requested
+from autoft.searching.records import TrialRecord, count_states, visible
 from autoft.searching.session import Session
-from autoft.searching.storage import awaited_states, counted_trials, recover_trials
+from autoft.searching.storage import awaited_states, counted_trials, has_heartbeat, heartbeat_seconds, lost_trials, recover_trials, running_elsewhere
 from autoft.searching.workers import parallel_workers
 
 REPORT_FILE = "report.html"
@@ -77,6 +79,8 @@ def run_search(config: SearchConfig) -> SearchResult:
     try:
         with session.timed("trials"), parallel_workers(session):
             run_trials(session, queued_again)
+        if stop_requested():  # Ctrl-C or SIGTERM once the trials were over: no refit, a rerun finishes
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         write_report_quietly(session)
         raise
@@ -125,12 +129,12 @@ def _enqueue_portfolio(session: Session) -> None:
     default = space.defaults(first, strategies[first], session.n_groups)
     if session.unlabelled is not None:
         default = {**default, **{k: v for k, v in {"pseudo_labels": "propagate", "pseudo_fraction": 0.6}.items() if space.contains(k, v)}}
-    session.study.enqueue_trial(default, user_attrs={"recipe": "default"})
+    session.study.enqueue_trial(default, user_attrs=TrialRecord.attrs(recipe="default"))
     room = len(PORTFOLIO) if session.config.trials is None else session.config.trials - 1
     for change in PORTFOLIO[: max(0, room)]:
         recipe = {**default, **change}
         if all(space.contains(k, v) for k, v in change.items()):
-            session.study.enqueue_trial(recipe, user_attrs={"recipe": "portfolio"})
+            session.study.enqueue_trial(recipe, user_attrs=TrialRecord.attrs(recipe="portfolio"))
 
 
 def make_sampler(name: Any, seed: int) -> optuna.samplers.BaseSampler:
@@ -172,10 +176,37 @@ def run_trials(session: Session, queued_again: list[int]) -> None:
     total = config.trials if config.trials is not None else (None if config.seconds is not None else 20)
     done = counted_trials(study.get_trials(deepcopy=False))
     session.emit(SearchStart(study=study.study_name, total=total or session.plan.expected_trials, done=done, queued_again=queued_again))
-    if total is not None and done >= total:
-        return
+    after = _AfterTrial(session, total)
     with stop_on_full_disk(session):
-        study.optimize(Objective(session), n_trials=None if total is None else total - done, catch=(Exception,), callbacks=[_AfterTrial(session, total)], gc_after_trial=False)
+        while True:
+            if stop_requested():
+                raise KeyboardInterrupt
+            if total is None or done < total:
+                study.optimize(Objective(session), n_trials=None if total is None else total - done, catch=(Exception,), callbacks=[after], gc_after_trial=False)
+            if not await_other_workers(session, total):
+                return
+            done = counted_trials(study.get_trials(deepcopy=False))
+
+
+def await_other_workers(session: Session, total: int | None) -> bool:
+    """Wait while other workers (other machines, or --jobs processes) run trials of the study,
+    within the trials' deadline: a worker whose trial is lost turns stale and is failed and queued
+    again here. True when a trial waits to be run (run trials again), False when none runs elsewhere.
+    Every worker so ends on the whole study, and builds its model from all of it."""
+    heartbeat = has_heartbeat(session.storage_url)
+    poll = min(heartbeat_seconds()[0], 5) if heartbeat else 0.5
+    while True:
+        if stop_requested():
+            raise KeyboardInterrupt
+        if session.trials_deadline is not None and time.monotonic() >= session.trials_deadline:
+            return False
+        lost_trials(session.study)  # a stale or dead worker's trial failed and queued again
+        trials = session.study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials) and (total is None or counted_trials(trials) < total):
+            return True
+        if not running_elsewhere(session.study, heartbeat):
+            return False
+        time.sleep(poll)
 
 
 REPORT_SHARE = 0.05  # of the trials' time, the most that refreshing report.html between trials may take
@@ -203,7 +234,8 @@ class _AfterTrial:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         session = self.session
-        if trial.user_attrs.get("surplus"):
+        record = TrialRecord.of(trial)
+        if record.surplus:
             return  # it never trained: nothing to clean, report or count
         trials = study.get_trials(deepcopy=False)
         best = best_trial(study)
@@ -214,7 +246,7 @@ class _AfterTrial:
             self._refresh_report()
         done = counted_trials(trials)
         session.emit(TrialEnd(
-            number=trial.number, state=_state_label(trial), value=trial.value, reason=trial.user_attrs.get("fail_reason"),
+            number=trial.number, state=_state_label(trial), value=trial.value, reason=record.reason(trial) or None,
             best_value=best.value if best else None, best_number=best.number if best else None, done=done, total=self.total or done,
         ))  # fmt: skip
         if self.total is not None and done >= self.total:
@@ -259,12 +291,12 @@ def prune_trial_folders(out: Path, trials: list[optuna.trial.FrozenTrial], best:
 
 def finish(session: Session, queued_again: list[int]) -> SearchResult:
     study = session.study
-    trials = study.get_trials(deepcopy=False)
-    states = {s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
+    trials = visible(study.get_trials(deepcopy=False))
+    states = count_states(trials)
     best = best_trial(study)
     if best is None:
         write_report_quietly(session)
-        reasons = [f"trial {t.number}: {t.user_attrs['fail_reason']}" for t in trials if t.user_attrs.get("fail_reason")]
+        reasons = [f"trial {t.number}: {TrialRecord.of(t).reason(t)}" for t in trials if TrialRecord.of(t).reason(t)]
         raise AutoftError(f"no trial completed ({', '.join(f'{n} {k.lower()}' for k, n in states.items()) or 'none ran'})" + (f"; {reasons[0]}" if reasons else ""))
     with session.timed("refit"):
         final = build_final(session, best)
@@ -295,11 +327,12 @@ def describe_final(session: Session, best: optuna.trial.FrozenTrial, final: Fina
         summary += f" vs {top.name} {top.value:.4f}"
         if sign * value <= sign * top.value:
             summary += f": the search did not beat {top.name}"
+    beaten = None if not baselines else sign * value > sign * top.value  # None: no baseline to beat
     metrics: dict[str, Any] = {
         "study": session.study.study_name, "trial": best.number, "metric": config.metric, "value": value, "best_trial_value": float(best.value),
-        "selection": evidence, "summary": summary, "baselines": baselines, "model": {"members": final.trials, "weights": final.weights, "refit": final.refit},
+        "selection": evidence, "summary": summary, "baselines": baselines, "beat_baselines": beaten, "model": {"members": final.trials, "weights": final.weights, "refit": final.refit},
         "notes": final.notes + session.notes, "plan": plan.as_dict(), "trial_states": states, "timings": dict(session.timings), "params": dict(best.params),
-        "history": best.user_attrs.get("history", []), "num_labelled": len(session.pool), "num_unlabelled": 0 if session.unlabelled is None else len(session.unlabelled),
+        "history": TrialRecord.of(best).history, "num_labelled": len(session.pool), "num_unlabelled": 0 if session.unlabelled is None else len(session.unlabelled),
     }  # fmt: skip
     chance = chance_level(session.pool.labels.numpy())
     if config.metric == "accuracy" and value <= chance + 0.02:

@@ -15,9 +15,11 @@ not oversubscribed); with GPUs each worker takes one. When the trials are over, 
 command waits for the workers and then refits, exports and reports as with one worker.
 
 Ctrl-C reaches every worker, as they share the terminal's process group: each stops after
-its batch, and a rerun resumes. A worker dies with the command (``PR_SET_PDEATHSIG`` on
+its batch, and a rerun resumes. A stop the workers may not have received (a SIGTERM sent to
+the command alone, as ``docker stop`` does) is passed on to them as SIGUSR1, which only ever
+asks for a stop after the batch. A worker dies with the command (``PR_SET_PDEATHSIG`` on
 Linux), so a killed search leaves RUNNING trials that the next run recovers, never a
-worker training on alone.
+worker training on alone. Workers load the command's plugins (``--plugins-dir`` included).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from autoft.planning import Plan
 from autoft.searching.config import SearchConfig
 
 JOIN_GRACE = 60.0  # seconds past the deadline a worker may take to finish its batch and record its trial
+STOP_SIGNAL = signal.SIGUSR1  # from the command to its workers: stop after the batch (never an abort)
 
 
 @dataclass
@@ -56,6 +59,7 @@ class WorkerSpec:
     device: str
     embedders: dict[str, str | None]  # name -> the weights whose features label the unlabelled images
     verbosity: int  # Optuna's logging level in the command
+    plugins_dir: str | None = None  # the command's --plugins-dir (AUTOFT_PLUGINS_DIR and AUTOFT_DISABLE_PLUGIN_AUTOLOAD pass in the environment)
 
     def monotonic_deadline(self) -> float | None:
         return None if self.deadline is None else time.monotonic() + (self.deadline - time.time())
@@ -109,9 +113,10 @@ def parallel_workers(session) -> Iterator[None]:
         with torch_threads(threads):
             yield
     except BaseException:
-        _wait(processes, time.monotonic() + 5.0)  # Ctrl-C reached them too: they stop after their batch
-        _interrupt(processes)
+        _interrupt(processes, STOP_SIGNAL)  # they stop after their batch
         _wait(processes, time.monotonic() + JOIN_GRACE)
+        _interrupt(processes, signal.SIGINT)
+        _wait(processes, time.monotonic() + 5.0)
         raise
     else:
         _wait(processes, None if session.deadline is None else session.deadline + JOIN_GRACE)
@@ -134,8 +139,10 @@ def _spec(session, index: int, threads: int) -> WorkerSpec:
     if session.device.type == "cuda" and torch.cuda.device_count() > 1:
         device = f"cuda:{index % torch.cuda.device_count()}"
     deadline = None if session.deadline is None else time.time() + (session.deadline - time.monotonic())
+    from autoft import plugins
+
     return WorkerSpec(index=index, config=worker_config, plan=session.plan, deadline=deadline, threads=threads, device=device, embedders=dict(session.embedder_weights),
-        verbosity=optuna.logging.get_verbosity(),
+        verbosity=optuna.logging.get_verbosity(), plugins_dir=plugins.default_plugins_dir(),
     )
 
 
@@ -151,15 +158,26 @@ def _forward(events, session) -> None:
 
 
 def _wait(processes: list, until: float | None) -> None:
+    """Join the workers until ``until``; a stop asked of the command meanwhile is passed on to them."""
+    from autoft.runtime import stop_requested
+
+    passed_on = False
     for process in processes:
-        process.join(None if until is None else max(0.0, until - time.monotonic()))
+        while process.is_alive():
+            left = None if until is None else until - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            if stop_requested() and not passed_on:
+                _interrupt(processes, STOP_SIGNAL)
+                passed_on = True
+            process.join(0.2 if left is None else min(0.2, left))
 
 
-def _interrupt(processes: list) -> None:
+def _interrupt(processes: list, number: int) -> None:
     for process in processes:
         if process.is_alive() and process.pid is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGINT)
+                os.kill(process.pid, number)
 
 
 # ---------------------------------------------------------------------------
@@ -171,11 +189,17 @@ def worker_main(spec: WorkerSpec, events) -> None:
     from autoft.errors import AutoftError
     from autoft.runtime import graceful_interrupts
 
+    from autoft import plugins
+    from autoft.runtime import request_stop
+
     _die_with_parent()
+    signal.signal(STOP_SIGNAL, lambda signum, frame: request_stop())  # the command's stop: never an abort
     optuna.logging.set_verbosity(spec.verbosity)
     torch.set_num_threads(spec.threads)
     with graceful_interrupts():
         try:
+            if spec.plugins_dir is not None:
+                plugins.set_default_plugin_manager(plugins.get_plugin_manager(spec.plugins_dir))
             _run(spec, events)
         except KeyboardInterrupt:
             pass
