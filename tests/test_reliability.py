@@ -126,8 +126,8 @@ def test_a_trial_record_reads_back_what_it_wrote_and_refuses_unknown_fields():
 
 def test_a_killed_machines_trial_is_failed_and_rerun_by_a_worker_on_another_host(postgres_url, folder, tmp_path):
     heartbeat = {"AUTOFT_HEARTBEAT_SECONDS": "1", "AUTOFT_GRACE_SECONDS": "3"}
-    args = lambda host: _search_args(folder, tmp_path / host, "--storage", postgres_url, epochs=40, trials=2)  # noqa: E731
-    m2 = _start(args("m2"), AUTOFT_HOST="m2", **heartbeat)
+    args = lambda host, epochs: _search_args(folder, tmp_path / host, "--storage", postgres_url, epochs=epochs, trials=2)  # noqa: E731
+    m2 = _start(args("m2", 40), AUTOFT_HOST="m2", **heartbeat)  # a trial long enough to be caught running
     try:
         running = _wait_for(lambda: [t for t in _trials(postgres_url) if t.state == TrialState.RUNNING and t.intermediate_values], m2)
     finally:
@@ -136,7 +136,7 @@ def test_a_killed_machines_trial_is_failed_and_rerun_by_a_worker_on_another_host
     (lost,) = running
     assert TrialRecord.of(lost).host == "m2"
 
-    m1 = _start(args("m1"), AUTOFT_HOST="m1", **heartbeat)  # another machine: it cannot see m2's processes
+    m1 = _start(args("m1", 3), AUTOFT_HOST="m1", **heartbeat)  # another machine: it cannot see m2's processes
     out, err = m1.communicate(timeout=600)
     assert m1.returncode == 0, err[-3000:]
     trials = _trials(postgres_url)

@@ -37,7 +37,7 @@ from autoft.trainer import OutOfTime
 
 ENSEMBLE_MARGIN = 0.005  # an ensemble must beat the best single model by more than this
 BEST_FOLDER = "best"
-PUBLISH_LOCK = ".best.lock"  # in the search's folder: held while best/ is staged and swapped in
+PUBLISH_LOCK = ".publish.lock"  # in the search's folder: held while best/ is staged and swapped in
 VERIFY_IMAGES = 256  # validation images the ONNX export is checked on
 MIN_REFIT_SECONDS = 3.0
 UNDERTRAINED_FACTOR = 4  # the most a refit extends a trial that peaked at its last evaluation

@@ -182,10 +182,21 @@ def run_trials(session: Session, queued_again: list[int]) -> None:
             if stop_requested():
                 raise KeyboardInterrupt
             if total is None or done < total:
-                study.optimize(Objective(session), n_trials=None if total is None else total - done, catch=(Exception,), callbacks=[after], gc_after_trial=False)
+                _optimize(session, n_trials=None if total is None else total - done, callbacks=[after])
             if not await_other_workers(session, total):
                 return
             done = counted_trials(study.get_trials(deepcopy=False))
+
+
+def _optimize(session: Session, n_trials: int | None, callbacks: list) -> None:
+    try:
+        session.study.optimize(Objective(session), n_trials=n_trials, catch=(Exception,), callbacks=callbacks, gc_after_trial=False)
+    except ValueError as exc:
+        # Another worker found this worker's heartbeat stale (a pause past the grace period) and
+        # failed the trial, then queued it again: its result cannot be stored, the retry runs it.
+        if "Cannot tell a FAIL trial" not in str(exc):
+            raise
+        session.notes.append("a trial was failed by another worker that found its heartbeat late (AUTOFT_GRACE_SECONDS), and ran again")
 
 
 def await_other_workers(session: Session, total: int | None) -> bool:
