@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from autoft.checkpoints import load_training_state, save_training_state
 from autoft.cli import make_app
-from autoft.searching.finishing import PUBLISH_LOCK, remove_stale_staging
+from autoft.searching.finishing import PUBLISH_LOCK, predicted_elsewhere, remove_stale_staging
 from autoft.searching.records import TrialRecord, count_states, visible
 from autoft.searching.storage import counted_trials, open_storage, recover_trials
 from conftest import COLOURS, make_image
@@ -268,6 +268,7 @@ def test_a_folder_plugin_is_used_by_every_jobs_worker(folder, tmp_path):
     assert "worker 1 stopped" not in done.stdout + done.stderr  # not "unknown strategy 'bitfit'"
     finished = [t for t in _trials(str(out / "study.log")) if t.state == TrialState.COMPLETE]
     assert len({TrialRecord.of(t).pid for t in finished}) == 2 and {t.params["strategy"] for t in finished} == {"bitfit"}
+    assert isinstance(json.loads((out / "best" / "metrics.json").read_text())["beat_baselines"], bool)  # what the summary's colour reads
 
 
 # ---------------------------------------------------------------------------
@@ -297,3 +298,11 @@ def test_a_damaged_study_database_is_one_line_naming_the_file_and_the_way_out(fo
     assert result.exit_code == 2 and "Traceback" not in result.output and "max length" not in result.output
     (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert f"{database} is damaged" in line.replace("\n", "") and "mv " in line and ".recover" in line
+
+
+def test_machines_sharing_a_study_ensemble_only_when_they_hold_every_trials_predictions():
+    trials = [optuna.trial.create_trial(state=TrialState.COMPLETE, value=v, user_attrs=TrialRecord.attrs(host=host)) for v, host in ((0.9, "m1"), (0.8, "m2"), (0.7, "m1"))]
+    for number, trial in enumerate(trials):
+        trial.number = number
+    assert predicted_elsewhere(trials, here={0, 2}, host="m1") == [1]  # m1 lacks m2's trial: it ships the study's best trial alone, as m2 does
+    assert predicted_elsewhere(trials, here={0, 1, 2}, host="m1") == []  # a shared --out holds them all: the ensemble is the study's

@@ -84,13 +84,9 @@ def selection_evidence(session: Session, best: optuna.trial.FrozenTrial) -> tupl
     return index, found
 
 
-def predicted_elsewhere(session: Session, here: set[int]) -> list[int]:
-    """Completed trials of the study run on another host whose predictions this folder lacks."""
-    from autoft.searching.storage import process_identity
-
-    host = process_identity()["host"]
-    trials = session.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return [t.number for t in trials if t.number not in here and TrialRecord.of(t).host not in (None, host)]
+def predicted_elsewhere(trials: list[optuna.trial.FrozenTrial], here: set[int], host: str) -> list[int]:
+    """Completed trials run on a host other than ``host`` whose predictions are not ``here``."""
+    return [t.number for t in trials if t.state == TrialState.COMPLETE and t.number not in here and TrialRecord.of(t).host not in (None, host)]
 
 
 def choose_members(session: Session, best: optuna.trial.FrozenTrial) -> tuple[dict[int, float], EnsembleChoice | None]:
@@ -98,7 +94,9 @@ def choose_members(session: Session, best: optuna.trial.FrozenTrial) -> tuple[di
     index, predictions = selection_evidence(session, best)
     if session.config.ensemble < 2 or len(predictions) < 2:
         return {best.number: 1.0}, None
-    elsewhere = predicted_elsewhere(session, set(predictions))
+    from autoft.searching.storage import process_identity
+
+    elsewhere = predicted_elsewhere(session.study.get_trials(deepcopy=False), set(predictions), process_identity()["host"])
     if elsewhere:  # each machine would ensemble its own trials: every one ships the study's best trial instead
         session.notes.append(f"no ensemble: trials {', '.join(map(str, elsewhere[:5]))} ran on other machines, whose predictions are not in {session.out}")
         return {best.number: 1.0}, None

@@ -19,6 +19,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+IDENTITY = ("host", "pid", "pid_started", "threads")  # the process that ran a trial
 
 @dataclass
 class TrialRecord:
@@ -72,6 +73,13 @@ class TrialRecord:
     def of_running(cls, trial: Any) -> TrialRecord:
         """The record of a trial being run (``optuna.Trial`` or ``FixedTrial``), from its user attributes."""
         return cls(**{k: v for k, v in trial.user_attrs.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+    @staticmethod
+    def inherited(trial: FrozenTrial) -> dict[str, Any]:
+        """The user attributes a retry of ``trial`` starts with: all but the identity of the
+        process that ran it, so that no worker takes the retry for a trial whose process died
+        before the retry's own process writes its identity."""
+        return {k: v for k, v in trial.user_attrs.items() if k not in IDENTITY}
 
     # -- what the record says ------------------------------------------------
 

@@ -44,7 +44,6 @@ from autoft.searching.records import TrialRecord
 
 HEARTBEAT_SECONDS = 60
 GRACE_SECONDS = 180  # a long eval or checkpoint write must not count as death
-IDENTITY = ("host", "pid", "pid_started", "threads")  # a retry is not the process that ran its original
 MAX_RETRIES = 3
 CREATE_ATTEMPTS = 8  # opening a storage that another worker is creating: at most about 12 s of waits
 JOURNAL_SUFFIXES = (".log", ".jsonl")
@@ -65,7 +64,7 @@ class _Retry(RetryHeartbeatStaleTrialCallback):
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         trial = copy.copy(trial)
-        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in IDENTITY}
+        trial.user_attrs = TrialRecord.inherited(trial)
         super().__call__(study, trial)
 
 
