@@ -242,6 +242,22 @@ def test_a_bad_range_value_is_one_line_before_any_work(folder, tmp_path, pair, m
     assert not (tmp_path / "out").exists()  # nothing calibrated, decoded or stored
 
 
+def test_a_trial_failed_by_the_commands_own_ranges_does_not_count(folder, tmp_path):
+    from autoft.errors import AutoftError
+    from autoft.searching import search
+
+    def break_the_range(session):  # as a hook may, after the ranges were checked
+        session.space.overrides["lr"] = {"choices": ["abc"]}
+
+    with pytest.raises(AutoftError, match="no trial completed"):
+        search("test_resnet", str(folder), tmp_path, trials=1, epochs=1, image_size=16, device="cpu", export_onnx=False, no_cv=True, weights="scratch",
+               pre_search=[break_the_range], study=STUDY)  # fmt: skip
+    trials = _trials(f"sqlite:///{tmp_path / 'study.db'}")
+    (failed,) = trials  # the default recipe, enqueued with lr=0.001 before the hook broke the range
+    assert failed.state == TrialState.FAIL and TrialRecord.of(failed).user_error and "abc" in TrialRecord.of(failed).fail_reason
+    assert counted_trials(trials) == 0  # a rerun with the range put right runs its whole --trials
+
+
 def test_trials_failed_by_a_user_error_or_surplus_count_as_no_trial_and_are_not_shown():
     complete = optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.5)
     user_error = optuna.trial.create_trial(state=TrialState.FAIL, user_attrs=TrialRecord.attrs(user_error=True, fail_reason="lr='abc' is not a number"))

@@ -37,7 +37,6 @@ from autoft.events import BatchEnd, EpochEnd, FoldEnd, TrialEvent, TrialStart
 from autoft.io import DiskFull, atomic_path, disk_full_error, file_lock
 from autoft.metrics import evaluate
 from autoft.runtime import seed_everything
-from autoft.errors import AutoftError
 from autoft.searching.records import TrialRecord
 from autoft.searching.session import Session
 from autoft.searching.storage import is_surplus, process_identity, resume_point, retry_chains, storage_folder
@@ -90,14 +89,14 @@ class Objective:
         except KeyboardInterrupt:
             TrialRecord.write(trial, fail_reason="interrupted", crashed=True)
             raise
-        except AutoftError as exc:  # a mistake in the command (a --range value): not a trial of a recipe
-            TrialRecord.write(trial, fail_reason=str(exc)[:2000], user_error=True)
-            raise
         except Exception as exc:  # bad hyperparameters, divergence, out of memory: record and go on
             full = disk_full_error(exc, storage_folder(session.storage_url) or session.out)
             if full is not None:
                 raise StopSearch(self._give_up(trial, full)) from None
-            TrialRecord.write(trial, fail_reason=f"{type(exc).__name__}: {exc}"[:2000])
+            # A mistake in the command's own ranges (checked before any work, unless a hook changed
+            # them since) fails every trial alike: none of them is a trial of a recipe, none counts.
+            user_error = session.space.value_problem(session.n_groups, session.strategies) is not None
+            TrialRecord.write(trial, fail_reason=f"{type(exc).__name__}: {exc}"[:2000], user_error=user_error)
             raise
         finally:
             free_memory(session.device)

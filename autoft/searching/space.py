@@ -119,13 +119,20 @@ class SearchSpace:
         unknown = sorted(set(self.overrides) - known)
         if unknown:
             raise AutoftError(f"--range {unknown[0]}: no such parameter in this search; searched: {', '.join(sorted(known))}")
+        problem = self.value_problem(n_groups, strategies)
+        if problem:
+            raise AutoftError(problem)
+
+    def value_problem(self, n_groups: int, strategies: dict[str, Any]) -> str | None:
+        """The first override holding a value its parameter cannot take, in words, or None."""
         recorder = self._declared(n_groups, strategies)
         for name, spec in self.overrides.items():
             values = spec["choices"] if "choices" in spec else [spec["low"], spec["high"]]
             for value in values:
                 problem = _value_problem(name, value, recorder.kinds.get(name), self)
                 if problem:
-                    raise AutoftError(f"--range {name}: {problem}")
+                    return f"--range {name}: {problem}"
+        return None
 
     def _declared(self, n_groups: int, strategies: dict[str, Any]) -> _RecordingTrial:
         """What the strategies and regularisers declare, with no override applied."""
