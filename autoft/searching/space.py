@@ -237,9 +237,8 @@ def _value_problem(name: str, value: Any, kind: Any, space: SearchSpace) -> str 
             return str(exc)
         return None
     if name == "regularizer":
-        from autoft import plugins
-
-        plugins.registry().regularizer(str(value))  # an unknown one fails, naming those installed
+        if value != NO_REGULARIZER:
+            space._regularizer(str(value))  # an unknown one fails, naming those installed
         return None
     if name == "strategy":
         return None if value in space.strategies else f"strategy={value!r} is not among the searched strategies ({', '.join(space.strategies)}); use --strategy"

@@ -286,15 +286,16 @@ def recover_trials(study: optuna.Study) -> list[int]:
 
 
 def running_elsewhere(study: optuna.Study, heartbeat: bool) -> list[FrozenTrial]:
-    """RUNNING trials of other processes that a worker can wait on: every one when the
-    storage has a ``heartbeat`` (a dead one turns stale), else those of live processes on this host."""
+    """RUNNING trials of other processes that a worker can wait on: every one that its process
+    has claimed (its identity written, after Optuna started its heartbeat) when the storage has a
+    ``heartbeat`` (a dead one turns stale), else those of live processes on this host."""
     me = process_identity()
     found = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         record = TrialRecord.of(trial)
-        if (record.host, record.pid) == (me["host"], me["pid"]):
+        if record.pid is None or (record.host, record.pid) == (me["host"], me["pid"]):
             continue
-        if heartbeat or (record.host == me["host"] and record.pid is not None and not owner_is_gone(trial, me)):
+        if heartbeat or (record.host == me["host"] and not owner_is_gone(trial, me)):
             found.append(trial)
     return found
 
