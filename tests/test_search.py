@@ -322,7 +322,7 @@ def test_a_trial_that_finds_the_disk_full_ends_the_search_in_one_line_and_a_reru
     assert line.startswith("error: no space left on ") and f"could not write {out / 'trials' / '0'};" in line and " free of " in line
     (trial,) = _study_trials(image_folder, out)
     assert trial.state == TrialState.FAIL and trial.user_attrs["crashed"] and trial.user_attrs["fail_reason"] == line.removeprefix("error: ")
-    assert sorted(p.name for p in (out / "trials" / "0").iterdir()) == [STATE_NAME]  # evaluation 1's state, no partial file
+    assert sorted(p.name for p in (out / "trials" / "0").iterdir()) == [STATE_NAME, f"{STATE_NAME}.sha256"]  # evaluation 1's state and its checksum, no partial file
     assert not (out / "best").exists()  # no refit or export on a full disk
 
     monkeypatch.setattr(torch, "save", save)  # space was freed
