@@ -8,6 +8,8 @@ run code.
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,17 +145,54 @@ def _build_member(meta: dict[str, Any], member: dict[str, Any], registry: plugin
 
 
 def save_training_state(path: Path, state: dict[str, Any]) -> None:
-    """Write the loop's state atomically; only plain data, so that it loads with ``weights_only``."""
+    """Write the loop's state atomically; only plain data, so that it loads with ``weights_only``.
+    Its SHA-256 goes beside it (``state.pt.sha256``), written first: a state whose checksum does
+    not match (cut short, overwritten, a crash between the two writes) is never resumed."""
     with atomic_path(path) as tmp:
         torch.save({"format": STATE_FORMAT, **state}, tmp)
+        digest = _sha256(Path(tmp))
+        with atomic_path(_checksum_path(path)) as sum_tmp:
+            Path(sum_tmp).write_text(digest + "\n")
 
 
 def load_training_state(path: Path) -> dict[str, Any] | None:
     """The state saved by :func:`save_training_state`, or None when ``path`` holds another
-    layout (an older autoft's): that run starts over. A file that is not plain data is refused."""
+    layout (an older autoft's): that run starts over. A state that fails its checksum (cut
+    short, overwritten, or with none beside it) is deleted unread with a warning, and the run
+    starts over too. One that matches its checksum but holds code is refused (an attack, not damage)."""
+    problem = _checksum_problem(path)
+    if problem is not None:
+        warnings.warn(f"{path}: the saved training state is damaged ({problem}); discarded, the fit starts over", stacklevel=2)
+        discard_training_state(path)
+        return None
     state = safe_load(path, "training state")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         return None
     return state
 
 
+def discard_training_state(path: Path) -> None:
+    """Delete a training state and its checksum."""
+    Path(path).unlink(missing_ok=True)
+    _checksum_path(path).unlink(missing_ok=True)
+
+
+def _checksum_path(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + ".sha256")
+
+
+def _checksum_problem(path: Path) -> str | None:
+    try:
+        expected = _checksum_path(path).read_text().strip()
+    except OSError:
+        return "no checksum beside it"
+    actual = _sha256(Path(path))
+    return None if actual == expected else f"SHA-256 {actual[:12]}..., its checksum says {expected[:12]}..."
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

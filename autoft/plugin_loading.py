@@ -86,6 +86,7 @@ def get_plugin_manager(plugins_dir: str | os.PathLike | None = None) -> pluggy.P
             info.error = one_line(exc, module_roots(ep.module))
         pm.autoft_info[name] = info
     folder = plugins_dir or os.environ.get("AUTOFT_PLUGINS_DIR")
+    pm.autoft_plugins_dir = str(Path(folder).resolve()) if folder else None  # for --jobs workers, which build their own
     if folder:
         load_plugins_dir(pm, Path(folder))
     return pm

@@ -24,6 +24,7 @@ from autoft.io import write_text
 from autoft.report_data import BestEvaluation, ReportExtras, SearchPlan, THUMBNAIL_SIZE, TOP_K, Timings, confident_mistakes, describe_ensemble, epochs_run, format_value, per_class_metrics, top_k_accuracy, trial_seconds
 from autoft.report_plots import confusion_plot, curves_plot, escape, history_plot, importance_plot, note_html, section_html, slice_plot
 from autoft.text import duration
+from autoft.searching.records import TrialRecord, visible
 
 if TYPE_CHECKING:
 
@@ -50,7 +51,7 @@ def write_report(
 
     matplotlib.use("Agg", force=False)
     info, extras = dict(info or {}), extras or ReportExtras()
-    trials = study.get_trials(deepcopy=False)
+    trials = visible(study.get_trials(deepcopy=False))  # surplus trials never trained: not shown
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = max(complete, key=lambda t: t.value) if complete else None
     metric = info.get("metric") or study.user_attrs.get("autoft", {}).get("metric") or "accuracy"
@@ -282,17 +283,16 @@ def _cell(text: Any, sort: Any = None) -> str:
 
 def _trial_note(t: FrozenTrial) -> str:
     notes = []
-    if t.user_attrs.get("recipe") == "default":
+    record = TrialRecord.of(t)
+    if record.recipe == "default":
         notes.append("default recipe")
-    if "failed_trial" in t.system_attrs:
-        notes.append(f"rerun of trial {t.system_attrs['failed_trial']}")
+    if record.retry_of is not None:
+        notes.append(f"rerun of trial {record.retry_of}")
     if t.state == TrialState.PRUNED and t.intermediate_values:
         notes.append(f"pruned after epoch {max(t.intermediate_values)}")
-    if t.user_attrs.get("pruned_after_folds"):
-        notes.append(f"stopped by the pruner after {t.user_attrs['pruned_after_folds']} folds")
-    for key in ("cut_short", "fail_reason"):
-        if t.user_attrs.get(key):
-            notes.append(str(t.user_attrs[key]))
+    if record.pruned_after_folds:
+        notes.append(f"stopped by the pruner after {record.pruned_after_folds} folds")
+    notes += [text for text in (record.cut_short, record.reason(t)) if text]
     return "; ".join(notes)
 
 

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from autoft.searching.records import TrialRecord
+
 
 if TYPE_CHECKING:
 
@@ -88,14 +90,14 @@ def importance_plot(study: optuna.Study, complete: list[FrozenTrial]) -> str:
 
 
 def curves_plot(complete: list[FrozenTrial], metric: str) -> str:
-    top = sorted((t for t in complete if t.user_attrs.get("history")), key=lambda t: -t.value)[:TOP_CURVES]
+    top = sorted((t for t in complete if TrialRecord.of(t).history), key=lambda t: -t.value)[:TOP_CURVES]
     if not top:
         return note_html("No completed trial has per-epoch values (cross-validated trials report one score per fold).")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for t in top:
-        history = t.user_attrs["history"]
+        history = TrialRecord.of(t).history
         epochs = [r["epoch"] for r in history]
         line = left.plot(epochs, [r[f"val_{metric}"] for r in history], marker="o", ms=3, label=f"trial {t.number}")[0]
         right.plot(epochs, [r["train_loss"] for r in history], color=line.get_color(), linestyle="--", label=f"trial {t.number} train")

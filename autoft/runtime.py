@@ -21,6 +21,7 @@ import torch
 from autoft.errors import AutoftError
 
 _stop = threading.Event()
+_signal: list[int] = []  # the signal that asked for the stop: SIGINT (Ctrl-C) or SIGTERM (docker stop, systemd, Kubernetes)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -80,13 +81,20 @@ def request_stop() -> None:
 
 def clear_stop() -> None:
     _stop.clear()
+    _signal.clear()
+
+
+def stop_signal() -> int | None:
+    """The signal that asked the process to stop (``signal.SIGINT``, ``signal.SIGTERM``), or None."""
+    return _signal[0] if _signal else None
 
 
 @contextlib.contextmanager
 def graceful_interrupts(on_first: Callable[[], None] = lambda: None) -> Iterator[None]:
-    """Within the block, a first Ctrl-C sets :func:`stop_requested` and calls ``on_first``
-    (which prints "stopping after this batch; Ctrl-C again to abort"); a second raises
-    ``KeyboardInterrupt``. Outside the main thread it changes nothing."""
+    """Within the block, a first Ctrl-C or SIGTERM (what ``docker stop``, systemd and Kubernetes
+    send) sets :func:`stop_requested` and calls ``on_first`` (which prints "stopping after this
+    batch; Ctrl-C again to abort"); a second raises ``KeyboardInterrupt``. Outside the main
+    thread it changes nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -94,15 +102,17 @@ def graceful_interrupts(on_first: Callable[[], None] = lambda: None) -> Iterator
     def handler(signum, frame) -> None:
         if _stop.is_set():
             raise KeyboardInterrupt
+        _signal[:] = [signum]
         _stop.set()
         on_first()
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        _stop.clear()
+        for number, before in previous.items():
+            signal.signal(number, before)
+        clear_stop()
 
 
 # ---------------------------------------------------------------------------

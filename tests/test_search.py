@@ -27,6 +27,7 @@ from autoft.errors import AutoftError
 from autoft.searching import SearchSpace, default_study_name, load_overrides, parse_duration, search
 from autoft.io import file_lock
 from autoft.searching.objective import CLEANUP_LOCK, STATE_NAME, retried_from, take_over_state
+from autoft.searching.records import TrialRecord
 from autoft.searching.trials import prune_trial_folders
 from autoft.searching.storage import open_storage, recover_trials
 from autoft.events import EpochEnd, TrialEvent
@@ -228,7 +229,7 @@ def test_killed_search_reruns_the_interrupted_trial(image_folder, tmp_path):
     assert result.exit_code == 0, result.output
     trials = _study_trials(image_folder, out)
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # no RUNNING zombie
-    assert f"process {child.pid}" in trials[0].user_attrs["fail_reason"]
+    assert f"process {child.pid}" in TrialRecord.of(trials[0]).reason(trials[0])  # failed from outside: the record says by whom
     assert trials[1].params == killed.params and trials[1].system_attrs["failed_trial"] == killed.number
     # it continued after the killed trial's last finished epoch instead of starting over
     assert trials[1].user_attrs["resumed_from"]["trial"] == killed.number
@@ -291,7 +292,7 @@ def test_a_trial_killed_twice_resumes_from_its_second_attempt_and_leaves_no_supe
     assert third.user_attrs["resumed_from"] == {"trial": 1, "epoch": 2}  # the second attempt's progress, not the first's
     assert [r["epoch"] for r in third.user_attrs["history"]] == [1, 2, 3] and third.user_attrs["history"][:1] == second.user_attrs["history"]
     assert not first.intermediate_values and third.intermediate_values[1] == second.intermediate_values[1]
-    assert not third.user_attrs["crashed"] and not third.user_attrs["fail_reason"]  # not the attributes Optuna copied from its crashed attempt
+    assert not TrialRecord.of(third).crashed and not TrialRecord.of(third).fail_reason  # not the attributes Optuna copied from its crashed attempt
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["2"]  # the superseded attempts' folders are gone
 
 
@@ -321,7 +322,7 @@ def test_a_trial_that_finds_the_disk_full_ends_the_search_in_one_line_and_a_reru
     assert line.startswith("error: no space left on ") and f"could not write {out / 'trials' / '0'};" in line and " free of " in line
     (trial,) = _study_trials(image_folder, out)
     assert trial.state == TrialState.FAIL and trial.user_attrs["crashed"] and trial.user_attrs["fail_reason"] == line.removeprefix("error: ")
-    assert sorted(p.name for p in (out / "trials" / "0").iterdir()) == [STATE_NAME]  # evaluation 1's state, no partial file
+    assert sorted(p.name for p in (out / "trials" / "0").iterdir()) == [STATE_NAME, f"{STATE_NAME}.sha256"]  # evaluation 1's state and its checksum, no partial file
     assert not (out / "best").exists()  # no refit or export on a full disk
 
     monkeypatch.setattr(torch, "save", save)  # space was freed
@@ -373,7 +374,7 @@ def test_a_full_study_database_leaves_the_trial_running_for_the_next_run_to_reco
     result = CliRunner().invoke(make_app(), args)
     assert result.exit_code == 0, result.output
     stuck, rerun = _study_trials(image_folder, out)
-    assert stuck.state == TrialState.FAIL and f"process {child.pid} " in stuck.user_attrs["fail_reason"]
+    assert stuck.state == TrialState.FAIL and f"process {child.pid} " in TrialRecord.of(stuck).reason(stuck)
     assert rerun.state == TrialState.COMPLETE and rerun.user_attrs["resumed_from"] == {"trial": 0, "epoch": 1}  # the state saved before the database filled
 
 

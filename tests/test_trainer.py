@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -217,6 +218,7 @@ def test_a_planted_pickle_in_the_state_file_is_refused_and_runs_nothing(small, t
     marker = tmp_path / "pwned"
     state = tmp_path / "state.pt"
     torch.save({"format": 2, "model": _Payload(marker)}, state)
+    (tmp_path / "state.pt.sha256").write_text(hashlib.sha256(state.read_bytes()).hexdigest())  # its checksum planted too
     assert pickle.loads(pickle.dumps(_Payload(tmp_path / "check"))) and (tmp_path / "check").exists()  # the payload is live
     with pytest.raises(AutoftError, match=r"cannot read training state .*state\.pt: it holds code, not only tensors and plain data \(Unsupported global: .*open.*\); refused unread"):
         trainer(small, state_file=state, epochs=1).fit()

@@ -16,6 +16,7 @@ from rich.table import Table
 from autoft.cli.tables import WholeTable
 from autoft.report_data import Baseline, EnsembleSummary, describe_ensemble, epochs_run, trial_seconds
 from autoft.text import duration
+from autoft.searching.records import TrialRecord
 
 TOP = 5
 BASELINE_STYLE = "italic dim"
@@ -35,7 +36,7 @@ def leaderboard(
     recipe when it is not among them, and the baselines and ensemble ranked among them by value."""
     ranked = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.value is not None), key=lambda t: -t.value)
     shown = ranked[:top]
-    default = next((t for t in ranked[top:] if t.user_attrs.get("recipe") == "default"), None)
+    default = next((t for t in ranked[top:] if TrialRecord.of(t).recipe == "default"), None)
     rows: list[tuple[float, list[str], str]] = [(t.value, _trial_cells(t, ranked.index(t) + 1), "") for t in shown]
     rows += [(b.value, ["ref", b.name, f"{b.value:.4f}", "baseline", "", b.note, "", ""], BASELINE_STYLE) for b in baselines]
     if ensemble is not None:
@@ -57,9 +58,10 @@ def leaderboard(
 
 
 def _trial_cells(trial: FrozenTrial, rank: int) -> list[str]:
-    name = f"trial {trial.number}" + (" (default recipe)" if trial.user_attrs.get("recipe") == "default" else "")
-    state = "cut short" if trial.user_attrs.get("cut_short") else "complete"
-    folds = trial.user_attrs.get("fold_scores")
+    record = TrialRecord.of(trial)
+    name = f"trial {trial.number}" + (" (default recipe)" if record.recipe == "default" else "")
+    state = "cut short" if record.cut_short else "complete"
+    folds = record.fold_scores
     epochs = f"{len(folds)} folds" if folds else str(epochs_run(trial))
     return [str(rank), name, f"{trial.value:.4f}", state, str(trial.params.get("strategy", "")), key_parameters(trial.params), epochs, duration(trial_seconds(trial), column=True)]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -137,17 +138,25 @@ def search_command(
     """
     import optuna
 
-    from autoft.runtime import graceful_interrupts
+    from autoft.runtime import graceful_interrupts, stop_signal
     from autoft.searching import parse_duration, search
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the progress display reports each trial
     stopping = lambda: progress.say("[yellow]stopping after this batch; Ctrl-C again to abort[/yellow]")  # noqa: E731
     with SearchProgress(metric, parse_duration(timeout)) as progress, graceful_interrupts(stopping), decoding_progress():
-        result = search(
-            backbone, data, out, trials=trials, timeout=timeout, epochs=epochs, strategies=strategy, storage=storage, study=study, sampler=sampler, pruner=pruner,
-            metric=metric, seed=seed, device=device, cv=cv, no_cv=no_cv, refit=refit, ensemble=ensemble, jobs=_jobs(jobs), batch_size=batch_size, image_size=image_size,
-            ranges=range_, space_file=space, export_onnx=onnx, weights=weights, unlabelled=unlabelled, pretrain=pretrain, pretrain_epochs=pretrain_epochs, on_event=progress,
-        )  # fmt: skip
+        try:
+            result = search(
+                backbone, data, out, trials=trials, timeout=timeout, epochs=epochs, strategies=strategy, storage=storage, study=study, sampler=sampler, pruner=pruner,
+                metric=metric, seed=seed, device=device, cv=cv, no_cv=no_cv, refit=refit, ensemble=ensemble, jobs=_jobs(jobs), batch_size=batch_size, image_size=image_size,
+                ranges=range_, space_file=space, export_onnx=onnx, weights=weights, unlabelled=unlabelled, pretrain=pretrain, pretrain_epochs=pretrain_epochs, on_event=progress,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            signal_number = stop_signal()
+            if signal_number is None or signal_number == signal.SIGINT:
+                raise  # Ctrl-C: "interrupted", exit 130
+            name = signal.Signals(signal_number).name
+            console.print(f"[yellow]stopped by {name}:[/yellow] the running trial will run again when the same command runs again", highlight=False)
+            raise typer.Exit(128 + signal_number) from None
     _print_summary(result, metric)
 
 
@@ -165,15 +174,16 @@ def _jobs(text: str) -> int | str:
 def _print_summary(result, metric: str) -> None:
     from autoft.cli.leaderboard import leaderboard
     from autoft.report_data import Baseline
+    from autoft.searching.records import visible
 
     m = result.metrics
     study = _study(result)
     if study is not None:
         baselines = [Baseline(b["name"], b["value"]) for b in m.get("baselines", [])]
-        console.print(leaderboard(study.get_trials(deepcopy=False), metric, baselines=baselines), crop=False)  # whole in a log
+        console.print(leaderboard(visible(study.get_trials(deepcopy=False)), metric, baselines=baselines), crop=False)  # whole in a log
     states = ", ".join(f"{n} {s.lower()}" for s, n in result.states.items())
     line = m["summary"] + (f"; test {metric} {m[f'test_{metric}']:.4f}" if f"test_{metric}" in m else "")
-    colour = "yellow" if "did not beat" in line or "WARNING" in line else "green"
+    colour = "yellow" if m.get("beat_baselines") is False or m.get("warning") else "green"
     console.print(f"[{colour}]done:[/{colour}] {line} ({states}; {result.seconds:.0f}s)", highlight=False)
     if m.get("warning"):
         console.print(f"[yellow]warning:[/yellow] {m['warning']}", highlight=False)

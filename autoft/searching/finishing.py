@@ -12,6 +12,7 @@ budget. ``best/`` is built in a staging folder and published by one atomic swap.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,15 +28,17 @@ from autoft.checkpoints import CHECKPOINT_NAME, load_checkpoint
 from autoft.ensemble import EnsembleChoice, greedy_selection
 from autoft.errors import AutoftError
 from autoft.events import Export, Refit
-from autoft.io import publish_dir, write_json
+from autoft.io import file_lock, publish_dir, write_json
 from autoft.metrics import metric_specs, score as metric_score, test_metrics
 from autoft.searching.objective import Objective, load_predictions, load_teacher
+from autoft.searching.records import TrialRecord
 from autoft.searching.session import Session
 from autoft.semisupervised import PseudoLabels
 from autoft.trainer import OutOfTime
 
 ENSEMBLE_MARGIN = 0.005  # an ensemble must beat the best single model by more than this
 BEST_FOLDER = "best"
+PUBLISH_LOCK = ".publish.lock"  # in the search's folder: held while best/ is staged and swapped in
 VERIFY_IMAGES = 256  # validation images the ONNX export is checked on
 MIN_REFIT_SECONDS = 3.0
 UNDERTRAINED_FACTOR = 4  # the most a refit extends a trial that peaked at its last evaluation
@@ -84,10 +87,21 @@ def selection_evidence(session: Session, best: optuna.trial.FrozenTrial) -> tupl
     return index, found
 
 
+def predicted_elsewhere(trials: list[optuna.trial.FrozenTrial], here: set[int], host: str) -> list[int]:
+    """Completed trials run on a host other than ``host`` whose predictions are not ``here``."""
+    return [t.number for t in trials if t.state == TrialState.COMPLETE and t.number not in here and TrialRecord.of(t).host not in (None, host)]
+
+
 def choose_members(session: Session, best: optuna.trial.FrozenTrial) -> tuple[dict[int, float], EnsembleChoice | None]:
     """{trial: weight}: the best trial alone, or an ensemble that beats it on the same evidence."""
     index, predictions = selection_evidence(session, best)
     if session.ctx.config.ensemble < 2 or len(predictions) < 2:
+        return {best.number: 1.0}, None
+    from autoft.searching.storage import process_identity
+
+    elsewhere = predicted_elsewhere(session.study.get_trials(deepcopy=False), set(predictions), process_identity()["host"])
+    if elsewhere:  # each machine would ensemble its own trials: every one ships the study's best trial instead
+        session.state.notes.append(f"no ensemble: trials {', '.join(map(str, elsewhere[:5]))} ran on other machines, whose predictions are not in {session.ctx.out}")
         return {best.number: 1.0}, None
     labels = session.ctx.pool.labels.numpy()[index]
     spec = session.ctx.registry.metric(session.ctx.config.metric)
@@ -186,11 +200,12 @@ def _refit_steps(session: Session, trial: optuna.trial.FrozenTrial, whole: bool)
     """The steps at which the trial peaked, scaled from its training set to the refit's, cut
     to what the time left can train; None when too little is left (``whole``: for all of them)."""
     plan, params = session.ctx.plan, dict(trial.params)
-    peak = int(trial.user_attrs.get("best_step") or plan.steps)
+    record = TrialRecord.of(trial)
+    peak = int(record.best_step or plan.steps)
     if session.ctx.config.refit:  # as many passes over the larger set as the trial peaked at
         ratio = session.fit_size(None, params) / max(session.fit_size(0, params), 1)
         peak = max(plan.eval_every, round(peak * ratio))
-        if trial.user_attrs.get("peaked_at_end") and not session.ctx.config.epochs:
+        if record.peaked_at_end and not session.ctx.config.epochs:
             peak *= UNDERTRAINED_FACTOR  # still improving when its trial ended: the time kept for the refit lets it go on
     left = session.ctx.budget.left()
     if left is None:
@@ -207,6 +222,22 @@ def _refit_steps(session: Session, trial: optuna.trial.FrozenTrial, whole: bool)
 
 def publish_best(session: Session, final: FinalModel, metrics: dict[str, Any]) -> Path:
     """Write ``best/`` in a staging folder (model, ONNX export, metrics), then swap it in at once."""
+    with file_lock(session.ctx.out / PUBLISH_LOCK):  # one publisher at a time: the staging folders left are no one's
+        remove_stale_staging(session.ctx.out)
+        return _publish(session, final, metrics)
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Delete the staging folders a killed or failed publish left (``.best.*.partial``, and the
+    ``.best.old-*`` a swap without ``renameat2`` leaves for a moment). Call it holding
+    :data:`PUBLISH_LOCK`: no live process is writing one then."""
+    stale = [p for pattern in (f".{BEST_FOLDER}.*.partial", f".{BEST_FOLDER}.old-*") for p in out.glob(pattern) if p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _publish(session: Session, final: FinalModel, metrics: dict[str, Any]) -> Path:
     target = session.ctx.out / BEST_FOLDER
     staging = session.ctx.out / f".{BEST_FOLDER}.{uuid.uuid4().hex[:8]}.partial"
     staging.mkdir(parents=True)

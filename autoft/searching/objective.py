@@ -30,13 +30,14 @@ import optuna
 import torch
 
 from autoft.budget import Budget
-from autoft.checkpoints import CHECKPOINT_NAME
+from autoft.checkpoints import CHECKPOINT_NAME, discard_training_state
 from autoft.data import ImageTensors, Normalize
 from autoft.events import BatchEnd, EpochEnd, FoldEnd, TrialEvent, TrialStart
 from autoft.io import DiskFull, atomic_path, disk_full_error, file_lock
 from autoft.lifecycle import PluginError
 from autoft.metrics import evaluate
 from autoft.fitting import FitRequest, Fitted, fit
+from autoft.searching.records import TrialRecord
 from autoft.searching.session import Session
 from autoft.searching.storage import is_surplus, process_identity, resume_point, retry_chains, storage_folder
 from autoft.trainer import STATE_INTERVAL, OutOfTime, TrainerConfig
@@ -63,18 +64,16 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial | optuna.trial.FixedTrial) -> float:
         session = self.session
-        for key, value in process_identity().items():
-            trial.set_user_attr(key, value)
-        trial.set_user_attr("threads", torch.get_num_threads())  # with --jobs, this worker's share of the cores
-        if trial.user_attrs.get("crashed"):  # a retry, given its crashed attempt's attributes by Optuna: its own failure is no crash
-            trial.set_user_attr("crashed", False)
-            trial.set_user_attr("fail_reason", "")
+        TrialRecord.write(trial, **process_identity(), threads=torch.get_num_threads())  # threads: with --jobs, this worker's share of the cores
+        if TrialRecord.of_running(trial).crashed:  # a retry, given its crashed attempt's attributes by Optuna: its own failure is no crash
+            TrialRecord.write(trial, crashed=False, fail_reason="")
         total = session.ctx.config.trials
         if total is not None and hasattr(trial, "study") and is_surplus(trial.number, trial.study.get_trials(deepcopy=False), total):
-            trial.set_user_attr("surplus", True)  # another worker took the last place: this one never trains
-            trial.set_user_attr("fail_reason", f"the study already holds its {total} trials")
+            # Another worker took the last place: this one never trains. FAIL, marked surplus, so that
+            # no count, leaderboard or report takes it for a trial (PRUNED would count as one).
+            TrialRecord.write(trial, surplus=True, fail_reason=f"the study already holds its {total} trials")
             trial.study.stop()
-            raise optuna.TrialPruned("surplus")
+            raise Surplus(trial.number)
         try:
             params = session.suggest_pseudo_labels(trial, session.ctx.space.suggest(trial, session.ctx.strategies, session.ctx.n_groups))
             session.emit(TrialStart(number=trial.number, params=params))
@@ -84,18 +83,20 @@ class Objective:
         except optuna.TrialPruned:
             raise
         except OutOfTime:
-            trial.set_user_attr("fail_reason", "the time budget ran out before its first evaluation")
-            trial.set_user_attr("crashed", True)  # not a verdict on its parameters: run it again next time
+            # not a verdict on its parameters: run it again next time
+            TrialRecord.write(trial, fail_reason="the time budget ran out before its first evaluation", crashed=True)
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted")
-            trial.set_user_attr("crashed", True)
+            TrialRecord.write(trial, fail_reason="interrupted", crashed=True)
             raise
         except Exception as exc:  # bad hyperparameters, divergence, out of memory: record and go on
             full = disk_full_error(exc, storage_folder(session.ctx.storage_url) or session.ctx.out)
             if full is not None:
                 raise StopSearch(self._give_up(trial, full)) from None
-            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}"[:2000])
+            # A mistake in the command's own ranges (checked before any work, unless a hook changed
+            # them since) fails every trial alike: none of them is a trial of a recipe, none counts.
+            user_error = session.ctx.space.value_problem(session.ctx.n_groups, session.ctx.strategies) is not None
+            TrialRecord.write(trial, fail_reason=f"{type(exc).__name__}: {exc}"[:2000], user_error=user_error)
             if isinstance(exc, PluginError) and session.ctx.space.leave_out(exc, trial.number) and hasattr(trial, "study"):
                 trial.study.stop()  # every choice's plugin failed: no trial is left to run
             raise
@@ -109,9 +110,8 @@ class Objective:
         if study is None:  # a FixedTrial: no storage
             return error
         try:
-            trial.set_user_attr("fail_reason", str(error))
-            trial.set_user_attr("crashed", True)  # not a verdict on its parameters
-            study._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
+            TrialRecord.write(trial, fail_reason=str(error), crashed=True)  # not a verdict on its parameters
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
         except Exception:  # noqa: BLE001 - the storage is on the full disk too: the trial stays RUNNING and the next run recovers it
             pass
         return error
@@ -166,11 +166,11 @@ class Objective:
 
         def on_epoch(event: EpochEnd) -> None:
             history.append(dict(event.record))
-            trial.set_user_attr("history", history)
+            TrialRecord.write(trial, history=history)
             if reports:
                 trial.report(event.value, event.epoch)
             if event.resumed:
-                trial.set_user_attr("resumed_from", {"trial": origin, "epoch": event.epoch})
+                TrialRecord.write(trial, resumed_from={"trial": origin, "epoch": event.epoch})
             elif not anchor and event.epoch < event.epochs and trial.should_prune():  # a trial that ran all its evaluations is not pruned
                 raise optuna.TrialPruned(f"val {metric} {event.value:.4f} at evaluation {event.epoch}")
 
@@ -178,10 +178,10 @@ class Objective:
         try:
             fitted = self.fit(params, 0, number=trial.number, state_file=state_file, on_epoch=on_epoch)
         except (optuna.TrialPruned, FloatingPointError):
-            state_file.unlink(missing_ok=True)  # a verdict on its parameters: it will not run again
+            discard_training_state(state_file)  # a verdict on its parameters: it will not run again
             raise
         self._keep(trial, folder, params, fitted, session.ctx.splits[0][1])
-        state_file.unlink(missing_ok=True)
+        discard_training_state(state_file)
         return float(fitted.result.val[metric])
 
     def _keep(self, trial, folder: Path, params, fitted: Fitted, val_index: np.ndarray) -> None:
@@ -189,15 +189,14 @@ class Objective:
         if result.stopped == "interrupted":
             raise KeyboardInterrupt
         if result.stopped == "deadline":
-            trial.set_user_attr("cut_short", f"the time budget ran out after {len(result.history)} of {session.ctx.plan.evaluations} evaluations")
+            TrialRecord.write(trial, cut_short=f"the time budget ran out after {len(result.history)} of {session.ctx.plan.evaluations} evaluations")
         folder.mkdir(parents=True, exist_ok=True)
         fitted.save(folder / CHECKPOINT_NAME, params)
         save_predictions(folder, val_index, result.val["probabilities"])
         teacher = self.teach(params, fitted.backbone)
         if teacher is not None:
             save_array(folder / TEACHER_NAME, teacher)
-        trial.set_user_attr("best_step", fitted.best_step)
-        trial.set_user_attr("peaked_at_end", fitted.peaked_at_end)
+        TrialRecord.write(trial, best_step=fitted.best_step, peaked_at_end=fitted.peaked_at_end)
 
     def teach(self, params: dict[str, Any], backbone) -> np.ndarray | None:
         """The fitted model's probabilities for the unlabelled images, when the recipe trains
@@ -233,7 +232,7 @@ class Objective:
             except OutOfTime:
                 if not scores:
                     raise
-                trial.set_user_attr("cut_short", f"the time budget ran out after {len(scores)} of {len(splits)} folds")
+                TrialRecord.write(trial, cut_short=f"the time budget ran out after {len(scores)} of {len(splits)} folds")
                 break
             result = fitted.result
             if result.stopped == "interrupted":
@@ -248,16 +247,14 @@ class Objective:
             teacher = self.teach(params, fitted.backbone)
             if teacher is not None:
                 teachers.append(teacher)
-            trial.set_user_attr("fold_scores", {str(k): v for k, v in scores.items()})
-            trial.set_user_attr("best_step", int(np.median(steps)))
-            trial.set_user_attr("peaked_at_end", sum(at_end) * 2 > len(at_end))
+            TrialRecord.write(trial, fold_scores={str(k): v for k, v in scores.items()}, best_step=int(np.median(steps)), peaked_at_end=sum(at_end) * 2 > len(at_end))
             trial.report(value, int(split))
             session.emit(FoldEnd(number=trial.number, fold=position + 1, folds=len(splits), value=value))
             if result.stopped == "deadline":
-                trial.set_user_attr("cut_short", f"the time budget ran out in fold {position + 1} of {len(splits)}")
+                TrialRecord.write(trial, cut_short=f"the time budget ran out in fold {position + 1} of {len(splits)}")
                 break
             if position + 1 < len(splits) and trial.should_prune():
-                trial.set_user_attr("pruned_after_folds", position + 1)
+                TrialRecord.write(trial, pruned_after_folds=position + 1)
                 return float(np.mean(list(scores.values())))
         if len(scores) == len(splits):
             seen = counts > 0
@@ -321,17 +318,24 @@ def take_over_state(trial, trial_dir: Callable[[int], Path], lock: Path) -> int 
 
 def retried_from(trial, has_state: Callable[[int], bool]) -> int | None:
     """The number of the crashed attempt whose state ``trial`` resumes from: following the chain
-    of retries (Optuna records only the original, ``failed_trial``) to the newest failed attempt
-    for which ``has_state(number)``; None for a first attempt or when none left a state."""
+    of retries (Optuna records only the original) to the newest failed attempt for which
+    ``has_state(number)``; None for a first attempt or when none left a state."""
     study = getattr(trial, "study", None)  # a FixedTrial has none
     if study is None:
         return None
     trials = study.get_trials(deepcopy=False)
     frozen = next((t for t in trials if t.number == trial.number), None)
-    root = frozen.system_attrs.get("failed_trial") if frozen else None
+    root = TrialRecord.of(frozen).retry_of if frozen else None
     if root is None:
         return None
     return resume_point(retry_chains(trials)[root], trial.number, has_state)
+
+
+class Surplus(Exception):
+    """Fails a trial started past ``--trials``: it never trains, and is stored marked surplus."""
+
+    def __init__(self, number: int):
+        super().__init__(f"trial {number} is past the study's total")
 
 
 class StopSearch(BaseException):

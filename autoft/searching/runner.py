@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from autoft.errors import AutoftError
 from autoft.searching.config import SearchConfig
@@ -23,6 +22,8 @@ from autoft.searching.objective import stop_on_full_disk
 from autoft.searching.preparing import prepare
 from autoft.searching.reporting import REPORT_FILE, write_report_quietly
 from autoft.searching.selection import candidate_final, judge
+from autoft.runtime import stop_requested
+from autoft.searching.records import TrialRecord, count_states, visible
 from autoft.searching.session import Session
 from autoft.searching.trials import open_study, run_trials
 from autoft.searching.worker import worker_main
@@ -65,6 +66,8 @@ def run_search(config: SearchConfig) -> SearchResult:
     try:
         with session.timed("trials"), parallel_workers(session, worker_main):
             run_trials(session, queued_again)
+        if stop_requested():  # Ctrl-C or SIGTERM once the trials were over: no refit, a rerun finishes
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         write_report_quietly(session)
         raise
@@ -78,8 +81,8 @@ def run_search(config: SearchConfig) -> SearchResult:
 def finish(session: Session, queued_again: list[int]) -> SearchResult:
     """Choose what ships (the trials' model or a simple candidate), refit it, publish ``best/``, report."""
     study = session.study
-    trials = study.get_trials(deepcopy=False)
-    states = {s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
+    trials = visible(study.get_trials(deepcopy=False))
+    states = count_states(trials)
     best = best_trial(study)
     with session.timed("refit"):
         final = _final_model(session, best, trials, states)
@@ -99,7 +102,7 @@ def _final_model(session: Session, best: optuna.trial.FrozenTrial | None, trials
         verdict = judge(session, None, "")
         if verdict.candidate is None:
             write_report_quietly(session)
-            reasons = [f"trial {t.number}: {t.user_attrs['fail_reason']}" for t in trials if t.user_attrs.get("fail_reason")]
+            reasons = [f"trial {t.number}: {TrialRecord.of(t).reason(t)}" for t in trials if TrialRecord.of(t).reason(t)]
             raise AutoftError(f"no trial completed ({', '.join(f'{n} {k.lower()}' for k, n in states.items()) or 'none ran'})" + (f"; {reasons[0]}" if reasons else ""))
         return candidate_final(session, verdict.candidate, verdict.reason)
     members, choice = choose_members(session, best)
@@ -125,10 +128,10 @@ def describe_final(session: Session, best: optuna.trial.FrozenTrial | None, fina
     summary = f"best {value:.4f} ({model})" + _against_references(session, value, final)
     metrics: dict[str, Any] = {
         "study": session.study.study_name, "trial": best.number if best and not final.candidate else None, "metric": config.metric, "value": value,
-        "best_trial_value": float(best.value) if best else None, "selection": evidence, "summary": summary, "baselines": [{"name": b.name, "value": b.value} for b in ctx.baselines],
+        "best_trial_value": float(best.value) if best else None, "selection": evidence, "summary": summary, "baselines": [{"name": b.name, "value": b.value} for b in ctx.baselines], "beat_baselines": _beats_references(session, value, final),
         "model": {"members": final.trials, "weights": final.weights, "refit": final.refit, "candidate": final.candidate},
         "notes": final.notes + session.state.notes, "plan": plan.as_dict(), "trial_states": states, "timings": dict(session.state.timings),
-        "params": dict(best.params) if best and not final.candidate else {}, "history": best.user_attrs.get("history", []) if best and not final.candidate else [],
+        "params": dict(best.params) if best and not final.candidate else {}, "history": TrialRecord.of(best).history if best and not final.candidate else [],
         "num_labelled": len(ctx.pool), "num_unlabelled": 0 if ctx.unlabelled is None else len(ctx.unlabelled),
     }  # fmt: skip
     chance = chance_level(ctx.pool.labels.numpy())
@@ -139,6 +142,17 @@ def describe_final(session: Session, best: optuna.trial.FrozenTrial | None, fina
     if degenerate:
         metrics.setdefault("warning", degenerate)
     return metrics
+
+
+def _beats_references(session: Session, value: float, final: FinalModel) -> bool | None:
+    """Whether the model shipped beats every simple model (None: there were none); a simple model shipped beats none."""
+    baselines = session.ctx.baselines
+    if not baselines:
+        return None
+    if final.candidate:
+        return False
+    sign = 1.0 if session.study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    return all(sign * value > sign * b.value for b in baselines)
 
 
 def _against_references(session: Session, value: float, final: FinalModel) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from autoft.errors import AutoftError
-from autoft.recipe import NO_REGULARIZER, PARAMS, default_params
+from autoft.recipe import NO_REGULARIZER, PARAM_DEFS, PARAMS, default_params
 
 # Ranges of the base parameters, from the recipe's table.
 BASE_RANGES: dict[str, dict[str, Any]] = {p.name: p.search_range for p in PARAMS if p.search_range is not None}
@@ -139,11 +139,36 @@ class SearchSpace:
         return spec["low"] <= value <= spec["high"]
 
     def check_names(self, n_groups: int, strategies: dict[str, Any]) -> None:
-        """An override for a parameter nothing declares is a typo, not a silent no-op."""
+        """An override for a parameter nothing declares is a typo, not a silent no-op; a value
+        the parameter cannot take fails here too, before any work, not in the first trial."""
         known = set(self.describe(n_groups, strategies, overrides=False))
         unknown = sorted(set(self.overrides) - known)
         if unknown:
             raise AutoftError(f"--range {unknown[0]}: no such parameter in this search; searched: {', '.join(sorted(known))}")
+        problem = self.value_problem(n_groups, strategies)
+        if problem:
+            raise AutoftError(problem)
+
+    def value_problem(self, n_groups: int, strategies: dict[str, Any]) -> str | None:
+        """The first override holding a value its parameter cannot take, in words, or None."""
+        recorder = self._declared(n_groups, strategies)
+        for name, spec in self.overrides.items():
+            values = spec["choices"] if "choices" in spec else [spec["low"], spec["high"]]
+            for value in values:
+                problem = _value_problem(name, value, recorder.kinds.get(name), self)
+                if problem:
+                    return f"--range {name}: {problem}"
+        return None
+
+    def _declared(self, n_groups: int, strategies: dict[str, Any]) -> _RecordingTrial:
+        """What the strategies and regularisers declare, with no override applied."""
+        recorder = _RecordingTrial()
+        for name in self.strategies:
+            strategies[name].suggest(RangedTrial(recorder, {}), n_groups)
+        for name in self.regularizers:
+            if name != NO_REGULARIZER:
+                self._regularizer(name).suggest(RangedTrial(recorder, {}))
+        return recorder
 
     def describe(self, n_groups: int, strategies: dict[str, Any], overrides: bool = True) -> dict[str, str]:
         """Each parameter's range, as text, for the report and ``--help``-like listings."""
@@ -211,18 +236,46 @@ class _RecordingTrial:
 
     def __init__(self):
         self.seen: dict[str, str] = {}
+        self.kinds: dict[str, Any] = {}  # name -> float, int, or the list of choices
 
     def suggest_float(self, name, low, high, *, step=None, log=False):
         self.seen[name] = _describe({"low": low, "high": high, "log": log})
+        self.kinds[name] = float
         return low
 
     def suggest_int(self, name, low, high, *, step=1, log=False):
         self.seen[name] = _describe({"low": low, "high": high, "log": log})
+        self.kinds[name] = int
         return low
 
     def suggest_categorical(self, name, choices):
         self.seen[name] = ", ".join(map(str, choices))
+        self.kinds[name] = list(choices)
         return choices[0]
+
+
+def _value_problem(name: str, value: Any, kind: Any, space: SearchSpace) -> str | None:
+    """What is wrong with ``value`` for the parameter ``name`` (declared as ``kind`` by a plugin), or None."""
+    if name in PARAM_DEFS and (PARAM_DEFS[name].type is not str or PARAM_DEFS[name].choices):
+        try:
+            PARAM_DEFS[name].check(value)
+        except AutoftError as exc:
+            return str(exc)
+        return None
+    if name == "regularizer":
+        if value != NO_REGULARIZER:
+            space._regularizer(str(value))  # an unknown one fails, naming those installed
+        return None
+    if name == "strategy":
+        return None if value in space.strategies else f"strategy={value!r} is not among the searched strategies ({', '.join(space.strategies)}); use --strategy"
+    if kind in (float, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{name}={value!r} is not a number"
+        if kind is int and float(value) != int(value):
+            return f"{name}={value!r} must be a whole number"
+    elif isinstance(kind, list) and value not in kind:
+        return f"{name}={value!r} is not one of {', '.join(map(str, kind))}"
+    return None
 
 
 def _describe(spec: dict[str, Any]) -> str:

@@ -25,8 +25,10 @@ from autoft.io import file_lock
 from autoft.searching.finishing import best_trial
 from autoft.searching.objective import CLEANUP_LOCK, STATE_NAME, Objective, stop_on_full_disk
 from autoft.searching.reporting import write_report_quietly
+from autoft.runtime import stop_requested
+from autoft.searching.records import TrialRecord
 from autoft.searching.session import Session
-from autoft.searching.storage import awaited_states, counted_trials, recover_trials
+from autoft.searching.storage import awaited_states, counted_trials, has_heartbeat, heartbeat_seconds, lost_trials, recover_trials, running_elsewhere
 
 PRETRAINED_LR = 3e-4  # the default recipe's learning rate from pretrained weights: low, so fine-tuning keeps what they know
 PORTFOLIO = (  # tried first on a fresh study, after the default recipe: strong, different recipes
@@ -90,13 +92,13 @@ def _enqueue_portfolio(session: Session) -> None:
         default["lr"] = PRETRAINED_LR
     if session.ctx.unlabelled is not None:
         default = {**default, **{k: v for k, v in {"pseudo_labels": "propagate", "pseudo_fraction": 0.6}.items() if space.contains(k, v)}}
-    session.study.enqueue_trial(default, user_attrs={"recipe": "default"})
+    session.study.enqueue_trial(default, user_attrs=TrialRecord.attrs(recipe="default"))
     cap = trial_cap(session)
     room = len(PORTFOLIO) if cap is None else cap - 1
     for change in PORTFOLIO[: max(0, room)]:
         recipe = {**default, **change}
         if all(space.contains(k, v) for k, v in change.items()):
-            session.study.enqueue_trial(recipe, user_attrs={"recipe": "portfolio"})
+            session.study.enqueue_trial(recipe, user_attrs=TrialRecord.attrs(recipe="portfolio"))
 
 
 def default_strategy(strategies: dict[str, Any], pretrained: bool) -> str:
@@ -148,10 +150,48 @@ def run_trials(session: Session, queued_again: list[int]) -> None:
     total = trial_cap(session)
     done = counted_trials(study.get_trials(deepcopy=False))
     session.emit(SearchStart(study=study.study_name, total=total or session.ctx.plan.expected_trials, done=done, queued_again=queued_again))
-    if total is not None and done >= total:
-        return
+    after = _AfterTrial(session, total)
     with stop_on_full_disk(session):
-        study.optimize(Objective(session), n_trials=None if total is None else total - done, catch=(Exception,), callbacks=[_AfterTrial(session, total)], gc_after_trial=False)
+        while True:
+            if stop_requested():
+                raise KeyboardInterrupt
+            if total is None or done < total:
+                _optimize(session, n_trials=None if total is None else total - done, callbacks=[after])
+            if not await_other_workers(session, total):
+                return
+            done = counted_trials(study.get_trials(deepcopy=False))
+
+
+def _optimize(session: Session, n_trials: int | None, callbacks: list) -> None:
+    try:
+        session.study.optimize(Objective(session), n_trials=n_trials, catch=(Exception,), callbacks=callbacks, gc_after_trial=False)
+    except ValueError as exc:
+        # Another worker found this worker's heartbeat stale (a pause past the grace period) and
+        # failed the trial, then queued it again: its result cannot be stored, the retry runs it.
+        if "Cannot tell a FAIL trial" not in str(exc):
+            raise
+        session.state.notes.append("a trial was failed by another worker that found its heartbeat late (AUTOFT_GRACE_SECONDS), and ran again")
+
+
+def await_other_workers(session: Session, total: int | None) -> bool:
+    """Wait while other workers (other machines, or --jobs processes) run trials of the study,
+    within the trials' budget: a worker whose trial is lost turns stale and is failed and queued
+    again here. True when a trial waits to be run (run trials again), False when none runs elsewhere.
+    Every worker so ends on the whole study, and builds its model from all of it."""
+    heartbeat = has_heartbeat(session.ctx.storage_url)
+    poll = min(heartbeat_seconds()[0], 5) if heartbeat else 0.5
+    while True:
+        if stop_requested():
+            raise KeyboardInterrupt
+        if session.trials_budget().expired():
+            return False
+        lost_trials(session.study)  # a stale or dead worker's trial failed and queued again
+        trials = session.study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials) and (total is None or counted_trials(trials) < total):
+            return True
+        if not running_elsewhere(session.study, heartbeat):
+            return False
+        time.sleep(poll)
 
 
 def trial_cap(session: Session) -> int | None:
@@ -193,7 +233,8 @@ class _AfterTrial:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         session = self.session
-        if trial.user_attrs.get("surplus"):
+        record = TrialRecord.of(trial)
+        if record.surplus:
             return  # it never trained: nothing to clean, report or count
         trials = study.get_trials(deepcopy=False)
         best = best_trial(study)
@@ -204,7 +245,7 @@ class _AfterTrial:
             self._refresh_report()
         done = counted_trials(trials)
         session.emit(TrialEnd(
-            number=trial.number, state=_state_label(trial), value=trial.value, reason=trial.user_attrs.get("fail_reason"),
+            number=trial.number, state=_state_label(trial), value=trial.value, reason=record.reason(trial) or None,
             best_value=best.value if best else None, best_number=best.number if best else None, done=done, total=self.total or done,
         ))  # fmt: skip
         if self.total is not None and done >= self.total:

@@ -19,19 +19,22 @@ import torch
 from autoft import plugins
 from autoft.errors import AutoftError
 from autoft.events import TrialEnd, WorkerFailed
-from autoft.runtime import graceful_interrupts
+from autoft.runtime import graceful_interrupts, request_stop
 from autoft.searching.preparing import prepare_worker
 from autoft.searching.trials import configure_study, run_trials
-from autoft.searching.workers import WorkerSpec
+from autoft.searching.workers import STOP_SIGNAL, WorkerSpec
 
 
 def worker_main(spec: WorkerSpec, events) -> None:
     """Run trials until the study's cap or the deadline; report each to the command."""
     _die_with_parent()
+    signal.signal(STOP_SIGNAL, lambda signum, frame: request_stop())  # the command's stop: never an abort
     optuna.logging.set_verbosity(spec.verbosity)
     torch.set_num_threads(spec.threads)
     with graceful_interrupts():
         try:
+            if spec.plugins_dir is not None:
+                plugins.set_default_plugin_manager(plugins.get_plugin_manager(spec.plugins_dir))
             _run(spec, events)
         except KeyboardInterrupt:
             pass

@@ -15,9 +15,11 @@ not oversubscribed); with GPUs each worker takes one. When the trials are over, 
 command waits for the workers and then refits, exports and reports as with one worker.
 
 Ctrl-C reaches every worker, as they share the terminal's process group: each stops after
-its batch, and a rerun resumes. A worker dies with the command (``PR_SET_PDEATHSIG`` on
+its batch, and a rerun resumes. A stop the workers may not have received (a SIGTERM sent to
+the command alone, as ``docker stop`` does) is passed on to them as SIGUSR1, which only ever
+asks for a stop after the batch. A worker dies with the command (``PR_SET_PDEATHSIG`` on
 Linux), so a killed search leaves RUNNING trials that the next run recovers, never a
-worker training on alone.
+worker training on alone. Workers load the command's plugins (``--plugins-dir`` included).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from autoft.runtime import threads_per_job, torch_threads
 from autoft.searching.session import SearchContext
 
 JOIN_GRACE = 60.0  # seconds past the deadline a worker may take to finish its batch and record its trial
+STOP_SIGNAL = signal.SIGUSR1  # from the command to its workers: stop after the batch (never an abort)
 
 
 @dataclass
@@ -51,6 +54,7 @@ class WorkerSpec:
     threads: int
     device: str
     verbosity: int  # Optuna's logging level in the command
+    plugins_dir: str | None = None  # the command's --plugins-dir (AUTOFT_PLUGINS_DIR and AUTOFT_DISABLE_PLUGIN_AUTOLOAD pass in the environment)
 
 
 @contextlib.contextmanager
@@ -72,9 +76,10 @@ def parallel_workers(session, target: Callable[[WorkerSpec, Any], None]) -> Iter
         with torch_threads(threads):
             yield
     except BaseException:
-        _wait(processes, time.monotonic() + 5.0)  # Ctrl-C reached them too: they stop after their batch
-        _interrupt(processes)
+        _interrupt(processes, STOP_SIGNAL)  # they stop after their batch
         _wait(processes, time.monotonic() + JOIN_GRACE)
+        _interrupt(processes, signal.SIGINT)
+        _wait(processes, time.monotonic() + 5.0)
         raise
     else:
         end = session.ctx.budget.end
@@ -95,7 +100,9 @@ def _spec(session, index: int, threads: int) -> WorkerSpec:
     device = str(ctx.device)
     if ctx.device.type == "cuda" and torch.cuda.device_count() > 1:
         device = f"cuda:{index % torch.cuda.device_count()}"
-    return WorkerSpec(index=index, context=context, threads=threads, device=device, verbosity=optuna.logging.get_verbosity())
+    from autoft import plugins
+
+    return WorkerSpec(index=index, context=context, threads=threads, device=device, verbosity=optuna.logging.get_verbosity(), plugins_dir=plugins.default_plugins_dir())
 
 
 def _forward(events, session) -> None:
@@ -110,12 +117,23 @@ def _forward(events, session) -> None:
 
 
 def _wait(processes: list, until: float | None) -> None:
+    """Join the workers until ``until``; a stop asked of the command meanwhile is passed on to them."""
+    from autoft.runtime import stop_requested
+
+    passed_on = False
     for process in processes:
-        process.join(None if until is None else max(0.0, until - time.monotonic()))
+        while process.is_alive():
+            left = None if until is None else until - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            if stop_requested() and not passed_on:
+                _interrupt(processes, STOP_SIGNAL)
+                passed_on = True
+            process.join(0.2 if left is None else min(0.2, left))
 
 
-def _interrupt(processes: list) -> None:
+def _interrupt(processes: list, number: int) -> None:
     for process in processes:
         if process.is_alive() and process.pid is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGINT)
+                os.kill(process.pid, number)
