@@ -24,10 +24,10 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 # (train, search), so importing a submodule never shadows an API function.
 _API = {
     "train": "autoft.training",
-    "load_checkpoint": "autoft.checkpoints",
+    "load_checkpoint": "autoft.model.checkpoints",
     "search": "autoft.searching",
-    "pretrain": "autoft.pretraining",
-    "export": "autoft.exporting",
+    "pretrain": "autoft.training.pretraining",
+    "export": "autoft.deploy.exporting",
 }
 
 # A plugin written for plugin API 2 requires ``autoft>=0.2`` in its metadata; a spec's

@@ -17,7 +17,7 @@ def freeze_first(backbone: Backbone, depth: int) -> list[torch.nn.Parameter]:
     """Freeze exactly the first ``depth`` groups; return the parameters left trainable, in order.
 
     BatchNorm layers whose parameters are all frozen keep their statistics too: the
-    training loop holds them in eval mode (see :func:`autoft.backbones.freeze_batchnorm`).
+    training loop holds them in eval mode (see :func:`autoft.model.backbones.freeze_batchnorm`).
     """
     n = len(backbone.groups)
     if not 0 <= depth <= n:

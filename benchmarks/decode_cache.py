@@ -5,7 +5,7 @@ two classes), then runs each command twice in fresh processes against one empty
 ``AUTOFT_CACHE_DIR``: the first decodes every image and fills the cache, the second must read
 the cache and decode nothing. Peak RSS is the child's own ``ru_maxrss`` (``os.wait4``).
 
-* ``load``: ``autoft.decoding.load_data`` alone (decoding and splitting, nothing else);
+* ``load``: ``autoft.data.decoding.load_data`` alone (decoding and splitting, nothing else);
 * ``train``: ``autoft train test_resnet --epochs 1`` on the CPU (a real second command).
 
 Ratios are cold over warm, measured in this run.

@@ -158,7 +158,7 @@ def run_search(folders: DigitFolders, out: Path, timeout: str, backbone: str = "
 
 def test_accuracy(model_dir: Path, folders: DigitFolders) -> float:
     """Accuracy of the exported ONNX model on the held-out images, through autoft's own predict path."""
-    from autoft.inference import OnnxClassifier
+    from autoft.deploy.inference import OnnxClassifier
 
     classifier = OnnxClassifier.load(model_dir)
     probabilities = np.concatenate([classifier.probabilities(classifier.pixels(folders.test[i : i + 256])) for i in range(0, len(folders.test), 256)])

@@ -1,7 +1,7 @@
 """onnxruntime fp32 and int8 against PyTorch eager: latency at batch 1 and 32, int8 accuracy change.
 
 A realistic network (resnet18 by default, random init) is trained briefly on the digits
-sample at 64px, exported through ``autoft.exporting`` (fp32; plain int8, MinMax-calibrated on
+sample at 64px, exported through ``autoft.deploy.exporting`` (fp32; plain int8, MinMax-calibrated on
 training images whatever it loses; and tuned int8, held to ``--max-accuracy-drop`` by other
 calibration methods and fp32 nodes), and each runtime is timed in this same run on the same
 CPU threads. Ratios are speed-ups over PyTorch eager. Aims on a CPU: fp32 >= 1.3x at batch
@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 
 import autoft
-from autoft.inference import create_session
-from autoft.checkpoints import load_checkpoint
+from autoft.deploy.inference import create_session
+from autoft.model.checkpoints import load_checkpoint
 
 
 def median_ms(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:

@@ -30,7 +30,7 @@ def digits_splits(labels_per_class: int, val_per_class: int, seed: int):
     """(labelled DataSplits with a test split, unlabelled uint8 images)."""
     from autoft import plugins
     from autoft.data import DataSplits, ImageTensors
-    from autoft.decoding import decode_all, stratified_split
+    from autoft.data.decoding import decode_all, stratified_split
 
     spec, argument = plugins.registry().dataset("sample:digits")
     source = spec.factory(argument)

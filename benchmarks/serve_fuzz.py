@@ -50,8 +50,8 @@ from typing import Any, Callable, Iterator
 
 import httpx
 
-from autoft.inference import PREPROCESS_FILE, find_model
-from autoft.io import read_json
+from autoft.deploy.inference import PREPROCESS_FILE, find_model
+from autoft.core.io import read_json
 from serve_load import LoadResult, overload, slowloris
 from serve_load import report as report_load
 

@@ -27,7 +27,7 @@ import httpx
 from PIL import Image
 
 import autoft
-from autoft.decoding import load_data
+from autoft.data.decoding import load_data
 
 
 def free_port() -> int:

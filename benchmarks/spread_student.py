@@ -24,10 +24,10 @@ def main() -> None:
     parser.add_argument("--shares", type=float, nargs="+", default=[0.3, 0.45, 0.6, 0.8, 1.0])
     args = parser.parse_args()
 
-    from autoft.baselines import fit_logistic
-    from autoft.candidates import PixelFitter, flat_pixels
+    from autoft.training.baselines import fit_logistic
+    from autoft.training.candidates import PixelFitter, flat_pixels
     from autoft.data import ImageTensors, load_data
-    from autoft.semisupervised import pseudo_label
+    from autoft.training.semisupervised import pseudo_label
 
     data = load_data("sample:digits", image_size=32, seed=0)
     images = torch.cat([data.train.images, data.val.images])

@@ -74,9 +74,9 @@ def probe_accuracy(folders: DigitFolders, backbone: str, weights: str | None, se
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from autoft.backbones import build_backbone
-    from autoft.pretraining import embed_all
-    from autoft.weights import resolve_weights
+    from autoft.model.backbones import build_backbone
+    from autoft.training.pretraining import embed_all
+    from autoft.model.weights import resolve_weights
 
     torch.manual_seed(seed)
     resolved, _ = resolve_weights(weights or "auto", backbone)

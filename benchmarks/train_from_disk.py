@@ -25,11 +25,11 @@ import time
 import torch
 
 from autoft import plugins
-from autoft.backbones import build_backbone
+from autoft.model.backbones import build_backbone
 from autoft.data import DataSplits, ImageTensors
-from autoft.events import BatchEnd
-from autoft.recipe import resolve_recipe
-from autoft.trainer import Trainer, TrainerConfig
+from autoft.core.events import BatchEnd
+from autoft.model.recipe import resolve_recipe
+from autoft.training.trainer import Trainer, TrainerConfig
 from train_throughput import disk_store  # the set written as a cache entry, as prepare() leaves one too big for memory
 
 NUM_CLASSES = 10

@@ -151,7 +151,7 @@ def peak_tflops(device: torch.device) -> tuple[str, float | None]:
 
 def disk_store(images: torch.Tensor, root: str):
     """The images written as a decoded-image cache entry, as ``prepare`` leaves a set too big for memory."""
-    from autoft import cache
+    from autoft.data import cache
 
     os.environ["AUTOFT_CACHE_DIR"] = root
     key = f"throughput-{images.shape[-1]}"

@@ -54,7 +54,7 @@ def split_folder(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def digits():
     """scikit-learn digits, decoded once at 32px and split (seed 0)."""
-    from autoft.decoding import load_data
+    from autoft.data.decoding import load_data
 
     return load_data("sample:digits", image_size=32, seed=0)
 
@@ -72,7 +72,7 @@ def digits_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_onnx(digits_run: Path, tmp_path_factory) -> Path:
     """``digits_run`` exported to fp32 ONNX with a Triton repository: the export folder."""
-    from autoft.exporting import export
+    from autoft.deploy.exporting import export
 
     out = tmp_path_factory.mktemp("digits_onnx")
     export(digits_run, out, triton=True)

@@ -13,12 +13,12 @@ from optuna.trial import TrialState
 from PIL import Image
 from typer.testing import CliRunner
 
-from autoft.checkpoints import load_checkpoint
+from autoft.model.checkpoints import load_checkpoint
 from autoft.cli import make_app
-from autoft.inference import OnnxClassifier
+from autoft.deploy.inference import OnnxClassifier
 from autoft.searching import search
 from autoft.searching.storage import open_storage
-from autoft.serving import ServeConfig, create_app
+from autoft.deploy.serving import ServeConfig, create_app
 
 PIXELS = "logistic regression on pixels"
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
@@ -114,7 +114,7 @@ def test_a_tie_ships_the_trained_network_and_a_loss_for_log_loss_is_a_lower_valu
 def test_from_pretrained_weights_the_default_recipe_is_lp_ft_at_a_low_learning_rate(image_folder, tmp_path):
     import torch
 
-    from autoft.backbones import build_backbone
+    from autoft.model.backbones import build_backbone
 
     weights = tmp_path / "start.pt"
     torch.save(build_backbone("test_resnet", num_classes=3).model.state_dict(), weights)
@@ -128,7 +128,7 @@ def test_no_time_is_kept_back_for_a_refit_the_plan_did_not_buy():
     """A plan that skipped the refit must not starve its own default fit by reserving for it."""
     from types import SimpleNamespace
 
-    from autoft.budget import Budget
+    from autoft.core.budget import Budget
     from autoft.searching.session import SearchState, Session
 
     def session(refit: bool) -> Session:

@@ -24,7 +24,7 @@ def test_import_autoft_is_light():
 
 @pytest.mark.parametrize("name", ["train", "search", "pretrain", "export", "load_checkpoint"])
 def test_the_api_functions_are_callable_however_submodules_were_imported(name):
-    import autoft.exporting
+    import autoft.deploy.exporting
     import autoft.searching  # binds its module to the package: it must not shadow autoft.search
 
     assert name in autoft.__all__
@@ -35,10 +35,10 @@ def test_the_api_functions_are_callable_however_submodules_were_imported(name):
 
 
 def test_train_pretrain_and_export_return_result_objects(class_folder, tmp_path):
-    from autoft.exporting import ExportResult
-    from autoft.pretraining import PretrainResult
+    from autoft.deploy.exporting import ExportResult
+    from autoft.training.pretraining import PretrainResult
     from autoft.training import TrainResult
-    from autoft.checkpoints import LoadedModel
+    from autoft.model.checkpoints import LoadedModel
 
     pretrained = autoft.pretrain("test_resnet", class_folder, tmp_path / "pretrain", method="simclr", epochs=1, batch_size=8, image_size=16, device="cpu")
     assert isinstance(pretrained, PretrainResult)

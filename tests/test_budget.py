@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from autoft.budget import Budget
+from autoft.core.budget import Budget
 
 
 def test_a_reserve_ends_the_budget_earlier_and_is_named():

@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from autoft import cache
+from autoft.data import cache
 from autoft import data as data_module
-from autoft import decoding
+from autoft.data import decoding
 from autoft.cli import make_app
 from autoft.data import ImageTensors
-from autoft.decoding import decode_and_split, load_data
+from autoft.data.decoding import decode_and_split, load_data
 from autoft.specs import LabelledImages
 from conftest import make_image
 
@@ -231,7 +231,7 @@ RSS_PROBE = textwrap.dedent(
     import json, sys, zlib
     import sklearn.model_selection, torch, PIL.Image  # imported before the baseline: not the data's memory
     from autoft import plugins
-    from autoft.decoding import load_data
+    from autoft.data.decoding import load_data
 
     plugins.registry()  # loads the plugins (timm...) before the baseline
 

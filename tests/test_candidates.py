@@ -14,16 +14,16 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from autoft.baselines import pixel_baseline
-from autoft.candidate_modules import average_pool_matrix
-from autoft.candidates import PIXELS_NAME, SPREAD_NAME, Probe, fit_candidates, held_out
-from autoft.checkpoints import load_checkpoint
+from autoft.training.baselines import pixel_baseline
+from autoft.model.candidate_modules import average_pool_matrix
+from autoft.training.candidates import PIXELS_NAME, SPREAD_NAME, Probe, fit_candidates, held_out
+from autoft.model.checkpoints import load_checkpoint
 from autoft.cli import make_app
 from autoft.errors import AutoftError
-from autoft.inference import OnnxClassifier
+from autoft.deploy.inference import OnnxClassifier
 from autoft.searching.session import make_splits
-from autoft.semisupervised import downscaled_pixels, pseudo_label
-from autoft.serving import ServeConfig, create_app
+from autoft.training.semisupervised import downscaled_pixels, pseudo_label
+from autoft.deploy.serving import ServeConfig, create_app
 
 POOL = 150  # labelled digits the candidates are fitted on
 UNLABELLED = 200
@@ -188,7 +188,7 @@ def test_a_shipped_candidate_is_served_and_predicted(fitted, shipped, digits, li
     """The distilled label-spreading model, exported above, answers over real HTTP and from `autoft predict`."""
     folder = shipped[SPREAD_NAME].parent
     if not (folder / "model.onnx").is_file():
-        from autoft.exporting import export
+        from autoft.deploy.exporting import export
 
         export(folder)
     classifier = OnnxClassifier.load(folder, device="cpu")

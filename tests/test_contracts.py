@@ -8,7 +8,7 @@ import pytest
 import autoft_torchvision  # the example distribution: `pip install -e plugins/autoft-torchvision`
 from autoft import hookimpl
 from autoft.specs import BackboneSpec, ParamGroup, PretrainedWeights, StrategySpec, TrainPlan, WeightsSpec
-from autoft.backbones import build_backbone
+from autoft.model.backbones import build_backbone
 from autoft.lifecycle import PluginError
 from autoft.testing import (
     BackboneContract, DatasetContract, MetricContract, PretrainerContract, RegularizerContract, StrategyContract, WeightsContract, registry_with,

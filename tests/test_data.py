@@ -5,7 +5,7 @@ import torch
 from pathlib import Path
 
 from autoft import hookimpl, plugins
-from autoft.decoding import decode_and_split, decode_image, load_data, stratified_split
+from autoft.data.decoding import decode_and_split, decode_image, load_data, stratified_split
 from autoft.errors import AutoftError
 from autoft.specs import DatasetSpec
 
@@ -143,7 +143,7 @@ def test_nested_folders_belong_to_their_class_and_what_is_left_out_is_one_warnin
 
 
 def test_predict_and_training_read_a_folder_by_the_same_rule(class_folder):
-    from autoft.predict import expand_paths
+    from autoft.deploy.predict import expand_paths
     from autoft_plugins.datasets import load_class_folder
 
     _messy(class_folder)
@@ -174,7 +174,7 @@ def _labelled(labels, classes=("a", "b", "c"), n=None):
 
 
 def test_out_of_range_labels_name_the_plugin_and_show_the_counts(monkeypatch):
-    from autoft import decoding as data_module
+    from autoft.data import decoding as data_module
 
     monkeypatch.setattr(data_module, "decode_image", lambda *a: pytest.fail("decoded before the labels were checked"))
     labelled = _labelled([0, 0, 1, 1, 2, 3, 3, -1])

@@ -12,14 +12,14 @@ import torch
 from typer.testing import CliRunner
 
 import autoft
-from autoft import exporting as export_module
-from autoft import quantizing
+from autoft.deploy import exporting as export_module
+from autoft.deploy import quantizing
 from autoft.cli import make_app
 from autoft.errors import AutoftError
-from autoft.exporting import export
-from autoft.inference import create_session
-from autoft.io import read_json
-from autoft.checkpoints import load_checkpoint
+from autoft.deploy.exporting import export
+from autoft.deploy.inference import create_session
+from autoft.core.io import read_json
+from autoft.model.checkpoints import load_checkpoint
 
 
 def _pytorch_logits(run: Path, pixels: torch.Tensor) -> np.ndarray:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from autoft import io as autoft_io
-from autoft.io import DiskFull, atomic_path, file_lock, publish_dir, write_text
+from autoft.core import io as autoft_io
+from autoft.core.io import DiskFull, atomic_path, file_lock, publish_dir, write_text
 
 FILES = ("model.pt", "model.onnx", "metrics.json")
 
@@ -87,7 +87,7 @@ def test_publishing_where_there_was_nothing_and_from_a_missing_folder(tmp_path):
 
 HOLDER = """
 import sys
-from autoft.io import file_lock
+from autoft.core.io import file_lock
 with file_lock(sys.argv[1]) as held:
     print("held" if held else "not held", flush=True)
     sys.stdin.read()

@@ -14,9 +14,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autoft.planning import DataShape, Overrides, Throughput, make_plan
+from autoft.searching.planning import DataShape, Overrides, Throughput, make_plan
 from autoft.searching.storage import counted_trials, open_storage
-from autoft.runtime import threads_per_job
+from autoft.core.runtime import threads_per_job
 from conftest import COLOURS, make_image
 
 STUDY = "jobs"

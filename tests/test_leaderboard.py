@@ -11,7 +11,7 @@ from optuna.trial import TrialState, create_trial
 from rich.console import Console
 
 from autoft.cli.leaderboard import BASELINE_STYLE, DEFAULT_RECIPE_STYLE, ENSEMBLE_STYLE, key_parameters, leaderboard
-from autoft.report_data import Baseline, EnsembleSummary
+from autoft.searching.report_data import Baseline, EnsembleSummary
 
 DISTRIBUTIONS = {
     "lr": FloatDistribution(1e-5, 1e-2, log=True),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from autoft.planning import (
+from autoft.searching.planning import (
     CV_EQUIVALENTS,
     ENOUGH_STEPS,
     GOOD_STEPS,

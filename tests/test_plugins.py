@@ -457,7 +457,7 @@ def test_train_on_a_torchvision_backbone_end_to_end(class_folder, tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["backbone"] == "torchvision:resnet18" and metrics["params"]["freeze_depth"] == 3
-    from autoft.checkpoints import load_checkpoint
+    from autoft.model.checkpoints import load_checkpoint
 
     loaded = load_checkpoint(out)
     assert [g.name for g in loaded.backbone.groups] == ["stem", "stage1", "stage2", "stage3", "stage4", "head"]
@@ -502,7 +502,7 @@ def test_search_on_a_torchvision_backbone_end_to_end(class_folder, tmp_path):
         "--epochs", "1", "--image-size", "32", "--batch-size", "8", "--strategy", "freeze", "--device", "cpu", "--no-onnx", "--no-cv",
     )
     assert result.exit_code == 0, result.output
-    from autoft.checkpoints import CHECKPOINT_NAME, load_checkpoint
+    from autoft.model.checkpoints import CHECKPOINT_NAME, load_checkpoint
 
     # The best trial's model (a baseline may ship instead when it scores higher on these easy colours).
     best = load_checkpoint(next(out.glob(f"trials/*/{CHECKPOINT_NAME}")))
@@ -677,7 +677,7 @@ def boundary(tmp_path):
 
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory):
-    from autoft.decoding import load_data
+    from autoft.data.decoding import load_data
     from conftest import COLOURS, make_image
 
     root = tmp_path_factory.mktemp("boundary") / "colours"
@@ -688,8 +688,8 @@ def colours(tmp_path_factory):
 
 
 def fit(data, registry, **params):
-    from autoft.backbones import build_backbone
-    from autoft.trainer import Trainer, TrainerConfig
+    from autoft.model.backbones import build_backbone
+    from autoft.training.trainer import Trainer, TrainerConfig
 
     backbone = build_backbone("test_resnet", num_classes=data.num_classes, registry=registry)
     return Trainer(backbone, data, {"strategy": "full", **params}, TrainerConfig(epochs=1, batch_size=8, device="cpu"), registry=registry).fit()
@@ -714,7 +714,7 @@ def test_a_metric_returning_an_array_or_nan_is_one_line_asking_for_a_finite_floa
     import numpy as np
 
     from autoft.lifecycle import PluginError
-    from autoft.metrics import score
+    from autoft.model.metrics import score
 
     folder, registry = boundary
     labels, probabilities = np.array([0, 1, 1, 0, 2, 2]), np.full((6, 3), 1 / 3, dtype=np.float32)

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from autoft.cli import make_app
 from autoft.errors import AutoftError
-from autoft.inference import OnnxClassifier, providers_for
-from autoft.predict import MIN_IMAGES_FOR_ONE_CLASS, degenerate_predictions, predict
-from autoft.checkpoints import load_checkpoint
+from autoft.deploy.inference import OnnxClassifier, providers_for
+from autoft.deploy.predict import MIN_IMAGES_FOR_ONE_CLASS, degenerate_predictions, predict
+from autoft.model.checkpoints import load_checkpoint
 
 
 @pytest.fixture(scope="module")

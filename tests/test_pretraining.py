@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 from autoft import hookimpl, plugins
 from autoft.cli import make_app
 from autoft.data import DataSplits
-from autoft.pretraining import PRETRAINED_FORMAT, checkpoint_epochs, pretrain
-from autoft.backbones import build_backbone, load_weights
+from autoft.training.pretraining import PRETRAINED_FORMAT, checkpoint_epochs, pretrain
+from autoft.model.backbones import build_backbone, load_weights
 from autoft.specs import PretrainerSpec
-from autoft.trainer import OutOfTime
+from autoft.training.trainer import OutOfTime
 
 from conftest import COLOURS, make_image
 
@@ -55,7 +55,7 @@ def test_short_run_lowers_loss_and_saves_checkpoints(method, pool, tmp_path):
 
 
 def test_a_pool_on_disk_pretrains_a_batch_at_a_time_exactly_as_in_memory(pool, cache_dir, tmp_path, monkeypatch, whole_reads):
-    from autoft.decoding import load_data
+    from autoft.data.decoding import load_data
 
     monkeypatch.setenv("AUTOFT_MAX_IN_MEMORY", "0")
     on_disk = load_data("sample:digits", image_size=32, seed=0).train.subset(range(64))  # ``pool``, left on disk, with its labels
@@ -128,7 +128,7 @@ def test_a_killed_stage_leaves_nothing_behind_once_the_next_one_starts(pool, cac
     import subprocess
     import sys
 
-    from autoft.cache import remove_abandoned
+    from autoft.data.cache import remove_abandoned
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer runs, as after a kill -9
@@ -299,7 +299,7 @@ def test_a_deadline_inside_a_long_pretraining_epoch_stops_after_that_batch_and_k
 
 
 def test_ctrl_c_in_a_cached_stage_caches_nothing(pool, slow_method, cache_dir):
-    from autoft import runtime
+    from autoft.core import runtime
 
     def interrupt(step, steps):
         runtime.request_stop()

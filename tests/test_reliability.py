@@ -18,7 +18,7 @@ import torch
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from autoft.checkpoints import load_training_state, save_training_state
+from autoft.model.checkpoints import load_training_state, save_training_state
 from autoft.cli import make_app
 from autoft.searching.finishing import PUBLISH_LOCK, predicted_elsewhere, remove_stale_staging
 from autoft.searching.records import TrialRecord, count_states, visible
@@ -207,8 +207,8 @@ def test_a_damaged_training_state_is_discarded_with_a_warning(tmp_path, damage):
 
 
 def test_a_retry_whose_state_is_damaged_trains_from_scratch(digits, tmp_path):
-    from autoft.backbones import build_backbone
-    from autoft.trainer import Trainer, TrainerConfig
+    from autoft.model.backbones import build_backbone
+    from autoft.training.trainer import Trainer, TrainerConfig
 
     data = digits.__class__(**{**digits.__dict__, "train": digits.train.subset(range(128))})
     state = tmp_path / "state.pt"

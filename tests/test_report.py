@@ -18,9 +18,9 @@ from PIL import Image
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from autoft.report import write_report
-from autoft.report_data import Baseline, BestEvaluation, EnsembleSummary, ReportExtras, SearchPlan, Timings, confident_mistakes, per_class_metrics, top_k_accuracy
-from autoft.text import duration
+from autoft.searching.report import write_report
+from autoft.searching.report_data import Baseline, BestEvaluation, EnsembleSummary, ReportExtras, SearchPlan, Timings, confident_mistakes, per_class_metrics, top_k_accuracy
+from autoft.core.text import duration
 
 DISTRIBUTIONS = {"lr": FloatDistribution(1e-5, 1e-2, log=True), "strategy": CategoricalDistribution(["freeze", "l2sp"])}
 

@@ -25,14 +25,14 @@ from typer.testing import CliRunner
 from autoft.cli import make_app
 from autoft.errors import AutoftError
 from autoft.searching import SearchSpace, default_study_name, load_overrides, parse_duration, search
-from autoft.io import file_lock
+from autoft.core.io import file_lock
 from autoft.searching.objective import CLEANUP_LOCK, STATE_NAME, retried_from, take_over_state
 from autoft.searching.records import TrialRecord
 from autoft.searching.trials import prune_trial_folders
 from autoft.searching.storage import open_storage, recover_trials
-from autoft.events import EpochEnd, TrialEvent
-from autoft.recipe import default_params
-from autoft.checkpoints import load_checkpoint
+from autoft.core.events import EpochEnd, TrialEvent
+from autoft.model.recipe import default_params
+from autoft.model.checkpoints import load_checkpoint
 
 BASE = {"lr", "dropout", "weight_decay", "strategy", "freeze_depth"}
 EPOCHS = 3
@@ -167,7 +167,7 @@ def test_rerun_adds_trials_and_loses_none(searched, image_folder):
 
 
 def test_weights_start_every_trial(image_folder, tmp_path):
-    from autoft.backbones import build_backbone
+    from autoft.model.backbones import build_backbone
 
     source = build_backbone("test_resnet", num_classes=3)
     torch.save(source.model.state_dict(), tmp_path / "start.pt")
@@ -260,7 +260,7 @@ def test_an_interrupted_trial_runs_again_on_the_next_run(image_folder, tmp_path)
 # after saving its {n}th training state.
 KILLED_AFTER_STATES = """
 import os, signal
-from autoft import trainer
+from autoft.training import trainer
 
 save, saved = trainer.save_training_state, []
 
@@ -340,7 +340,7 @@ STUDY_DATABASE_FILLS_UP = """
 import sqlite3
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from autoft import trainer
+from autoft.training import trainer
 
 full = []
 
@@ -468,14 +468,14 @@ def test_small_data_is_cross_validated_unless_told_not_to(image_folder, tmp_path
 def test_time_budget_keeps_a_cut_trial_and_starts_no_other(image_folder, tmp_path, monkeypatch):
     import types
 
-    import autoft.budget
-    import autoft.trainer
+    import autoft.core.budget
+    import autoft.training.trainer
 
     jumped = [0.0]
     clock = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
     clock.monotonic = lambda: time.monotonic() + jumped[0]
-    monkeypatch.setattr(autoft.budget, "time", clock)
-    monkeypatch.setattr(autoft.trainer, "time", clock)
+    monkeypatch.setattr(autoft.core.budget, "time", clock)
+    monkeypatch.setattr(autoft.training.trainer, "time", clock)
 
     def out_of_time_after_first_epoch(event):
         if isinstance(event, TrialEvent) and isinstance(event.event, EpochEnd):

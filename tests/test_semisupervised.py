@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from autoft.baselines import pixel_baseline
-from autoft.ensemble import AveragedMembers, greedy_selection
-from autoft.semisupervised import pseudo_label
+from autoft.training.baselines import pixel_baseline
+from autoft.model.ensemble import AveragedMembers, greedy_selection
+from autoft.training.semisupervised import pseudo_label
 
 
 def accuracy(labels, probabilities):
@@ -38,7 +38,7 @@ def test_the_most_confident_pseudo_labels_are_the_most_accurate(digits):
 
 
 def test_labels_a_model_gives_over_sure_above_are_kept_whatever_the_fraction():
-    from autoft.semisupervised import PseudoLabels
+    from autoft.training.semisupervised import PseudoLabels
 
     confidence = np.array([0.9, 0.2, 0.7, 0.55, 0.4, 0.5])
     pseudo = PseudoLabels(index=np.arange(6) + 10, labels=np.arange(6), confidence=confidence, sure_above=0.5)

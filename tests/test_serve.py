@@ -13,8 +13,8 @@ import pytest
 import tritonclient.http as triton
 from PIL import Image
 
-from autoft.inference import OnnxClassifier
-from autoft.serving import Batcher, ServeConfig, create_app, uvicorn_options
+from autoft.deploy.inference import OnnxClassifier
+from autoft.deploy.serving import Batcher, ServeConfig, create_app, uvicorn_options
 
 MAX_BODY = 256 * 1024
 MAX_IMAGES = 4
@@ -248,7 +248,7 @@ def test_serve_binds_localhost_by_default():
     import inspect
 
     from autoft.cli.serve_cmd import serve_command
-    from autoft.serving import serve
+    from autoft.deploy.serving import serve
 
     assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
     assert inspect.signature(serve_command).parameters["host"].default == "127.0.0.1"
@@ -259,8 +259,8 @@ def test_serve_binds_localhost_by_default():
 
 
 def test_the_default_name_is_the_searchs_study_else_the_run_folders(tmp_path):
-    from autoft.exporting import run_name
-    from autoft.io import write_json
+    from autoft.deploy.exporting import run_name
+    from autoft.core.io import write_json
 
     best = tmp_path / "runs" / "photos" / "best"
     best.mkdir(parents=True)
@@ -278,8 +278,8 @@ def test_the_default_name_is_the_searchs_study_else_the_run_folders(tmp_path):
 def test_export_triton_predict_and_serve_agree_on_the_study_name(tmp_path, digits_run, digits, live_app):
     import shutil
 
-    from autoft.exporting import export
-    from autoft.io import read_json, write_json
+    from autoft.deploy.exporting import export
+    from autoft.core.io import read_json, write_json
 
     search = tmp_path / "runs" / "photos"
     (search / "best").mkdir(parents=True)
@@ -298,8 +298,8 @@ def test_export_triton_predict_and_serve_agree_on_the_study_name(tmp_path, digit
 
 def test_serve_name_overrides_the_recorded_one(monkeypatch, digits_onnx, live_app):
     from autoft.errors import AutoftError
-    from autoft.serving import serve
-    from autoft.serving.server import GuardedConnection
+    from autoft.deploy.serving import serve
+    from autoft.deploy.serving.server import GuardedConnection
 
     started = []
     monkeypatch.setattr("uvicorn.run", lambda app, **options: started.append((app, options)))

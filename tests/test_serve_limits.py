@@ -21,8 +21,8 @@ import httpx
 import numpy as np
 import pytest
 
-from autoft.inference import OnnxClassifier
-from autoft.serving import Batcher, ServeConfig, create_app, uvicorn_options
+from autoft.deploy.inference import OnnxClassifier
+from autoft.deploy.serving import Batcher, ServeConfig, create_app, uvicorn_options
 
 INFER = "/v2/models/digits/infer"
 
@@ -101,7 +101,7 @@ def test_a_full_queue_is_answered_503_with_retry_after(classifier, live_app, dig
 
 
 def test_images_are_decoded_at_most_decode_workers_at_once(classifier, live_app, digits, monkeypatch):
-    from autoft.serving import parsing
+    from autoft.deploy.serving import parsing
 
     decode, lock = parsing.decode, threading.Lock()
     active, peak = [0], [0]
@@ -126,7 +126,7 @@ def test_images_are_decoded_at_most_decode_workers_at_once(classifier, live_app,
 
 
 def test_the_batcher_admits_rows_up_to_its_queue():
-    from autoft.serving import Overloaded
+    from autoft.deploy.serving import Overloaded
 
     batcher = Batcher(lambda batch: batch, max_queue=3)
     with batcher.admit(2):
@@ -161,7 +161,7 @@ def test_serve_flags_set_the_limits_and_the_name(monkeypatch, digits_onnx):
     from autoft.cli import make_app
 
     calls = []
-    monkeypatch.setattr("autoft.serving.serve", lambda model, config, **options: calls.append((model, config, options)))
+    monkeypatch.setattr("autoft.deploy.serving.serve", lambda model, config, **options: calls.append((model, config, options)))
     flags = ["--max-images", "8", "--max-megapixels", "2.5", "--decode-workers", "3", "--max-queue", "99", "--max-connections", "7", "--max-body-mb", "1"]
     flags += ["--header-timeout", "2.5", "--keep-alive", "3"]
     result = CliRunner().invoke(make_app(), ["serve", str(digits_onnx), *flags, "--max-batch", "4", "--name", "photos"])

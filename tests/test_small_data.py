@@ -10,7 +10,7 @@ import optuna
 import pytest
 import torch
 
-from autoft.checkpoints import load_checkpoint, save_checkpoint, save_ensemble
+from autoft.model.checkpoints import load_checkpoint, save_checkpoint, save_ensemble
 from autoft.searching import search
 from conftest import COLOURS, make_image
 
@@ -81,8 +81,8 @@ def test_the_search_plans_pretraining_and_chooses_pseudo_labels(semi_search):
 
 def test_a_search_over_a_pool_on_disk_never_reads_it_whole(labelled_and_unlabelled, tmp_path, monkeypatch, whole_reads):
     """Pretraining, the baselines, pseudo-labels, trials, the refit and the report all read a pool on disk a batch at a time."""
-    from autoft.trainer import Trainer, TrainerConfig
-    from autoft.backbones import build_backbone
+    from autoft.training.trainer import Trainer, TrainerConfig
+    from autoft.model.backbones import build_backbone
 
     labelled, unlabelled = labelled_and_unlabelled
     monkeypatch.setenv("AUTOFT_MAX_IN_MEMORY", "0")
@@ -117,8 +117,8 @@ def two_models(digits_run, tmp_path_factory):
 
 
 def test_an_ensemble_exports_as_one_verified_graph_and_predicts_unchanged(two_models, tmp_path):
-    from autoft.exporting import export
-    from autoft.inference import OnnxClassifier
+    from autoft.deploy.exporting import export
+    from autoft.deploy.inference import OnnxClassifier
 
     checkpoint = save_ensemble(tmp_path / "model.pt", two_models, [0.75, 0.25])
     ensemble = load_checkpoint(checkpoint)
@@ -155,10 +155,10 @@ def labelled_colours(root: Path) -> Path:
 
 
 def test_mirror_images_tell_whether_flips_keep_labels(tmp_path):
-    from autoft.baselines import flips_change_labels, mirror_accuracies
+    from autoft.training.baselines import flips_change_labels, mirror_accuracies
     from autoft import plugins
     from autoft.data import ImageTensors
-    from autoft.decoding import decode_and_split
+    from autoft.data.decoding import decode_and_split
 
     registry = plugins.registry()
     for folder, symmetric in ((_digit_folder(tmp_path / "digits", 30), False), (labelled_colours(tmp_path / "colours"), True)):
@@ -186,7 +186,7 @@ def test_the_refit_learns_from_the_best_trials_models_only_when_they_label_bette
 
     from autoft.searching.finishing import self_training
     from autoft.searching.objective import TEACHER_NAME, save_array
-    from autoft.semisupervised import PseudoLabels
+    from autoft.training.semisupervised import PseudoLabels
 
     result, session = semi_search
     best = SimpleNamespace(number=result.best_number, params={**result.best_params, "pseudo_labels": "propagate", "pseudo_fraction": 1.0})

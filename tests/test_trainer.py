@@ -15,16 +15,16 @@ import torch
 from typer.testing import CliRunner
 
 from autoft import hookimpl, plugins
-from autoft.backbones import build_backbone, describe_backbone
+from autoft.model.backbones import build_backbone, describe_backbone
 from autoft.cli import make_app
 from autoft.errors import AutoftError
-from autoft.events import BatchEnd, EpochEnd, TrainEnd, TrainStart
+from autoft.core.events import BatchEnd, EpochEnd, TrainEnd, TrainStart
 from autoft.lifecycle import PluginError
-from autoft.recipe import Recipe, resolve_recipe
-from autoft.runtime import graceful_interrupts
+from autoft.model.recipe import Recipe, resolve_recipe
+from autoft.core.runtime import graceful_interrupts
 from autoft.specs import STRATEGY_API, MetricSpec, RegularizerSpec, StrategySpec, TrainPlan
 from autoft.testing import registry_with
-from autoft.trainer import Diverged, Interrupted, OutOfTime, Trainer, TrainerConfig, build_augmentation
+from autoft.training.trainer import Diverged, Interrupted, OutOfTime, Trainer, TrainerConfig, build_augmentation
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +159,8 @@ def test_epochs_remain_the_default_unit(small):
 
 
 def test_a_set_on_disk_trains_a_batch_at_a_time_exactly_as_in_memory(small, monkeypatch):
-    from autoft import cache
-    from autoft.decoding import load_data
+    from autoft.data import cache
+    from autoft.data.decoding import load_data
 
     def part(data):
         return data.__class__(**{**data.__dict__, "train": data.train.subset(range(128)), "val": data.val.subset(range(64))})
@@ -447,7 +447,7 @@ def test_describing_a_backbone_needs_no_build(monkeypatch):
 
 
 def test_the_search_space_offers_lp_ft_and_the_regularisers_and_the_report_ranks_them(tmp_path):
-    from autoft.report import write_report
+    from autoft.searching.report import write_report
     from autoft.searching import SearchSpace
 
     registry = plugins.registry()

@@ -9,11 +9,11 @@ import torch
 
 from autoft import plugins
 from autoft.errors import AutoftError
-from autoft.events import EpochEnd
+from autoft.core.events import EpochEnd
 from autoft.training import resolve_params, train
-from autoft.backbones import build_backbone
-from autoft.checkpoints import load_checkpoint
-from autoft.trainer import Trainer, TrainerConfig
+from autoft.model.backbones import build_backbone
+from autoft.model.checkpoints import load_checkpoint
+from autoft.training.trainer import Trainer, TrainerConfig
 from conftest import make_image
 
 TINY = ["test_resnet", "test_vit", "test_efficientnet"]
@@ -183,10 +183,10 @@ TRAIN_PROBE = textwrap.dedent(
     import json, resource, sys
     import numpy as np
     import torch
-    from autoft import cache
+    from autoft.data import cache
     from autoft.data import Normalize
-    from autoft.decoding import load_data
-    from autoft.metrics import evaluate
+    from autoft.data.decoding import load_data
+    from autoft.model.metrics import evaluate
     from autoft.testing import synthetic_splits
     from autoft.training import train
 

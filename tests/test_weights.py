@@ -11,9 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from autoft import AutoftError, plugins
-from autoft.backbones import build_backbone
+from autoft.model.backbones import build_backbone
 from autoft.cli import make_app
-from autoft.weights import resolve_weights
+from autoft.model.weights import resolve_weights
 
 REVISION = "0" * 40
 
@@ -94,7 +94,7 @@ def test_lite0_imagenet_weights_from_a_package_recognise_an_espresso():
     from skimage import data as photos
 
     from autoft.data import Normalize
-    from autoft.decoding import decode_image
+    from autoft.data.decoding import decode_image
 
     weights, notice = resolve_weights("auto", "tf_efficientnet_lite0")
     assert weights == "plugin:lite"
@@ -155,7 +155,7 @@ def test_a_third_party_weights_plugin_is_what_auto_starts_from(tmp_path, hub_cac
 
 def test_a_run_from_a_weights_plugin_keeps_its_name_in_the_checkpoint(tmp_path, class_folder):
     """What --jobs workers and checkpoints carry is the plain string plugin:NAME."""
-    from autoft.checkpoints import load_checkpoint
+    from autoft.model.checkpoints import load_checkpoint
 
     folder, _ = zoo(tmp_path)
     result = CliRunner().invoke(

@@ -16,7 +16,7 @@ cache_app = typer.Typer(help="Show or free autoft's cache: decoded images and pr
 
 
 def _kinds(only: Optional[str]) -> tuple[str, ...]:
-    from autoft import cache
+    from autoft.data import cache
 
     if only is None:
         return cache.KINDS
@@ -32,7 +32,7 @@ def list_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List cached entries, largest first, with their sizes and the cache's total."""
-    from autoft import cache
+    from autoft.data import cache
 
     entries = cache.list_entries(_kinds(only))
     if as_json:
@@ -59,7 +59,7 @@ def clear_command(
     only: Annotated[Optional[str], typer.Option(help="Only this kind: images or pretrain.")] = None,
 ) -> None:
     """Delete cached entries (all by default); each command rebuilds what it needs."""
-    from autoft import cache
+    from autoft.data import cache
 
     removed, freed = cache.clear(_kinds(only))
     console.print(f"removed {removed} entries, freed {cache.human_bytes(freed)} in {cache.cache_root()}", highlight=False)

@@ -21,7 +21,7 @@ def export_command(
     max_batch: Annotated[int, typer.Option(min=1, help="Triton max_batch_size.")] = 32,
 ) -> None:
     """Export a trained model to ONNX, checked against PyTorch on real images."""
-    from autoft.exporting import export
+    from autoft.deploy.exporting import export
 
     with console.status(f"exporting {precision} ONNX and checking it against PyTorch"):
         result = export(

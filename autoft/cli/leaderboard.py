@@ -14,8 +14,8 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
 from autoft.cli.tables import WholeTable
-from autoft.report_data import Baseline, EnsembleSummary, describe_ensemble, epochs_run, trial_seconds
-from autoft.text import duration
+from autoft.searching.report_data import Baseline, EnsembleSummary, describe_ensemble, epochs_run, trial_seconds
+from autoft.core.text import duration
 from autoft.searching.records import TrialRecord
 
 TOP = 5

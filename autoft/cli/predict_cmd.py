@@ -25,7 +25,7 @@ def predict_command(
     device: Annotated[str, typer.Option(help="auto (CUDA when a GPU is usable), cpu or cuda.")] = "auto",
 ) -> None:
     """Classify images with an exported model."""
-    from autoft.predict import predict
+    from autoft.deploy.predict import predict
 
     if format not in FORMATS:
         raise AutoftError(f"unknown format {format!r}; use {', '.join(FORMATS)}")

@@ -40,8 +40,8 @@ def pretrain_command(
 ) -> None:
     """Pretrain a backbone on unlabelled images; fine-tune from a checkpoint with --weights.
     Ctrl-C stops after the current batch and keeps the weights as the last checkpoint."""
-    from autoft.pretraining import pretrain
-    from autoft.runtime import graceful_interrupts
+    from autoft.training.pretraining import pretrain
+    from autoft.core.runtime import graceful_interrupts
 
     stopping = lambda: console.print("[yellow]stopping after this batch; Ctrl-C again to abort[/yellow]")  # noqa: E731
     with PretrainProgress(epochs, label="pretrain epoch") as progress, graceful_interrupts(stopping), decoding_progress():

@@ -82,7 +82,7 @@ class _RateColumn(ProgressColumn):
 
 
 class DecodeProgress:
-    """Count, rate and ETA while images decode: a ``(done, total)`` callback for :func:`autoft.decoding.decode_and_split`.
+    """Count, rate and ETA while images decode: a ``(done, total)`` callback for :func:`autoft.data.decoding.decode_and_split`.
 
     Nothing shows when the images come from the cache; the bar appears with the first
     decoded image and stops with the last, before any training display starts.
@@ -116,7 +116,7 @@ class DecodeProgress:
 @contextmanager
 def decoding_progress() -> Iterator[None]:
     """Show decoding progress for whatever the block loads (``with decoding_progress(): train(...)``)."""
-    from autoft.decoding import reporting_progress
+    from autoft.data.decoding import reporting_progress
 
     display = DecodeProgress()
     try:

@@ -11,11 +11,11 @@ import typer
 
 from autoft.cli.common import bare_seconds_warning, console, guarded
 from autoft.cli.progress import LazyProgress, decoding_progress
-from autoft.events import (
+from autoft.core.events import (
     BatchEnd, EpochEnd, Event, Export, FoldEnd, PlanMade, PretrainEnd, PretrainStart, Refit, SearchStart, TrialEnd, TrialEvent, TrialStart, WeightsNotice,
     WorkerFailed,
 )  # fmt: skip
-from autoft.text import duration
+from autoft.core.text import duration
 
 
 class SearchProgress(LazyProgress):
@@ -138,7 +138,7 @@ def search_command(
     """
     import optuna
 
-    from autoft.runtime import graceful_interrupts, stop_signal
+    from autoft.core.runtime import graceful_interrupts, stop_signal
     from autoft.searching import parse_duration, search
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the progress display reports each trial
@@ -173,7 +173,7 @@ def _jobs(text: str) -> int | str:
 
 def _print_summary(result, metric: str) -> None:
     from autoft.cli.leaderboard import leaderboard
-    from autoft.report_data import Baseline
+    from autoft.searching.report_data import Baseline
     from autoft.searching.records import visible
 
     m = result.metrics

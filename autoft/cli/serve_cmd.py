@@ -29,7 +29,7 @@ def serve_command(
     device: Annotated[str, typer.Option(help="auto (CUDA when a GPU is usable), cpu or cuda.")] = "auto",
 ) -> None:
     """Serve an exported model over HTTP (KServe v2 and POST /predict)."""
-    from autoft.serving import ServeConfig, serve
+    from autoft.deploy.serving import ServeConfig, serve
 
     limits = dict(max_images=max_images, max_image_pixels=int(max_megapixels * 1e6), max_queue=max_queue, max_connections=max_connections, header_timeout_s=header_timeout, keep_alive_s=keep_alive)
     if decode_workers is not None:

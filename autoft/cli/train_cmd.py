@@ -32,7 +32,7 @@ def parse_params(pairs: list[str]) -> dict:
 
 def _recipe_help(name: str) -> str:
     """Help text from the recipe's table: the one place a parameter is described."""
-    from autoft.recipe import PARAM_DEFS
+    from autoft.model.recipe import PARAM_DEFS
 
     definition = PARAM_DEFS[name]
     return f"{definition.help} \\[default: {definition.default}]"
@@ -61,7 +61,7 @@ def train_command(
 ) -> None:
     """Fine-tune one backbone on one dataset. Ctrl-C stops after the current batch and keeps the best epoch."""
     from autoft import training
-    from autoft.runtime import graceful_interrupts
+    from autoft.core.runtime import graceful_interrupts
 
     recipe = {"label_smoothing": label_smoothing, "augment": augment, "regularizer": regularizer}
     extra = {**{k: v for k, v in recipe.items() if v is not None}, **parse_params(param)}

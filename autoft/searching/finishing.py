@@ -23,18 +23,18 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from autoft.budget import Budget
-from autoft.checkpoints import CHECKPOINT_NAME, load_checkpoint
-from autoft.ensemble import EnsembleChoice, greedy_selection
+from autoft.core.budget import Budget
+from autoft.model.checkpoints import CHECKPOINT_NAME, load_checkpoint
+from autoft.model.ensemble import EnsembleChoice, greedy_selection
 from autoft.errors import AutoftError
-from autoft.events import Export, Refit
-from autoft.io import file_lock, publish_dir, write_json
-from autoft.metrics import metric_specs, score as metric_score, test_metrics
+from autoft.core.events import Export, Refit
+from autoft.core.io import file_lock, publish_dir, write_json
+from autoft.model.metrics import metric_specs, score as metric_score, test_metrics
 from autoft.searching.objective import Objective, load_predictions, load_teacher
 from autoft.searching.records import TrialRecord
 from autoft.searching.session import Session
-from autoft.semisupervised import PseudoLabels
-from autoft.trainer import OutOfTime
+from autoft.training.semisupervised import PseudoLabels
+from autoft.training.trainer import OutOfTime
 
 ENSEMBLE_MARGIN = 0.005  # an ensemble must beat the best single model by more than this
 BEST_FOLDER = "best"
@@ -241,12 +241,12 @@ def _publish(session: Session, final: FinalModel, metrics: dict[str, Any]) -> Pa
     target = session.ctx.out / BEST_FOLDER
     staging = session.ctx.out / f".{BEST_FOLDER}.{uuid.uuid4().hex[:8]}.partial"
     staging.mkdir(parents=True)
-    from autoft.checkpoints import save_ensemble
+    from autoft.model.checkpoints import save_ensemble
 
     save_ensemble(staging / CHECKPOINT_NAME, final.checkpoints, final.weights)
     loaded = load_checkpoint(staging / CHECKPOINT_NAME, registry=session.ctx.registry)
     if session.ctx.config.export_onnx:
-        from autoft.exporting import export
+        from autoft.deploy.exporting import export
 
         session.emit(Export(number=final.trials[0] if final.trials else None))
         with session.timed("export"):
@@ -269,8 +269,8 @@ def ensemble_latency(ensemble_model: Path, single: Any, images: Any, batch_size:
     with onnxruntime on the same images in the same run: what the ensemble costs to serve."""
     import tempfile
 
-    from autoft.exporting import export_verified
-    from autoft.inference import create_session
+    from autoft.deploy.exporting import export_verified
+    from autoft.deploy.inference import create_session
 
     pixels = images.take(range(min(batch_size, len(images)))).float().div(255).numpy()
     with tempfile.TemporaryDirectory(prefix="autoft-latency-") as work:

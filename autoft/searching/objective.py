@@ -13,7 +13,7 @@ The same objective serves the search (an Optuna trial) and the retraining of a t
 A full disk ends the search rather than the trial (every later one would meet it too):
 the trial is failed, to be run again by the next run, where the storage can still be
 written, and left RUNNING for the next run to recover where it cannot; the search stops
-with one :class:`~autoft.io.DiskFull` error naming the disk (:func:`stop_on_full_disk`).
+with one :class:`~autoft.core.io.DiskFull` error naming the disk (:func:`stop_on_full_disk`).
 """
 
 from __future__ import annotations
@@ -29,18 +29,18 @@ import numpy as np
 import optuna
 import torch
 
-from autoft.budget import Budget
-from autoft.checkpoints import CHECKPOINT_NAME, discard_training_state
+from autoft.core.budget import Budget
+from autoft.model.checkpoints import CHECKPOINT_NAME, discard_training_state
 from autoft.data import ImageTensors, Normalize
-from autoft.events import BatchEnd, EpochEnd, FoldEnd, TrialEvent, TrialStart
-from autoft.io import DiskFull, atomic_path, disk_full_error, file_lock
+from autoft.core.events import BatchEnd, EpochEnd, FoldEnd, TrialEvent, TrialStart
+from autoft.core.io import DiskFull, atomic_path, disk_full_error, file_lock
 from autoft.lifecycle import PluginError
-from autoft.metrics import evaluate
-from autoft.fitting import FitRequest, Fitted, fit
+from autoft.model.metrics import evaluate
+from autoft.training.fitting import FitRequest, Fitted, fit
 from autoft.searching.records import TrialRecord
 from autoft.searching.session import Session
 from autoft.searching.storage import is_surplus, process_identity, resume_point, retry_chains, storage_folder
-from autoft.trainer import STATE_INTERVAL, OutOfTime, TrainerConfig
+from autoft.training.trainer import STATE_INTERVAL, OutOfTime, TrainerConfig
 
 STATE_NAME = "state.pt"  # the training state after the last finished evaluation, for resuming
 PREDICTIONS_NAME = "predictions.npy"  # probabilities for the images the trial did not train on
@@ -350,7 +350,7 @@ class StopSearch(BaseException):
 def stop_on_full_disk(session: Session) -> Iterator[None]:
     """Around ``study.optimize`` and the recovery of trials before it: a full disk, met by a
     trial or by Optuna's own writes to the storage (its ``AssertionError: Should not reach.``
-    after SQLite's "database or disk is full"), ends the search with one :class:`~autoft.io.DiskFull`."""
+    after SQLite's "database or disk is full"), ends the search with one :class:`~autoft.core.io.DiskFull`."""
     try:
         yield
     except StopSearch as stop:

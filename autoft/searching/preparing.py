@@ -14,22 +14,22 @@ import optuna
 import torch
 
 from autoft import plugins
-from autoft.backbones import build_backbone, describe_backbone
-from autoft.budget import Budget
+from autoft.model.backbones import build_backbone, describe_backbone
+from autoft.core.budget import Budget
 from autoft.data import DataSplits, ImageTensors, image_files
-from autoft.decoding import decode_and_split
+from autoft.data.decoding import decode_and_split
 from autoft.errors import AutoftError
-from autoft.events import PlanMade, WeightsNotice
-from autoft.metrics import metric_specs, score as metric_score
-from autoft.planning import BudgetTooSmall, DataShape, Overrides, Plan, calibrate, candidate_sizes, make_plan, median_short_side
-from autoft.text import duration
-from autoft.runtime import resolve_device, resolve_jobs, seed_everything, threads_per_job, torch_threads
+from autoft.core.events import PlanMade, WeightsNotice
+from autoft.model.metrics import metric_specs, score as metric_score
+from autoft.searching.planning import BudgetTooSmall, DataShape, Overrides, Plan, calibrate, candidate_sizes, make_plan, median_short_side
+from autoft.core.text import duration
+from autoft.core.runtime import resolve_device, resolve_jobs, seed_everything, threads_per_job, torch_threads
 from autoft.searching.config import SearchConfig, default_study_name
 from autoft.searching.pretraining_stage import StageResult, pretraining_stage
 from autoft.searching.session import PSEUDO_DEFAULT, SearchContext, SearchState, Session, _Timer, make_splits, pseudo_labels
 from autoft.searching.space import DEFAULT_REGULARIZERS, DEFAULT_STRATEGIES, SearchSpace, load_overrides
 from autoft.searching.storage import default_storage_url, open_storage
-from autoft.weights import resolve_weights
+from autoft.model.weights import resolve_weights
 
 VAL_FRACTION = 0.2
 EMBED_SHARE = 0.05  # of the budget: what embedding every image for pseudo-labels may cost
@@ -194,7 +194,7 @@ def _candidates(setup: _Setup, plan: Plan, pool: ImageTensors, splits: list, dat
     pixels, the linear probe on the starting weights' features (when embedding every image is
     cheap enough; those features then also label the unlabelled images), and, with unlabelled
     images, label spreading distilled into a model. Each can ship if it wins."""
-    from autoft.candidates import Probe, fit_candidates
+    from autoft.training.candidates import Probe, fit_candidates
 
     config, registry = setup.config, setup.registry
     spec = registry.metric(config.metric)
@@ -213,7 +213,7 @@ def _candidates(setup: _Setup, plan: Plan, pool: ImageTensors, splits: list, dat
 def _check_flips(pool: ImageTensors, split, plan: Plan, seed: int) -> Plan:
     """Turn horizontal flips off when they change what images show (digits, text, charts):
     a pixel model that reads mirrored images much worse than the originals says so."""
-    from autoft.baselines import flips_change_labels, mirror_accuracies
+    from autoft.training.baselines import flips_change_labels, mirror_accuracies
     from autoft.searching.finishing import chance_level
 
     plain, mirrored = mirror_accuracies(pool, split, seed=seed)
@@ -294,7 +294,7 @@ def _count_unlabelled(source: Any) -> int:
 def _decode_unlabelled(source: Any, size: int, registry) -> tuple[torch.Tensor | None, list[tuple[str, str]]]:
     if source is None:
         return None, []
-    from autoft.pretraining import Pool, load_pool
+    from autoft.training.pretraining import Pool, load_pool
 
     pool = Pool(source) if isinstance(source, torch.Tensor) else load_pool(source, size, registry)
     if pool.images.shape[-1] != size:
@@ -336,7 +336,7 @@ def _embedding_is_cheap(setup: _Setup, plan: Plan, pool: ImageTensors, unlabelle
 
 def features_of(backbone_name: str, num_classes: int, weights: str | None, registry: plugins.Registry, device: torch.device, seed: int):
     """``images -> pooled features`` of the backbone with ``weights``."""
-    from autoft.pretraining import embed_all
+    from autoft.training.pretraining import embed_all
 
     seed_everything(seed)
     backbone = build_backbone(backbone_name, num_classes=num_classes, weights=weights, registry=registry)

@@ -1,7 +1,7 @@
 """The pretraining stage of a search: self-supervised training on the unlabelled images, once.
 
 It runs on the unlabelled images plus the labelled pool (labels never enter the loss),
-for the epochs the plan gave it, cached across reruns (see :mod:`autoft.pretraining`).
+for the epochs the plan gave it, cached across reruns (see :mod:`autoft.training.pretraining`).
 Its checkpoints, the longest-trained first, then the search's starting weights, become
 the choices of the searched ``init`` parameter, so the search decides whether and how
 much pretraining helps.
@@ -15,11 +15,11 @@ from typing import Any, Callable
 
 import torch
 
-from autoft.budget import Budget
+from autoft.core.budget import Budget
 from autoft.data import DataSplits, ImageTensors
-from autoft.events import PretrainEnd, PretrainStart
-from autoft.io import write_json
-from autoft.planning import Plan
+from autoft.core.events import PretrainEnd, PretrainStart
+from autoft.core.io import write_json
+from autoft.searching.planning import Plan
 from autoft.searching.config import SearchConfig
 
 
@@ -36,7 +36,7 @@ def pretraining_stage(
     """Pretrain for the plan's epochs within ``budget``; None when the plan bought no stage."""
     if not plan.pretrain_epochs:
         return None
-    from autoft.pretraining import PretrainConfig, run_pretraining
+    from autoft.training.pretraining import PretrainConfig, run_pretraining
 
     images = ImageTensors.concat([ImageTensors(unlabelled), pool])  # the labelled pool stays on disk if it is
     emit(PretrainStart(method=config.pretrain, images=len(images)))

@@ -6,8 +6,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from autoft.report import write_report
-from autoft.report_data import Baseline, BestEvaluation, EnsembleSummary, ReportExtras, SearchPlan, Timings
+from autoft.searching.report import write_report
+from autoft.searching.report_data import Baseline, BestEvaluation, EnsembleSummary, ReportExtras, SearchPlan, Timings
 from autoft.searching.finishing import best_trial
 from autoft.searching.objective import load_predictions
 from autoft.searching.session import Session

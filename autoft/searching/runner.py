@@ -22,7 +22,7 @@ from autoft.searching.objective import stop_on_full_disk
 from autoft.searching.preparing import prepare
 from autoft.searching.reporting import REPORT_FILE, write_report_quietly
 from autoft.searching.selection import candidate_final, judge
-from autoft.runtime import stop_requested
+from autoft.core.runtime import stop_requested
 from autoft.searching.records import TrialRecord, count_states, visible
 from autoft.searching.session import Session
 from autoft.searching.trials import open_study, run_trials
@@ -172,7 +172,7 @@ def _against_references(session: Session, value: float, final: FinalModel) -> st
 
 def _degenerate(session: Session, best: optuna.trial.FrozenTrial) -> str | None:
     """A warning when the best trial's held-out predictions are near-uniform or one class for all."""
-    from autoft.predict import degenerate_predictions
+    from autoft.deploy.predict import degenerate_predictions
 
     index, predictions = selection_evidence(session, best)
     if best.number not in predictions:

@@ -1,7 +1,7 @@
 """Which model ships: the trials' model (the best trial, or an ensemble of trials) or a simple
 candidate, whichever is better on the same evidence.
 
-The simple models (:mod:`autoft.candidates`) are fitted on exactly the trials' splits before
+The simple models (:mod:`autoft.training.candidates`) are fitted on exactly the trials' splits before
 the first trial, so a candidate's value and a trial's are the same metric on the same held-out
 images. A candidate ships only when it is strictly better than what the trials would ship:
 on a tie the fine-tuned network wins, being the model the user asked autoft to train. With no
@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from autoft.errors import AutoftError
-from autoft.events import Refit
+from autoft.core.events import Refit
 from autoft.searching.finishing import FinalModel
 from autoft.searching.session import Session
 
 if TYPE_CHECKING:
-    from autoft.candidates import Candidate
+    from autoft.training.candidates import Candidate
 
 
 @dataclass(frozen=True)

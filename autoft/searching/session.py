@@ -18,17 +18,17 @@ import optuna
 import torch
 
 from autoft import plugins
-from autoft.baselines import BaselineResult
-from autoft.budget import Budget
+from autoft.training.baselines import BaselineResult
+from autoft.core.budget import Budget
 from autoft.data import DataSplits, Images, ImageTensors
 from autoft.errors import AutoftError
-from autoft.planning import Plan
+from autoft.searching.planning import Plan
 from autoft.searching.config import SearchConfig
 from autoft.searching.space import SearchSpace
 
 if TYPE_CHECKING:
-    from autoft.candidates import Candidate
-from autoft.semisupervised import PseudoLabels, pseudo_label
+    from autoft.training.candidates import Candidate
+from autoft.training.semisupervised import PseudoLabels, pseudo_label
 
 Split = tuple[np.ndarray, np.ndarray]  # (train, validation) indices into the labelled pool
 PSEUDO_DEFAULT = 0.6  # share of pseudo-labels the default recipe keeps

@@ -1,6 +1,6 @@
 """The search space: base ranges, strategy and regulariser parameters, and user overrides.
 
-Every trial declares the base parameters of :data:`autoft.recipe.PARAMS` (``lr``,
+Every trial declares the base parameters of :data:`autoft.model.recipe.PARAMS` (``lr``,
 ``dropout``, ``weight_decay``, ``label_smoothing``, ``augment`` and, with RandAugment,
 ``augment_magnitude``), a ``strategy`` and a ``regularizer``; the chosen strategy and
 regulariser then declare their own parameters (conditional on them) through their
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from autoft.errors import AutoftError
-from autoft.recipe import NO_REGULARIZER, PARAM_DEFS, PARAMS, default_params
+from autoft.model.recipe import NO_REGULARIZER, PARAM_DEFS, PARAMS, default_params
 
 # Ranges of the base parameters, from the recipe's table.
 BASE_RANGES: dict[str, dict[str, Any]] = {p.name: p.search_range for p in PARAMS if p.search_range is not None}

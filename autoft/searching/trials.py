@@ -20,12 +20,12 @@ import optuna
 from optuna.trial import TrialState
 
 from autoft.errors import AutoftError
-from autoft.events import SearchStart, TrialEnd
-from autoft.io import file_lock
+from autoft.core.events import SearchStart, TrialEnd
+from autoft.core.io import file_lock
 from autoft.searching.finishing import best_trial
 from autoft.searching.objective import CLEANUP_LOCK, STATE_NAME, Objective, stop_on_full_disk
 from autoft.searching.reporting import write_report_quietly
-from autoft.runtime import stop_requested
+from autoft.core.runtime import stop_requested
 from autoft.searching.records import TrialRecord
 from autoft.searching.session import Session
 from autoft.searching.storage import awaited_states, counted_trials, has_heartbeat, heartbeat_seconds, lost_trials, recover_trials, running_elsewhere

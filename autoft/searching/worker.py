@@ -18,8 +18,8 @@ import torch
 
 from autoft import plugins
 from autoft.errors import AutoftError
-from autoft.events import TrialEnd, WorkerFailed
-from autoft.runtime import graceful_interrupts, request_stop
+from autoft.core.events import TrialEnd, WorkerFailed
+from autoft.core.runtime import graceful_interrupts, request_stop
 from autoft.searching.preparing import prepare_worker
 from autoft.searching.trials import configure_study, run_trials
 from autoft.searching.workers import STOP_SIGNAL, WorkerSpec

@@ -5,7 +5,7 @@ pretraining, baselines), then runs trials as worker 0 while N-1 worker processes
 trials on the same study. A worker is what a second machine on a shared storage would be:
 it opens the study (a journal file by default, see
 :func:`~autoft.searching.storage.default_storage_url`), decodes the images (from the disk
-cache, see :mod:`autoft.cache`) and asks the sampler for the next trial; the storage keeps
+cache, see :mod:`autoft.data.cache`) and asks the sampler for the next trial; the storage keeps
 the workers apart and ``--trials`` counts them all. It takes the plan, the search space
 (with the pretraining stage's checkpoints) and the deadline from the command, so every
 worker searches the same thing within the same budget.
@@ -37,8 +37,8 @@ from typing import Any, Callable, Iterator
 import optuna
 import torch
 
-from autoft.events import WorkerFailed
-from autoft.runtime import threads_per_job, torch_threads
+from autoft.core.events import WorkerFailed
+from autoft.core.runtime import threads_per_job, torch_threads
 from autoft.searching.session import SearchContext
 
 JOIN_GRACE = 60.0  # seconds past the deadline a worker may take to finish its batch and record its trial
@@ -118,7 +118,7 @@ def _forward(events, session) -> None:
 
 def _wait(processes: list, until: float | None) -> None:
     """Join the workers until ``until``; a stop asked of the command meanwhile is passed on to them."""
-    from autoft.runtime import stop_requested
+    from autoft.core.runtime import stop_requested
 
     passed_on = False
     for process in processes:

@@ -30,7 +30,7 @@ class BackboneContract(_Contract):
         return self.backbone_name
 
     def build(self, name: str, registry: plugins.Registry, num_classes: int | None = None, dropout: float = 0.0) -> Backbone:
-        from autoft.backbones import build_backbone
+        from autoft.model.backbones import build_backbone
 
         torch.manual_seed(0)
         return build_backbone(name, num_classes=num_classes or self.num_classes, dropout=dropout, registry=registry)
@@ -91,7 +91,7 @@ class BackboneContract(_Contract):
 
     def test_freeze_depth_freezes_exactly_those_groups(self, backbone_under_test, registry):
         from autoft.finetune import freeze_first
-        from autoft.backbones import freeze_batchnorm
+        from autoft.model.backbones import freeze_batchnorm
 
         backbone = self.build(backbone_under_test, registry)
         by_name = dict(backbone.model.named_parameters())
@@ -123,7 +123,7 @@ class BackboneContract(_Contract):
         assert any(not torch.equal(before[n], after[n]) for n in backbone.head.params), "the head did not train"
 
     def test_checkpoint_round_trip(self, backbone_under_test, registry, tmp_path):
-        from autoft.checkpoints import load_checkpoint, save_checkpoint
+        from autoft.model.checkpoints import load_checkpoint, save_checkpoint
 
         backbone = self.build(backbone_under_test, registry, dropout=0.2)
         with torch.no_grad():  # move off the initial values, so a fresh build cannot pass by chance
@@ -142,8 +142,8 @@ class BackboneContract(_Contract):
         """Through ``autoft export``'s own path: ONNX with normalisation inside, any batch
         size, checked against PyTorch in onnxruntime (it raises when they differ)."""
         from autoft.data import ImageTensors
-        from autoft.exporting import export
-        from autoft.checkpoints import save_checkpoint
+        from autoft.deploy.exporting import export
+        from autoft.model.checkpoints import save_checkpoint
 
         backbone = self.build(backbone_under_test, registry)
         checkpoint = save_checkpoint(

@@ -47,7 +47,7 @@ class DatasetContract(_Contract):
             assert "train" in set(labelled.splits)
 
     def test_every_image_decodes(self, dataset_under_test, registry):
-        from autoft.decoding import decode_and_split
+        from autoft.data.decoding import decode_and_split
 
         _, labelled = self.load(dataset_under_test, registry)
         data = decode_and_split(labelled, image_size=16, seed=0)

@@ -45,9 +45,9 @@ class _LifecycleChecks(_Contract, abc.ABC):
 
     def run(self, name: str, registry, *, state_file: Path | None = None, stop_after: int | None = None, callbacks=()):
         """Train ``lifecycle_epochs`` epochs from the same start; optionally crash right after epoch ``stop_after``."""
-        from autoft.backbones import build_backbone
-        from autoft.events import EpochEnd
-        from autoft.trainer import Trainer, TrainerConfig
+        from autoft.model.backbones import build_backbone
+        from autoft.core.events import EpochEnd
+        from autoft.training.trainer import Trainer, TrainerConfig
 
         torch.manual_seed(0)
         backbone = build_backbone(self.backbone_name, num_classes=3, registry=registry)
@@ -115,7 +115,7 @@ class StrategyContract(_LifecycleChecks):
 
     @pytest.fixture
     def backbone(self, registry) -> Backbone:
-        from autoft.backbones import build_backbone
+        from autoft.model.backbones import build_backbone
 
         torch.manual_seed(0)
         return build_backbone(self.backbone_name, num_classes=3, registry=registry)
@@ -126,7 +126,7 @@ class StrategyContract(_LifecycleChecks):
         return spec.factory()
 
     def recipe(self, name, registry, n_groups):
-        from autoft.recipe import resolve_recipe
+        from autoft.model.recipe import resolve_recipe
 
         return resolve_recipe({"strategy": name}, n_groups, registry)
 
@@ -152,7 +152,7 @@ class StrategyContract(_LifecycleChecks):
     def test_default_params_are_what_suggest_declares(self, strategy_under_test, registry, backbone):
         import optuna
 
-        from autoft.recipe import resolve_recipe
+        from autoft.model.recipe import resolve_recipe
 
         n = len(backbone.groups)
         strategy = self.strategy(strategy_under_test, registry)
@@ -182,7 +182,7 @@ class StrategyContract(_LifecycleChecks):
 
     def test_plan_trains_only_grouped_parameters(self, strategy_under_test, registry, backbone):
         from autoft.lifecycle import PluginCallback, apply_strategy, plugin_label
-        from autoft.recipe import resolve_recipe
+        from autoft.model.recipe import resolve_recipe
 
         n = len(backbone.groups)
         spec = registry.strategy(strategy_under_test)
@@ -200,7 +200,7 @@ class StrategyContract(_LifecycleChecks):
             assert all(g.get("lr_scale", 1.0) > 0 for g in plan.param_groups)
 
     def test_one_epoch_trains(self, strategy_under_test, registry, backbone):
-        from autoft.trainer import Trainer, TrainerConfig
+        from autoft.training.trainer import Trainer, TrainerConfig
 
         before = {n: p.detach().clone() for n, p in backbone.model.named_parameters()}
         result = Trainer(backbone, synthetic_splits(), self.recipe(strategy_under_test, registry, len(backbone.groups)), TrainerConfig(epochs=1, batch_size=8, device="cpu"), registry=registry).fit()
@@ -247,12 +247,12 @@ class RegularizerContract(_LifecycleChecks):
         return self.regularizer_name
 
     def recipe(self, name, registry, n_groups):
-        from autoft.recipe import resolve_recipe
+        from autoft.model.recipe import resolve_recipe
 
         return resolve_recipe({"strategy": self.strategy, "regularizer": name}, n_groups, registry)
 
     def context(self, name: str, registry) -> Any:
-        from autoft.backbones import build_backbone
+        from autoft.model.backbones import build_backbone
         from autoft.lifecycle import TrainContext
 
         torch.manual_seed(0)
@@ -267,7 +267,7 @@ class RegularizerContract(_LifecycleChecks):
     def test_default_params_are_what_suggest_declares(self, regularizer_under_test, registry):
         import optuna
 
-        from autoft.recipe import resolve_recipe
+        from autoft.model.recipe import resolve_recipe
 
         regularizer = registry.regularizer(regularizer_under_test).factory()
         defaults = regularizer.default_params()

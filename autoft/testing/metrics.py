@@ -29,7 +29,7 @@ class MetricContract(_Contract):
         return labels, probabilities
 
     def test_perfect_predictions_beat_uniform_ones(self, metric_under_test, registry):
-        from autoft.metrics import is_better, score
+        from autoft.model.metrics import is_better, score
 
         spec = registry.metric(metric_under_test)
         perfect, uniform = score(spec, *self.predictions("perfect"), registry), score(spec, *self.predictions("uniform"), registry)
@@ -37,15 +37,15 @@ class MetricContract(_Contract):
         assert is_better(spec, perfect, uniform), f"perfect predictions scored {perfect}, uniform ones {uniform}; greater_is_better says {direction} is better"
 
     def test_a_class_missing_from_the_labels_still_scores(self, metric_under_test, registry):
-        from autoft.metrics import score
+        from autoft.model.metrics import score
 
         labels, probabilities = self.predictions("perfect")
         labels = np.where(labels == 9, 0, labels)  # a small validation split may miss a class
         assert np.isfinite(score(registry.metric(metric_under_test), labels, probabilities, registry))
 
     def test_selects_the_best_epoch_in_training(self, metric_under_test, registry):
-        from autoft.backbones import build_backbone
-        from autoft.trainer import Trainer, TrainerConfig
+        from autoft.model.backbones import build_backbone
+        from autoft.training.trainer import Trainer, TrainerConfig
 
         torch.manual_seed(0)
         backbone = build_backbone("test_resnet", num_classes=3, registry=registry)

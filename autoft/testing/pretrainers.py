@@ -30,7 +30,7 @@ class PretrainerContract(_Contract):
 
     @pytest.fixture
     def backbone(self, registry) -> Backbone:
-        from autoft.backbones import build_backbone
+        from autoft.model.backbones import build_backbone
 
         torch.manual_seed(0)
         return build_backbone(self.backbone_name, num_classes=3, registry=registry)

@@ -37,7 +37,7 @@ class WeightsContract(_Contract):
         return [(backbone, tag) for backbone in spec.backbones for tag in (None, *spec.tags)]
 
     def build(self, backbone: str, registry: plugins.Registry, weights: str | None = None):
-        from autoft.backbones import build_backbone
+        from autoft.model.backbones import build_backbone
 
         torch.manual_seed(0)
         return build_backbone(backbone, num_classes=self.num_classes, weights=weights, registry=registry)
@@ -57,7 +57,7 @@ class WeightsContract(_Contract):
             assert found.available, f"the checks need {backbone}'s weights at hand; where() says: {found.location}"
 
     def test_state_dict_has_the_backbones_keys_and_shapes(self, weights_under_test, registry):
-        from autoft.weights import mapping_problem
+        from autoft.model.weights import mapping_problem
 
         spec = self.spec(weights_under_test, registry)
         for backbone, tag in self.variants(spec):
@@ -69,7 +69,7 @@ class WeightsContract(_Contract):
             assert not not_finite, f"load({backbone!r}, {tag!r}) holds NaN or infinite values: {not_finite[:3]}"
 
     def test_builds_with_its_tensors(self, weights_under_test, registry):
-        from autoft.weights import plugin_weights
+        from autoft.model.weights import plugin_weights
 
         spec = self.spec(weights_under_test, registry)
         for backbone, tag in self.variants(spec):
@@ -81,7 +81,7 @@ class WeightsContract(_Contract):
             assert all(built[p].shape[0] == self.num_classes for p in head if built[p].ndim), "the head has the task's width"
 
     def test_auto_finds_it(self, weights_under_test, registry):
-        from autoft.weights import resolve_weights, weights_plugins_for
+        from autoft.model.weights import resolve_weights, weights_plugins_for
 
         spec = self.spec(weights_under_test, registry)
         for backbone in spec.backbones:

@@ -61,7 +61,7 @@ def _timm_keys(model_name: str) -> tuple[str, ...]:
 
 
 def load(backbone: str, tag: str | None = None) -> dict:
-    from autoft.backbones import safe_load
+    from autoft.model.backbones import safe_load
 
     found = where(backbone)
     if not found.available:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from autoft import hookimpl
 from autoft.data import Normalize, to_float, train_augmentation
-from autoft.runtime import autocast
+from autoft.core.runtime import autocast
 from autoft.specs import RegularizerSpec
 
 

@@ -1,0 +1,1 @@
+"""Delivery: the verified ONNX export, onnxruntime inference, autoft predict and autoft serve."""

@@ -1,0 +1,1 @@
+"""Models: backbones through their plugins, weights, the recipe table, checkpoints, metrics."""

@@ -1,0 +1,147 @@
+"""Simple models as torch modules, so that they ship like a fine-tuned backbone.
+
+A search compares trials with simple models (logistic regression on downscaled pixels, a
+linear probe on a backbone's pooled features, a student of label spreading). When one of
+them wins, it is shipped: its checkpoint, ONNX export, ``autoft predict`` and ``autoft serve``
+are the backbones' own, because its fitted scikit-learn model is rebuilt here as a module
+with the same contract (float NCHW pixels in [0, 1], normalised by the checkpoint's mean and
+std, -> logits). Each module holds only tensors, so a checkpoint of one still loads with
+``torch.load(weights_only=True)``.
+
+A checkpoint names its kind in ``candidate`` (see :func:`build_candidate`); a checkpoint
+without that key is an ordinary backbone's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from autoft.errors import AutoftError
+from autoft.specs import Backbone, ParamGroup
+
+PIXELS = "pixels"  # logistic regression on downscaled pixels (and the label-spreading student)
+PROBE = "probe"  # a linear head on a backbone's L2-normalised pooled features
+KINDS = (PIXELS, PROBE)
+IDENTITY_MEAN = (0.0, 0.0, 0.0)  # pixel models read [0, 1] pixels as they come
+IDENTITY_STD = (1.0, 1.0, 1.0)
+ABSENT_CLASS_LOGIT = -1e4  # a class the fit never saw: probability 0, as scikit-learn gives it
+
+
+def average_pool_matrix(size: int, side: int) -> torch.Tensor:
+    """``(side, size)`` matrix ``P`` with ``P @ X @ P.T`` equal to
+    ``adaptive_avg_pool2d(X, side)`` for a ``size`` x ``size`` image ``X``: each output row
+    averages PyTorch's window ``[floor(i * size / side), ceil((i + 1) * size / side))``. A
+    matrix product exports to ONNX at any ratio of sizes, where adaptive pooling does not."""
+    if size <= side:
+        return torch.eye(size)
+    matrix = torch.zeros(side, size, dtype=torch.float64)
+    for i in range(side):
+        start, end = (i * size) // side, -((-(i + 1) * size) // side)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix.float()
+
+
+class PixelLinear(torch.nn.Module):
+    """Downscaled pixels -> one linear layer: logistic regression on pixels.
+
+    The downscaling is :func:`autoft.training.semisupervised.downscaled_pixels`' (averaged to
+    ``side`` when the images are larger), and every standardisation of the features is
+    folded into ``linear``, so the module is the fitted model and nothing else.
+    """
+
+    def __init__(self, image_size: int, side: int, num_classes: int):
+        super().__init__()
+        self.image_size, self.side = int(image_size), min(int(side), int(image_size))
+        # Derived from the sizes, so not saved: a checkpoint holds the fitted weights only.
+        self.register_buffer("pool", average_pool_matrix(self.image_size, self.side), persistent=False)
+        self.linear = torch.nn.Linear(3 * self.side * self.side, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.matmul(self.pool, x), self.pool.t()).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(x))
+
+
+class ProbeNet(torch.nn.Module):
+    """A backbone's pooled features, L2-normalised as :func:`autoft.training.pretraining.embed_all`
+    gives them to the probe, then the probe's linear head (its scaler folded in)."""
+
+    def __init__(self, body: torch.nn.Module, embed: Callable[[torch.Tensor], torch.Tensor], num_features: int, num_classes: int):
+        super().__init__()
+        self.body = body
+        self._embed = embed  # a function of ``body``: the backbone's own pooled features
+        self.head = torch.nn.Linear(num_features, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self._embed(x).float(), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def pixel_backbone(image_size: int, side: int, num_classes: int) -> Backbone:
+    model = PixelLinear(image_size, side, num_classes)
+    return Backbone(
+        model=model, groups=[ParamGroup("head", ("linear.weight", "linear.bias"))], num_features=model.linear.in_features,
+        embed=model.features, input_size=int(image_size), mean=IDENTITY_MEAN, std=IDENTITY_STD,
+    )  # fmt: skip
+
+
+def probe_backbone(backbone: Backbone, num_classes: int) -> Backbone:
+    """``backbone`` (already holding its weights) with the probe's head on its normalised features."""
+    model = ProbeNet(backbone.model, backbone.embed, backbone.num_features, num_classes)
+    body = tuple(f"body.{name}" for name, _ in backbone.model.named_parameters())
+    return Backbone(
+        model=model, groups=[ParamGroup("body", body), ParamGroup("head", ("head.weight", "head.bias"))], num_features=backbone.num_features,
+        embed=model.features, input_size=backbone.input_size, mean=backbone.mean, std=backbone.std,
+    )  # fmt: skip
+
+
+def build_candidate(meta: dict[str, Any], registry=None) -> Backbone:
+    """The empty module of a candidate checkpoint (``meta["candidate"]`` names its kind),
+    ready for its state dict."""
+    spec = meta["candidate"]
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    num_classes = len(meta["classes"])
+    if kind == PIXELS:
+        return pixel_backbone(int(meta["image_size"]), int(spec["side"]), num_classes)
+    if kind == PROBE:
+        from autoft.model.backbones import build_backbone
+
+        return probe_backbone(build_backbone(meta["backbone"], num_classes=num_classes, registry=registry), num_classes)
+    raise AutoftError(f"unknown kind of simple model {kind!r} in this checkpoint (known: {', '.join(KINDS)}); was it saved by a newer autoft?")
+
+
+def fold_linear(
+    linear: torch.nn.Linear, model, num_classes: int, offset: np.ndarray | None = None, scale: np.ndarray | None = None
+) -> None:
+    """Set ``linear`` to a fitted ``StandardScaler`` + ``LogisticRegression`` pipeline's logits.
+
+    The pipeline reads ``(x - offset) / scale`` of the layer's input ``x`` (a
+    standardisation done before it, as :func:`autoft.training.semisupervised.pixel_features` does);
+    both standardisations are affine, so they fold into the layer's weights and bias,
+    computed in float64. Two classes give one decision function ``z``: logits ``[0, z]``
+    have the same softmax. Classes absent from the fit get probability 0.
+    """
+    scaler, regression = model[0], model[-1]
+    coef = np.atleast_2d(regression.coef_).astype(np.float64)
+    intercept = np.atleast_1d(regression.intercept_).astype(np.float64)
+    if coef.shape[0] == 1:  # binary: scikit-learn's probabilities are [1 - sigmoid(z), sigmoid(z)]
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, intercept[0]])
+    width = coef.shape[1]
+    offset = np.zeros(width) if offset is None else np.asarray(offset, np.float64)
+    scale = np.ones(width) if scale is None else np.asarray(scale, np.float64)
+    total_scale = scale * np.asarray(scaler.scale_ if scaler.scale_ is not None else np.ones(width), np.float64)
+    total_offset = offset + scale * np.asarray(scaler.mean_, np.float64)  # x - total_offset = scale * (f - mean)
+    weight = coef / total_scale
+    bias = intercept - weight @ total_offset
+    full_weight = np.zeros((num_classes, width))
+    full_bias = np.full(num_classes, ABSENT_CLASS_LOGIT)
+    full_weight[regression.classes_], full_bias[regression.classes_] = weight, bias
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(full_weight))
+        linear.bias.copy_(torch.from_numpy(full_bias))

@@ -1,0 +1,345 @@
+"""The budget planner: turn ``--timeout`` into stages bought in order, and their shapes.
+
+A search that loses to logistic regression on pixels, or refuses a budget logistic
+regression fits in, is worse than no search. So the time is spent in this order, and each
+stage is bought only from what the ones before it leave:
+
+1. the simple models (seconds: logistic regression on pixels, a linear probe): always,
+   unless the budget cannot even decode the images and fit logistic regression
+   (:class:`BudgetTooSmall`);
+2. the known-good default recipe, trained once at full strength (:data:`GOOD_STEPS`, or
+   :data:`TARGET_EPOCHS` passes over large data) at the images' own size on one split;
+   squeezed to fewer steps, no fewer than :data:`ENOUGH_STEPS`, when the budget is short;
+3. the final refit on every labelled image;
+4. the search, when at least :data:`SEARCH_MIN` trials at the default's length fit; and
+   within it, in this order, pretraining on unlabelled images, pseudo-labels, then
+   cross-validation (:data:`CV_EQUIVALENTS` trials of k fits) and its repeats.
+
+:meth:`Plan.line` says what was bought and what was skipped. Throughput comes from
+:mod:`autoft.searching.calibration`. Every choice can be forced by the flag that names it; a forced
+choice is taken as given and the rest is planned around it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from autoft.searching.calibration import MIN_SIZE, Throughput, calibrate, candidate_sizes, median_rate, median_short_side, own_size, short_side  # noqa: F401  (re-exported)
+from autoft.errors import AutoftError
+from autoft.searching.plan import SIMPLE_MODELS, Plan, bucket  # noqa: F401  (re-exported)
+from autoft.core.text import duration
+
+GOOD_STEPS = 400  # what a fixed recipe needs on a small dataset: the default fit's length
+ENOUGH_STEPS = 150  # fewer, and a model trained from scratch loses to logistic regression: the default is not bought
+MIN_STEPS = 40  # ... with pretrained weights a short fine-tune still helps
+TARGET_EPOCHS = 15  # on large data, about this many passes over it ...
+DEFAULT_SHARE = 0.5  # ... within at most this share of the budget (never below GOOD_STEPS)
+EVALUATIONS = 8  # evaluation points of a fit: the pruner's rungs
+SEARCH_MIN = 2  # trials at the default's length a search must hold to be bought
+CV_EQUIVALENTS = 6  # ... and that many k-fold trials for cross-validation to be bought
+PRETRAIN_SHARE = 0.2  # of what the default fit and the refit leave, for pretraining
+PRETRAIN_MIN_EPOCHS = 1  # an epoch on a few hundred unlabelled images already helps a from-scratch start
+PRETRAIN_MAX_EPOCHS = 50
+PSEUDO_SHARE = 0.1  # embedding every image for pseudo-labels may take this share of the search's time
+CV_MIN_VAL = 300  # a validation split smaller than this is noise to choose on
+CV_MIN_PER_CLASS = 30
+MARGIN = 0.03  # of the budget, kept for the report and the last trial's bookkeeping
+MARGIN_FREE = 1 - MARGIN
+BUILD_SECONDS = 0.5  # building a backbone and its optimizer, per fit
+# The simple models' cost, measured with scikit-learn on a 2-core CPU shared with other work:
+DECODE_SECONDS = 2e-3  # an image file opened, decoded and resized ...
+DECODE_PIXEL_SECONDS = 2e-8  # ... and per pixel of the file
+LOGISTIC_SECONDS = 2e-7  # lbfgs logistic regression, per training image x feature x class
+LOGISTIC_FIXED = 0.3
+PIXEL_FEATURES = 3 * 16 * 16  # autoft.training.semisupervised.PIXEL_SIZE
+PROBE_FEATURES = 512
+SHRINK_FLOOR = 64  # images larger than this may train smaller when the default fit cannot hold their size
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What the planner needs to know of the data."""
+
+    labelled: int  # train + validation images (the pool folds are drawn from)
+    val: int  # images a single split would validate on
+    smallest_class: int  # images of the rarest class, over train + validation
+    smallest_val_class: int  # ... in the single validation split
+    unlabelled: int = 0
+    extra_train: int = 0  # images a trial may add to its training set (pseudo-labels)
+    classes: int = 2
+    undecoded: int = 0  # images still to decode (labelled and unlabelled) when the plan is made
+    source_side: int | None = None  # the image files' median short side, for the cost of decoding them
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Choices forced by flags; ``None`` leaves them to the planner."""
+
+    image_size: int | None = None
+    epochs: int | None = None
+    trials: int | None = None
+    pretrain_epochs: int | None = None
+    cv: int | None = None
+    no_cv: bool = False
+    batch_size: int | None = None
+
+
+class BudgetTooSmall(AutoftError):
+    """Not even the simple models fit; ``least`` is the smallest budget (seconds from now) that holds them."""
+
+    def __init__(self, budget: float, least: float):
+        self.budget, self.least = budget, least
+        super().__init__(
+            f"--timeout {duration(budget)} cannot hold even the smallest plan (decoding the images, logistic regression on their pixels) "
+            f"on this device; give it at least {duration(least)}"
+        )
+
+
+# ---------------------------------------------------------------------------
+# The simple models' cost
+
+
+def _logistic_seconds(train: int, features: int, classes: int) -> float:
+    return LOGISTIC_FIXED + LOGISTIC_SECONDS * train * features * max(2, classes)
+
+
+def _decode_seconds(data: DataShape) -> float:
+    return data.undecoded * (DECODE_SECONDS + DECODE_PIXEL_SECONDS * (data.source_side or 64) ** 2)
+
+
+def floor_seconds(data: DataShape) -> float:
+    """The least any plan needs: decoding what is left to decode, logistic regression on one split's pixels."""
+    return _decode_seconds(data) + _logistic_seconds(data.labelled - data.val, PIXEL_FEATURES, data.classes)
+
+
+def simple_seconds(data: DataShape, rate: Throughput, folds: int | None) -> tuple[float, float]:
+    """(decoding and logistic regression on pixels, the linear probe: embedding every image once), on each split."""
+    splits = folds or 1
+    train = data.labelled * (splits - 1) // splits if folds else data.labelled - data.val
+    pixels = _decode_seconds(data) + splits * _logistic_seconds(train, PIXEL_FEATURES, data.classes)
+    return pixels, splits * _logistic_seconds(train, PROBE_FEATURES, data.classes) + (data.labelled + data.unlabelled) / rate.evaluate
+
+
+# ---------------------------------------------------------------------------
+# The plan
+
+
+def choose_folds(data: DataShape, overrides: Overrides) -> tuple[int | None, int, str | None]:
+    """(k, repeats, why) the data would want for the trials' scoring, before the budget."""
+    if overrides.cv:
+        return overrides.cv, 1, None
+    if overrides.no_cv:
+        return None, 1, None
+    if data.val >= CV_MIN_VAL and data.smallest_val_class >= CV_MIN_PER_CLASS:
+        return None, 1, None
+    k = min(5, data.smallest_class)
+    if k < 2:
+        return None, 1, None
+    why = f"cross-validated: a validation split would hold {data.val} images" if data.val < CV_MIN_VAL else (
+        f"cross-validated: the rarest class would have {data.smallest_val_class} validation images"
+    )
+    return k, 2 if data.labelled < 100 else 1, why
+
+
+def default_batch_size(train_images: int) -> int:
+    """64, or smaller for tiny sets so that an epoch is still several steps."""
+    size = 64
+    while size > 16 and train_images < 4 * size:
+        size //= 2
+    return size
+
+
+
+def make_plan(
+    data: DataShape, rates: dict[int, Throughput], budget: float | None, overrides: Overrides = Overrides(), *, pretrained: bool = False, jobs: int = 1,
+    backbone: str = "the backbone",
+) -> Plan:
+    """The stages ``budget`` seconds (from now) buy, in order; :class:`BudgetTooSmall` only when
+    not even decoding and logistic regression on pixels fit.
+
+    ``rates`` are measured at the images' own size (the smallest) and, with pretrained weights,
+    larger ones: a larger size is planned only when it buys the same stages and a search of
+    :data:`CV_EQUIVALENTS` trials. Images over :data:`SHRINK_FLOOR` px train smaller only when
+    their own size cannot hold the default fit at full strength; smaller images never do.
+    ``jobs`` trials run at once, each at the measured throughput: the search holds ``jobs``
+    times as many fits; the default fit and the refit run alone.
+    """
+    least = floor_seconds(data)
+    if budget is not None and budget * MARGIN_FREE < least:
+        raise BudgetTooSmall(budget, math.ceil(least / MARGIN_FREE))
+
+    def at(size: int) -> Plan:
+        return _plan_at(data, rates.get(size) or _scaled(rates, size), budget, overrides, pretrained, jobs, backbone)
+
+    if overrides.image_size:
+        return at(overrides.image_size)
+    base = min(rates)
+    plan = at(base)
+    for size in sorted((s for s in rates if s > base), reverse=True):
+        larger = at(size)
+        if _full(larger) and _stages(larger) == _stages(plan) and larger.search and larger.expected_trials >= CV_EQUIVALENTS:
+            return larger
+    if not _full(plan) and base > SHRINK_FLOOR:
+        for size in dict.fromkeys((max(SHRINK_FLOOR, 8 * (base // 16)), SHRINK_FLOOR)):
+            smaller = at(size)
+            if _full(smaller):
+                smaller.reasons.append(f"{size} px, not the images' {base}: {duration(budget)} cannot train the default recipe at {base} px")
+                return smaller
+    return plan
+
+
+def _full(plan: Plan) -> bool:
+    """The default fit at full strength: all it wants, or at least :data:`GOOD_STEPS` on large data."""
+    return plan.default_fit and plan.default_steps >= min(plan.wanted_steps, GOOD_STEPS)
+
+
+def _stages(plan: Plan) -> tuple:
+    return plan.default_fit, plan.search, plan.folds, plan.repeats, plan.pretraining, plan.pseudo_labels, plan.refit
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """The default recipe's fit on one split, at one size."""
+
+    train: int
+    batch: int
+    wanted: int  # steps at full strength, before the budget
+    step_seconds: float
+    eval_seconds: float  # one evaluation of the validation split
+
+    def seconds(self, steps: int, evaluations: int) -> float:
+        return BUILD_SECONDS + evaluations * self.eval_seconds + steps * self.step_seconds
+
+
+def _plan_at(data: DataShape, rate: Throughput, budget: float | None, overrides: Overrides, pretrained: bool, jobs: int, backbone: str) -> Plan:
+    """Buy the stages in order at one size, each from what the ones before it left."""
+    folds, repeats, why = choose_folds(data, overrides)
+    train = data.labelled - data.val
+    batch = overrides.batch_size or default_batch_size(train)
+    per_epoch = max(1, math.ceil(train / batch))
+    wanted = overrides.epochs * per_epoch if overrides.epochs else max(GOOD_STEPS, TARGET_EPOCHS * per_epoch)
+    fit = _Fit(train, batch, wanted, batch / rate.train, data.val / rate.evaluate)
+    pixels, probe = simple_seconds(data, rate, folds)
+    bought_probe = budget is None or pixels + probe <= budget * MARGIN_FREE
+    simple = pixels + probe if bought_probe else pixels
+    plan = Plan(
+        image_size=rate.size, batch_size=batch, steps=0, evaluations=1, folds=None, repeats=1, trials=overrides.trials, expected_trials=0, pretrain_epochs=0,
+        fit_seconds=0.0, pretrain_seconds=0.0, refit_seconds=0.0, budget=budget, wanted_steps=wanted, step_seconds=fit.step_seconds, jobs=jobs,
+        default_fit=False, search=False, refit=False, simple_seconds=simple, probe=bought_probe, backbone=backbone,
+    )  # fmt: skip
+    if not bought_probe:
+        plan.skipped.append(f"the linear probe (embedding {data.labelled + data.unlabelled} images takes {duration(probe)})")
+    left = None if budget is None else budget * MARGIN_FREE - simple
+    if not _buy_default(plan, fit, left, overrides, pretrained):
+        least = min(fit.wanted, ENOUGH_STEPS)  # what the least fit would be: the fields stay usable by code that reads them
+        plan.steps, plan.evaluations, plan.fit_seconds = least, 2, fit.seconds(least, 2)
+        return plan
+    left = None if left is None else left - plan.default_seconds
+    plan.refit_seconds = BUILD_SECONDS + plan.default_steps * data.labelled / max(train, 1) * fit.step_seconds  # the refit's steps grow with its data
+    plan.refit = left is None or left >= plan.refit_seconds
+    if not plan.refit:
+        plan.skipped.append(f"the refit on all {data.labelled} labelled images ({duration(plan.refit_seconds)}, {duration(max(left, 0))} left)")
+        return plan
+    left = None if left is None else left - plan.refit_seconds
+    if left is not None and left * jobs < SEARCH_MIN * plan.default_seconds:
+        plan.skipped.append(f"the search ({SEARCH_MIN} trials of {plan.steps} steps need {duration(SEARCH_MIN * plan.default_seconds / jobs)}, {duration(max(left, 0))} left)")
+        return plan
+    plan.search = True
+    left = _buy_pretraining(plan, data, rate, left, overrides, pretrained)
+    left = _buy_pseudo_labels(plan, data, rate, left)
+    _buy_folds(plan, data, rate, left, overrides, (folds, repeats, why))
+    return plan
+
+
+def _buy_default(plan: Plan, fit: _Fit, left: float | None, overrides: Overrides, pretrained: bool) -> bool:
+    """The default recipe at full strength, squeezed to fewer steps (no fewer than
+    :data:`ENOUGH_STEPS`, or :data:`MIN_STEPS` from pretrained weights) when ``left`` is short."""
+    evaluations = overrides.epochs or EVALUATIONS
+    steps = fit.wanted
+    if left is not None and not overrides.epochs:
+        steps = min(steps, max(GOOD_STEPS, bucket(DEFAULT_SHARE * left / fit.step_seconds)))  # large data: half the budget, the search the rest
+        if fit.seconds(steps, evaluations) > left:
+            evaluations = _evaluations(left, fit.eval_seconds)
+            steps = min(steps, bucket((left - BUILD_SECONDS - evaluations * fit.eval_seconds) / fit.step_seconds))
+    least = 1 if overrides.epochs else min(fit.wanted, MIN_STEPS if pretrained else ENOUGH_STEPS)
+    if left is not None and fit.seconds(least, 1) > left:
+        plan.skipped.append(f"the default recipe ({least} steps of {fit.batch} at {plan.image_size} px need {duration(fit.seconds(least, 1))}, {duration(max(left, 0))} left)")
+        return False
+    if not overrides.epochs:
+        evaluations = min(evaluations, _evaluations(fit.seconds(steps, 0), fit.eval_seconds))
+    if steps < fit.wanted:
+        plan.reasons.append(f"the default recipe squeezed to {steps} of its {fit.wanted} steps")
+    plan.default_fit, plan.default_steps, plan.steps = True, steps, steps
+    plan.evaluations = max(1, min(evaluations, steps))
+    plan.default_seconds = plan.fit_seconds = fit.seconds(steps, plan.evaluations)
+    return True
+
+
+def _buy_pretraining(plan: Plan, data: DataShape, rate: Throughput, left: float | None, overrides: Overrides, pretrained: bool) -> float | None:
+    if not data.unlabelled or overrides.pretrain_epochs == 0:
+        return left
+    if pretrained and overrides.pretrain_epochs is None:
+        # Self-supervised training from ImageNet features on a few hundred images mostly unlearns them:
+        # on top of pretrained weights it runs only when asked for.
+        plan.skipped.append("pretraining (the weights are pretrained already; --pretrain-epochs N asks for it)")
+        return left
+    epoch = 2.2 * (data.unlabelled + data.labelled) / rate.train  # two augmented views an image
+    if overrides.pretrain_epochs is not None:
+        epochs = overrides.pretrain_epochs
+    elif left is None:
+        epochs = PRETRAIN_MAX_EPOCHS
+    else:
+        epochs = min(PRETRAIN_MAX_EPOCHS, int(PRETRAIN_SHARE * left / epoch))
+        if epochs < PRETRAIN_MIN_EPOCHS or (left - epochs * epoch) * plan.jobs < SEARCH_MIN * plan.default_seconds:
+            plan.skipped.append(f"pretraining ({PRETRAIN_MIN_EPOCHS} epochs on {data.unlabelled + data.labelled} images need {duration(PRETRAIN_MIN_EPOCHS * epoch)}, "
+                                f"a fifth of the search's {duration(left)})")  # fmt: skip
+            return left
+    plan.pretrain_epochs, plan.pretrain_seconds = epochs, epochs * epoch
+    return None if left is None else left - plan.pretrain_seconds
+
+
+def _buy_pseudo_labels(plan: Plan, data: DataShape, rate: Throughput, left: float | None) -> float | None:
+    if not data.unlabelled:
+        return left
+    embed = (data.unlabelled + data.labelled) / rate.evaluate
+    plan.pseudo_labels = left is None or embed <= PSEUDO_SHARE * left
+    if not plan.pseudo_labels:
+        plan.skipped.append(f"pseudo-labels (embedding {data.unlabelled + data.labelled} images takes {duration(embed)}, over a tenth of the search's {duration(left)})")
+        return left
+    return None if left is None else left - embed
+
+
+def _buy_folds(plan: Plan, data: DataShape, rate: Throughput, left: float | None, overrides: Overrides, wanted: tuple[int | None, int, str | None]) -> None:
+    """The most folds (and repeats) the data want whose trials the search holds :data:`CV_EQUIVALENTS` of; else one split."""
+    k, repeats, why = wanted
+    options = [(k, repeats)] if k is None or overrides.cv else list(dict.fromkeys([(k, repeats), (k, 1), *((f, 1) for f in (3, 2) if f < k), (None, 1)]))
+    for folds, times in options:
+        val = data.labelled // folds if folds else data.val
+        fit_seconds = BUILD_SECONDS + plan.evaluations * val / rate.evaluate + plan.steps * plan.step_seconds
+        trial = fit_seconds * (folds or 1) * times
+        if left is None or folds is None or overrides.cv or left * plan.jobs >= CV_EQUIVALENTS * trial:
+            break
+    plan.folds, plan.repeats, plan.fit_seconds = folds, times, fit_seconds
+    if folds and why:
+        plan.reasons.append(why)
+    if (folds, times) != (k, repeats):
+        wanted_trial = (BUILD_SECONDS + plan.evaluations * data.labelled // k / rate.evaluate + plan.steps * plan.step_seconds) * k * repeats
+        plan.skipped.append(f"{k}-fold CV" + (f" x{repeats}" if repeats > 1 else "") + f" ({CV_EQUIVALENTS} trials need {duration(CV_EQUIVALENTS * wanted_trial / plan.jobs)}, {duration(left)} left)")
+    if left is None:
+        plan.expected_trials = overrides.trials or 20
+    else:
+        plan.expected_trials = max(0, int(left * plan.jobs / trial))
+        plan.expected_trials = min(plan.expected_trials, overrides.trials) if overrides.trials else plan.expected_trials
+
+
+def _evaluations(fit_seconds: float, one_evaluation: float) -> int:
+    """:data:`EVALUATIONS`, fewer when validating would take more than a fifth of a fit."""
+    return int(max(2, min(EVALUATIONS, 0.2 * fit_seconds / max(one_evaluation, 1e-9))))
+
+
+def _scaled(rates: dict[int, Throughput], size: int) -> Throughput:
+    """Throughput at an unmeasured size, from the nearest measured one (cost ~ pixels)."""
+    near = min(rates, key=lambda s: abs(s - size))
+    ratio = (near / size) ** 2
+    return Throughput(size, rates[near].train * ratio, rates[near].evaluate * ratio)
