@@ -269,6 +269,11 @@ def default_plugin_manager() -> pluggy.PluginManager:
     return _default_pm
 
 
+def default_plugins_dir() -> str | None:
+    """The plugins folder the process-wide manager loaded (``--plugins-dir``), or None: what ``--jobs`` workers load too."""
+    return getattr(default_plugin_manager(), "autoft_plugins_dir", None)
+
+
 def set_default_plugin_manager(pm: pluggy.PluginManager | None) -> None:
     global _default_pm
     _default_pm = pm

@@ -34,6 +34,7 @@ def small(digits):
 
 
 def trainer(data, params=None, registry=None, callbacks=(), on_event=None, **config):
+    registry = registry or plugins.registry()
     torch.manual_seed(0)
     backbone = build_backbone("test_resnet", num_classes=data.num_classes, registry=registry)
     options = {"epochs": 2, "batch_size": 32, "device": "cpu", **config}

@@ -30,8 +30,9 @@ from autoft.training.trainer import TrainerConfig
 
 
 def resolve_params(strategy_name: str, n_groups: int, given: dict[str, Any], registry: plugins.Registry | None = None) -> dict[str, Any]:
-    """``given`` completed with every default and checked, as a flat dict (see :func:`autoft.model.recipe.resolve_recipe`)."""
-    return resolve_recipe({**given, "strategy": strategy_name}, n_groups, registry).params()
+    """``given`` completed with every default and checked, as a flat dict (see :func:`autoft.model.recipe.resolve_recipe`);
+    by default against the installed plugins."""
+    return resolve_recipe({**given, "strategy": strategy_name}, n_groups, registry or plugins.registry()).params()
 
 
 @dataclass
