@@ -99,9 +99,9 @@ def test_a_tie_ships_the_trained_network_and_a_loss_for_log_loss_is_a_lower_valu
 
     from autoft.searching.selection import judge
 
-    def session(metric: str, *values: float):
+    def session(metric: str, *values: float, simple: bool = True):
         candidates = tuple(SimpleNamespace(name=f"simple {v}", value=v) for v in values)
-        return SimpleNamespace(ctx=SimpleNamespace(candidates=candidates, registry=registry, config=SimpleNamespace(metric=metric)))
+        return SimpleNamespace(ctx=SimpleNamespace(candidates=candidates, registry=registry, config=SimpleNamespace(metric=metric, simple_models=simple)))
 
     assert judge(session("accuracy", 0.9, 0.8), 0.9, "best trial (0)").candidate is None  # a tie: the network
     assert judge(session("accuracy", 0.91, 0.8), 0.9, "best trial (0)").candidate.value == 0.91
@@ -109,6 +109,7 @@ def test_a_tie_ships_the_trained_network_and_a_loss_for_log_loss_is_a_lower_valu
     assert judge(session("log_loss", 0.3, 0.5), 0.4, "best trial (0)").candidate.value == 0.3  # lower is better
     assert judge(session("log_loss", 0.5), 0.4, "best trial (0)").candidate is None
     assert judge(session("accuracy"), 0.4, "best trial (0)").candidate is None  # no candidates at all
+    assert judge(session("accuracy", 0.95, simple=False), 0.4, "best trial (0)").candidate is None  # --no-simple-models
 
 
 def test_from_pretrained_weights_the_default_recipe_is_lp_ft_at_a_low_learning_rate(image_folder, tmp_path):

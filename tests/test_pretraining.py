@@ -247,7 +247,7 @@ def test_search_timeout_gives_pretraining_its_planned_share(class_folder, cache_
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     result = search(
         "test_resnet", str(class_folder), tmp_path / "out", trials=1, epochs=1, timeout=60, batch_size=8, image_size=32,
-        device="cpu", export_onnx=False, unlabelled=images, pretrain="autoencoder",
+        device="cpu", export_onnx=False, unlabelled=images, pretrain="autoencoder", simple_models=False,
     )  # fmt: skip
     stage = json.loads((tmp_path / "out" / "pretrain.json").read_text())
     plan = result.plan

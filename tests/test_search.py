@@ -62,7 +62,7 @@ def _search(folder: Path, out: Path, trials: int):
     return search(
         "test_resnet", str(folder), out, trials=trials, epochs=EPOCHS, image_size=16, device="cpu", seed=0, batch_size=8,
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
-        ranges=["lr=0.000001,0.001", "freeze_depth=0:12"], no_cv=True, ensemble=1,
+        ranges=["lr=0.000001,0.001", "freeze_depth=0:12"], no_cv=True, ensemble=1, simple_models=False,
     )
 
 
@@ -175,6 +175,7 @@ def test_weights_start_every_trial(image_folder, tmp_path):
     result = search(
         "test_resnet", str(image_folder), tmp_path / "run", trials=2, epochs=1, image_size=16, device="cpu", batch_size=16,
         strategies=["freeze"], ranges=["freeze_depth=5", "regularizer=none"], weights=str(tmp_path / "start.pt"), export_onnx=False, no_cv=True,
+        simple_models=False,
     )
     best = load_checkpoint(result.best_dir).backbone
     head = set(best.head.params)
@@ -443,12 +444,12 @@ def test_trial_folders_keep_the_state_a_retry_resumes_from_and_lose_superseded_a
 
 
 def test_cross_validation_scores_the_mean_of_folds(image_folder, tmp_path):
-    result = search("test_resnet", str(image_folder), tmp_path / "cv", trials=1, epochs=1, image_size=16, device="cpu", cv=3, export_onnx=False, batch_size=16)
-    trials = _trials(result)
-    for t in trials:
-        assert t.state == TrialState.COMPLETE
-        assert sorted(t.intermediate_values) == [0, 1, 2]
-        assert t.value == pytest.approx(np.mean(list(t.intermediate_values.values())))
+    result = search("test_resnet", str(image_folder), tmp_path / "cv", trials=2, epochs=1, image_size=16, device="cpu", cv=3, pruner="none", export_onnx=False,
+                    batch_size=16, simple_models=False)  # fmt: skip
+    default, folded = _trials(result)  # the default recipe fits on one split first, then trials are cross-validated
+    assert default.state == folded.state == TrialState.COMPLETE and not default.intermediate_values
+    assert sorted(folded.intermediate_values) == [0, 1, 2]
+    assert folded.value == pytest.approx(np.mean(list(folded.intermediate_values.values())))
     # The best recipe is trained again on every labelled image for best/.
     assert load_checkpoint(result.best_dir).meta["params"]["lr"] == result.best_params["lr"]
     metrics = json.loads((result.best_dir / "metrics.json").read_text())
@@ -456,11 +457,11 @@ def test_cross_validation_scores_the_mean_of_folds(image_folder, tmp_path):
 
 
 def test_small_data_is_cross_validated_unless_told_not_to(image_folder, tmp_path):
-    run = dict(trials=1, epochs=1, image_size=16, device="cpu", export_onnx=False, batch_size=16)
+    run = dict(trials=2, epochs=1, image_size=16, device="cpu", export_onnx=False, batch_size=16, pruner="none", simple_models=False)
     auto = search("test_resnet", str(image_folder), tmp_path / "auto", **run)
     assert auto.plan["folds"] == 5 and auto.plan["repeats"] == 2  # 96 images: a validation split would hold 19; repeated when under 100
     assert "validation split would hold 19 images" in auto.plan["line"]
-    assert sorted(_trials(auto)[0].intermediate_values) == list(range(10))
+    assert sorted(_trials(auto)[1].intermediate_values) == list(range(10))  # after the default recipe's one split
     single = search("test_resnet", str(image_folder), tmp_path / "single", no_cv=True, **run)
     assert single.plan["folds"] is None and len(_trials(single)[0].intermediate_values) == 1
 
@@ -483,7 +484,7 @@ def test_time_budget_keeps_a_cut_trial_and_starts_no_other(image_folder, tmp_pat
 
     result = search(
         "test_resnet", str(image_folder), tmp_path, trials=2, epochs=3, image_size=16, device="cpu", batch_size=16, export_onnx=False, no_cv=True,
-        timeout="1h", on_event=out_of_time_after_first_epoch,
+        timeout="1h", on_event=out_of_time_after_first_epoch, simple_models=False,
     )
     (cut,) = [t for t in _trials(result) if t.state != TrialState.WAITING]  # the queued second trial never started: no time was left for it
     assert cut.state == TrialState.COMPLETE and len(cut.intermediate_values) == 1 and "after 1 of 3 evaluations" in cut.user_attrs["cut_short"]

@@ -33,7 +33,7 @@ def semi_search(labelled_and_unlabelled, tmp_path_factory):
     sessions = []
     result = search(
         "test_resnet", str(labelled), tmp_path_factory.mktemp("run"), unlabelled=str(unlabelled), trials=3, epochs=2, pretrain_epochs=1,
-        pretrain="autoencoder", image_size=16, device="cpu", export_onnx=False, ensemble=1, pre_search=[sessions.append],
+        pretrain="autoencoder", image_size=16, device="cpu", export_onnx=False, ensemble=1, pre_search=[sessions.append], simple_models=False,
     )  # fmt: skip
     return result, sessions[0]
 
@@ -89,7 +89,7 @@ def test_a_search_over_a_pool_on_disk_never_reads_it_whole(labelled_and_unlabell
     sessions = []
     result = search(
         "test_resnet", str(labelled), tmp_path / "run", unlabelled=str(unlabelled), trials=2, epochs=1, pretrain_epochs=1,
-        pretrain="autoencoder", image_size=16, device="cpu", export_onnx=False, ensemble=1, pre_search=[sessions.append],
+        pretrain="autoencoder", image_size=16, device="cpu", export_onnx=False, ensemble=1, pre_search=[sessions.append], simple_models=False,
     )  # fmt: skip
     session = sessions[0]
     assert session.ctx.pool.on_disk and result.report.is_file() and session.ctx.baselines

@@ -111,6 +111,7 @@ def search_command(
     no_cv: Annotated[bool, typer.Option("--no-cv", help="Keep a single validation split, however small.")] = False,
     refit: Annotated[bool, typer.Option("--refit/--no-refit", help="Train the chosen recipe once more on every labelled image; --no-refit keeps the best trial's own weights.")] = True,
     ensemble: Annotated[int, typer.Option(min=1, help="The most trials a greedy ensemble may average; 1 turns ensembles off.")] = 5,
+    simple_models: Annotated[bool, typer.Option("--simple-models/--no-simple-models", help="Ship a simple model (logistic regression, linear probe) when it beats every trial; --no-simple-models ships a fine-tuned network always.")] = True,
     jobs: Annotated[str, typer.Option(metavar="N|auto", help="Trials to run at once, as worker processes on one study: they divide a CPU's cores, or take a GPU each. auto: one per GPU, 1 on a CPU.")] = "1",
     range_: Annotated[list[str], typer.Option("--range", metavar="NAME=RANGE", help="Override a range: NAME=LOW:HIGH[:log], NAME=VALUE or NAME=A,B,C. Repeatable.")] = [],
     space: Annotated[Optional[Path], typer.Option(help="A JSON file of range overrides, {NAME: \"LOW:HIGH[:log]\", ...}.")] = None,
@@ -147,7 +148,7 @@ def search_command(
         try:
             result = search(
                 backbone, data, out, trials=trials, timeout=timeout, epochs=epochs, strategies=strategy, storage=storage, study=study, sampler=sampler, pruner=pruner,
-                metric=metric, seed=seed, device=device, cv=cv, no_cv=no_cv, refit=refit, ensemble=ensemble, jobs=_jobs(jobs), batch_size=batch_size, image_size=image_size,
+                metric=metric, seed=seed, device=device, cv=cv, no_cv=no_cv, refit=refit, ensemble=ensemble, simple_models=simple_models, jobs=_jobs(jobs), batch_size=batch_size, image_size=image_size,
                 ranges=range_, space_file=space, export_onnx=onnx, weights=weights, unlabelled=unlabelled, pretrain=pretrain, pretrain_epochs=pretrain_epochs, on_event=progress,
             )  # fmt: skip
         except KeyboardInterrupt:

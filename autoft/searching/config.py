@@ -60,6 +60,7 @@ class SearchConfig:
     pretrain_epochs: int | None = None
     refit: bool = True
     ensemble: int = DEFAULT_ENSEMBLE
+    simple_models: bool = True  # a simple model may ship when it beats every trial (see autoft.searching.selection)
     jobs: int | str = 1
     pre_search: Sequence[Callable[[Any], None]] = ()
     on_event: Callable[[Any], None] | None = None

@@ -97,7 +97,7 @@ class Objective:
             # them since) fails every trial alike: none of them is a trial of a recipe, none counts.
             user_error = session.ctx.space.value_problem(session.ctx.n_groups, session.ctx.strategies) is not None
             TrialRecord.write(trial, fail_reason=f"{type(exc).__name__}: {exc}"[:2000], user_error=user_error)
-            if isinstance(exc, PluginError) and session.ctx.space.leave_out(exc, trial.number) and hasattr(trial, "study"):
+            if isinstance(exc, PluginError) and hasattr(trial, "study") and session.ctx.space.leave_out(exc, trial.number, completed_with(trial.study)):
                 trial.study.stop()  # every choice's plugin failed: no trial is left to run
             raise
         finally:
@@ -262,6 +262,11 @@ class Objective:
             if teachers:
                 save_array(session.ctx.trial_dir(trial.number) / TEACHER_NAME, np.mean(teachers, axis=0))
         return float(np.mean(list(scores.values())))
+
+
+def completed_with(study: optuna.Study) -> Callable[[str, str], bool]:
+    """``worked(param, value)``: whether a completed trial of ``study`` chose ``value`` for ``param``."""
+    return lambda param, value: any(t.params.get(param) == value for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
 def is_default(trial) -> bool:

@@ -39,7 +39,7 @@ def best_candidate(session: Session) -> "Candidate | None":
 
 def judge(session: Session, trials_value: float | None, trials_model: str) -> Verdict:
     """Compare the trials' model, scored ``trials_value`` (None: no trial completed), with the best candidate."""
-    top = best_candidate(session)
+    top = best_candidate(session) if session.ctx.config.simple_models else None
     if top is None:
         return Verdict(None)
     if trials_value is None:

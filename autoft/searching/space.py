@@ -27,7 +27,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from autoft.errors import AutoftError
 from autoft.model.recipe import NO_REGULARIZER, PARAM_DEFS, PARAMS, default_params
@@ -90,18 +90,24 @@ class SearchSpace:
             params.update(self._regularizer(params["regularizer"]).suggest(ranged))
         return params
 
-    def leave_out(self, error: Any, trial_number: int) -> bool:
+    def leave_out(self, error: Any, trial_number: int, worked: Callable[[str, str], bool] = lambda param, name: False) -> bool:
         """After a strategy's or regulariser's plugin failed (a :class:`~autoft.lifecycle.PluginError`
-        naming it), later trials leave it out, said in one line. Optuna's choices cannot change
-        within a study, so a trial that draws it is pruned before it trains. True when no choice
-        of that parameter is left."""
+        naming it), later trials leave it out, said in one line, unless ``worked(param, name)``:
+        a choice that has completed a trial is not broken, and its failure was its parameters'
+        (a freeze depth past the backbone's groups), a verdict on that trial alone. Optuna's
+        choices cannot change within a study, so a trial that draws it is pruned before it
+        trains. True when no choice of that parameter is left."""
         param = {"strategies": "strategy", "regularizers": "regularizer"}.get(getattr(error, "kind", None))
-        if param is None or (param, error.name) in self.failed:
+        if param is None or (param, error.name) in self.failed or worked(param, error.name):
             return False
         self.failed[(param, error.name)] = f"{param} {error.name!r} failed in trial {trial_number}: {error}"
         warnings.warn(f"{error}; later trials leave {param} {error.name!r} out", stacklevel=2)
-        choices = self.strategies if param == "strategy" else self.regularizers
-        return all((param, name) in self.failed for name in choices)
+        return self.exhausted
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether every strategy, or every regulariser, was left out: no trial is left to run."""
+        return any(all((param, name) in self.failed for name in choices) for param, choices in (("strategy", self.strategies), ("regularizer", self.regularizers)))
 
     def _usable(self, param: str, value: Any) -> Any:
         if (param, value) in self.failed:
