@@ -27,7 +27,7 @@ from conftest import COLOURS, make_image
 
 STUDY = "reliability"
 BITFIT = '''
-from autoft import hookimpl, plugins
+from autoft import hookimpl
 from autoft.specs import STRATEGY_API, StrategySpec, TrainPlan
 
 
@@ -206,7 +206,7 @@ def test_a_damaged_training_state_is_discarded_with_a_warning(tmp_path, damage):
     assert not path.exists() and not (tmp_path / "state.pt.sha256").exists()
 
 
-def test_a_retry_whose_state_is_damaged_trains_from_scratch(digits, tmp_path):
+def test_a_retry_whose_state_is_damaged_trains_from_scratch(digits, tmp_path, registry):
     from autoft.model.backbones import build_backbone
     from autoft.training.trainer import Trainer, TrainerConfig
 
@@ -214,10 +214,10 @@ def test_a_retry_whose_state_is_damaged_trains_from_scratch(digits, tmp_path):
     state = tmp_path / "state.pt"
     config = lambda: TrainerConfig(epochs=2, batch_size=64, device="cpu", state_file=state, state_interval=0)  # noqa: E731
     torch.manual_seed(0)
-    Trainer(build_backbone("test_resnet", num_classes=10), data, {"strategy": "full"}, config(), registry=plugins.registry()).fit()  # the state a crashed attempt left
+    Trainer(build_backbone("test_resnet", num_classes=10), data, {"strategy": "full"}, config(), registry=registry).fit()  # the state a crashed attempt left
     state.write_bytes(np.random.default_rng(1).bytes(state.stat().st_size))
     with pytest.warns(UserWarning, match="discarded"):
-        result = Trainer(build_backbone("test_resnet", num_classes=10), data, {"strategy": "full"}, config(), registry=plugins.registry()).fit()
+        result = Trainer(build_backbone("test_resnet", num_classes=10), data, {"strategy": "full"}, config(), registry=registry).fit()
     assert [r["epoch"] for r in result.history] == [1, 2] and all(np.isfinite(r["train_loss"]) for r in result.history)
 
 
