@@ -544,6 +544,31 @@ def test_range_overrides_apply_to_base_and_strategy_parameters(tmp_path):
     assert space.defaults("l2sp", L2SP(), 6) == {"weight_decay": 0.01, "label_smoothing": 0.1, "augment": "crop-flip", "strategy": "l2sp", "regularizer": "none", "l2sp_alpha": 0.01}
 
 
+def test_a_parameter_declared_in_any_branch_of_a_plugins_choices_takes_a_range():
+    """Plugins declare parameters define-by-run; one declared only after a choice's second answer
+    is still known to --range and to the report, however deep the branch."""
+
+    class Branchy:
+        def default_params(self, n_groups):
+            return {"mode": "a"}
+
+        def suggest(self, trial, n_groups):
+            if trial.suggest_categorical("mode", ["a", "b"]) == "a":
+                return {"alpha": trial.suggest_float("alpha", 0.1, 1.0)}
+            if trial.suggest_categorical("depth", ["shallow", "deep"]) == "deep":
+                return {"gamma": trial.suggest_int("gamma", 1, 8)}
+            return {"beta": trial.suggest_float("beta", 1e-3, 1.0, log=True)}
+
+    strategies = {"branchy": Branchy()}
+    space = SearchSpace(("branchy",), load_overrides(["beta=0.01:0.1:log", "gamma=2:4"]), regularizers=("none",))
+    space.check_names(6, strategies)  # no "no such parameter"
+    described = space.describe(6, strategies)
+    assert {"alpha", "beta", "gamma", "mode", "depth"} <= set(described)
+    assert described["gamma"] == "2 to 4" and described["beta"].startswith("0.01 to 0.1")
+    with pytest.raises(AutoftError, match="--range nope"):
+        SearchSpace(("branchy",), load_overrides(["nope=1:2"]), regularizers=("none",)).check_names(6, strategies)
+
+
 def test_a_regulariser_joining_after_the_space_was_described_is_searched():
     """prepare() checks --range names (describing the space) before the unlabelled images are
     ready; FixMatch joins the regularisers only then, and its trials must still build."""

@@ -166,25 +166,20 @@ class SearchSpace:
                     return f"--range {name}: {problem}"
         return None
 
-    def _declared(self, n_groups: int, strategies: dict[str, Any]) -> _RecordingTrial:
-        """What the strategies and regularisers declare, with no override applied."""
-        recorder = _RecordingTrial()
+    def _declared(self, n_groups: int, strategies: dict[str, Any], overrides: dict[str, dict[str, Any]] | None = None) -> _RecordingTrial:
+        """What the strategies and regularisers can declare, in every branch of their choices."""
+        recorder, used = _RecordingTrial(), overrides or {}
         for name in self.strategies:
-            strategies[name].suggest(RangedTrial(recorder, {}), n_groups)
+            recorder.every_branch(lambda trial, plugin=strategies[name]: plugin.suggest(RangedTrial(trial, used), n_groups))
         for name in self.regularizers:
             if name != NO_REGULARIZER:
-                self._regularizer(name).suggest(RangedTrial(recorder, {}))
+                recorder.every_branch(lambda trial, plugin=self._regularizer(name): plugin.suggest(RangedTrial(trial, used)))
         return recorder
 
     def describe(self, n_groups: int, strategies: dict[str, Any], overrides: bool = True) -> dict[str, str]:
         """Each parameter's range, as text, for the report and ``--help``-like listings."""
-        recorder = _RecordingTrial()
         used = self.overrides if overrides else {}
-        for name in self.strategies:
-            strategies[name].suggest(RangedTrial(recorder, used), n_groups)
-        for name in self.regularizers:
-            if name != NO_REGULARIZER:
-                self._regularizer(name).suggest(RangedTrial(recorder, used))
+        recorder = self._declared(n_groups, strategies, used)
         described = {}
         base = {**BASE_RANGES, **{k: {"choices": v} for k, v in BASE_CHOICES.items()}}
         for name, spec in {**base, **used}.items():
@@ -238,11 +233,33 @@ class RangedTrial:
 
 
 class _RecordingTrial:
-    """Answers every suggestion with its low end and remembers what was declared."""
+    """Answers every suggestion with its low end, and remembers what was declared.
+
+    Plugins declare their parameters define-by-run, as Optuna objectives do, so a parameter
+    may be declared only in one branch of a categorical choice. :meth:`every_branch` runs a
+    plugin's ``suggest`` once per combination of categorical answers, so every parameter it
+    can declare is seen, and can be given a ``--range``.
+    """
+
+    BRANCHES = 64  # the most runs of one plugin's suggest() when its choices multiply
 
     def __init__(self):
         self.seen: dict[str, str] = {}
         self.kinds: dict[str, Any] = {}  # name -> float, int, or the list of choices
+        self._prefix: list[int] = []  # the answers this run gives to its first categorical choices
+        self._taken: list[tuple[int, int]] = []  # (answer, number of choices) of each categorical choice so far
+
+    def every_branch(self, run: Callable[["_RecordingTrial"], Any]) -> None:
+        """``run(self)`` once per combination of categorical answers, depth first."""
+        pending: list[list[int]] = [[]]
+        for _ in range(self.BRANCHES):
+            if not pending:
+                return
+            self._prefix, self._taken = pending.pop(), []
+            run(self)
+            for depth in range(len(self._prefix), len(self._taken)):  # each choice first met in this run
+                answers = [answer for answer, _ in self._taken[:depth]]
+                pending.extend(answers + [other] for other in range(self._taken[depth][1] - 1, 0, -1))
 
     def suggest_float(self, name, low, high, *, step=None, log=False):
         self.seen[name] = _describe({"low": low, "high": high, "log": log})
@@ -257,7 +274,10 @@ class _RecordingTrial:
     def suggest_categorical(self, name, choices):
         self.seen[name] = ", ".join(map(str, choices))
         self.kinds[name] = list(choices)
-        return choices[0]
+        depth = len(self._taken)
+        answer = self._prefix[depth] if depth < len(self._prefix) else 0
+        self._taken.append((answer, len(choices)))
+        return choices[answer]
 
 
 def _value_problem(name: str, value: Any, kind: Any, space: SearchSpace) -> str | None:
