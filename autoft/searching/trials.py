@@ -196,16 +196,16 @@ def await_other_workers(session: Session, total: int | None) -> bool:
 
 def trial_cap(session: Session) -> int | None:
     """How many trials the study may hold: ``--trials`` when given; else none when the plan
-    bought only the simple models, the default recipe's alone when it bought no search, and
-    while time remains (20 without ``--timeout``) when it bought one."""
+    bought only the simple models, and otherwise trials while time remains (20 without
+    ``--timeout``). A plan that bought no search still runs the portfolio's next recipe when
+    the default fit leaves time for it (the plan's estimate is a bound, and fits often end
+    sooner): an anytime search spends what it has."""
     config, plan = session.ctx.config, session.ctx.plan
     if config.trials is not None:
         return config.trials
     if not plan.default_fit:
         return 0
-    if not plan.search:
-        return 1
-    return None if config.seconds is not None else 20
+    return None if config.seconds is not None else (20 if plan.search else 1)
 
 
 REPORT_SHARE = 0.05  # of the trials' time, the most that refreshing report.html between trials may take
