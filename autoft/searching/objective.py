@@ -77,7 +77,7 @@ class Objective:
         try:
             params = session.suggest_pseudo_labels(trial, session.ctx.space.suggest(trial, session.ctx.strategies, session.ctx.n_groups))
             session.emit(TrialStart(number=trial.number, params=params))
-            if session.ctx.cross_validated and not is_default(trial):
+            if session.ctx.cross_validated:
                 return self.cross_validate(trial, params)
             return self.single_split(trial, params)
         except optuna.TrialPruned:
@@ -162,13 +162,11 @@ class Objective:
         metric = session.ctx.config.metric
 
         anchor = is_default(trial)  # the default recipe at full strength is what every other model must beat: never pruned
-        reports = not (anchor and session.ctx.cross_validated)  # under CV the pruner compares folds, not this split's evaluations
 
         def on_epoch(event: EpochEnd) -> None:
             history.append(dict(event.record))
             TrialRecord.write(trial, history=history)
-            if reports:
-                trial.report(event.value, event.epoch)
+            trial.report(event.value, event.epoch)
             if event.resumed:
                 TrialRecord.write(trial, resumed_from={"trial": origin, "epoch": event.epoch})
             elif not anchor and event.epoch < event.epochs and trial.should_prune():  # a trial that ran all its evaluations is not pruned
@@ -253,7 +251,7 @@ class Objective:
             if result.stopped == "deadline":
                 TrialRecord.write(trial, cut_short=f"the time budget ran out in fold {position + 1} of {len(splits)}")
                 break
-            if position + 1 < len(splits) and trial.should_prune():
+            if position + 1 < len(splits) and not is_default(trial) and trial.should_prune():
                 TrialRecord.write(trial, pruned_after_folds=position + 1)
                 return float(np.mean(list(scores.values())))
         if len(scores) == len(splits):
@@ -270,8 +268,9 @@ def completed_with(study: optuna.Study) -> Callable[[str, str], bool]:
 
 
 def is_default(trial) -> bool:
-    """Whether ``trial`` is the default recipe's fit: the first of a fresh study, on one split,
-    before any cross-validated trial (see :func:`autoft.searching.trials.open_study`)."""
+    """Whether ``trial`` is the default recipe's fit: the first of a fresh study, never pruned.
+    Under cross-validation it is scored on the same folds as every other trial: a score on one
+    fold against others' means would let its noise win the selection."""
     return trial.user_attrs.get("recipe") == "default"
 
 
