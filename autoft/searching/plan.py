@@ -40,7 +40,7 @@ class Plan:
     step_seconds: float = 0.0
     jobs: int = 1  # trials run at once (``--jobs``), each at the throughput measured for one
     flips: bool = True  # whether augmentation may flip images horizontally (the data decide: see autoft.training.baselines)
-    default_fit: bool = True  # the default recipe trained once, on one split, before any trial
+    default_fit: bool = True  # the default recipe trained at full strength, the first trial
     default_steps: int = 0
     default_seconds: float = 0.0
     search: bool = True
