@@ -241,3 +241,21 @@ def registry():
     from autoft import plugins
 
     return plugins.registry()
+
+
+NOISY_COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 50)}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """DIR/<class>/*.png: four noisy colours, 24 images each, 16 px; a tiny model learns them in a few epochs."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for name, colour in NOISY_COLOURS.items():
+        (root / name).mkdir()
+        for i in range(24):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root

@@ -21,20 +21,6 @@ from autoft.searching.storage import open_storage
 from autoft.deploy.serving import ServeConfig, create_app
 
 PIXELS = "logistic regression on pixels"
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """DIR/<class>/*.png: three noisy colours, 24 images each, 16 px."""
-    root = tmp_path_factory.mktemp("colours")
-    rng = np.random.default_rng(0)
-    for name, colour in COLOURS.items():
-        (root / name).mkdir()
-        for i in range(24):
-            pixels = np.clip(np.array(colour) + rng.normal(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
 
 
 def _trials(result) -> list[optuna.trial.FrozenTrial]:

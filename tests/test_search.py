@@ -38,20 +38,7 @@ BASE = {"lr", "dropout", "weight_decay", "strategy", "freeze_depth"}
 EPOCHS = 3
 
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 50)}
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    """DIR/<class>/*.png: four noisy colours, 24 images each; a tiny model learns them in a few epochs."""
-    root = tmp_path_factory.mktemp("colours")
-    rng = np.random.default_rng(0)
-    for name, colour in COLOURS.items():
-        (root / name).mkdir()
-        for i in range(24):
-            pixels = np.clip(np.array(colour) + rng.normal(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
+from conftest import NOISY_COLOURS as COLOURS
 
 
 def _search(folder: Path, out: Path, trials: int):
