@@ -30,6 +30,7 @@ LARGE = DataShape(labelled=20_000, val=4_000, smallest_class=1_000, smallest_val
 RATES = {32: Throughput(32, train=500.0, evaluate=2000.0)}
 # The README's quick start (sample:digits, 1,797 images) and the issue's 100 labelled + 1,197 unlabelled digits, not yet decoded.
 DIGITS = DataShape(labelled=1797, val=360, smallest_class=174, smallest_val_class=35, classes=10, undecoded=1797, source_side=32)
+MID = DataShape(labelled=1200, val=240, smallest_class=120, smallest_val_class=24, classes=10, undecoded=1200, source_side=48)
 FEW = DataShape(labelled=100, val=20, smallest_class=10, smallest_val_class=2, unlabelled=1197, extra_train=600, classes=10, undecoded=1297, source_side=32)
 
 
@@ -102,20 +103,27 @@ def test_only_a_budget_that_cannot_decode_and_fit_logistic_regression_is_refused
 def test_the_plan_degrades_smoothly_as_throughput_drops():
     """From the whole plan to the default fit alone, to fewer default steps, to the simple
     models: each step down keeps what is cheaper, and the default is never starved."""
-    plans = [make_plan(FEW, {32: Throughput(32, rate, 4 * rate)}, 360) for rate in (2000, 500, 150, 60, 30, 10, 3)]
+    plans = [make_plan(MID, {32: Throughput(32, rate, 4 * rate)}, 360) for rate in (2000, 500, 150, 60, 30, 10, 3)]
     bought = [(p.search, p.default_fit) for p in plans]
     assert bought == sorted(bought, reverse=True) and bought[0] == (True, True) and bought[-1] == (False, False)
     steps = [p.default_steps for p in plans if p.default_fit]
-    assert steps == sorted(steps, reverse=True) and min(steps) >= ENOUGH_STEPS and steps[0] == GOOD_STEPS
+    assert steps == sorted(steps, reverse=True) and min(steps) >= ENOUGH_STEPS and steps[0] == GOOD_STEPS and min(steps) < GOOD_STEPS
+
+
+def test_a_hundred_images_train_the_fixed_recipes_thirty_epochs_not_more():
+    """On 80 training images, 400 steps of 16 would be 80 epochs: the default fit is the fixed
+    recipe's 30 epochs (150 steps), and the time goes to the search and its folds."""
+    plan = make_plan(TINY, RATES, 1800)
+    assert plan.wanted_steps == plan.default_steps == 30 * 80 // 16
 
 
 def test_the_default_fit_is_planned_at_full_strength_before_any_cv():
     for budget in (60, 120, 240, 360, 900, 3600):
         plan = make_plan(TINY, {32: Throughput(32, 150.0, 600.0)}, budget)
         if plan.folds or plan.search or plan.pretraining:
-            assert plan.default_fit and plan.default_steps == GOOD_STEPS and plan.refit
+            assert plan.default_fit and plan.default_steps == plan.wanted_steps and plan.refit
     squeezed = make_plan(TINY, {32: Throughput(32, 150.0, 600.0)}, 360)
-    assert squeezed.search and squeezed.folds is None and squeezed.steps == GOOD_STEPS  # trials as long as the default, not a CV share of it
+    assert squeezed.search and squeezed.steps == squeezed.default_steps  # trials as long as the default, not a CV share of it
     assert "skipped 5-fold CV (6 trials need" in squeezed.line()
     ample = make_plan(TINY, {32: Throughput(32, 150.0, 600.0)}, 3 * 3600)
     assert ample.folds == 5 and ample.expected_trials >= CV_EQUIVALENTS
@@ -123,10 +131,10 @@ def test_the_default_fit_is_planned_at_full_strength_before_any_cv():
 
 def test_the_plan_line_names_what_was_bought_and_skipped():
     rates = {32: Throughput(32, 150.0, 600.0)}
-    assert "the default recipe only" in make_plan(FEW, rates, 120).line() and "no search" in make_plan(FEW, rates, 120).line()
-    assert "skipped the search (2 trials of 400 steps" in make_plan(TINY, rates, 120).line()
+    assert "the default recipe only" in make_plan(FEW, rates, 60).line() and "no search" in make_plan(FEW, rates, 60).line()
+    assert "skipped the search (2 trials of 150 steps" in make_plan(TINY, rates, 60).line()
     full = make_plan(FEW, rates, 1800).line()
-    assert "a search (400 steps a trial" in full and "pretraining" in full and "pseudo-labels" in full and "refit" in full
+    assert "a search (150 steps a trial" in full and "pretraining" in full and "pseudo-labels" in full and "refit" in full
 
 
 def test_noisy_throughput_plans_the_same_shape():
@@ -172,9 +180,9 @@ def test_small_validation_splits_are_cross_validated_and_say_why():
     assert make_plan(LARGE, {224: Throughput(224, 300.0, 1000.0)}, 3600).folds is None
 
 
-def test_tiny_data_gets_hundreds_of_steps_not_a_few_epochs():
+def test_tiny_data_gets_the_fixed_recipes_epochs_not_a_few():
     plan = make_plan(TINY, RATES, None)
-    assert plan.steps >= GOOD_STEPS and plan.default_steps == plan.steps  # 80 training images repeat: far more than 10 epochs of 2 steps
+    assert plan.steps >= ENOUGH_STEPS and plan.default_steps == plan.steps  # 80 training images repeat: 30 epochs of 5 steps, not 10 epochs of 2
     assert plan.batch_size < 64  # and an epoch is more than one batch
 
 
@@ -192,7 +200,7 @@ def test_flags_override_each_choice():
 def test_pretraining_is_bought_from_what_the_default_fit_leaves():
     shape = DataShape(labelled=100, val=20, smallest_class=10, smallest_val_class=2, unlabelled=1500, classes=10)
     plan = make_plan(shape, RATES, 360)
-    assert plan.pretrain_epochs >= 1 and plan.default_steps == GOOD_STEPS
+    assert plan.pretrain_epochs >= 1 and plan.default_steps == plan.wanted_steps
     assert plan.pretrain_seconds <= 0.25 * (360 - plan.default_seconds - plan.refit_seconds)
     assert make_plan(shape, RATES, 360, Overrides(pretrain_epochs=3)).pretrain_epochs == 3
     short = make_plan(shape, {32: Throughput(32, 100.0, 400.0)}, 150)

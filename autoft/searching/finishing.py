@@ -192,7 +192,7 @@ def _member(session: Session, trial: optuna.trial.FrozenTrial, path: Path, first
 def refit_budget(session: Session) -> Budget:
     """What is left of the search's budget, and :data:`REFIT_SLACK` of it past its end: a short
     refit that overruns a little beats shipping nothing."""
-    budget = session.ctx.budget
+    budget = session.work_budget()
     return budget.extended(REFIT_SLACK * budget.seconds) if budget.bounded else budget
 
 
@@ -207,7 +207,7 @@ def _refit_steps(session: Session, trial: optuna.trial.FrozenTrial, whole: bool)
         peak = max(plan.eval_every, round(peak * ratio))
         if record.peaked_at_end and not session.ctx.config.epochs:
             peak *= UNDERTRAINED_FACTOR  # still improving when its trial ended: the time kept for the refit lets it go on
-    left = session.ctx.budget.left()
+    left = session.work_budget().left()
     if left is None:
         return peak
     if whole:

@@ -49,6 +49,7 @@ class Plan:
     simple_seconds: float = 0.0  # the simple models, decoding included
     probe: bool = True  # the linear probe on the backbone's features, among the simple models
     skipped: list[str] = field(default_factory=list)  # stages not bought, each with why
+    finish_seconds: float = 0.0  # kept back from every stage for the export, its verification and the report
     backbone: str = "the backbone"
 
     @property
@@ -69,7 +70,7 @@ class Plan:
 
     def estimated_seconds(self) -> float:
         trials = self.expected_trials * self.trial_seconds / self.jobs if self.search else 0.0
-        return self.simple_seconds + self.default_seconds + self.pretrain_seconds + trials + (self.refit_seconds if self.refit else 0.0)
+        return self.simple_seconds + self.default_seconds + self.pretrain_seconds + trials + (self.refit_seconds if self.refit else 0.0) + self.finish_seconds
 
     def line(self) -> str:
         """``plan: 32 px; simple models, the default recipe (400 steps of 16, 1m05s), a search (...); refit; within 6m (...)``."""

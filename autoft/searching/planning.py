@@ -8,7 +8,7 @@ stage is bought only from what the ones before it leave:
    unless the budget cannot even decode the images and fit logistic regression
    (:class:`BudgetTooSmall`);
 2. the known-good default recipe, trained once at full strength (:data:`GOOD_STEPS`, or
-   :data:`TARGET_EPOCHS` passes over large data) at the images' own size on one split;
+   :data:`FIXED_EPOCHS` passes when they are fewer steps, or :data:`TARGET_EPOCHS` passes over large data) at the images' own size on one split;
    squeezed to fewer steps, no fewer than :data:`ENOUGH_STEPS`, when the budget is short;
 3. the final refit on every labelled image;
 4. the search, when at least :data:`SEARCH_MIN` trials at the default's length fit; and
@@ -30,12 +30,14 @@ from autoft.errors import AutoftError
 from autoft.searching.plan import SIMPLE_MODELS, Plan, bucket  # noqa: F401  (re-exported)
 from autoft.core.text import duration
 
-GOOD_STEPS = 400  # what a fixed recipe needs on a small dataset: the default fit's length
+GOOD_STEPS = 400  # what a fixed recipe needs on a small dataset: the default fit's length ...
+FIXED_EPOCHS = 30  # ... or fewer: the fixed recipe's 30 epochs, when they are fewer steps (a hundred images)
 ENOUGH_STEPS = 150  # fewer, and a model trained from scratch loses to logistic regression: the default is not bought
 MIN_STEPS = 40  # ... with pretrained weights a short fine-tune still helps
 TARGET_EPOCHS = 15  # on large data, about this many passes over it ...
 DEFAULT_SHARE = 0.5  # ... within at most this share of the budget (never below GOOD_STEPS)
 EVALUATIONS = 8  # evaluation points of a fit: the pruner's rungs
+REFIT_LEAST = 0.6  # of the refit's steps: cut this short to the time left, it still runs a whole schedule on every image
 SEARCH_MIN = 2  # trials at the default's length a search must hold to be bought
 CV_EQUIVALENTS = 6  # ... and that many k-fold trials for cross-validation to be bought
 PRETRAIN_SHARE = 0.2  # of what the default fit and the refit leave, for pretraining
@@ -44,8 +46,9 @@ PRETRAIN_MAX_EPOCHS = 50
 PSEUDO_SHARE = 0.1  # embedding every image for pseudo-labels may take this share of the search's time
 CV_MIN_VAL = 300  # a validation split smaller than this is noise to choose on
 CV_MIN_PER_CLASS = 30
-MARGIN = 0.03  # of the budget, kept for the report and the last trial's bookkeeping
+MARGIN = 0.03  # of the budget, kept for the last trial's bookkeeping
 MARGIN_FREE = 1 - MARGIN
+FINISH_SECONDS = 10.0  # the end, kept back from every stage: export, its verification, the report (resnet18 on 2 busy cores: 6 s + 3 s)
 BUILD_SECONDS = 0.5  # building a backbone and its optimizer, per fit
 # The simple models' cost, measured with scikit-learn on a 2-core CPU shared with other work:
 DECODE_SECONDS = 2e-3  # an image file opened, decoded and resized ...
@@ -218,30 +221,30 @@ def _plan_at(data: DataShape, rate: Throughput, budget: float | None, overrides:
     train = data.labelled - data.val
     batch = overrides.batch_size or default_batch_size(train)
     per_epoch = max(1, math.ceil(train / batch))
-    wanted = overrides.epochs * per_epoch if overrides.epochs else max(GOOD_STEPS, TARGET_EPOCHS * per_epoch)
+    wanted = overrides.epochs * per_epoch if overrides.epochs else max(ENOUGH_STEPS, min(GOOD_STEPS, FIXED_EPOCHS * per_epoch), TARGET_EPOCHS * per_epoch)
     fit = _Fit(train, batch, wanted, batch / rate.train, data.val / rate.evaluate)
     pixels, probe = simple_seconds(data, rate, folds)
-    bought_probe = budget is None or pixels + probe <= budget * MARGIN_FREE
+    bought_probe = budget is None or pixels + probe <= budget * MARGIN_FREE - FINISH_SECONDS
     simple = pixels + probe if bought_probe else pixels
     plan = Plan(
         image_size=rate.size, batch_size=batch, steps=0, evaluations=1, folds=None, repeats=1, trials=overrides.trials, expected_trials=0, pretrain_epochs=0,
         fit_seconds=0.0, pretrain_seconds=0.0, refit_seconds=0.0, budget=budget, wanted_steps=wanted, step_seconds=fit.step_seconds, jobs=jobs,
-        default_fit=False, search=False, refit=False, simple_seconds=simple, probe=bought_probe, backbone=backbone,
+        default_fit=False, search=False, refit=False, simple_seconds=simple, probe=bought_probe, backbone=backbone, finish_seconds=FINISH_SECONDS,
     )  # fmt: skip
     if not bought_probe:
         plan.skipped.append(f"the linear probe (embedding {data.labelled + data.unlabelled} images takes {duration(probe)})")
-    left = None if budget is None else budget * MARGIN_FREE - simple
+    left = None if budget is None else budget * MARGIN_FREE - FINISH_SECONDS - simple
     if not _buy_default(plan, fit, left, overrides, pretrained):
         least = min(fit.wanted, ENOUGH_STEPS)  # what the least fit would be: the fields stay usable by code that reads them
         plan.steps, plan.evaluations, plan.fit_seconds = least, 2, fit.seconds(least, 2)
         return plan
     left = None if left is None else left - plan.default_seconds
     plan.refit_seconds = BUILD_SECONDS + plan.default_steps * data.labelled / max(train, 1) * fit.step_seconds  # the refit's steps grow with its data
-    plan.refit = left is None or left >= plan.refit_seconds
+    plan.refit = left is None or left >= REFIT_LEAST * plan.refit_seconds
     if not plan.refit:
         plan.skipped.append(f"the refit on all {data.labelled} labelled images ({duration(plan.refit_seconds)}, {duration(max(left, 0))} left)")
         return plan
-    left = None if left is None else left - plan.refit_seconds
+    left = None if left is None else max(0.0, left - plan.refit_seconds)
     if left is not None and left * jobs < SEARCH_MIN * plan.default_seconds:
         plan.skipped.append(f"the search ({SEARCH_MIN} trials of {plan.steps} steps need {duration(SEARCH_MIN * plan.default_seconds / jobs)}, {duration(max(left, 0))} left)")
         return plan
@@ -266,6 +269,8 @@ def _buy_default(plan: Plan, fit: _Fit, left: float | None, overrides: Overrides
     if left is not None and fit.seconds(least, 1) > left:
         plan.skipped.append(f"the default recipe ({least} steps of {fit.batch} at {plan.image_size} px need {duration(fit.seconds(least, 1))}, {duration(max(left, 0))} left)")
         return False
+    if steps < least:  # the evaluations took the time the least fit needs: it evaluates once
+        steps, evaluations = least, 1
     if not overrides.epochs:
         evaluations = min(evaluations, _evaluations(fit.seconds(steps, 0), fit.eval_seconds))
     if steps < fit.wanted:

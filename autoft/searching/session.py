@@ -123,9 +123,13 @@ class Session:
         scaled = 1.2 * self.fit_seconds() * plan.refit_seconds / max(plan.fit_seconds, 1e-9)
         return max(plan.refit_seconds, scaled) if self.state.fits else scaled
 
+    def work_budget(self) -> Budget:
+        """What training may spend: the search's budget less the end's reserve (export, its verification, the report)."""
+        return self.ctx.budget.reserve("finish", self.ctx.plan.finish_seconds)
+
     def trials_budget(self) -> Budget:
-        """What trials may spend: the search's budget less the refit's reserve, as measured now."""
-        return self.ctx.budget.reserve("refit", self.refit_reserve())
+        """What trials may spend: :meth:`work_budget` less the refit's reserve, as measured now."""
+        return self.work_budget().reserve("refit", self.refit_reserve())
 
     def emit(self, event: Any) -> None:
         if self.state.on_event is not None:

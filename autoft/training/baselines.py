@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from autoft.core.runtime import blas_alone
 from autoft.data import Images, ImageTensors
 from autoft.training.semisupervised import downscaled_pixels, pixel_features
 
@@ -37,6 +38,7 @@ class BaselineResult:
         return f"{self.name} {self.value:.4f}"
 
 
+@blas_alone
 def fit_logistic(features: np.ndarray, labels: np.ndarray):
     """The references' model: standardised features, then logistic regression (C=1)."""
     from sklearn.linear_model import LogisticRegression

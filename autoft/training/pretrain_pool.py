@@ -17,6 +17,7 @@ from autoft.data import UNLABELLED, DataSplits, Images, ImageTensors, Normalize,
 from autoft.data.decoding import decode_all, stratified_split, warn_skipped
 from autoft.errors import AutoftError
 from autoft.core.io import atomic_path
+from autoft.core.runtime import blas_alone
 from autoft.specs import Backbone
 from autoft.core.budget import Budget
 
@@ -94,6 +95,7 @@ def embed_all(backbone: Backbone, images: Images, device: torch.device, batch_si
     return torch.cat(features)
 
 
+@blas_alone
 def knn_accuracy(backbone: Backbone, train: ImageTensors, test: ImageTensors, device: torch.device, k: int = KNN_NEIGHBOURS) -> float:
     """Accuracy on ``test`` of a cosine k-NN vote over ``train``'s frozen features."""
     from sklearn.neighbors import KNeighborsClassifier

@@ -20,6 +20,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from autoft.core.runtime import blas_alone
 from autoft.data import Images, ImageTensors, image_batches
 
 MAX_POOL = 20_000  # unlabelled images propagated to; a random subset beyond that
@@ -118,6 +119,7 @@ def held_out_accuracy(features: np.ndarray, labels: np.ndarray, num_classes: int
     return correct / n
 
 
+@blas_alone
 def pseudo_label(
     labelled: Images,
     labels: np.ndarray,
