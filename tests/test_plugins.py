@@ -756,23 +756,27 @@ def test_a_strategy_whose_plugin_raised_is_left_out_of_later_trials(boundary):
     import optuna
 
     from autoft.lifecycle import PluginError
+    from autoft.searching.left_out import LeftOut
     from autoft.searching.space import SearchSpace
 
     _, registry = boundary
     strategies = {name: registry.strategy(name).factory() for name in ("freeze", "boom")}
-    space = SearchSpace(("freeze", "boom"), regularizers=("none",))
+    space, left_out = SearchSpace(("freeze", "boom"), regularizers=("none",)), LeftOut()
     error = PluginError("strategy 'boom' (local): on_epoch_start() raised ValueError: no (acme_boundary.py:10)", kind="strategies", name="boom")
     with pytest.warns(UserWarning) as caught:
-        assert space.leave_out(error, trial_number=3) is False  # freeze is left
-        assert space.leave_out(error, trial_number=4) is False  # said once
+        assert left_out.add(error, trial_number=3) is True
+        assert left_out.add(error, trial_number=4) is False  # said once
     assert [str(w.message) for w in caught] == [f"{error}; later trials leave strategy 'boom' out"]
+    assert not left_out.exhausted(space.strategies, space.regularizers)  # freeze is left
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    study.optimize(lambda trial: len(space.suggest(trial, strategies, 6)), n_trials=12)
+    study.optimize(lambda trial: len(space.suggest(trial, strategies, 6, left_out)), n_trials=12)
     drew_boom = [t for t in study.trials if t.params["strategy"] == "boom"]
     assert drew_boom and all(t.state == optuna.trial.TrialState.PRUNED for t in drew_boom)  # none of them trains
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials if t.params["strategy"] == "freeze")
+    assert space == SearchSpace(("freeze", "boom"), regularizers=("none",))  # the space itself is unchanged: what failed is the search's state
     with pytest.warns(UserWarning, match="later trials leave strategy 'freeze' out"):
-        assert space.leave_out(PluginError("x", kind="strategies", name="freeze"), 5) is True  # nothing left to search
+        assert left_out.add(PluginError("x", kind="strategies", name="freeze"), 5) is True
+    assert left_out.exhausted(space.strategies, space.regularizers)  # nothing left to search
 
 
 def test_a_search_whose_only_strategy_raised_stops_instead_of_failing_every_trial(boundary, class_folder, tmp_path):

@@ -75,7 +75,7 @@ class Objective:
             trial.study.stop()
             raise Surplus(trial.number)
         try:
-            params = session.suggest_pseudo_labels(trial, session.ctx.space.suggest(trial, session.ctx.strategies, session.ctx.n_groups))
+            params = session.suggest_pseudo_labels(trial, session.ctx.space.suggest(trial, session.ctx.strategies, session.ctx.n_groups, session.state.left_out))
             session.emit(TrialStart(number=trial.number, params=params))
             if session.ctx.cross_validated:
                 return self.cross_validate(trial, params)
@@ -97,8 +97,9 @@ class Objective:
             # them since) fails every trial alike: none of them is a trial of a recipe, none counts.
             user_error = session.ctx.space.value_problem(session.ctx.n_groups, session.ctx.strategies) is not None
             TrialRecord.write(trial, fail_reason=f"{type(exc).__name__}: {exc}"[:2000], user_error=user_error)
-            if isinstance(exc, PluginError) and hasattr(trial, "study") and session.ctx.space.leave_out(exc, trial.number, completed_with(trial.study)):
-                trial.study.stop()  # every choice's plugin failed: no trial is left to run
+            if isinstance(exc, PluginError) and hasattr(trial, "study") and session.state.left_out.add(exc, trial.number, completed_with(trial.study)):
+                if session.exhausted():
+                    trial.study.stop()  # every choice's plugin failed: no trial is left to run
             raise
         finally:
             free_memory(session.ctx.device)

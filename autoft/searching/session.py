@@ -23,6 +23,7 @@ from autoft.core.budget import Budget
 from autoft.data import DataSplits, Images, ImageTensors
 from autoft.errors import AutoftError
 from autoft.searching.planning import Plan
+from autoft.searching.left_out import LeftOut
 from autoft.searching.config import SearchConfig
 from autoft.searching.space import SearchSpace
 
@@ -92,6 +93,7 @@ class SearchState:
     on_event: Callable[[Any], None] | None = None
     embedders: dict[str, Callable[[Images], np.ndarray]] = field(default_factory=dict)
     pseudo: dict[int, PseudoLabels] = field(default_factory=dict)
+    left_out: LeftOut = field(default_factory=LeftOut)  # choices whose plugin failed
 
 
 @dataclass
@@ -130,6 +132,10 @@ class Session:
     def trials_budget(self) -> Budget:
         """What trials may spend: :meth:`work_budget` less the refit's reserve, as measured now."""
         return self.work_budget().reserve("refit", self.refit_reserve())
+
+    def exhausted(self) -> bool:
+        """Whether every strategy, or every regulariser, was left out: no trial is left to run."""
+        return self.state.left_out.exhausted(self.ctx.space.strategies, self.ctx.space.regularizers)
 
     def emit(self, event: Any) -> None:
         if self.state.on_event is not None:

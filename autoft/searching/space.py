@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 from autoft.errors import AutoftError
 from autoft.model.recipe import NO_REGULARIZER, PARAM_DEFS, PARAMS, default_params
+from autoft.searching.left_out import LeftOut
 
 # Ranges of the base parameters, from the recipe's table.
 BASE_RANGES: dict[str, dict[str, Any]] = {p.name: p.search_range for p in PARAMS if p.search_range is not None}
@@ -51,8 +52,6 @@ class SearchSpace:
     choices: dict[str, list[Any]] = field(default_factory=dict)
     regularizers: tuple[str, ...] = DEFAULT_REGULARIZERS
     regularizer_objects: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # made on first use
-    # ("strategy" or "regularizer", name) -> why later trials leave it out: its plugin failed
-    failed: dict[tuple[str, str], str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         chosen = self.overrides.get("regularizer", {}).get("choices")
@@ -68,8 +67,10 @@ class SearchSpace:
             self.regularizer_objects[name] = plugins.registry().regularizer(name).factory()
         return self.regularizer_objects[name]
 
-    def suggest(self, trial, strategies: dict[str, Any], n_groups: int) -> dict[str, Any]:
-        """Declare every parameter on ``trial`` (an Optuna trial or FixedTrial); return the values."""
+    def suggest(self, trial, strategies: dict[str, Any], n_groups: int, left_out: LeftOut | None = None) -> dict[str, Any]:
+        """Declare every parameter on ``trial`` (an Optuna trial or FixedTrial); return the values.
+        A choice ``left_out`` (its plugin failed) prunes the trial that draws it."""
+        usable = (left_out or LeftOut()).check
         ranged = RangedTrial(trial, self.overrides)
         params: dict[str, Any] = {}
         for p in PARAMS:
@@ -83,38 +84,12 @@ class SearchSpace:
                 params[p.name] = ranged.suggest_float(p.name, p.low, p.high, log=p.log)
         for name, options in self.choices.items():
             params[name] = ranged.suggest_categorical(name, list(options))
-        params["strategy"] = self._usable("strategy", ranged.suggest_categorical("strategy", list(self.strategies)))
+        params["strategy"] = usable("strategy", ranged.suggest_categorical("strategy", list(self.strategies)))
         params.update(strategies[params["strategy"]].suggest(ranged, n_groups))
-        params["regularizer"] = self._usable("regularizer", ranged.suggest_categorical("regularizer", list(self.regularizers)))
+        params["regularizer"] = usable("regularizer", ranged.suggest_categorical("regularizer", list(self.regularizers)))
         if params["regularizer"] != NO_REGULARIZER:
             params.update(self._regularizer(params["regularizer"]).suggest(ranged))
         return params
-
-    def leave_out(self, error: Any, trial_number: int, worked: Callable[[str, str], bool] = lambda param, name: False) -> bool:
-        """After a strategy's or regulariser's plugin failed (a :class:`~autoft.lifecycle.PluginError`
-        naming it), later trials leave it out, said in one line, unless ``worked(param, name)``:
-        a choice that has completed a trial is not broken, and its failure was its parameters'
-        (a freeze depth past the backbone's groups), a verdict on that trial alone. Optuna's
-        choices cannot change within a study, so a trial that draws it is pruned before it
-        trains. True when no choice of that parameter is left."""
-        param = {"strategies": "strategy", "regularizers": "regularizer"}.get(getattr(error, "kind", None))
-        if param is None or (param, error.name) in self.failed or worked(param, error.name):
-            return False
-        self.failed[(param, error.name)] = f"{param} {error.name!r} failed in trial {trial_number}: {error}"
-        warnings.warn(f"{error}; later trials leave {param} {error.name!r} out", stacklevel=2)
-        return self.exhausted
-
-    @property
-    def exhausted(self) -> bool:
-        """Whether every strategy, or every regulariser, was left out: no trial is left to run."""
-        return any(all((param, name) in self.failed for name in choices) for param, choices in (("strategy", self.strategies), ("regularizer", self.regularizers)))
-
-    def _usable(self, param: str, value: Any) -> Any:
-        if (param, value) in self.failed:
-            import optuna
-
-            raise optuna.TrialPruned(f"left out: {self.failed[(param, value)]}")
-        return value
 
     def defaults(self, strategy_name: str, strategy, n_groups: int, base: dict[str, Any] | None = None) -> dict[str, Any]:
         """The known-good first trial, keeping only values inside the (possibly overridden) space."""

@@ -157,7 +157,7 @@ def run_trials(session: Session, queued_again: list[int]) -> None:
                 raise KeyboardInterrupt
             if total is None or done < total:
                 _optimize(session, n_trials=None if total is None else total - done, callbacks=[after])
-            if session.ctx.space.exhausted or not await_other_workers(session, total):  # exhausted: every choice's plugin failed
+            if session.exhausted() or not await_other_workers(session, total):  # exhausted: every choice's plugin failed
                 return
             done = counted_trials(study.get_trials(deepcopy=False))
 
