@@ -10,6 +10,7 @@ from PIL import Image
 from autoft.searching.planning import (
     CV_EQUIVALENTS,
     ENOUGH_STEPS,
+    MIN_STEPS,
     GOOD_STEPS,
     BudgetTooSmall,
     DataShape,
@@ -102,12 +103,12 @@ def test_only_a_budget_that_cannot_decode_and_fit_logistic_regression_is_refused
 
 def test_the_plan_degrades_smoothly_as_throughput_drops():
     """From the whole plan to the default fit alone, to fewer default steps, to the simple
-    models: each step down keeps what is cheaper, and the default is never starved."""
+    models: each step down keeps what is cheaper, and the default is cut short rather than dropped."""
     plans = [make_plan(MID, {32: Throughput(32, rate, 4 * rate)}, 360) for rate in (2000, 500, 150, 60, 30, 10, 3)]
     bought = [(p.search, p.default_fit) for p in plans]
     assert bought == sorted(bought, reverse=True) and bought[0] == (True, True) and bought[-1] == (False, False)
     steps = [p.default_steps for p in plans if p.default_fit]
-    assert steps == sorted(steps, reverse=True) and min(steps) >= ENOUGH_STEPS and steps[0] == GOOD_STEPS and min(steps) < GOOD_STEPS
+    assert steps == sorted(steps, reverse=True) and min(steps) >= MIN_STEPS and steps[0] == GOOD_STEPS and min(steps) < GOOD_STEPS
 
 
 def test_a_hundred_images_train_the_fixed_recipes_thirty_epochs_not_more():
@@ -122,9 +123,9 @@ def test_the_default_fit_is_planned_at_full_strength_before_any_cv():
         plan = make_plan(TINY, {32: Throughput(32, 150.0, 600.0)}, budget)
         if plan.folds or plan.search or plan.pretraining:
             assert plan.default_fit and plan.default_steps == plan.wanted_steps and plan.refit
-    squeezed = make_plan(TINY, {32: Throughput(32, 150.0, 600.0)}, 360)
+    squeezed = make_plan(TINY, {32: Throughput(32, 150.0, 600.0)}, 180)
     assert squeezed.search and squeezed.steps == squeezed.default_steps  # trials as long as the default, not a CV share of it
-    assert "skipped 5-fold CV (6 trials need" in squeezed.line()
+    assert squeezed.folds == 2 and "skipped 5-fold CV (3 trials need" in squeezed.line()  # 20 validation images: fewer folds, not none
     ample = make_plan(TINY, {32: Throughput(32, 150.0, 600.0)}, 3 * 3600)
     assert ample.folds == 5 and ample.expected_trials >= CV_EQUIVALENTS
 
@@ -138,23 +139,15 @@ def test_the_plan_line_names_what_was_bought_and_skipped():
 
 
 def test_noisy_throughput_plans_the_same_shape():
-    """Rates measured 10% apart (another process, a warmer cache) plan the same stages and size."""
-    for data, budget in ((FEW, 120), (FEW, 360), (TINY, 1800), (DIGITS, 360)):
-        shapes = {shape_of(make_plan(data, {32: Throughput(32, 150.0 * noise, 600.0 * noise)}, budget)) for noise in (0.93, 1.0, 1.07)}
-        assert len(shapes) == 1, (data, budget, shapes)
-
-
-def test_the_median_window_shrugs_off_a_burst_of_slow_steps():
-    took = []
-
-    def step():
-        started = time.perf_counter()
-        time.sleep(0.15 if len(took) in (22, 23) else 0.005)  # another process takes the cores for a moment
-        took.append(time.perf_counter() - started)
-
-    rate = median_rate(step, batch_size=10, seconds=0.5, device=torch.device("cpu"))
-    overall = 10 * (len(took) - 1) / sum(took[1:])  # one window over every timed step
-    assert max(took) > 0.15 and rate > 1.5 * overall
+    """Rates measured 3% apart (two medians on a quiet machine) plan the same stages and size;
+    over a sweep of rates 15% either way the plan changes shape at most once and never flips
+    back (every stage is bought on a threshold, so somewhere a boundary lies: it must not jitter)."""
+    for data, budget in ((FEW, 120), (FEW, 360), (TINY, 360), (TINY, 1800), (DIGITS, 360), (MID, 360)):
+        plan_at = lambda noise: shape_of(make_plan(data, {32: Throughput(32, 150.0 * noise, 600.0 * noise)}, budget))  # noqa: E731
+        assert len({plan_at(noise) for noise in (0.97, 1.0, 1.03)}) == 1, (data, budget)
+        sweep = [plan_at(noise) for noise in np.linspace(0.85, 1.15, 31)]
+        changes = [i for i in range(1, len(sweep)) if sweep[i] != sweep[i - 1]]
+        assert len(changes) <= 1, (data, budget, changes)
 
 
 def test_two_calibrations_of_a_tiny_model_plan_the_same_shape():

@@ -215,9 +215,10 @@ def _refit_steps(session: Session, trial: optuna.trial.FrozenTrial, whole: bool)
     if left < MIN_REFIT_SECONDS and session.ctx.config.seconds:
         left += REFIT_SLACK * session.ctx.config.seconds  # the bound's 5%: a short refit beats shipping nothing
     share = left - BUILD_SECONDS
-    if share < MIN_REFIT_SECONDS:
-        return None
-    return max(1, min(peak, int(share / session.seconds_per_step())))
+    steps = min(peak, int(share / session.seconds_per_step()))
+    if share < MIN_REFIT_SECONDS or steps < (record.best_step or plan.steps):
+        return None  # a refit shorter than its trial's own fit is a worse model no split has checked: the trial's weights ship
+    return steps
 
 
 def publish_best(session: Session, final: FinalModel, metrics: dict[str, Any]) -> Path:

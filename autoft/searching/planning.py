@@ -9,7 +9,8 @@ stage is bought only from what the ones before it leave:
    (:class:`BudgetTooSmall`);
 2. the known-good default recipe, trained once at full strength (:data:`GOOD_STEPS`, or
    :data:`FIXED_EPOCHS` passes when they are fewer steps, or :data:`TARGET_EPOCHS` passes over large data) at the images' own size on one split;
-   squeezed to fewer steps, no fewer than :data:`ENOUGH_STEPS`, when the budget is short;
+   squeezed to fewer steps, no fewer than :data:`MIN_STEPS`, when the budget is short (it
+   ships only if it beats the simple models on the same splits);
 3. the final refit on every labelled image;
 4. the search, when at least :data:`SEARCH_MIN` trials at the default's length fit; and
    within it, in this order, pretraining on unlabelled images, pseudo-labels, then
@@ -32,14 +33,15 @@ from autoft.core.text import duration
 
 GOOD_STEPS = 400  # what a fixed recipe needs on a small dataset: the default fit's length ...
 FIXED_EPOCHS = 30  # ... or fewer: the fixed recipe's 30 epochs, when they are fewer steps (a hundred images)
-ENOUGH_STEPS = 150  # fewer, and a model trained from scratch loses to logistic regression: the default is not bought
-MIN_STEPS = 40  # ... with pretrained weights a short fine-tune still helps
+ENOUGH_STEPS = 150  # the default fit's least length at full strength (from scratch, fewer mostly lose to logistic regression) ...
+MIN_STEPS = 40  # ... and the least it is cut to when time is short: a candidate like the others, it ships only if it wins
 TARGET_EPOCHS = 15  # on large data, about this many passes over it ...
 DEFAULT_SHARE = 0.5  # ... within at most this share of the budget (never below GOOD_STEPS)
 EVALUATIONS = 8  # evaluation points of a fit: the pruner's rungs
-REFIT_LEAST = 0.6  # of the refit's steps: cut this short to the time left, it still runs a whole schedule on every image
 SEARCH_MIN = 2  # trials at the default's length a search must hold to be bought
-CV_EQUIVALENTS = 6  # ... and that many k-fold trials for cross-validation to be bought
+CV_EQUIVALENTS = 6  # ... and that many k-fold trials for cross-validation to be bought ...
+NOISY_VAL = 100  # ... or, when one split would validate on fewer images than this (it chooses by noise), ...
+CV_FEW = 3  # ... this many
 PRETRAIN_SHARE = 0.2  # of what the default fit and the refit leave, for pretraining
 PRETRAIN_MIN_EPOCHS = 1  # an epoch on a few hundred unlabelled images already helps a from-scratch start
 PRETRAIN_MAX_EPOCHS = 50
@@ -235,12 +237,12 @@ def _plan_at(data: DataShape, rate: Throughput, budget: float | None, overrides:
         plan.skipped.append(f"the linear probe (embedding {data.labelled + data.unlabelled} images takes {duration(probe)})")
     left = None if budget is None else budget * MARGIN_FREE - FINISH_SECONDS - simple
     if not _buy_default(plan, fit, left, overrides, pretrained):
-        least = min(fit.wanted, ENOUGH_STEPS)  # what the least fit would be: the fields stay usable by code that reads them
+        least = min(fit.wanted, MIN_STEPS)  # what the least fit would be: the fields stay usable by code that reads them
         plan.steps, plan.evaluations, plan.fit_seconds = least, 2, fit.seconds(least, 2)
         return plan
     left = None if left is None else left - plan.default_seconds
     plan.refit_seconds = BUILD_SECONDS + plan.default_steps * data.labelled / max(train, 1) * fit.step_seconds  # the refit's steps grow with its data
-    plan.refit = left is None or left >= REFIT_LEAST * plan.refit_seconds
+    plan.refit = left is None or left >= BUILD_SECONDS + plan.default_steps * fit.step_seconds  # at least the default fit's steps, on every image
     if not plan.refit:
         plan.skipped.append(f"the refit on all {data.labelled} labelled images ({duration(plan.refit_seconds)}, {duration(max(left, 0))} left)")
         return plan
@@ -249,15 +251,17 @@ def _plan_at(data: DataShape, rate: Throughput, budget: float | None, overrides:
         plan.skipped.append(f"the search ({SEARCH_MIN} trials of {plan.steps} steps need {duration(SEARCH_MIN * plan.default_seconds / jobs)}, {duration(max(left, 0))} left)")
         return plan
     plan.search = True
-    left = _buy_pretraining(plan, data, rate, left, overrides, pretrained)
+    wanted = (folds, repeats, why)
+    left = _buy_pretraining(plan, data, rate, left, overrides, pretrained, SEARCH_MIN * plan.default_seconds)
     left = _buy_pseudo_labels(plan, data, rate, left)
-    _buy_folds(plan, data, rate, left, overrides, (folds, repeats, why))
+    need = CV_FEW if data.val < NOISY_VAL else CV_EQUIVALENTS  # a split this small chooses by noise: folds are worth more than trials
+    _buy_folds(plan, data, rate, left, overrides, wanted, _choose_folds(plan, data, rate, left, overrides, wanted, need))
     return plan
 
 
 def _buy_default(plan: Plan, fit: _Fit, left: float | None, overrides: Overrides, pretrained: bool) -> bool:
     """The default recipe at full strength, squeezed to fewer steps (no fewer than
-    :data:`ENOUGH_STEPS`, or :data:`MIN_STEPS` from pretrained weights) when ``left`` is short."""
+    :data:`MIN_STEPS`) when ``left`` is short."""
     evaluations = overrides.epochs or EVALUATIONS
     steps = fit.wanted
     if left is not None and not overrides.epochs:
@@ -265,7 +269,7 @@ def _buy_default(plan: Plan, fit: _Fit, left: float | None, overrides: Overrides
         if fit.seconds(steps, evaluations) > left:
             evaluations = _evaluations(left, fit.eval_seconds)
             steps = min(steps, bucket((left - BUILD_SECONDS - evaluations * fit.eval_seconds) / fit.step_seconds))
-    least = 1 if overrides.epochs else min(fit.wanted, MIN_STEPS if pretrained else ENOUGH_STEPS)
+    least = 1 if overrides.epochs else min(fit.wanted, MIN_STEPS)
     if left is not None and fit.seconds(least, 1) > left:
         plan.skipped.append(f"the default recipe ({least} steps of {fit.batch} at {plan.image_size} px need {duration(fit.seconds(least, 1))}, {duration(max(left, 0))} left)")
         return False
@@ -281,7 +285,8 @@ def _buy_default(plan: Plan, fit: _Fit, left: float | None, overrides: Overrides
     return True
 
 
-def _buy_pretraining(plan: Plan, data: DataShape, rate: Throughput, left: float | None, overrides: Overrides, pretrained: bool) -> float | None:
+def _buy_pretraining(plan: Plan, data: DataShape, rate: Throughput, left: float | None, overrides: Overrides, pretrained: bool, keep: float) -> float | None:
+    """Epochs of self-supervised pretraining within :data:`PRETRAIN_SHARE` of ``left``, leaving the trials at least ``keep`` seconds."""
     if not data.unlabelled or overrides.pretrain_epochs == 0:
         return left
     if pretrained and overrides.pretrain_epochs is None:
@@ -295,10 +300,10 @@ def _buy_pretraining(plan: Plan, data: DataShape, rate: Throughput, left: float 
     elif left is None:
         epochs = PRETRAIN_MAX_EPOCHS
     else:
-        epochs = min(PRETRAIN_MAX_EPOCHS, int(PRETRAIN_SHARE * left / epoch))
-        if epochs < PRETRAIN_MIN_EPOCHS or (left - epochs * epoch) * plan.jobs < SEARCH_MIN * plan.default_seconds:
-            plan.skipped.append(f"pretraining ({PRETRAIN_MIN_EPOCHS} epochs on {data.unlabelled + data.labelled} images need {duration(PRETRAIN_MIN_EPOCHS * epoch)}, "
-                                f"a fifth of the search's {duration(left)})")  # fmt: skip
+        epochs = min(PRETRAIN_MAX_EPOCHS, int(PRETRAIN_SHARE * left / epoch), int((left - keep / plan.jobs) / epoch))
+        if epochs < PRETRAIN_MIN_EPOCHS:
+            plan.skipped.append(f"pretraining ({PRETRAIN_MIN_EPOCHS} epoch on {data.unlabelled + data.labelled} images needs {duration(PRETRAIN_MIN_EPOCHS * epoch)}: "
+                                f"over a fifth of the search's {duration(left)}, or more than its trials leave)")  # fmt: skip
             return left
     plan.pretrain_epochs, plan.pretrain_seconds = epochs, epochs * epoch
     return None if left is None else left - plan.pretrain_seconds
@@ -315,22 +320,30 @@ def _buy_pseudo_labels(plan: Plan, data: DataShape, rate: Throughput, left: floa
     return None if left is None else left - embed
 
 
-def _buy_folds(plan: Plan, data: DataShape, rate: Throughput, left: float | None, overrides: Overrides, wanted: tuple[int | None, int, str | None]) -> None:
-    """The most folds (and repeats) the data want whose trials the search holds :data:`CV_EQUIVALENTS` of; else one split."""
-    k, repeats, why = wanted
+def _choose_folds(plan: Plan, data: DataShape, rate: Throughput, left: float | None, overrides: Overrides, wanted: tuple[int | None, int, str | None], need: int) -> tuple:
+    """(k, repeats, one fit's seconds, one trial's, ``need``): the most folds (and repeats) the data want
+    whose trials the search holds ``need`` of; else one split."""
+    k, repeats, _ = wanted
     options = [(k, repeats)] if k is None or overrides.cv else list(dict.fromkeys([(k, repeats), (k, 1), *((f, 1) for f in (3, 2) if f < k), (None, 1)]))
     for folds, times in options:
         val = data.labelled // folds if folds else data.val
         fit_seconds = BUILD_SECONDS + plan.evaluations * val / rate.evaluate + plan.steps * plan.step_seconds
         trial = fit_seconds * (folds or 1) * times
-        if left is None or folds is None or overrides.cv or left * plan.jobs >= CV_EQUIVALENTS * trial:
-            break
+        if left is None or folds is None or overrides.cv or left * plan.jobs >= need * trial:
+            return folds, times, fit_seconds, trial, need
+    raise AssertionError("one split is always an option")
+
+
+def _buy_folds(plan: Plan, data: DataShape, rate: Throughput, left: float | None, overrides: Overrides, wanted: tuple[int | None, int, str | None], chosen: tuple) -> None:
+    """The trials' scoring ``chosen`` by :func:`_choose_folds`, and how many trials ``left`` holds."""
+    k, repeats, why = wanted
+    folds, times, fit_seconds, trial, need = chosen
     plan.folds, plan.repeats, plan.fit_seconds = folds, times, fit_seconds
     if folds and why:
         plan.reasons.append(why)
     if (folds, times) != (k, repeats):
         wanted_trial = (BUILD_SECONDS + plan.evaluations * data.labelled // k / rate.evaluate + plan.steps * plan.step_seconds) * k * repeats
-        plan.skipped.append(f"{k}-fold CV" + (f" x{repeats}" if repeats > 1 else "") + f" ({CV_EQUIVALENTS} trials need {duration(CV_EQUIVALENTS * wanted_trial / plan.jobs)}, {duration(left)} left)")
+        plan.skipped.append(f"{k}-fold CV" + (f" x{repeats}" if repeats > 1 else "") + f" ({need} trials need {duration(need * wanted_trial / plan.jobs)}, {duration(left)} left)")
     if left is None:
         plan.expected_trials = overrides.trials or 20
     else:
