@@ -40,13 +40,13 @@ def main() -> None:
         labelled = np.concatenate([rest[labels[rest] == c][: args.per_class] for c in range(10)])
         unlabelled = np.setdiff1d(rest, labelled)
         pool = ImageTensors(images[labelled], torch.as_tensor(labels[labelled]))
-        model, offset, scale = PixelFitter(pool).fit_model()
-        row = {"logistic regression": (model.predict((pixels[test] - offset) / scale) == labels[test]).mean()}
+        model = PixelFitter(pool).fit_model()
+        row = {"logistic regression": (model.predict(pixels[test]) == labels[test]).mean()}
         spread = pseudo_label(pool, labels[labelled], images[unlabelled], 10, seed=0)
         row["spreading (unlabelled)"] = (spread.labels == labels[unlabelled][spread.index]).mean()
         for share in args.shares:
             index, targets = spread.most_confident(share)
-            student = fit_logistic(np.concatenate([pixels[labelled], pixels[unlabelled][index]]), np.concatenate([labels[labelled], targets]))
+            student = fit_logistic(np.concatenate([pixels[labelled], pixels[unlabelled][index]]), np.concatenate([labels[labelled], targets]), standardise=False)
             row[f"student {share:g}"] = (student.predict(pixels[test]) == labels[test]).mean()
         rows.append(row)
         print(f"draw {draw}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)

@@ -71,10 +71,7 @@ def fitted(candidates):
     found = {}
     for name, candidate in candidates.items():
         fitter = candidate.fitter
-        if name == PIXELS_NAME:
-            model, offset, scale = fitter.fit_model()
-            found[name] = (model, lambda images, o=offset, s=scale: (raw_pixels(images) - o) / s)
-        elif name == SPREAD_NAME:
+        if name in (PIXELS_NAME, SPREAD_NAME):
             found[name] = (fitter.fit_model(), raw_pixels)
         else:
             found[name] = (fitter.fit_model(), fitter.probe.embed)
@@ -164,8 +161,7 @@ def test_two_classes_and_a_class_never_seen(digits, tmp_path):
     val = digits.val.subset(np.flatnonzero(digits.val.labels.numpy() < 3)[:30])
     with torch.inference_mode():
         got = loaded.network()(val.images.float().div(255)).softmax(1).numpy()
-    model, offset, scale = pixels.fitter.fit_model()
-    expected = sklearn_probabilities({"binary": (model, lambda images: (raw_pixels(images) - offset) / scale)}, "binary", val, classes=3)
+    expected = sklearn_probabilities({"binary": (pixels.fitter.fit_model(), raw_pixels)}, "binary", val, classes=3)
     assert np.abs(got - expected).max() < TOLERANCE
     assert got[:, 2].max() < 1e-6 and pixels.probabilities[:, 2].max() == 0
 

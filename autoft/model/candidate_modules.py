@@ -136,7 +136,8 @@ def fold_linear(
     offset = np.zeros(width) if offset is None else np.asarray(offset, np.float64)
     scale = np.ones(width) if scale is None else np.asarray(scale, np.float64)
     total_scale = scale * np.asarray(scaler.scale_ if scaler.scale_ is not None else np.ones(width), np.float64)
-    total_offset = offset + scale * np.asarray(scaler.mean_, np.float64)  # x - total_offset = scale * (f - mean)
+    mean = np.zeros(width) if scaler.mean_ is None else np.asarray(scaler.mean_, np.float64)  # None: a pass-through scaler
+    total_offset = offset + scale * mean  # x - total_offset = scale * (f - mean)
     weight = coef / total_scale
     bias = intercept - weight @ total_offset
     full_weight = np.zeros((num_classes, width))

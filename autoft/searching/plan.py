@@ -45,6 +45,7 @@ class Plan:
     default_seconds: float = 0.0
     search: bool = True
     pseudo_labels: bool = False
+    pseudo_seconds: float = 0.0  # labelling the unlabelled images, once per split
     refit: bool = True  # the chosen recipe trained again on every labelled image
     simple_seconds: float = 0.0  # the simple models, decoding included
     probe: bool = True  # the linear probe on the backbone's features, among the simple models
@@ -69,7 +70,7 @@ class Plan:
         return max(1, self.steps // self.evaluations)
 
     def estimated_seconds(self) -> float:
-        trials = self.expected_trials * self.trial_seconds / self.jobs if self.search else 0.0
+        trials = self.expected_trials * self.trial_seconds / self.jobs + (self.folds or 1) * self.repeats * self.pseudo_seconds if self.search else 0.0
         return self.simple_seconds + self.default_seconds + self.pretrain_seconds + trials + (self.refit_seconds if self.refit else 0.0) + self.finish_seconds
 
     def line(self) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from autoft.searching.calibration import MIN_SIZE, Throughput, calibrate, candidate_sizes, median_rate, median_short_side, own_size, short_side  # noqa: F401  (re-exported)
 from autoft.errors import AutoftError
@@ -46,6 +47,7 @@ PRETRAIN_SHARE = 0.2  # of what the default fit and the refit leave, for pretrai
 PRETRAIN_MIN_EPOCHS = 1  # an epoch on a few hundred unlabelled images already helps a from-scratch start
 PRETRAIN_MAX_EPOCHS = 50
 PSEUDO_SHARE = 0.1  # embedding every image for pseudo-labels may take this share of the search's time
+SPREAD_SECONDS = 2.0  # ... and spreading the labels over them, once per split (scikit-learn, 2 busy cores)
 CV_MIN_VAL = 300  # a validation split smaller than this is noise to choose on
 CV_MIN_PER_CLASS = 30
 MARGIN = 0.03  # of the budget, kept for the last trial's bookkeeping
@@ -310,6 +312,8 @@ def _buy_pretraining(plan: Plan, data: DataShape, rate: Throughput, left: float 
 
 
 def _buy_pseudo_labels(plan: Plan, data: DataShape, rate: Throughput, left: float | None) -> float | None:
+    """Pseudo-labels, when labelling the unlabelled images once per split is cheap; the splits'
+    cost is charged with the folds (:func:`_choose_folds`)."""
     if not data.unlabelled:
         return left
     embed = (data.unlabelled + data.labelled) / rate.evaluate
@@ -317,37 +321,48 @@ def _buy_pseudo_labels(plan: Plan, data: DataShape, rate: Throughput, left: floa
     if not plan.pseudo_labels:
         plan.skipped.append(f"pseudo-labels (embedding {data.unlabelled + data.labelled} images takes {duration(embed)}, over a tenth of the search's {duration(left)})")
         return left
-    return None if left is None else left - embed
+    plan.pseudo_seconds = embed + SPREAD_SECONDS
+    return left
 
 
-def _choose_folds(plan: Plan, data: DataShape, rate: Throughput, left: float | None, overrides: Overrides, wanted: tuple[int | None, int, str | None], need: int) -> tuple:
-    """(k, repeats, one fit's seconds, one trial's, ``need``): the most folds (and repeats) the data want
-    whose trials the search holds ``need`` of; else one split."""
+class _Scoring(NamedTuple):
+    """How trials are scored: k folds (None: one split) and repeats, what one fit and one trial
+    cost, what the splits cost once (their pseudo-labels), and the trials they had to hold."""
+
+    folds: int | None
+    repeats: int
+    fit_seconds: float
+    trial_seconds: float
+    once_seconds: float
+    need: int
+
+
+def _choose_folds(plan: Plan, data: DataShape, rate: Throughput, left: float | None, overrides: Overrides, wanted: tuple[int | None, int, str | None], need: int) -> _Scoring:
+    """The most folds (and repeats) the data want whose trials the search holds ``need`` of; else one split."""
     k, repeats, _ = wanted
     options = [(k, repeats)] if k is None or overrides.cv else list(dict.fromkeys([(k, repeats), (k, 1), *((f, 1) for f in (3, 2) if f < k), (None, 1)]))
     for folds, times in options:
         val = data.labelled // folds if folds else data.val
         fit_seconds = BUILD_SECONDS + plan.evaluations * val / rate.evaluate + plan.steps * plan.step_seconds
-        trial = fit_seconds * (folds or 1) * times
-        if left is None or folds is None or overrides.cv or left * plan.jobs >= need * trial:
-            return folds, times, fit_seconds, trial, need
+        scoring = _Scoring(folds, times, fit_seconds, fit_seconds * (folds or 1) * times, (folds or 1) * times * plan.pseudo_seconds, need)
+        if left is None or folds is None or overrides.cv or (left - scoring.once_seconds) * plan.jobs >= need * scoring.trial_seconds:
+            return scoring
     raise AssertionError("one split is always an option")
 
 
-def _buy_folds(plan: Plan, data: DataShape, rate: Throughput, left: float | None, overrides: Overrides, wanted: tuple[int | None, int, str | None], chosen: tuple) -> None:
+def _buy_folds(plan: Plan, data: DataShape, rate: Throughput, left: float | None, overrides: Overrides, wanted: tuple[int | None, int, str | None], chosen: _Scoring) -> None:
     """The trials' scoring ``chosen`` by :func:`_choose_folds`, and how many trials ``left`` holds."""
     k, repeats, why = wanted
-    folds, times, fit_seconds, trial, need = chosen
-    plan.folds, plan.repeats, plan.fit_seconds = folds, times, fit_seconds
-    if folds and why:
+    plan.folds, plan.repeats, plan.fit_seconds = chosen.folds, chosen.repeats, chosen.fit_seconds
+    if chosen.folds and why:
         plan.reasons.append(why)
-    if (folds, times) != (k, repeats):
+    if (chosen.folds, chosen.repeats) != (k, repeats):
         wanted_trial = (BUILD_SECONDS + plan.evaluations * data.labelled // k / rate.evaluate + plan.steps * plan.step_seconds) * k * repeats
-        plan.skipped.append(f"{k}-fold CV" + (f" x{repeats}" if repeats > 1 else "") + f" ({need} trials need {duration(need * wanted_trial / plan.jobs)}, {duration(left)} left)")
+        plan.skipped.append(f"{k}-fold CV" + (f" x{repeats}" if repeats > 1 else "") + f" ({chosen.need} trials need {duration(chosen.need * wanted_trial / plan.jobs)}, {duration(left)} left)")
     if left is None:
         plan.expected_trials = overrides.trials or 20
     else:
-        plan.expected_trials = max(0, int(left * plan.jobs / trial))
+        plan.expected_trials = max(0, int((left - chosen.once_seconds) * plan.jobs / chosen.trial_seconds))
         plan.expected_trials = min(plan.expected_trials, overrides.trials) if overrides.trials else plan.expected_trials
 
 
