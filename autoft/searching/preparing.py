@@ -120,11 +120,12 @@ def _setup(config: SearchConfig, registry: plugins.Registry, budget: Budget, wor
         registry.pretrainer(config.pretrain)
     info = describe_backbone(config.backbone, registry)
     regularizers = registry.without_clashes("regularizers", DEFAULT_REGULARIZERS)
+    weights, notice = resolve_weights(config.weights, config.backbone, registry)
     space = config.space or SearchSpace(tuple(strategies), load_overrides(config.ranges, config.space_file), regularizers=regularizers)
+    space = dataclasses.replace(space, pretrained=weights is not None)
     space.check_names(info.num_groups, strategies)
     device = resolve_device(config.device)
     jobs = 1 if worker else resolve_jobs(config.jobs, device)
-    weights, notice = resolve_weights(config.weights, config.backbone, registry)
     if notice:
         _emit(config, WeightsNotice(notice))
     build_backbone(config.backbone, num_classes=2, weights=weights, registry=registry)  # a bad weights file fails before decoding

@@ -8,7 +8,9 @@ regulariser then declare their own parameters (conditional on them) through thei
 declare ``freeze_depth`` over the same range (0 up to the number of groups before the
 head); L2-SP adds ``l2sp_alpha``, the strength of its pull towards the starting weights;
 LP-FT its probe's share of the epochs. The regulariser is ``none``, ``mixup``, ``cutmix``
-(their ``*_alpha``) or ``bss`` (``bss_weight``).
+(their ``*_alpha``) or ``bss`` (``bss_weight``). From pretrained weights every trial also
+declares :data:`autoft.model.recipe.PRETRAINED_PARAMS`: ``lr_decay`` (layer-wise learning-rate
+decay) and ``bn`` (BatchNorm statistics adapted or kept); from random weights they mean nothing.
 
 Ranges are overridden by name, for base, strategy and regulariser parameters alike::
 
@@ -28,12 +30,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from autoft.errors import AutoftError
-from autoft.model.recipe import NO_REGULARIZER, PARAM_DEFS, PARAMS, default_params
+from autoft.model.recipe import NO_REGULARIZER, PARAM_DEFS, PARAMS, PRETRAINED_DEFAULTS, PRETRAINED_DEFS, PRETRAINED_PARAMS, ParamDef, default_params
 from autoft.searching.ranges import check_range, load_overrides, parse_range  # noqa: F401  (re-exported)
 
 # Ranges of the base parameters, from the recipe's table.
 BASE_RANGES: dict[str, dict[str, Any]] = {p.name: p.search_range for p in PARAMS if p.search_range is not None}
 BASE_CHOICES: dict[str, list[Any]] = {p.name: list(p.choices) for p in PARAMS if p.choices is not None}
+# From pretrained weights only: layer-wise learning-rate decay and BatchNorm statistics kept or adapted.
+PRETRAINED_RANGES: dict[str, dict[str, Any]] = {p.name: p.search_range or {"choices": list(p.choices)} for p in PRETRAINED_PARAMS}
 PLUGIN_CHOSEN = ("strategy", "regularizer")  # choices come from --strategy and the installed regularisers
 DEFAULT_STRATEGIES = ("freeze", "l2sp", "lp-ft")
 DEFAULT_REGULARIZERS = (NO_REGULARIZER, "mixup", "cutmix", "bss")
@@ -49,6 +53,7 @@ class SearchSpace:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     choices: dict[str, list[Any]] = field(default_factory=dict)
     regularizers: tuple[str, ...] = DEFAULT_REGULARIZERS
+    pretrained: bool = False  # the starting weights are pretrained: lr_decay and bn are searched too
     regularizer_objects: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # made on first use
     # ("strategy" or "regularizer", name) -> why later trials leave it out: its plugin failed
     failed: dict[tuple[str, str], str] = field(default_factory=dict, repr=False, compare=False)
@@ -72,18 +77,15 @@ class SearchSpace:
         ranged = RangedTrial(trial, self.overrides)
         params: dict[str, Any] = {}
         for p in PARAMS:
-            if p.name in PLUGIN_CHOSEN or not p.applies(params):
-                continue
-            if p.search_range is None:
-                params[p.name] = ranged.suggest_categorical(p.name, list(p.choices))
-            elif p.type is int:
-                params[p.name] = ranged.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
-            else:
-                params[p.name] = ranged.suggest_float(p.name, p.low, p.high, log=p.log)
+            if p.name not in PLUGIN_CHOSEN and p.applies(params):
+                params[p.name] = _suggest(ranged, p)
         for name, options in self.choices.items():
             params[name] = ranged.suggest_categorical(name, list(options))
         params["strategy"] = self._usable("strategy", ranged.suggest_categorical("strategy", list(self.strategies)))
         params.update(strategies[params["strategy"]].suggest(ranged, n_groups))
+        for p in PRETRAINED_PARAMS if self.pretrained else ():
+            if p.name not in params:  # a strategy of its own range (discriminative's lr_decay) keeps it
+                params[p.name] = _suggest(ranged, p)
         params["regularizer"] = self._usable("regularizer", ranged.suggest_categorical("regularizer", list(self.regularizers)))
         if params["regularizer"] != NO_REGULARIZER:
             params.update(self._regularizer(params["regularizer"]).suggest(ranged))
@@ -117,7 +119,8 @@ class SearchSpace:
 
     def defaults(self, strategy_name: str, strategy, n_groups: int, base: dict[str, Any] | None = None) -> dict[str, Any]:
         """The known-good first trial, keeping only values inside the (possibly overridden) space."""
-        wanted = {**(base or default_params()), **strategy.default_params(n_groups), "strategy": strategy_name}
+        pretrained = PRETRAINED_DEFAULTS if self.pretrained else {}
+        wanted = {**(base or default_params()), **pretrained, **strategy.default_params(n_groups), "strategy": strategy_name}
         if wanted.get("regularizer") not in self.regularizers:
             wanted["regularizer"] = self.regularizers[0]
         if wanted["regularizer"] != NO_REGULARIZER:
@@ -136,7 +139,7 @@ class SearchSpace:
             return value in self.regularizers
         if name in self.choices:
             return value in self.choices[name]
-        spec = self.overrides.get(name) or BASE_RANGES.get(name) or ({"choices": BASE_CHOICES[name]} if name in BASE_CHOICES else None)
+        spec = self.overrides.get(name) or BASE_RANGES.get(name) or PRETRAINED_RANGES.get(name) or ({"choices": BASE_CHOICES[name]} if name in BASE_CHOICES else None)
         if spec is None:
             return True  # a plugin's parameter within the plugin's own range
         if "choices" in spec:
@@ -148,6 +151,8 @@ class SearchSpace:
         the parameter cannot take fails here too, before any work, not in the first trial."""
         known = set(self.describe(n_groups, strategies, overrides=False))
         unknown = sorted(set(self.overrides) - known)
+        if unknown and unknown[0] in PRETRAINED_DEFS:
+            raise AutoftError(f"--range {unknown[0]}: searched only from pretrained weights (--weights); this search starts from random ones")
         if unknown:
             raise AutoftError(f"--range {unknown[0]}: no such parameter in this search; searched: {', '.join(sorted(known))}")
         problem = self.value_problem(n_groups, strategies)
@@ -180,7 +185,7 @@ class SearchSpace:
         used = self.overrides if overrides else {}
         recorder = self._declared(n_groups, strategies, used)
         described = {}
-        base = {**BASE_RANGES, **{k: {"choices": v} for k, v in BASE_CHOICES.items()}}
+        base = {**BASE_RANGES, **{k: {"choices": v} for k, v in BASE_CHOICES.items()}, **(PRETRAINED_RANGES if self.pretrained else {})}
         for name, spec in {**base, **used}.items():
             if name in base or name in recorder.seen:
                 described[name] = _describe(spec)
@@ -281,9 +286,10 @@ class _RecordingTrial:
 
 def _value_problem(name: str, value: Any, kind: Any, space: SearchSpace) -> str | None:
     """What is wrong with ``value`` for the parameter ``name`` (declared as ``kind`` by a plugin), or None."""
-    if name in PARAM_DEFS and (PARAM_DEFS[name].type is not str or PARAM_DEFS[name].choices):
+    definition = PARAM_DEFS.get(name) or PRETRAINED_DEFS.get(name)
+    if definition is not None and (definition.type is not str or definition.choices):
         try:
-            PARAM_DEFS[name].check(value)
+            definition.check(value)
         except AutoftError as exc:
             return str(exc)
         return None
@@ -301,6 +307,15 @@ def _value_problem(name: str, value: Any, kind: Any, space: SearchSpace) -> str 
     elif isinstance(kind, list) and value not in kind:
         return f"{name}={value!r} is not one of {', '.join(map(str, kind))}"
     return None
+
+
+def _suggest(ranged: "RangedTrial", p: ParamDef) -> Any:
+    """Declare one parameter of the recipe's tables over its search range (or its choices)."""
+    if p.search_range is None:
+        return ranged.suggest_categorical(p.name, list(p.choices))
+    if p.type is int:
+        return ranged.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
+    return ranged.suggest_float(p.name, p.low, p.high, log=p.log)
 
 
 def _describe(spec: dict[str, Any]) -> str:
