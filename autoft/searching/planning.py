@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from autoft.searching.calibration import MIN_SIZE, Throughput, calibrate, candidate_sizes, median_rate, median_short_side, own_size, short_side  # noqa: F401  (re-exported)
+from autoft.searching.calibration import MIN_SIZE, SizeProbe, Throughput, calibrate, candidate_sizes, median_rate, median_short_side, own_size, short_side  # noqa: F401  (re-exported)
 from autoft.errors import AutoftError
 from autoft.searching.plan import SIMPLE_MODELS, Plan, bucket  # noqa: F401  (re-exported)
 from autoft.core.text import duration
@@ -153,17 +153,19 @@ def default_batch_size(train_images: int) -> int:
 
 def make_plan(
     data: DataShape, rates: dict[int, Throughput], budget: float | None, overrides: Overrides = Overrides(), *, pretrained: bool = False, jobs: int = 1,
-    backbone: str = "the backbone",
+    backbone: str = "the backbone", probe: SizeProbe | None = None,
 ) -> Plan:
     """The stages ``budget`` seconds (from now) buy, in order; :class:`BudgetTooSmall` only when
     not even decoding and logistic regression on pixels fit.
 
     ``rates`` are measured at the images' own size (the smallest) and, with pretrained weights,
-    larger ones: a larger size is planned only when it buys the same stages and a search of
-    :data:`CV_EQUIVALENTS` trials. Images over :data:`SHRINK_FLOOR` px train smaller only when
-    their own size cannot hold the default fit at full strength; smaller images never do.
-    ``jobs`` trials run at once, each at the measured throughput: the search holds ``jobs``
-    times as many fits; the default fit and the refit run alone.
+    larger ones: a larger size is affordable when it buys the same stages and a search of
+    :data:`CV_EQUIVALENTS` trials. Among the affordable sizes ``probe`` measured, its choice
+    wins (:meth:`SizeProbe.choose`); without one, the largest affordable size. Images over
+    :data:`SHRINK_FLOOR` px train smaller only when their own size cannot hold the default fit
+    at full strength; smaller images never do. ``jobs`` trials run at once, each at the
+    measured throughput: the search holds ``jobs`` times as many fits; the default fit and the
+    refit run alone.
     """
     least = floor_seconds(data)
     if budget is not None and budget * MARGIN_FREE < least:
@@ -173,19 +175,44 @@ def make_plan(
         return _plan_at(data, rates.get(size) or _scaled(rates, size), budget, overrides, pretrained, jobs, backbone)
 
     if overrides.image_size:
-        return at(overrides.image_size)
-    base = min(rates)
-    plan = at(base)
-    for size in sorted((s for s in rates if s > base), reverse=True):
-        larger = at(size)
-        if _full(larger) and _stages(larger) == _stages(plan) and larger.search and larger.expected_trials >= CV_EQUIVALENTS:
-            return larger
+        return _probed(at(overrides.image_size), probe, [overrides.image_size])
+    affordable = _affordable(at, rates)
+    plan = affordable[0]
+    chosen = probe.choose([p.image_size for p in affordable]) if probe is not None else None
+    if chosen is not None:
+        return _probed(next(p for p in affordable if p.image_size == chosen), probe, [chosen])
+    if len(affordable) > 1:
+        return _probed(affordable[-1], probe, [])
+    base = plan.image_size
     if not _full(plan) and base > SHRINK_FLOOR:
         for size in dict.fromkeys((max(SHRINK_FLOOR, 8 * (base // 16)), SHRINK_FLOOR)):
             smaller = at(size)
             if _full(smaller):
                 smaller.reasons.append(f"{size} px, not the images' {base}: {duration(budget)} cannot train the default recipe at {base} px")
                 return smaller
+    return plan
+
+
+def affordable_sizes(data: DataShape, rates: dict[int, Throughput], budget: float | None, overrides: Overrides = Overrides(), *, pretrained: bool = False, jobs: int = 1) -> list[int]:
+    """The images' own size, then the larger ones the budget affords (see :func:`make_plan`): what a size probe measures."""
+    if overrides.image_size or (budget is not None and budget * MARGIN_FREE < floor_seconds(data)):
+        return [overrides.image_size] if overrides.image_size else [min(rates)]
+    return [p.image_size for p in _affordable(lambda size: _plan_at(data, rates[size], budget, overrides, pretrained, jobs, "the backbone"), rates)]
+
+
+def _affordable(at, rates: dict[int, Throughput]) -> list[Plan]:
+    """The plan at the images' own size, then those at larger sizes that buy the same stages and a search of :data:`CV_EQUIVALENTS` trials, smallest first."""
+    plan = at(min(rates))
+    larger = (at(size) for size in sorted(s for s in rates if s > plan.image_size))
+    return [plan, *(p for p in larger if _full(p) and _stages(p) == _stages(plan) and p.search and p.expected_trials >= CV_EQUIVALENTS)]
+
+
+def _probed(plan: Plan, probe: SizeProbe | None, chosen: list[int]) -> Plan:
+    """``plan`` with what the size probe measured, or why it measured nothing, in its line."""
+    if probe is not None and probe.skipped:
+        plan.skipped.append(f"the size probe ({probe.skipped})")
+    elif probe is not None and chosen and chosen[0] in probe.accuracies:
+        plan.reasons.append(probe.describe(chosen[0]))
     return plan
 
 
