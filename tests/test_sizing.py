@@ -81,7 +81,10 @@ def test_a_search_from_pretrained_weights_measures_the_size_and_its_plan_line_sa
 
     torch.manual_seed(0)
     torch.save(build_backbone("test_resnet", num_classes=4).model.state_dict(), tmp_path / "start.pt")
-    session = prepare(SearchConfig("test_resnet", str(image_folder), tmp_path / "run", device="cpu", weights=str(tmp_path / "start.pt"), seed=0))
+    # Two jobs: calibration and the probe run on one thread each, as a worker's trials would. On two cores shared with
+    # other work, two torch threads fight for them (a step 200 times slower), and calibration stops at the first size.
+    config = SearchConfig("test_resnet", str(image_folder), tmp_path / "run", device="cpu", weights=str(tmp_path / "start.pt"), seed=0, jobs=2)
+    session = prepare(config)
     line = session.ctx.plan.line()
     assert " px by a linear probe of the starting weights on 96 images: " in line and "at 32 px, " in line, line
     assert session.ctx.plan.image_size >= 32 and session.state.timings["size probe"] > 0

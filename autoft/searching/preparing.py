@@ -149,7 +149,8 @@ def _plan_and_decode(setup: _Setup, labelled_images: Any, timings: dict[str, flo
     timings["calibration"] = time.monotonic() - clock
     overrides = Overrides(image_size=config.image_size, epochs=config.epochs, trials=config.trials, pretrain_epochs=config.pretrain_epochs,
                           cv=config.cv, no_cv=config.no_cv, batch_size=config.batch_size)  # fmt: skip
-    probe = _size_probe(setup, shape, rates, overrides, labelled_images) if pretrained and not config.image_size else None
+    with torch_threads(threads_per_job(setup.jobs)):
+        probe = _size_probe(setup, shape, rates, overrides, labelled_images) if pretrained and not config.image_size else None
     if probe is not None:
         timings["size probe"] = probe.seconds
     plan = _plan(setup, shape, rates, overrides, pretrained, probe)

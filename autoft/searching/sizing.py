@@ -59,6 +59,8 @@ def measure_sizes(
     for size in sorted(sizes):
         images, kept, _ = decode_all(samples, size)
         samples, labels = [samples[i] for i in kept], labels[kept]  # an unreadable file is left out at every size
+        if len(samples) < PROBE_LEAST:
+            return SizeProbe({}, len(samples), time.perf_counter() - started, skipped=f"only {len(samples)} of its images could be read")
         accuracies[size] = _accuracy(np.asarray(features_of(images), dtype=np.float64), labels, seed)
         if limit is not None and time.perf_counter() - started > 2 * limit:
             break
