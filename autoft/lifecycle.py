@@ -132,8 +132,8 @@ class TrainContext:
             if id(p) not in known:
                 fresh.append(p)
                 known.add(id(p))
-        if fresh:
-            self.optimizer.add_param_group(optimizer_group(fresh, self.params, lr_scale, weight_decay))
+        for group in optimizer_groups(fresh, self.backbone, self.params, lr_scale, weight_decay) if fresh else ():
+            self.optimizer.add_param_group(group)
 
 
 def optimizer_group(params: list[torch.nn.Parameter], recipe: dict[str, Any], lr_scale: float = 1.0, weight_decay: float | None = None) -> dict[str, Any]:
@@ -146,6 +146,26 @@ def optimizer_group(params: list[torch.nn.Parameter], recipe: dict[str, Any], lr
         "lr_scale": lr_scale,
         "weight_decay": recipe["weight_decay"] if weight_decay is None else weight_decay,
     }
+
+
+def optimizer_groups(
+    params: list[torch.nn.Parameter], backbone: Backbone, recipe: dict[str, Any], lr_scale: float = 1.0, weight_decay: float | None = None
+) -> list[dict[str, Any]]:
+    """:func:`optimizer_group`'s groups for ``params``, under the recipe's layer-wise
+    learning-rate decay (``lr_decay``, 1 when absent): a parameter of backbone group ``i`` of
+    ``n`` trains at ``lr_scale * lr_decay**(n-1-i)``, the head (the last group) at ``lr_scale``.
+    Applied here, once, it holds for every strategy, whatever groups its plan makes, and for
+    what a strategy unfreezes later."""
+    decay = float(recipe.get("lr_decay", 1.0))
+    if decay == 1.0:
+        return [optimizer_group(params, recipe, lr_scale, weight_decay)]
+    n = len(backbone.groups)
+    by_name = dict(backbone.model.named_parameters())
+    depth = {id(by_name[name]): i for i, group in enumerate(backbone.groups) for name in group.params if name in by_name}
+    split: dict[int, list[torch.nn.Parameter]] = {}
+    for p in params:
+        split.setdefault(depth.get(id(p), n - 1), []).append(p)  # a parameter outside the backbone's groups trains as the head does
+    return [optimizer_group(split[i], recipe, lr_scale * decay ** (n - 1 - i), weight_decay) for i in sorted(split)]
 
 
 # ---------------------------------------------------------------------------

@@ -111,6 +111,7 @@ def test_from_pretrained_weights_the_default_recipe_is_lp_ft_at_a_low_learning_r
                     ensemble=1, export_onnx=False, weights=str(weights))  # fmt: skip
     (default,) = _trials(result)
     assert default.user_attrs["recipe"] == "default" and default.params["strategy"] == "lp-ft" and default.params["lr"] == pytest.approx(3e-4)
+    assert default.params["lr_decay"] == 1.0 and default.params["bn"] == "keep"  # stated, and searched by later trials
 
 
 def test_no_time_is_kept_back_for_a_refit_the_plan_did_not_buy():

@@ -115,6 +115,14 @@ def test_version():
     assert result.exit_code == 0 and result.output.startswith("autoft ")
 
 
+def test_python_dash_m_autoft_is_the_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "autoft", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("autoft "), done.stderr
+
+
 # ---------------------------------------------------------------------------
 # Help text
 

@@ -586,6 +586,39 @@ def test_cli_bad_input_is_one_line(image_folder, tmp_path):
         assert message in result.output and "Traceback" not in result.output
 
 
+def test_from_pretrained_weights_the_space_also_searches_lr_decay_and_bn():
+    import optuna
+
+    from autoft import plugins
+
+    registry = plugins.registry()
+    strategies = {name: registry.strategy(name).factory() for name in ("freeze", "l2sp", "lp-ft")}
+    pretrained, scratch = SearchSpace(tuple(strategies), pretrained=True), SearchSpace(tuple(strategies))
+    described = pretrained.describe(6, strategies)
+    assert described["lr_decay"] == "0.5 to 1" and described["bn"] == "adapt, keep"
+    assert not {"lr_decay", "bn"} & set(scratch.describe(6, strategies))  # from random weights they mean nothing
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = [pretrained.suggest(study.ask(), strategies, 6) for _ in range(12)]
+    assert all(0.5 <= d["lr_decay"] <= 1.0 for d in drawn) and {d["bn"] for d in drawn} == {"adapt", "keep"}
+    assert not {"lr_decay", "bn"} & set(scratch.suggest(study.ask(), strategies, 6))
+    first = pretrained.defaults("lp-ft", strategies["lp-ft"], 6)
+    assert (first["lr_decay"], first["bn"]) == (1.0, "keep")  # what the default recipe from pretrained weights states
+    assert not {"lr_decay", "bn"} & set(scratch.defaults("freeze", strategies["freeze"], 6))
+    narrowed = SearchSpace(tuple(strategies), load_overrides(["lr_decay=0.6:0.9", "bn=keep"]), pretrained=True)
+    narrowed.check_names(6, strategies)
+    assert narrowed.describe(6, strategies)["lr_decay"] == "0.6 to 0.9"
+    other = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    assert all(0.6 <= d["lr_decay"] <= 0.9 and d["bn"] == "keep" for d in (narrowed.suggest(other.ask(), strategies, 6) for _ in range(6)))
+
+
+def test_lr_decay_and_bn_ranges_from_random_weights_are_one_line_errors(image_folder, tmp_path):
+    runner = CliRunner()
+    args = ["search", "--backbone", "test_resnet", "--data", str(image_folder), "--out", str(tmp_path), "--weights", "scratch"]
+    result = runner.invoke(make_app(), [*args, "--range", "lr_decay=0.6:0.9"])
+    assert result.exit_code == 2 and _error_lines(result.output) == ["error: --range lr_decay: searched only from pretrained weights (--weights); this search starts from random ones"]
+    assert "lr_decay" in " ".join(runner.invoke(make_app(), ["search", "--help"]).output.split())
+
+
 def test_study_names_come_from_backbone_and_data():
     assert default_study_name("test_resnet", "sample:digits") == "test_resnet-digits"
     assert default_study_name("resnet50", "/data/flowers/") == "resnet50-flowers"

@@ -367,6 +367,61 @@ def test_lp_ft_trains_the_head_first_then_the_body(small):
     assert seen[1] == seen[2] == ["head"] and len(seen[3]) == 6 == len(seen[4])
 
 
+def _group_of(backbone) -> dict[int, int]:
+    by_name = dict(backbone.model.named_parameters())
+    return {id(by_name[name]): i for i, group in enumerate(backbone.groups) for name in group.params}
+
+
+@pytest.mark.parametrize(
+    "params, body_scale",
+    [
+        ({"strategy": "full"}, 1.0),
+        ({"strategy": "freeze", "freeze_depth": 2}, 1.0),
+        ({"strategy": "l2sp", "freeze_depth": 1, "l2sp_alpha": 0.01}, 1.0),
+        ({"strategy": "lp-ft", "lpft_probe_share": 0.5, "lpft_body_lr_scale": 0.3, "freeze_depth": 0}, 0.3),  # the body joins after the probe
+        ({"strategy": "discriminative"}, 1.0),
+    ],
+)
+def test_layer_wise_lr_decay_gives_group_i_of_n_lr_times_decay_to_the_n_1_i_for_every_strategy(small, params, body_scale):
+    recipe = resolve_recipe({**params, "lr_decay": 0.5}, 6, plugins.registry())
+    run = trainer(small, recipe, epochs=2, batch_size=64)
+    run.fit()
+    group_of, n = _group_of(run.backbone), len(run.backbone.groups)
+    trained = set()
+    for group in run.ctx.optimizer.param_groups:
+        (i,) = {group_of[id(p)] for p in group["params"]}  # one backbone group per optimizer group
+        scale = 1.0 if i == n - 1 else body_scale
+        assert group["lr_scale"] == pytest.approx(scale * 0.5 ** (n - 1 - i)), (i, group["lr_scale"])
+        trained.add(i)
+    first = {"freeze": 2, "l2sp": 1}.get(params["strategy"], 0)
+    assert trained == set(range(first, n))  # every group the strategy trains, each at its own rate
+
+
+def test_without_lr_decay_a_strategys_groups_stay_as_it_made_them(small):
+    run = trainer(small, {"strategy": "full"}, epochs=1, batch_size=64)
+    run.fit()
+    assert len(run.ctx.optimizer.param_groups) == 1 and run.ctx.optimizer.param_groups[0]["lr_scale"] == 1.0
+
+
+@pytest.mark.parametrize("bn", ["keep", "adapt"])
+def test_bn_keep_holds_the_running_statistics_while_the_affine_parameters_train(small, bn):
+    run = trainer(small, {"strategy": "full", "bn": bn}, epochs=1, batch_size=64)
+    norms = [m for m in run.backbone.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [(m.running_mean.clone(), m.weight.detach().clone()) for m in norms]
+    run.fit()
+    assert norms and all(not torch.equal(m.weight, weight) for m, (_, weight) in zip(norms, before))  # affine parameters trained either way
+    kept = [torch.equal(m.running_mean, mean) for m, (mean, _) in zip(norms, before)]
+    assert all(kept) if bn == "keep" else not any(kept)
+
+
+def test_lr_decay_and_bn_are_checked_like_the_base_parameters():
+    with pytest.raises(AutoftError, match=r"lr_decay=1\.5 is outside \(0\.0, 1\.0\]"):
+        Recipe.from_params({"lr_decay": 1.5})
+    with pytest.raises(AutoftError, match="bn='forget' is not one of adapt, keep"):
+        Recipe.from_params({"bn": "forget"})
+    assert Recipe.from_params({"lr_decay": "0.75", "bn": "keep"}).extra == {"lr_decay": 0.75, "bn": "keep"}
+
+
 def test_a_group_a_callback_adds_to_the_optimizer_itself_trains(small):
     class AddsItsOwnGroup:
         def on_epoch_start(self, ctx):

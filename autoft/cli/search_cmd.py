@@ -134,8 +134,9 @@ def search_command(
     """Search how to fine-tune BACKBONE on your images within --timeout; keep, refit and export the best model.
 
     Searched: learning rate, dropout, weight decay, label smoothing, augmentation, strategy
-    (freeze depth, L2-SP, LP-FT), regulariser (mixup, cutmix, BSS), and with --unlabelled the
-    pretraining checkpoint and the pseudo-labels. Ranges: `autoft search ... --range NAME=...`.
+    (freeze depth, L2-SP, LP-FT), regulariser (mixup, cutmix, BSS); from pretrained weights also
+    layer-wise lr decay (lr_decay) and BatchNorm statistics adapted or kept (bn); with --unlabelled
+    the pretraining checkpoint and the pseudo-labels. Ranges: `autoft search ... --range NAME=...`.
     """
     import optuna
 

@@ -109,10 +109,12 @@ def load_weights(model: torch.nn.Module, path: Path) -> list[str]:
     return sorted(set(own) - set(usable))
 
 
-def freeze_batchnorm(model: torch.nn.Module) -> None:
-    """Keep running statistics of BatchNorm layers whose parameters are all frozen."""
+def freeze_batchnorm(model: torch.nn.Module, every: bool = False) -> None:
+    """Keep running statistics of BatchNorm layers whose parameters are all frozen, or, with
+    ``every`` (a recipe's ``bn=keep``), of every BatchNorm layer: eval mode normalises with the
+    starting weights' statistics, while the affine parameters still train unless frozen."""
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             own = list(module.parameters(recurse=False))
-            if own and not any(p.requires_grad for p in own):
+            if every or (own and not any(p.requires_grad for p in own)):
                 module.eval()

@@ -94,6 +94,27 @@ PARAMS: tuple[ParamDef, ...] = (
 )
 PARAM_DEFS = {p.name: p for p in PARAMS}
 
+# Searched only from pretrained weights (see autoft.searching.space): from random weights there are
+# no learned early layers for a decay to protect and no ImageNet statistics to keep. A recipe
+# without them has them off (``default``); they live in ``Recipe.extra``, checked here.
+PRETRAINED_PARAMS: tuple[ParamDef, ...] = (
+    ParamDef(
+        "lr_decay", float, 1.0, "Layer-wise learning-rate decay: group i of n (stem first) trains at lr * lr_decay**(n-1-i), the head at lr; 1 is none.",
+        0.5, 1.0, minimum=0.0, maximum=1.0, open_min=True,
+    ),
+    ParamDef("bn", str, "adapt", "BatchNorm statistics: adapt (they follow the new images) or keep (the starting weights' running statistics, frozen).", choices=("adapt", "keep")),
+)
+PRETRAINED_DEFS = {p.name: p for p in PRETRAINED_PARAMS}
+# The default recipe from pretrained weights (LP-FT at a low learning rate) states them:
+# - lr_decay 1.0: LP-FT already trains the body at lpft_body_lr_scale (0.3) of the head's rate, and
+#   only after the probe; a decay on top would leave the stem at a few hundredths of it, close to
+#   frozen. The search tries decays; the first trial stays the LP-FT recipe the tests pin.
+# - bn keep: the default batch is 16 to 64 images of one small dataset, noisy statistics to replace
+#   ImageNet's with, and LP-FT's body starts training only after the probe learned on the old ones.
+#   Keras's transfer-learning guide likewise keeps BatchNorm in inference mode when it unfreezes a
+#   pretrained model. A practitioner's default, not measured here: the search tries both.
+PRETRAINED_DEFAULTS: dict[str, Any] = {"lr_decay": 1.0, "bn": "keep"}
+
 
 def _params(self) -> dict[str, Any]:
     """The recipe as one flat dict, plugin parameters included (what a trial records)."""
@@ -104,7 +125,7 @@ def _params(self) -> dict[str, Any]:
 def _from_params(cls, params: dict[str, Any]) -> "Recipe":
     """Split a flat dict into base fields (checked) and plugin parameters; missing fields take their defaults."""
     base = {k: PARAM_DEFS[k].check(v) for k, v in params.items() if k in PARAM_DEFS and v is not None}
-    extra = {k: v for k, v in params.items() if k not in PARAM_DEFS}
+    extra = {k: PRETRAINED_DEFS[k].check(v) if k in PRETRAINED_DEFS else v for k, v in params.items() if k not in PARAM_DEFS}
     return cls(**base, extra=extra)
 
 

@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
-from autoft.searching.calibration import MIN_SIZE, Throughput, calibrate, candidate_sizes, median_rate, median_short_side, own_size, short_side  # noqa: F401  (re-exported)
+from autoft.searching.calibration import MIN_SIZE, SizeProbe, Throughput, calibrate, candidate_sizes, median_rate, median_short_side, own_size, short_side  # noqa: F401  (re-exported)
 from autoft.errors import AutoftError
 from autoft.searching.plan import SIMPLE_MODELS, Plan, bucket  # noqa: F401  (re-exported)
+from autoft.searching.plan_search import (  # noqa: F401  (re-exported)
+    BUILD_SECONDS, CV_EQUIVALENTS, CV_FEW, NOISY_VAL, PRETRAIN_MAX_EPOCHS, PRETRAIN_MIN_EPOCHS, PRETRAIN_SHARE, PSEUDO_SHARE, SEARCH_MIN, SPREAD_SECONDS,
+    buy_scoring, buy_pretraining, buy_pseudo_labels, choose_scoring,
+)  # fmt: skip
 from autoft.core.text import duration
 
 GOOD_STEPS = 400  # what a fixed recipe needs on a small dataset: the default fit's length ...
@@ -39,21 +42,11 @@ MIN_STEPS = 40  # ... and the least it is cut to when time is short: a candidate
 TARGET_EPOCHS = 15  # on large data, about this many passes over it ...
 DEFAULT_SHARE = 0.5  # ... within at most this share of the budget (never below GOOD_STEPS)
 EVALUATIONS = 8  # evaluation points of a fit: the pruner's rungs
-SEARCH_MIN = 2  # trials at the default's length a search must hold to be bought
-CV_EQUIVALENTS = 6  # ... and that many k-fold trials for cross-validation to be bought ...
-NOISY_VAL = 100  # ... or, when one split would validate on fewer images than this (it chooses by noise), ...
-CV_FEW = 3  # ... this many
-PRETRAIN_SHARE = 0.2  # of what the default fit and the refit leave, for pretraining
-PRETRAIN_MIN_EPOCHS = 1  # an epoch on a few hundred unlabelled images already helps a from-scratch start
-PRETRAIN_MAX_EPOCHS = 50
-PSEUDO_SHARE = 0.1  # embedding every image for pseudo-labels may take this share of the search's time
-SPREAD_SECONDS = 2.0  # ... and spreading the labels over them, once per split (scikit-learn, 2 busy cores)
 CV_MIN_VAL = 300  # a validation split smaller than this is noise to choose on
 CV_MIN_PER_CLASS = 30
 MARGIN = 0.03  # of the budget, kept for the last trial's bookkeeping
 MARGIN_FREE = 1 - MARGIN
 FINISH_SECONDS = 10.0  # the end, kept back from every stage: export, its verification, the report (resnet18 on 2 busy cores: 6 s + 3 s)
-BUILD_SECONDS = 0.5  # building a backbone and its optimizer, per fit
 # The simple models' cost, measured with scikit-learn on a 2-core CPU shared with other work:
 DECODE_SECONDS = 2e-3  # an image file opened, decoded and resized ...
 DECODE_PIXEL_SECONDS = 2e-8  # ... and per pixel of the file
@@ -160,17 +153,19 @@ def default_batch_size(train_images: int) -> int:
 
 def make_plan(
     data: DataShape, rates: dict[int, Throughput], budget: float | None, overrides: Overrides = Overrides(), *, pretrained: bool = False, jobs: int = 1,
-    backbone: str = "the backbone",
+    backbone: str = "the backbone", probe: SizeProbe | None = None,
 ) -> Plan:
     """The stages ``budget`` seconds (from now) buy, in order; :class:`BudgetTooSmall` only when
     not even decoding and logistic regression on pixels fit.
 
     ``rates`` are measured at the images' own size (the smallest) and, with pretrained weights,
-    larger ones: a larger size is planned only when it buys the same stages and a search of
-    :data:`CV_EQUIVALENTS` trials. Images over :data:`SHRINK_FLOOR` px train smaller only when
-    their own size cannot hold the default fit at full strength; smaller images never do.
-    ``jobs`` trials run at once, each at the measured throughput: the search holds ``jobs``
-    times as many fits; the default fit and the refit run alone.
+    larger ones: a larger size is affordable when it buys the same stages and a search of
+    :data:`CV_EQUIVALENTS` trials. Among the affordable sizes ``probe`` measured, its choice
+    wins (:meth:`SizeProbe.choose`); without one, the largest affordable size. Images over
+    :data:`SHRINK_FLOOR` px train smaller only when their own size cannot hold the default fit
+    at full strength; smaller images never do. ``jobs`` trials run at once, each at the
+    measured throughput: the search holds ``jobs`` times as many fits; the default fit and the
+    refit run alone.
     """
     least = floor_seconds(data)
     if budget is not None and budget * MARGIN_FREE < least:
@@ -180,19 +175,44 @@ def make_plan(
         return _plan_at(data, rates.get(size) or _scaled(rates, size), budget, overrides, pretrained, jobs, backbone)
 
     if overrides.image_size:
-        return at(overrides.image_size)
-    base = min(rates)
-    plan = at(base)
-    for size in sorted((s for s in rates if s > base), reverse=True):
-        larger = at(size)
-        if _full(larger) and _stages(larger) == _stages(plan) and larger.search and larger.expected_trials >= CV_EQUIVALENTS:
-            return larger
+        return _probed(at(overrides.image_size), probe, [overrides.image_size])
+    affordable = _affordable(at, rates)
+    plan = affordable[0]
+    chosen = probe.choose([p.image_size for p in affordable]) if probe is not None else None
+    if chosen is not None:
+        return _probed(next(p for p in affordable if p.image_size == chosen), probe, [chosen])
+    if len(affordable) > 1:
+        return _probed(affordable[-1], probe, [])
+    base = plan.image_size
     if not _full(plan) and base > SHRINK_FLOOR:
         for size in dict.fromkeys((max(SHRINK_FLOOR, 8 * (base // 16)), SHRINK_FLOOR)):
             smaller = at(size)
             if _full(smaller):
                 smaller.reasons.append(f"{size} px, not the images' {base}: {duration(budget)} cannot train the default recipe at {base} px")
                 return smaller
+    return plan
+
+
+def affordable_sizes(data: DataShape, rates: dict[int, Throughput], budget: float | None, overrides: Overrides = Overrides(), *, pretrained: bool = False, jobs: int = 1) -> list[int]:
+    """The images' own size, then the larger ones the budget affords (see :func:`make_plan`): what a size probe measures."""
+    if overrides.image_size or (budget is not None and budget * MARGIN_FREE < floor_seconds(data)):
+        return [overrides.image_size] if overrides.image_size else [min(rates)]
+    return [p.image_size for p in _affordable(lambda size: _plan_at(data, rates[size], budget, overrides, pretrained, jobs, "the backbone"), rates)]
+
+
+def _affordable(at, rates: dict[int, Throughput]) -> list[Plan]:
+    """The plan at the images' own size, then those at larger sizes that buy the same stages and a search of :data:`CV_EQUIVALENTS` trials, smallest first."""
+    plan = at(min(rates))
+    larger = (at(size) for size in sorted(s for s in rates if s > plan.image_size))
+    return [plan, *(p for p in larger if _full(p) and _stages(p) == _stages(plan) and p.search and p.expected_trials >= CV_EQUIVALENTS)]
+
+
+def _probed(plan: Plan, probe: SizeProbe | None, chosen: list[int]) -> Plan:
+    """``plan`` with what the size probe measured, or why it measured nothing, in its line."""
+    if probe is not None and probe.skipped:
+        plan.skipped.append(f"the size probe ({probe.skipped})")
+    elif probe is not None and chosen and chosen[0] in probe.accuracies:
+        plan.reasons.append(probe.describe(chosen[0]))
     return plan
 
 
@@ -254,10 +274,10 @@ def _plan_at(data: DataShape, rate: Throughput, budget: float | None, overrides:
         return plan
     plan.search = True
     wanted = (folds, repeats, why)
-    left = _buy_pretraining(plan, data, rate, left, overrides, pretrained, SEARCH_MIN * plan.default_seconds)
-    left = _buy_pseudo_labels(plan, data, rate, left)
+    left = buy_pretraining(plan, data, rate, left, overrides, pretrained, SEARCH_MIN * plan.default_seconds)
+    left = buy_pseudo_labels(plan, data, rate, left)
     need = CV_FEW if data.val < NOISY_VAL else CV_EQUIVALENTS  # a split this small chooses by noise: folds are worth more than trials
-    _buy_folds(plan, data, rate, left, overrides, wanted, _choose_folds(plan, data, rate, left, overrides, wanted, need))
+    buy_scoring(plan, data, rate, left, overrides, wanted, choose_scoring(plan, data, rate, left, overrides, wanted, need))
     return plan
 
 
@@ -285,85 +305,6 @@ def _buy_default(plan: Plan, fit: _Fit, left: float | None, overrides: Overrides
     plan.evaluations = max(1, min(evaluations, steps))
     plan.default_seconds = plan.fit_seconds = fit.seconds(steps, plan.evaluations)
     return True
-
-
-def _buy_pretraining(plan: Plan, data: DataShape, rate: Throughput, left: float | None, overrides: Overrides, pretrained: bool, keep: float) -> float | None:
-    """Epochs of self-supervised pretraining within :data:`PRETRAIN_SHARE` of ``left``, leaving the trials at least ``keep`` seconds."""
-    if not data.unlabelled or overrides.pretrain_epochs == 0:
-        return left
-    if pretrained and overrides.pretrain_epochs is None:
-        # Self-supervised training from ImageNet features on a few hundred images mostly unlearns them:
-        # on top of pretrained weights it runs only when asked for.
-        plan.skipped.append("pretraining (the weights are pretrained already; --pretrain-epochs N asks for it)")
-        return left
-    epoch = 2.2 * (data.unlabelled + data.labelled) / rate.train  # two augmented views an image
-    if overrides.pretrain_epochs is not None:
-        epochs = overrides.pretrain_epochs
-    elif left is None:
-        epochs = PRETRAIN_MAX_EPOCHS
-    else:
-        epochs = min(PRETRAIN_MAX_EPOCHS, int(PRETRAIN_SHARE * left / epoch), int((left - keep / plan.jobs) / epoch))
-        if epochs < PRETRAIN_MIN_EPOCHS:
-            plan.skipped.append(f"pretraining ({PRETRAIN_MIN_EPOCHS} epoch on {data.unlabelled + data.labelled} images needs {duration(PRETRAIN_MIN_EPOCHS * epoch)}: "
-                                f"over a fifth of the search's {duration(left)}, or more than its trials leave)")  # fmt: skip
-            return left
-    plan.pretrain_epochs, plan.pretrain_seconds = epochs, epochs * epoch
-    return None if left is None else left - plan.pretrain_seconds
-
-
-def _buy_pseudo_labels(plan: Plan, data: DataShape, rate: Throughput, left: float | None) -> float | None:
-    """Pseudo-labels, when labelling the unlabelled images once per split is cheap; the splits'
-    cost is charged with the folds (:func:`_choose_folds`)."""
-    if not data.unlabelled:
-        return left
-    embed = (data.unlabelled + data.labelled) / rate.evaluate
-    plan.pseudo_labels = left is None or embed <= PSEUDO_SHARE * left
-    if not plan.pseudo_labels:
-        plan.skipped.append(f"pseudo-labels (embedding {data.unlabelled + data.labelled} images takes {duration(embed)}, over a tenth of the search's {duration(left)})")
-        return left
-    plan.pseudo_seconds = embed + SPREAD_SECONDS
-    return left
-
-
-class _Scoring(NamedTuple):
-    """How trials are scored: k folds (None: one split) and repeats, what one fit and one trial
-    cost, what the splits cost once (their pseudo-labels), and the trials they had to hold."""
-
-    folds: int | None
-    repeats: int
-    fit_seconds: float
-    trial_seconds: float
-    once_seconds: float
-    need: int
-
-
-def _choose_folds(plan: Plan, data: DataShape, rate: Throughput, left: float | None, overrides: Overrides, wanted: tuple[int | None, int, str | None], need: int) -> _Scoring:
-    """The most folds (and repeats) the data want whose trials the search holds ``need`` of; else one split."""
-    k, repeats, _ = wanted
-    options = [(k, repeats)] if k is None or overrides.cv else list(dict.fromkeys([(k, repeats), (k, 1), *((f, 1) for f in (3, 2) if f < k), (None, 1)]))
-    for folds, times in options:
-        val = data.labelled // folds if folds else data.val
-        fit_seconds = BUILD_SECONDS + plan.evaluations * val / rate.evaluate + plan.steps * plan.step_seconds
-        scoring = _Scoring(folds, times, fit_seconds, fit_seconds * (folds or 1) * times, (folds or 1) * times * plan.pseudo_seconds, need)
-        if left is None or folds is None or overrides.cv or (left - scoring.once_seconds) * plan.jobs >= need * scoring.trial_seconds:
-            return scoring
-    raise AssertionError("one split is always an option")
-
-
-def _buy_folds(plan: Plan, data: DataShape, rate: Throughput, left: float | None, overrides: Overrides, wanted: tuple[int | None, int, str | None], chosen: _Scoring) -> None:
-    """The trials' scoring ``chosen`` by :func:`_choose_folds`, and how many trials ``left`` holds."""
-    k, repeats, why = wanted
-    plan.folds, plan.repeats, plan.fit_seconds = chosen.folds, chosen.repeats, chosen.fit_seconds
-    if chosen.folds and why:
-        plan.reasons.append(why)
-    if (chosen.folds, chosen.repeats) != (k, repeats):
-        wanted_trial = (BUILD_SECONDS + plan.evaluations * data.labelled // k / rate.evaluate + plan.steps * plan.step_seconds) * k * repeats
-        plan.skipped.append(f"{k}-fold CV" + (f" x{repeats}" if repeats > 1 else "") + f" ({chosen.need} trials need {duration(chosen.need * wanted_trial / plan.jobs)}, {duration(left)} left)")
-    if left is None:
-        plan.expected_trials = overrides.trials or 20
-    else:
-        plan.expected_trials = max(0, int((left - chosen.once_seconds) * plan.jobs / chosen.trial_seconds))
-        plan.expected_trials = min(plan.expected_trials, overrides.trials) if overrides.trials else plan.expected_trials
 
 
 def _evaluations(fit_seconds: float, one_evaluation: float) -> int:

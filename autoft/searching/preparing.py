@@ -21,7 +21,8 @@ from autoft.data.decoding import decode_and_split
 from autoft.errors import AutoftError
 from autoft.core.events import PlanMade, WeightsNotice
 from autoft.model.metrics import metric_specs, score as metric_score
-from autoft.searching.planning import BudgetTooSmall, DataShape, Overrides, Plan, calibrate, candidate_sizes, make_plan, median_short_side
+from autoft.searching.planning import BudgetTooSmall, DataShape, Overrides, Plan, SizeProbe, affordable_sizes, calibrate, candidate_sizes, make_plan, median_short_side
+from autoft.searching.sizing import PROBE_SHARE, measure_sizes
 from autoft.core.text import duration
 from autoft.core.runtime import resolve_device, resolve_jobs, seed_everything, threads_per_job, torch_threads
 from autoft.searching.config import SearchConfig, default_study_name
@@ -120,11 +121,12 @@ def _setup(config: SearchConfig, registry: plugins.Registry, budget: Budget, wor
         registry.pretrainer(config.pretrain)
     info = describe_backbone(config.backbone, registry)
     regularizers = registry.without_clashes("regularizers", DEFAULT_REGULARIZERS)
+    weights, notice = resolve_weights(config.weights, config.backbone, registry)
     space = config.space or SearchSpace(tuple(strategies), load_overrides(config.ranges, config.space_file), regularizers=regularizers)
+    space = dataclasses.replace(space, pretrained=weights is not None)
     space.check_names(info.num_groups, strategies)
     device = resolve_device(config.device)
     jobs = 1 if worker else resolve_jobs(config.jobs, device)
-    weights, notice = resolve_weights(config.weights, config.backbone, registry)
     if notice:
         _emit(config, WeightsNotice(notice))
     build_backbone(config.backbone, num_classes=2, weights=weights, registry=registry)  # a bad weights file fails before decoding
@@ -147,13 +149,32 @@ def _plan_and_decode(setup: _Setup, labelled_images: Any, timings: dict[str, flo
     timings["calibration"] = time.monotonic() - clock
     overrides = Overrides(image_size=config.image_size, epochs=config.epochs, trials=config.trials, pretrain_epochs=config.pretrain_epochs,
                           cv=config.cv, no_cv=config.no_cv, batch_size=config.batch_size)  # fmt: skip
-    plan = _plan(setup, shape, rates, overrides, pretrained)
+    with torch_threads(threads_per_job(setup.jobs)):
+        probe = _size_probe(setup, shape, rates, overrides, labelled_images) if pretrained and not config.image_size else None
+    if probe is not None:
+        timings["size probe"] = probe.seconds
+    plan = _plan(setup, shape, rates, overrides, pretrained, probe)
     clock = time.monotonic()
     data, unlabelled, skipped = _decode(config, labelled_images, plan.image_size, setup.registry)
     timings["decoding"] = time.monotonic() - clock
     decoded = dataclasses.replace(overrides, image_size=data.image_size)  # what decoding left, at the size decoded
-    plan = _plan(setup, _data_shape(data, 0 if unlabelled is None else len(unlabelled))[0], rates, decoded, pretrained)
+    plan = _plan(setup, _data_shape(data, 0 if unlabelled is None else len(unlabelled))[0], rates, decoded, pretrained, probe)
     return plan, data, unlabelled, skipped
+
+
+def _size_probe(setup: _Setup, shape: DataShape, rates, overrides: Overrides, labelled: Any) -> SizeProbe | None:
+    """From pretrained weights, when the budget affords more than one size: a linear probe's
+    accuracy at each (:mod:`autoft.searching.sizing`), within :data:`PROBE_SHARE` of the time left."""
+    from autoft.training.candidates import Probe
+
+    if isinstance(labelled, DataSplits):
+        return None  # decoded already, at their own size: there is no other to choose
+    left, config = setup.budget.left(), setup.config
+    sizes = affordable_sizes(shape, rates, left, overrides, pretrained=True, jobs=setup.jobs)
+    if len(sizes) < 2:
+        return None
+    embed = lambda: Probe.build(config.backbone, setup.weights, max(2, shape.classes), registry=setup.registry, device=setup.device, seed=config.seed).embed
+    return measure_sizes(labelled, sizes, rates, embed, limit=None if left is None else PROBE_SHARE * left, source_side=shape.source_side, seed=config.seed)
 
 
 def _decode(config: SearchConfig, labelled_images: Any, image_size: int, registry: plugins.Registry):
@@ -302,10 +323,10 @@ def _decode_unlabelled(source: Any, size: int, registry) -> tuple[torch.Tensor |
     return pool.images, list(pool.skipped)
 
 
-def _plan(setup: _Setup, shape: DataShape, rates, overrides: Overrides, pretrained: bool) -> Plan:
+def _plan(setup: _Setup, shape: DataShape, rates, overrides: Overrides, pretrained: bool, probe: SizeProbe | None = None) -> Plan:
     config = setup.config
     try:
-        return make_plan(shape, rates, setup.budget.left(), overrides, pretrained=pretrained, jobs=setup.jobs, backbone=config.backbone)
+        return make_plan(shape, rates, setup.budget.left(), overrides, pretrained=pretrained, jobs=setup.jobs, backbone=config.backbone, probe=probe)
     except BudgetTooSmall as exc:
         spent = setup.budget.spent()
         raise AutoftError(

@@ -8,7 +8,9 @@ regulariser then declare their own parameters (conditional on them) through thei
 declare ``freeze_depth`` over the same range (0 up to the number of groups before the
 head); L2-SP adds ``l2sp_alpha``, the strength of its pull towards the starting weights;
 LP-FT its probe's share of the epochs. The regulariser is ``none``, ``mixup``, ``cutmix``
-(their ``*_alpha``) or ``bss`` (``bss_weight``).
+(their ``*_alpha``) or ``bss`` (``bss_weight``). From pretrained weights every trial also
+declares :data:`autoft.model.recipe.PRETRAINED_PARAMS`: ``lr_decay`` (layer-wise learning-rate
+decay) and ``bn`` (BatchNorm statistics adapted or kept); from random weights they mean nothing.
 
 Ranges are overridden by name, for base, strategy and regulariser parameters alike::
 
@@ -23,19 +25,20 @@ objects, or lists of choices.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from autoft.errors import AutoftError
-from autoft.model.recipe import NO_REGULARIZER, PARAM_DEFS, PARAMS, default_params
+from autoft.model.recipe import NO_REGULARIZER, PARAM_DEFS, PARAMS, PRETRAINED_DEFAULTS, PRETRAINED_DEFS, PRETRAINED_PARAMS, ParamDef, default_params
 from autoft.searching.left_out import LeftOut
+from autoft.searching.ranges import check_range, load_overrides, parse_range  # noqa: F401  (re-exported)
 
 # Ranges of the base parameters, from the recipe's table.
 BASE_RANGES: dict[str, dict[str, Any]] = {p.name: p.search_range for p in PARAMS if p.search_range is not None}
 BASE_CHOICES: dict[str, list[Any]] = {p.name: list(p.choices) for p in PARAMS if p.choices is not None}
+# From pretrained weights only: layer-wise learning-rate decay and BatchNorm statistics kept or adapted.
+PRETRAINED_RANGES: dict[str, dict[str, Any]] = {p.name: p.search_range or {"choices": list(p.choices)} for p in PRETRAINED_PARAMS}
 PLUGIN_CHOSEN = ("strategy", "regularizer")  # choices come from --strategy and the installed regularisers
 DEFAULT_STRATEGIES = ("freeze", "l2sp", "lp-ft")
 DEFAULT_REGULARIZERS = (NO_REGULARIZER, "mixup", "cutmix", "bss")
@@ -51,6 +54,7 @@ class SearchSpace:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     choices: dict[str, list[Any]] = field(default_factory=dict)
     regularizers: tuple[str, ...] = DEFAULT_REGULARIZERS
+    pretrained: bool = False  # the starting weights are pretrained: lr_decay and bn are searched too
     regularizer_objects: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # made on first use
 
     def __post_init__(self) -> None:
@@ -74,18 +78,15 @@ class SearchSpace:
         ranged = RangedTrial(trial, self.overrides)
         params: dict[str, Any] = {}
         for p in PARAMS:
-            if p.name in PLUGIN_CHOSEN or not p.applies(params):
-                continue
-            if p.search_range is None:
-                params[p.name] = ranged.suggest_categorical(p.name, list(p.choices))
-            elif p.type is int:
-                params[p.name] = ranged.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
-            else:
-                params[p.name] = ranged.suggest_float(p.name, p.low, p.high, log=p.log)
+            if p.name not in PLUGIN_CHOSEN and p.applies(params):
+                params[p.name] = _suggest(ranged, p)
         for name, options in self.choices.items():
             params[name] = ranged.suggest_categorical(name, list(options))
         params["strategy"] = usable("strategy", ranged.suggest_categorical("strategy", list(self.strategies)))
         params.update(strategies[params["strategy"]].suggest(ranged, n_groups))
+        for p in PRETRAINED_PARAMS if self.pretrained else ():
+            if p.name not in params:  # a strategy of its own range (discriminative's lr_decay) keeps it
+                params[p.name] = _suggest(ranged, p)
         params["regularizer"] = usable("regularizer", ranged.suggest_categorical("regularizer", list(self.regularizers)))
         if params["regularizer"] != NO_REGULARIZER:
             params.update(self._regularizer(params["regularizer"]).suggest(ranged))
@@ -93,7 +94,8 @@ class SearchSpace:
 
     def defaults(self, strategy_name: str, strategy, n_groups: int, base: dict[str, Any] | None = None) -> dict[str, Any]:
         """The known-good first trial, keeping only values inside the (possibly overridden) space."""
-        wanted = {**(base or default_params()), **strategy.default_params(n_groups), "strategy": strategy_name}
+        pretrained = PRETRAINED_DEFAULTS if self.pretrained else {}
+        wanted = {**(base or default_params()), **pretrained, **strategy.default_params(n_groups), "strategy": strategy_name}
         if wanted.get("regularizer") not in self.regularizers:
             wanted["regularizer"] = self.regularizers[0]
         if wanted["regularizer"] != NO_REGULARIZER:
@@ -112,7 +114,7 @@ class SearchSpace:
             return value in self.regularizers
         if name in self.choices:
             return value in self.choices[name]
-        spec = self.overrides.get(name) or BASE_RANGES.get(name) or ({"choices": BASE_CHOICES[name]} if name in BASE_CHOICES else None)
+        spec = self.overrides.get(name) or BASE_RANGES.get(name) or PRETRAINED_RANGES.get(name) or ({"choices": BASE_CHOICES[name]} if name in BASE_CHOICES else None)
         if spec is None:
             return True  # a plugin's parameter within the plugin's own range
         if "choices" in spec:
@@ -124,6 +126,8 @@ class SearchSpace:
         the parameter cannot take fails here too, before any work, not in the first trial."""
         known = set(self.describe(n_groups, strategies, overrides=False))
         unknown = sorted(set(self.overrides) - known)
+        if unknown and unknown[0] in PRETRAINED_DEFS:
+            raise AutoftError(f"--range {unknown[0]}: searched only from pretrained weights (--weights); this search starts from random ones")
         if unknown:
             raise AutoftError(f"--range {unknown[0]}: no such parameter in this search; searched: {', '.join(sorted(known))}")
         problem = self.value_problem(n_groups, strategies)
@@ -156,7 +160,7 @@ class SearchSpace:
         used = self.overrides if overrides else {}
         recorder = self._declared(n_groups, strategies, used)
         described = {}
-        base = {**BASE_RANGES, **{k: {"choices": v} for k, v in BASE_CHOICES.items()}}
+        base = {**BASE_RANGES, **{k: {"choices": v} for k, v in BASE_CHOICES.items()}, **(PRETRAINED_RANGES if self.pretrained else {})}
         for name, spec in {**base, **used}.items():
             if name in base or name in recorder.seen:
                 described[name] = _describe(spec)
@@ -257,9 +261,10 @@ class _RecordingTrial:
 
 def _value_problem(name: str, value: Any, kind: Any, space: SearchSpace) -> str | None:
     """What is wrong with ``value`` for the parameter ``name`` (declared as ``kind`` by a plugin), or None."""
-    if name in PARAM_DEFS and (PARAM_DEFS[name].type is not str or PARAM_DEFS[name].choices):
+    definition = PARAM_DEFS.get(name) or PRETRAINED_DEFS.get(name)
+    if definition is not None and (definition.type is not str or definition.choices):
         try:
-            PARAM_DEFS[name].check(value)
+            definition.check(value)
         except AutoftError as exc:
             return str(exc)
         return None
@@ -279,102 +284,18 @@ def _value_problem(name: str, value: Any, kind: Any, space: SearchSpace) -> str 
     return None
 
 
+def _suggest(ranged: "RangedTrial", p: ParamDef) -> Any:
+    """Declare one parameter of the recipe's tables over its search range (or its choices)."""
+    if p.search_range is None:
+        return ranged.suggest_categorical(p.name, list(p.choices))
+    if p.type is int:
+        return ranged.suggest_int(p.name, int(p.low), int(p.high), log=p.log)
+    return ranged.suggest_float(p.name, p.low, p.high, log=p.log)
+
+
 def _describe(spec: dict[str, Any]) -> str:
     if "choices" in spec:
         return ", ".join(map(str, spec["choices"]))
     if spec["low"] == spec["high"]:
         return f"{spec['low']:g}"
     return f"{spec['low']:g} to {spec['high']:g}" + (" (log)" if spec.get("log") else "")
-
-
-# ---------------------------------------------------------------------------
-# Parsing overrides
-
-
-def parse_range(text: str) -> dict[str, Any]:
-    """``LOW:HIGH[:log]``, ``VALUE`` (fixed) or ``A,B,C`` (choices) -> a range spec."""
-    text = text.strip()
-    if "," in text:
-        return {"choices": [_scalar(c) for c in text.split(",") if c.strip()]}
-    parts = text.split(":")
-    if len(parts) == 1:
-        value = _scalar(parts[0])
-        if isinstance(value, str):
-            return {"choices": [value]}
-        return {"low": value, "high": value, "log": False}
-    log = len(parts) == 3 and parts[2].strip().lower() == "log"
-    if len(parts) not in (2, 3) or (len(parts) == 3 and not log):
-        raise ValueError(f"expected LOW:HIGH[:log], VALUE or A,B,C, got {text!r}")
-    low, high = _number(parts[0]), _number(parts[1])
-    return {"low": low, "high": high, "log": log}
-
-
-def _scalar(text: str) -> Any:
-    text = text.strip()
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            continue
-    return text
-
-
-def _number(text: str) -> float | int:
-    value = _scalar(text)
-    if isinstance(value, str):
-        raise ValueError(f"not a number: {text!r}")
-    return value
-
-
-def check_range(name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    if "choices" in spec:
-        if not spec["choices"]:
-            raise AutoftError(f"range for {name}: no choices given")
-        return spec
-    low, high = spec["low"], spec["high"]
-    if low > high:
-        raise AutoftError(f"range for {name}: low {low} is above high {high}")
-    if spec.get("log") and low <= 0:
-        raise AutoftError(f"range for {name}: a log range must start above 0, got {low}")
-    return spec
-
-
-def load_overrides(pairs: Sequence[str] = (), file: str | Path | None = None) -> dict[str, dict[str, Any]]:
-    """Overrides from a JSON file, then ``NAME=RANGE`` pairs (which win)."""
-    overrides: dict[str, dict[str, Any]] = {}
-    if file is not None:
-        path = Path(file).expanduser()
-        try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise AutoftError(f"search space file not found: {file}") from None
-        except json.JSONDecodeError as exc:
-            raise AutoftError(f"{file} is not valid JSON: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise AutoftError(f"{file}: expected a JSON object mapping parameter names to ranges")
-        for name, value in loaded.items():
-            overrides[name] = _spec_from_json(name, value, file)
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name.strip():
-            raise AutoftError(f"--range expects NAME=LOW:HIGH[:log], NAME=VALUE or NAME=A,B,C; got {pair!r}")
-        try:
-            overrides[name.strip()] = parse_range(value)
-        except ValueError as exc:
-            raise AutoftError(f"--range {pair}: {exc}") from None
-    return {name: check_range(name, spec) for name, spec in overrides.items()}
-
-
-def _spec_from_json(name: str, value: Any, file) -> dict[str, Any]:
-    try:
-        if isinstance(value, str):
-            return parse_range(value)
-        if isinstance(value, list):
-            return {"choices": value}
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return {"low": value, "high": value, "log": False}
-        if isinstance(value, dict) and {"low", "high"} <= set(value):
-            return {"low": value["low"], "high": value["high"], "log": bool(value.get("log", False))}
-    except ValueError as exc:
-        raise AutoftError(f"{file}: {name}: {exc}") from None
-    raise AutoftError(f"{file}: {name}: expected \"LOW:HIGH[:log]\", a number, a list of choices or {{\"low\", \"high\", \"log\"}}")

@@ -26,7 +26,7 @@ from autoft.model.checkpoints import load_training_state, save_training_state
 from autoft.data import DataSplits, Normalize, to_float
 from autoft.errors import AutoftError
 from autoft.core.events import BatchEnd, EpochEnd, Event, TrainEnd, TrainStart
-from autoft.lifecycle import PluginCallback, PluginError, TrainContext, apply_strategy, optimizer_group, plugin_label
+from autoft.lifecycle import PluginCallback, PluginError, TrainContext, apply_strategy, optimizer_group, optimizer_groups, plugin_label
 from autoft.model.metrics import evaluate, is_better, metric_specs
 from autoft.model.recipe import NO_REGULARIZER, Recipe
 from autoft.core.runtime import as_device, autocast, cosine_with_warmup, layout, seed_everything, stop_requested
@@ -101,8 +101,9 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         self.net = torch.nn.Sequential(Normalize(self.backbone.mean, self.backbone.std), model).to(device)
         groups = [
-            optimizer_group([p for p in g["params"] if p.requires_grad], self.params, g.get("lr_scale", 1.0), g.get("weight_decay"))
+            group
             for g in plan.param_groups
+            for group in optimizer_groups([p for p in g["params"] if p.requires_grad], self.backbone, self.params, g.get("lr_scale", 1.0), g.get("weight_decay"))
         ]
         groups = [g for g in groups if g["params"]]
         if not groups:
@@ -235,7 +236,7 @@ class Trainer:
             callback.epoch_hook("on_epoch_start", self.ctx)
         self._adopt_unfrozen()
         self.net.train()
-        freeze_batchnorm(self.backbone.model)
+        freeze_batchnorm(self.backbone.model, every=self.params.get("bn") == "keep")
         steps = min(self.period, self.total_steps - self.global_step)
         # Summed on the device (cross-entropy, then each loss term): reading them every step would stall a GPU.
         self._sums = torch.zeros(1 + len(self.loss_callbacks), device=self.device)

@@ -79,7 +79,10 @@ class L2SP:
 
 
 class Discriminative:
-    """Layer-wise learning-rate decay: group ``i`` of ``n`` trains at ``lr * lr_decay**(n-1-i)``."""
+    """Layer-wise learning-rate decay: every group trains, group ``i`` of ``n`` at
+    ``lr * lr_decay**(n-1-i)``. The loop applies ``lr_decay`` to any strategy's groups
+    (:func:`autoft.lifecycle.optimizer_groups`); this strategy trains everything and searches it
+    from any weights."""
 
     def default_params(self, n_groups):
         return {"lr_decay": 0.7}
@@ -88,15 +91,7 @@ class Discriminative:
         return {"lr_decay": trial.suggest_float("lr_decay", 0.3, 1.0)}
 
     def apply(self, backbone: Backbone, params) -> TrainPlan:
-        freeze_first(backbone, 0)
-        n = len(backbone.groups)
-        return TrainPlan(
-            [
-                {"params": parameters(backbone, (g.name,)), "lr_scale": params["lr_decay"] ** (n - 1 - i)}
-                for i, g in enumerate(backbone.groups)
-                if g.params
-            ]
-        )
+        return TrainPlan([{"params": freeze_first(backbone, 0)}])
 
 
 class LinearProbeThenFineTune:
