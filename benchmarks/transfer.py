@@ -159,7 +159,7 @@ def main() -> None:
         for name in args.sets:
             image_set = build(name)
             folders = write(image_set, root / "sets")
-            print(image_set.describe(), flush=True)
+            print(image_set.describe().replace(f"[{image_set.role}]", f"[{ROLES[name]} here]"), flush=True)  # the suite's role is not this benchmark's
             for seed in args.seeds:
                 started = time.monotonic()
                 probe, size = linear_probe(folders, seed)
