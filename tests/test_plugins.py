@@ -802,3 +802,24 @@ def test_a_range_that_leaves_out_the_default_recipes_value_says_so():
         "--range lr=0.01 to 0.1 (log) leaves out the default recipe's lr=0.001; its first trial draws lr from that range instead"
     ]
     assert "lr" not in first and first["dropout"] == 0.1  # a value inside the range stays
+
+
+def test_the_search_space_takes_its_regularisers_from_the_registry_it_was_given(tmp_path):
+    """A worker's space holds the worker's registry (--plugins-dir included), not whatever the
+    process's default plugins are: a folder regulariser the default registry lacks is drawn."""
+    import optuna
+
+    from autoft.errors import AutoftError
+    from autoft.searching.space import SearchSpace
+
+    folder = tmp_path / "boundary_plugins"
+    folder.mkdir()
+    (folder / "acme_boundary.py").write_text(BOUNDARY_PLUGIN)
+    own = plugins.build_registry(plugins.get_plugin_manager(folder))
+    plugins.set_default_plugin_manager(None)
+    with pytest.raises(AutoftError):
+        plugins.registry().regularizer("inert")  # not installed: only the folder has it
+    space = SearchSpace(("freeze",), regularizers=("inert",), registry=own)
+    study = optuna.create_study()
+    study.optimize(lambda trial: len(space.suggest(trial, {"freeze": own.strategy("freeze").factory()}, 4)), n_trials=1)
+    assert study.trials[0].state == optuna.trial.TrialState.COMPLETE and study.trials[0].params["regularizer"] == "inert"

@@ -104,7 +104,8 @@ def prepare_worker(ctx: SearchContext, index: int, device: str, registry: plugin
     data.hflip = ctx.plan.flips
     pool = ImageTensors.concat([data.train, data.val])
     strategies = {name: registry.strategy(name).factory() for name in ctx.strategies}
-    ctx = dataclasses.replace(ctx, registry=registry, strategies=strategies, device=resolve_device(device), data=data, pool=pool, unlabelled=unlabelled, worker=index, jobs=1)
+    space = dataclasses.replace(ctx.space, registry=registry)
+    ctx = dataclasses.replace(ctx, registry=registry, space=space, strategies=strategies, device=resolve_device(device), data=data, pool=pool, unlabelled=unlabelled, worker=index, jobs=1)
     state = SearchState(study=_create_study(ctx.study_name, ctx.storage_url, registry, config.metric))
     for name, weights in ctx.embedder_weights.items():
         state.embedders[name] = features_of(config.backbone, data.num_classes, weights, registry, ctx.device, config.seed)
@@ -123,7 +124,7 @@ def _setup(config: SearchConfig, registry: plugins.Registry, budget: Budget, wor
     regularizers = registry.without_clashes("regularizers", DEFAULT_REGULARIZERS)
     weights, notice = resolve_weights(config.weights, config.backbone, registry)
     space = config.space or SearchSpace(tuple(strategies), load_overrides(config.ranges, config.space_file), regularizers=regularizers)
-    space = dataclasses.replace(space, pretrained=weights is not None)
+    space = dataclasses.replace(space, pretrained=weights is not None, registry=registry)
     space.check_names(info.num_groups, strategies)
     device = resolve_device(config.device)
     jobs = 1 if worker else resolve_jobs(config.jobs, device)

@@ -56,6 +56,7 @@ class SearchSpace:
     regularizers: tuple[str, ...] = DEFAULT_REGULARIZERS
     pretrained: bool = False  # the starting weights are pretrained: lr_decay and bn are searched too
     regularizer_objects: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # made on first use
+    registry: Any = field(default=None, repr=False, compare=False)  # where regularisers come from (None: the installed plugins)
 
     def __post_init__(self) -> None:
         chosen = self.overrides.get("regularizer", {}).get("choices")
@@ -68,7 +69,7 @@ class SearchSpace:
         if name not in self.regularizer_objects:
             from autoft import plugins
 
-            self.regularizer_objects[name] = plugins.registry().regularizer(name).factory()
+            self.regularizer_objects[name] = (self.registry or plugins.registry()).regularizer(name).factory()
         return self.regularizer_objects[name]
 
     def suggest(self, trial, strategies: dict[str, Any], n_groups: int, left_out: LeftOut | None = None) -> dict[str, Any]:

@@ -95,7 +95,7 @@ def parallel_workers(session, target: Callable[[WorkerSpec, Any], None]) -> Iter
 def _spec(session, index: int, threads: int) -> WorkerSpec:
     ctx = session.ctx
     config = dataclasses.replace(ctx.config, jobs=1, on_event=None, pre_search=(), sampler=ctx.config.sampler if isinstance(ctx.config.sampler, str) else "tpe")
-    space = dataclasses.replace(ctx.space, regularizer_objects={})
+    space = dataclasses.replace(ctx.space, regularizer_objects={}, registry=None)  # the worker's own registry replaces it
     context = dataclasses.replace(ctx, config=config, space=space, registry=None, strategies=dict.fromkeys(ctx.strategies), data=None, pool=None, unlabelled=None, candidates=())
     device = str(ctx.device)
     if ctx.device.type == "cuda" and torch.cuda.device_count() > 1:
