@@ -602,7 +602,7 @@ def test_from_pretrained_weights_the_space_also_searches_lr_decay_and_bn():
     assert all(0.5 <= d["lr_decay"] <= 1.0 for d in drawn) and {d["bn"] for d in drawn} == {"adapt", "keep"}
     assert not {"lr_decay", "bn"} & set(scratch.suggest(study.ask(), strategies, 6))
     first = pretrained.defaults("lp-ft", strategies["lp-ft"], 6)
-    assert (first["lr_decay"], first["bn"]) == (1.0, "keep")  # what the default recipe from pretrained weights states
+    assert (first["lr_decay"], first["bn"], first["head_init"]) == (1.0, "keep", "probe")  # what the default recipe from pretrained weights states
     assert not {"lr_decay", "bn"} & set(scratch.defaults("freeze", strategies["freeze"], 6))
     narrowed = SearchSpace(tuple(strategies), load_overrides(["lr_decay=0.6:0.9", "bn=keep"]), pretrained=True)
     narrowed.check_names(6, strategies)

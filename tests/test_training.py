@@ -251,3 +251,55 @@ def test_training_a_set_over_the_memory_cap_reads_it_a_batch_at_a_time_with_boun
     # The measure sees a set held whole; training stayed far below that.
     assert probe["whole_growth"] > 0.75 * probe["whole_bytes"]
     assert probe["growth"] < probe["whole_bytes"] / 3, f"peak RSS grew {probe['growth'] / mib:.1f} MiB training under a 4 MB cap"
+
+
+# ---------------------------------------------------------------------------
+# LP-FT's probe, fitted to convergence
+
+
+def test_the_probe_head_gives_logistic_regressions_probabilities_on_the_pooled_features(digits, registry):
+    """probe_head sets the head so the network's own output is scikit-learn's logistic regression
+    on the features the head reads; the body is untouched."""
+    import numpy as np
+    import torch
+
+    from autoft.model.backbones import build_backbone
+    from autoft.training.baselines import fit_logistic
+    from autoft.training.probe_head import pooled_features, probe_head
+
+    torch.manual_seed(0)
+    backbone = build_backbone("test_resnet", num_classes=10, registry=registry)
+    train, labels = digits.train.subset(np.arange(200)), digits.train.labels.numpy()[:200]
+    body = {k: v.clone() for k, v in backbone.model.state_dict().items() if not k.startswith("fc.")}
+    assert probe_head(backbone, train, labels, 10, torch.device("cpu"))
+    val = digits.val.subset(np.arange(60))
+    features = pooled_features(backbone, train, torch.device("cpu")).astype(np.float64)
+    offset, spread = features.mean(0), features.std(0).mean()
+    probe = fit_logistic((features - offset) / spread, labels, standardise=False)
+    expected = probe.predict_proba((pooled_features(backbone, val, torch.device("cpu")) - offset) / spread)
+    backbone.model.eval()
+    with torch.no_grad():
+        from autoft.data import Normalize, to_float
+
+        got = backbone.model(Normalize(backbone.mean, backbone.std)(to_float(val.images, torch.device("cpu")))).softmax(1).numpy()
+    assert np.abs(got - expected).max() < 1e-3
+    assert all(torch.equal(v, backbone.model.state_dict()[k]) for k, v in body.items())
+    assert not probe_head(backbone, train, np.zeros(200, np.int64), 10, torch.device("cpu"))  # one class: nothing to fit
+
+
+def test_a_fit_from_head_init_probe_starts_where_the_probe_is(digits, registry):
+    """Before its first step a head_init=probe fit already classifies like the probe: its first
+    evaluation, after a single step at a tiny learning rate, is far above a random head's (with
+    BatchNorm's statistics kept, as from pretrained weights by default: a random network's
+    initial statistics would move at the first step)."""
+    import dataclasses
+
+    from autoft.training.fitting import FitRequest, fit
+    from autoft.training.trainer import TrainerConfig
+
+    data = dataclasses.replace(digits, train=digits.train.subset(range(300)), val=digits.val.subset(range(100)))
+    accuracy = {}
+    for head in ("probe", "random"):
+        request = FitRequest("test_resnet", data, {"lr": 1e-6, "strategy": "freeze", "freeze_depth": 0, "head_init": head, "bn": "keep"}, TrainerConfig(steps=1, batch_size=16, eval_every=1, seed=0, device="cpu"), registry)
+        accuracy[head] = fit(request).result.history[0]["val_accuracy"]
+    assert accuracy["probe"] > accuracy["random"] + 0.2, accuracy

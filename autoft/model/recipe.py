@@ -103,6 +103,10 @@ PRETRAINED_PARAMS: tuple[ParamDef, ...] = (
         0.5, 1.0, minimum=0.0, maximum=1.0, open_min=True,
     ),
     ParamDef("bn", str, "adapt", "BatchNorm statistics: adapt (they follow the new images) or keep (the starting weights' running statistics, frozen).", choices=("adapt", "keep")),
+    ParamDef(
+        "head_init", str, "probe", "The head's start: probe (logistic regression on the starting weights' features of the training images, LP-FT's probe fitted to convergence) or random.",
+        choices=("probe", "random"),
+    ),
 )
 PRETRAINED_DEFS = {p.name: p for p in PRETRAINED_PARAMS}
 # The default recipe from pretrained weights (LP-FT at a low learning rate) states them:
@@ -113,7 +117,9 @@ PRETRAINED_DEFS = {p.name: p for p in PRETRAINED_PARAMS}
 #   ImageNet's with, and LP-FT's body starts training only after the probe learned on the old ones.
 #   Keras's transfer-learning guide likewise keeps BatchNorm in inference mode when it unfreezes a
 #   pretrained model. A practitioner's default, not measured here: the search tries both.
-PRETRAINED_DEFAULTS: dict[str, Any] = {"lr_decay": 1.0, "bn": "keep"}
+# - head_init probe: see autoft.training.probe_head (a head trained by SGD within a short budget is
+#   far from the probe the searched trials then lost to).
+PRETRAINED_DEFAULTS: dict[str, Any] = {"lr_decay": 1.0, "bn": "keep", "head_init": "probe"}
 
 
 def _params(self) -> dict[str, Any]:

@@ -23,8 +23,9 @@ from autoft.model.checkpoints import save_checkpoint
 from autoft.data import DataSplits
 from autoft.core.events import Event
 from autoft.model.recipe import Recipe
-from autoft.core.runtime import seed_everything
+from autoft.core.runtime import as_device, seed_everything
 from autoft.specs import Backbone
+from autoft.training.probe_head import probe_head
 from autoft.training.trainer import FitResult, Trainer, TrainerConfig
 
 
@@ -95,6 +96,8 @@ def fit(request: FitRequest) -> Fitted:
     params = request.params
     backbone = build_backbone(request.backbone, num_classes=request.data.num_classes, dropout=float(params.get("dropout", 0.0)),
                               weights=request.weights, registry=request.registry)  # fmt: skip
+    if params.get("head_init") == "probe":  # from pretrained weights: fine-tuning starts from the linear probe (LP-FT)
+        probe_head(backbone, request.data.train, request.data.train.labels.numpy(), request.data.num_classes, as_device(config.device), config.seed)
     started = time.monotonic()
     trainer = Trainer(backbone, request.data, request.recipe, config, registry=request.registry, on_event=request.on_event,
                       callbacks=request.callbacks, unlabelled=request.unlabelled)  # fmt: skip
