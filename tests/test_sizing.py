@@ -89,3 +89,13 @@ def test_a_search_from_pretrained_weights_measures_the_size_and_its_plan_line_sa
     assert " px by a linear probe of the starting weights on 96 images: " in line and "at 32 px, " in line, line
     assert session.ctx.plan.image_size >= 32 and session.state.timings["size probe"] > 0
     assert np.isfinite(session.state.timings["size probe"])
+
+
+def test_a_size_the_probe_reads_better_is_trained_even_when_it_buys_fewer_trials():
+    """At 2m, 64 px holds the default fit and the refit at full strength but a smaller search than
+    32 px: unmeasured, the plan keeps 32 px; measured better by the probe, it trains 64 px."""
+    assert affordable_sizes(DIGITS, RATES, 120, pretrained=True) == [32, 64]
+    assert make_plan(DIGITS, RATES, 120, pretrained=True).image_size == 32
+    better = make_plan(DIGITS, RATES, 120, pretrained=True, probe=SizeProbe({32: 0.80, 64: 0.90}, 500, 4.0))
+    assert better.image_size == 64 and better.default_fit and better.refit and better.default_steps == better.wanted_steps
+    assert make_plan(DIGITS, RATES, 120, pretrained=True, probe=SizeProbe({32: 0.90, 64: 0.80}, 500, 4.0)).image_size == 32
