@@ -167,6 +167,11 @@ def test_accuracy(model_dir: Path, folders: DigitFolders) -> float:
     return float((predicted == truth).mean())
 
 
+def time_bound(timeout: str) -> float:
+    """The most a run of ``--timeout`` may take, timed from outside: T x 1.05 + 30 s (issue 20's bound)."""
+    return 1.05 * parse_seconds(timeout) + 30
+
+
 def parse_seconds(timeout: str) -> float:
     from autoft.searching import parse_duration
 

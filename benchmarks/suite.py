@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from digits_folders import DigitFolders, SearchRun, fixed_recipe_accuracy, logistic_regression_accuracy, parse_seconds, run_search
+from digits_folders import DigitFolders, SearchRun, fixed_recipe_accuracy, logistic_regression_accuracy, parse_seconds, run_search, time_bound
 from image_sets import ROLES, SETS, build, write
 
 
@@ -60,7 +60,7 @@ class Cell:
 
     @property
     def bound(self) -> float:
-        return 1.05 * parse_seconds(self.timeout) + 30
+        return time_bound(self.timeout)
 
     @property
     def difference(self) -> float | None:

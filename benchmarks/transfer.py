@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from digits_folders import DigitFolders, SearchRun, logistic_regression_accuracy, parse_seconds, run_search
+from digits_folders import DigitFolders, SearchRun, logistic_regression_accuracy, run_search, time_bound
 from image_sets import build, write
 
 BACKBONE = "tf_efficientnet_lite0"
@@ -61,7 +61,7 @@ class Row:
 
     @property
     def bound(self) -> float:
-        return 1.05 * parse_seconds(self.timeout) + 30
+        return time_bound(self.timeout)
 
     @property
     def difference(self) -> float | None:
