@@ -84,14 +84,15 @@ def fingerprint(images: ImageTensors) -> str:
 
 
 @torch.inference_mode()
-def embed_all(backbone: Backbone, images: Images, device: torch.device, batch_size: int = 256) -> torch.Tensor:
-    """Pooled features of uint8 images (a set on disk is read a batch at a time), L2-normalised, on the CPU."""
+def embed_all(backbone: Backbone, images: Images, device: torch.device, batch_size: int = 256, l2: bool = True) -> torch.Tensor:
+    """Pooled features of uint8 images (a set on disk is read a batch at a time), L2-normalised
+    unless ``l2`` is False (what the head reads), on the CPU. Leaves the model in eval mode."""
     normalize = Normalize(backbone.mean, backbone.std).to(device)
     backbone.model.eval()
     features = []
     for batch in image_batches(images, batch_size):
-        x = normalize(to_float(batch, device))
-        features.append(torch.nn.functional.normalize(backbone.embed(x).float(), dim=1).cpu())
+        pooled = backbone.embed(normalize(to_float(batch, device))).float()
+        features.append((torch.nn.functional.normalize(pooled, dim=1) if l2 else pooled).cpu())
     return torch.cat(features)
 
 

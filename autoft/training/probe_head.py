@@ -14,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from autoft.data import Images, Normalize, image_batches, to_float
+from autoft.data import Images
 from autoft.specs import Backbone
+from autoft.training.pretrain_pool import embed_all
 
 PROBE_IMAGES = 2000  # the most training images embedded: enough for a linear head, seconds on a CPU
 
@@ -30,13 +31,11 @@ def head_linear(backbone: Backbone) -> torch.nn.Linear | None:
 
 
 @torch.no_grad()
-def pooled_features(backbone: Backbone, images: Images, device: torch.device, batch_size: int = 128) -> np.ndarray:
-    """What the head reads: pooled features of uint8 images, in eval mode, not normalised."""
-    normalize = Normalize(backbone.mean, backbone.std).to(device)
+def pooled_features(backbone: Backbone, images: Images, device: torch.device) -> np.ndarray:
+    """What the head reads: pooled features of uint8 images, in eval mode, not normalised; the model's mode is kept."""
     training = backbone.model.training
-    backbone.model.eval()
     try:
-        return torch.cat([backbone.embed(normalize(to_float(batch, device))).float().cpu() for batch in image_batches(images, batch_size)]).numpy()
+        return embed_all(backbone, images, device, batch_size=128, l2=False).numpy()
     finally:
         backbone.model.train(training)
 
