@@ -125,7 +125,12 @@ def test_the_default_fit_is_planned_at_full_strength_before_any_cv():
             assert plan.default_fit and plan.default_steps == plan.wanted_steps and plan.refit
     squeezed = make_plan(TINY, {32: Throughput(32, 150.0, 600.0)}, 180)
     assert squeezed.search and squeezed.steps == squeezed.default_steps  # trials as long as the default, not a CV share of it
-    assert squeezed.folds == 2 and "skipped 5-fold CV (3 trials need" in squeezed.line()  # 20 validation images: fewer folds, not none
+    assert squeezed.folds == 3 and "skipped 5-fold CV (2 trials need" in squeezed.line()  # 20 validation images: fewer folds, not none
+    noisy = make_plan(TINY, {32: Throughput(32, 150.0, 600.0)}, 100)  # 2 one-split trials fit, 2 of 2-fold CV do not
+    assert noisy.default_fit and noisy.refit and not noisy.search and not noisy.folds
+    assert "skipped the search (one split of 20 images would choose among its trials by noise; 2 trials of 2-fold CV need" in noisy.line()
+    forced = make_plan(TINY, {32: Throughput(32, 150.0, 600.0)}, 100, Overrides(no_cv=True))  # one split asked for: the search on it
+    assert forced.search and not forced.folds
     ample = make_plan(TINY, {32: Throughput(32, 150.0, 600.0)}, 3 * 3600)
     assert ample.folds == 5 and ample.expected_trials >= CV_EQUIVALENTS
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 SEARCH_MIN = 2  # trials at the default's length a search must hold to be bought
 CV_EQUIVALENTS = 6  # ... and that many k-fold trials for cross-validation to be bought ...
 NOISY_VAL = 100  # ... or, when one split would validate on fewer images than this (it chooses by noise), ...
-CV_FEW = 3  # ... this many
+CV_FEW = 2  # ... this many (the default and one more); when not even these fit, no search: one split that small would choose by noise
 PRETRAIN_SHARE = 0.2  # of what the default fit and the refit leave, for pretraining
 PRETRAIN_MIN_EPOCHS = 1  # an epoch on a few hundred unlabelled images already helps a from-scratch start
 PRETRAIN_MAX_EPOCHS = 50

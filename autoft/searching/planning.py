@@ -14,7 +14,9 @@ stage is bought only from what the ones before it leave:
 3. the final refit on every labelled image;
 4. the search, when at least :data:`SEARCH_MIN` trials at the default's length fit; and
    within it, in this order, pretraining on unlabelled images, pseudo-labels, then
-   cross-validation (:data:`CV_EQUIVALENTS` trials of k fits) and its repeats.
+   cross-validation (:data:`CV_EQUIVALENTS` trials of k fits, :data:`CV_FEW` when one split
+   would validate on fewer than :data:`NOISY_VAL` images) and its repeats. A search on one
+   split that small is not bought: it would choose among its trials by noise.
 
 :meth:`Plan.line` says what was bought and what was skipped. Throughput comes from
 :mod:`autoft.searching.calibration`. Every choice can be forced by the flag that names it; a forced
@@ -282,10 +284,16 @@ def _plan_at(data: DataShape, rate: Throughput, budget: float | None, overrides:
         return plan
     plan.search = True
     wanted = (folds, repeats, why)
-    left = buy_pretraining(plan, data, rate, left, overrides, pretrained, SEARCH_MIN * plan.default_seconds)
+    noisy = bool(folds) and data.val < NOISY_VAL  # one split this small chooses by noise: folds are worth more than trials
+    left = buy_pretraining(plan, data, rate, left, overrides, pretrained, (CV_FEW * 2 if noisy else SEARCH_MIN) * plan.default_seconds)
     left = buy_pseudo_labels(plan, data, rate, left)
-    need = CV_FEW if data.val < NOISY_VAL else CV_EQUIVALENTS  # a split this small chooses by noise: folds are worth more than trials
-    buy_scoring(plan, data, rate, left, overrides, wanted, choose_scoring(plan, data, rate, left, overrides, wanted, need))
+    scoring = choose_scoring(plan, data, rate, left, overrides, wanted, CV_FEW if noisy else CV_EQUIVALENTS)
+    if noisy and scoring.folds is None:  # trials chosen among on a handful of images: the default fit is the better bet
+        plan.search, plan.pretrain_epochs, plan.pretrain_seconds, plan.pseudo_labels, plan.pseudo_seconds = False, 0, 0.0, False, 0.0
+        plan.skipped.append(f"the search (one split of {data.val} images would choose among its trials by noise; "
+                            f"{CV_FEW} trials of 2-fold CV need {duration(CV_FEW * 2 * plan.default_seconds / jobs)}, {duration(max(left, 0))} left)")  # fmt: skip
+        return plan
+    buy_scoring(plan, data, rate, left, overrides, wanted, scoring)
     return plan
 
 
