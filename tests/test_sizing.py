@@ -14,11 +14,12 @@ DIGITS = DataShape(labelled=1797, val=360, smallest_class=174, smallest_val_clas
 RATES = {s: Throughput(s, 4000.0 * (32 / s) ** 2, 16000.0 * (32 / s) ** 2) for s in (32, 64, 224)}  # cost ~ pixels
 
 
-def test_the_best_probe_wins_and_a_tie_goes_to_the_smaller_size():
+def test_the_best_probe_wins_and_a_tie_goes_to_the_larger_size():
     probe = SizeProbe({32: 0.80, 64: 0.90, 224: 0.85}, 500, 4.0)
     assert probe.choose([32, 64, 224]) == 64
     assert probe.choose([32, 224]) == 224  # only among the sizes offered
-    assert SizeProbe({32: 0.90, 64: 0.90 + TIE / 2, 224: 0.90 + TIE}).choose([32, 64, 224]) == 32  # within TIE of the best: the cheapest
+    assert SizeProbe({32: 0.90 + TIE, 64: 0.90 + TIE / 2, 224: 0.90}).choose([32, 64, 224]) == 224  # within TIE of the best: the features' scale
+    assert SizeProbe({32: 0.90, 64: 0.90 + 2 * TIE, 224: 0.90}).choose([32, 64, 224]) == 64  # beyond it the probe decides
     assert probe.choose([64]) is None and probe.choose([64, 128]) is None  # fewer than two measured: nothing to choose
 
 
@@ -31,8 +32,8 @@ def test_the_plan_takes_the_probes_size_among_those_it_affords_and_says_what_it_
     assert affordable_sizes(DIGITS, RATES, 300, pretrained=True) == [32, 64]
     best_unaffordable = SizeProbe({32: 0.80, 64: 0.70, 224: 0.95}, 500, 4.0)
     assert make_plan(DIGITS, RATES, 300, pretrained=True, probe=best_unaffordable).image_size == 32  # 224 reads best but 5m cannot train it
-    tie = make_plan(DIGITS, RATES, 3600, pretrained=True, probe=SizeProbe({32: 0.900, 64: 0.905}, 500, 4.0))
-    assert tie.image_size == 32 and "; within 0.01 of the best, the smaller size)" in tie.line()
+    tie = make_plan(DIGITS, RATES, 3600, pretrained=True, probe=SizeProbe({32: 0.905, 64: 0.900}, 500, 4.0))
+    assert tie.image_size == 64 and "; within 0.01 of the best, the larger size)" in tie.line()
 
 
 def test_the_probe_never_picks_a_size_below_the_images_own():

@@ -5,7 +5,7 @@ objects are much smaller than what they learned on; how much a larger input buys
 the images. Fine-tuning at each candidate size to find out would cost a search; a linear
 probe (logistic regression on the starting weights' pooled features) on a few hundred of the
 labelled images costs seconds, and is what the weights know before any fine-tuning. The
-planner then takes the size the probe reads best, a smaller one when it is within
+planner then takes the size the probe reads best, a larger one when it is within
 :data:`~autoft.searching.calibration.TIE` (:meth:`SizeProbe.choose`). The candidates start at
 the images' own size: the probe never picks a size below it.
 """
