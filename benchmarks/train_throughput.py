@@ -32,7 +32,6 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -1,6 +1,5 @@
 """The budget planner: sizes from the data, stages bought in order, robust calibration."""
 
-import time
 
 import numpy as np
 import pytest
@@ -21,7 +20,6 @@ from autoft.searching.planning import (
     candidate_sizes,
     duration,
     make_plan,
-    median_rate,
     median_short_side,
     own_size,
 )
