@@ -77,7 +77,7 @@ def main() -> None:
         print(f"{args.images} JPEG photos of {width}x{height} ({on_disk / 2**20:.0f} MiB, written in {time.perf_counter() - started:.0f} s); "
               f"decoded at {args.image_size}px: {decoded / 2**20:.0f} MiB; {os.cpu_count()} CPUs")  # fmt: skip
         commands = {
-            "load": [sys.executable, "-c", f"from autoft.data import load_data; load_data({str(root)!r}, image_size={args.image_size})"],
+            "load": [sys.executable, "-c", f"from autoft.data.decoding import load_data; load_data({str(root)!r}, image_size={args.image_size})"],
             "train": [sys.executable, "-c", "from autoft.cli import main; main()", "train", "--backbone", "test_resnet", "--data", str(root),
                       "--out", str(Path(work) / "run"), "--epochs", "1", "--image-size", str(args.image_size), "--device", "cpu"],  # fmt: skip
         }

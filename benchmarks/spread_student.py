@@ -26,7 +26,8 @@ def main() -> None:
 
     from autoft.training.baselines import fit_logistic
     from autoft.training.candidates import PixelFitter, flat_pixels
-    from autoft.data import ImageTensors, load_data
+    from autoft.data import ImageTensors
+    from autoft.data.decoding import load_data
     from autoft.training.semisupervised import pseudo_label
 
     data = load_data("sample:digits", image_size=32, seed=0)
