@@ -17,6 +17,10 @@ from autoft.core.events import (
 )  # fmt: skip
 from autoft.core.text import duration
 
+# Optuna's state names, as the summary line says them: a WAITING trial was queued (a retry, the
+# default recipe, an --enqueue) and never started before the search ended; a resumed search runs it.
+STATE_WORDS = {"WAITING": "queued, not run"}
+
 
 class SearchProgress(LazyProgress):
     """Live progress: trials done with the best so far and the time left; the running trial's evaluations."""
@@ -183,7 +187,7 @@ def _print_summary(result, metric: str) -> None:
     if study is not None:
         baselines = [Baseline(b["name"], b["value"]) for b in m.get("baselines", [])]
         console.print(leaderboard(visible(study.get_trials(deepcopy=False)), metric, baselines=baselines), crop=False)  # whole in a log
-    states = ", ".join(f"{n} {s.lower()}" for s, n in result.states.items())
+    states = ", ".join(f"{n} {STATE_WORDS.get(s, s.lower())}" for s, n in result.states.items())
     line = m["summary"] + (f"; test {metric} {m[f'test_{metric}']:.4f}" if f"test_{metric}" in m else "")
     colour = "yellow" if m.get("beat_baselines") is False or m.get("warning") else "green"
     console.print(f"[{colour}]done:[/{colour}] {line} ({states}; {result.seconds:.0f}s)", highlight=False)
