@@ -123,11 +123,13 @@ def test_the_default_fit_is_planned_at_full_strength_before_any_cv():
             assert plan.default_fit and plan.default_steps == plan.wanted_steps and plan.refit
     squeezed = make_plan(TINY, {32: Throughput(32, 150.0, 600.0)}, 180)
     assert squeezed.search and squeezed.steps == squeezed.default_steps  # trials as long as the default, not a CV share of it
-    assert squeezed.folds == 3 and "skipped 5-fold CV (2 trials need" in squeezed.line()  # 20 validation images: fewer folds, not none
-    noisy = make_plan(TINY, {32: Throughput(32, 150.0, 600.0)}, 100)  # 2 one-split trials fit, 2 of 2-fold CV do not
-    assert noisy.default_fit and noisy.refit and not noisy.search and not noisy.folds
-    assert "skipped the search (one split of 20 images would choose among its trials by noise; 2 trials of 2-fold CV need" in noisy.line()
-    forced = make_plan(TINY, {32: Throughput(32, 150.0, 600.0)}, 100, Overrides(no_cv=True))  # one split asked for: the search on it
+    assert squeezed.folds == 5 and squeezed.expected_trials == 1  # 20 validation images: the default alone on 5 folds before 2 trials on 3
+    fewer = make_plan(TINY, {32: Throughput(32, 150.0, 600.0)}, 120)
+    assert fewer.folds == 3 and "skipped 5-fold CV (2 trials need" in fewer.line()  # fewer folds, not none
+    noisy = make_plan(FEW, {32: Throughput(32, 150.0, 600.0)}, 100)  # not even the default on 2 folds fits after the pseudo-labels
+    assert noisy.default_fit and noisy.refit and not noisy.search and not noisy.folds and not noisy.pretraining and not noisy.pseudo_labels
+    assert "skipped the search (one split of 20 images would choose among its trials by noise; the default on 2 folds needs" in noisy.line()
+    forced = make_plan(FEW, {32: Throughput(32, 150.0, 600.0)}, 100, Overrides(no_cv=True))  # one split asked for: the search on it
     assert forced.search and not forced.folds
     ample = make_plan(TINY, {32: Throughput(32, 150.0, 600.0)}, 3 * 3600)
     assert ample.folds == 5 and ample.expected_trials >= CV_EQUIVALENTS

@@ -285,13 +285,15 @@ def _plan_at(data: DataShape, rate: Throughput, budget: float | None, overrides:
     plan.search = True
     wanted = (folds, repeats, why)
     noisy = bool(folds) and data.val < NOISY_VAL  # one split this small chooses by noise: folds are worth more than trials
+    searchable = left
     left = buy_pretraining(plan, data, rate, left, overrides, pretrained, (CV_FEW * 2 if noisy else SEARCH_MIN) * plan.default_seconds)
     left = buy_pseudo_labels(plan, data, rate, left)
-    scoring = choose_scoring(plan, data, rate, left, overrides, wanted, CV_FEW if noisy else CV_EQUIVALENTS)
+    scoring = choose_scoring(plan, data, rate, left, overrides, wanted, noisy)
     if noisy and scoring.folds is None:  # trials chosen among on a handful of images: the default fit is the better bet
-        plan.search, plan.pretrain_epochs, plan.pretrain_seconds, plan.pseudo_labels, plan.pseudo_seconds = False, 0, 0.0, False, 0.0
+        least = 2 * (plan.default_seconds / jobs + plan.pseudo_seconds)
         plan.skipped.append(f"the search (one split of {data.val} images would choose among its trials by noise; "
-                            f"{CV_FEW} trials of 2-fold CV need {duration(CV_FEW * 2 * plan.default_seconds / jobs)}, {duration(max(left, 0))} left)")  # fmt: skip
+                            f"the default on 2 folds needs {duration(least)}, {duration(max(searchable, 0))} left)")  # fmt: skip
+        plan.search, plan.pretrain_epochs, plan.pretrain_seconds, plan.pseudo_labels, plan.pseudo_seconds = False, 0, 0.0, False, 0.0
         return plan
     buy_scoring(plan, data, rate, left, overrides, wanted, scoring)
     return plan
