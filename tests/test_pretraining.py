@@ -310,3 +310,16 @@ def test_ctrl_c_in_a_cached_stage_caches_nothing(pool, slow_method, cache_dir):
     finally:
         runtime.clear_stop()
     assert not cache_dir.exists() or not list(cache_dir.iterdir())
+
+
+def test_on_pretrained_weights_only_checkpoints_whose_knn_beats_the_start_are_offered(tmp_path):
+    from autoft.searching.pretraining_stage import helpful
+    from autoft.training.pretrain_pool import PretrainCheckpoint
+
+    checkpoints = [PretrainCheckpoint(1, 0.25, tmp_path / "a.pt", 0.70), PretrainCheckpoint(2, 0.5, tmp_path / "b.pt", 0.81), PretrainCheckpoint(4, 1.0, tmp_path / "c.pt", None)]
+    kept, note = helpful(checkpoints, 0.80, pretrained=True)
+    assert kept == [checkpoints[1]]
+    assert note == "pretraining checkpoints left out, their k-NN accuracy no better than the starting weights' 0.800: epoch 1 (0.700), epoch 4 (unmeasured)"
+    assert helpful(checkpoints, 0.80, pretrained=False) == (checkpoints, None)  # from random weights the trials measure every one
+    assert helpful(checkpoints, None, pretrained=True) == (checkpoints, None)  # nothing to compare with: nothing left out
+    assert helpful(checkpoints, 0.95, pretrained=True) == ([], note.replace("0.800", "0.950").replace("epoch 1 (0.700), epoch 4", "epoch 1 (0.700), epoch 2 (0.810), epoch 4"))

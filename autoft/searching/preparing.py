@@ -77,7 +77,9 @@ def prepare(config: SearchConfig, registry: plugins.Registry | None = None) -> S
             stage = pretraining_stage(config, plan, pool, unlabelled, data, weights=setup.weights, device=setup.device, budget=setup.budget,
                                       out=out, skipped=skipped, emit=lambda event: _emit(config, event))  # fmt: skip
         space = _semi_supervised_space(space, stage, plan.pseudo_labels)
-        if stage is not None:
+        if stage is not None and stage.note:
+            state.notes.append(stage.note)
+        if stage is not None and stage.features:
             features["pretrained"] = stage.features
             state.embedders["pretrained"] = features_of(config.backbone, data.num_classes, stage.features, setup.registry, setup.device, config.seed)
     with _Timer(timings, "baselines"):
@@ -203,7 +205,7 @@ def _semi_supervised_space(space: SearchSpace, stage: StageResult | None, pseudo
     choices = dict(space.choices)
     if pseudo_labels:
         choices["pseudo_labels"] = ["propagate", "none"]
-    if stage is not None:
+    if stage is not None and len(stage.init) > 1:
         choices["init"] = list(stage.init)
     regularizers = space.regularizers
     if pseudo_labels and "fixmatch" not in regularizers and not space.overrides.get("regularizer"):

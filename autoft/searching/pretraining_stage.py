@@ -4,14 +4,15 @@ It runs on the unlabelled images plus the labelled pool (labels never enter the 
 for the epochs the plan gave it, cached across reruns (see :mod:`autoft.training.pretraining`).
 Its checkpoints, the longest-trained first, then the search's starting weights, become
 the choices of the searched ``init`` parameter, so the search decides whether and how
-much pretraining helps.
+much pretraining helps. On top of pretrained weights a checkpoint is offered only when its
+k-NN accuracy beats the starting weights' (:func:`helpful`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -21,12 +22,14 @@ from autoft.core.events import PretrainEnd, PretrainStart
 from autoft.core.io import write_json
 from autoft.searching.planning import Plan
 from autoft.searching.config import SearchConfig
+from autoft.training.pretrain_pool import PretrainCheckpoint
 
 
 @dataclass(frozen=True)
 class StageResult:
     init: tuple[str, ...]  # the searched ``init`` choices: checkpoints, longest-trained first, then the starting weights
-    features: str  # the longest-trained checkpoint, whose features label the unlabelled images
+    features: str | None  # the longest-trained checkpoint kept, whose features label the unlabelled images; None: none kept
+    note: str | None = None  # for the summary: checkpoints left out, and why
 
 
 def pretraining_stage(
@@ -50,4 +53,20 @@ def pretraining_stage(
     emit(PretrainEnd(cached=result.cached, out=str(result.out), checkpoints=[(c.epoch, c.knn_accuracy) for c in result.checkpoints]))
     reasons = {"skipped_images": len(skipped), "skipped": [{"source": s, "reason": r} for s, r in skipped[:100]]}
     write_json(out / "pretrain.json", {**result.metrics, **reasons, "cache": str(result.out), "cached": result.cached})
-    return StageResult(init=(*(str(c.path) for c in reversed(result.checkpoints)), weights or "scratch"), features=str(result.checkpoints[-1].path))
+    kept, note = helpful(result.checkpoints, result.metrics.get("knn_accuracy_at_start"), pretrained=weights is not None)
+    return StageResult(init=(*(str(c.path) for c in reversed(kept)), weights or "scratch"), features=str(kept[-1].path) if kept else None, note=note)
+
+
+def helpful(checkpoints: Sequence[PretrainCheckpoint], at_start: float | None, *, pretrained: bool) -> tuple[list[PretrainCheckpoint], str | None]:
+    """The checkpoints the search may start from, and a note on those left out. On top of
+    pretrained weights, a checkpoint whose features label held-out labelled images (k-NN
+    accuracy) no better than the starting weights' is left out: self-supervised training on a
+    few hundred images can unlearn what ImageNet taught, and trials from it would be spent on
+    finding that out. From random weights every checkpoint stays: the trials measure them."""
+    if not pretrained or at_start is None:
+        return list(checkpoints), None
+    kept = [c for c in checkpoints if c.knn_accuracy is not None and c.knn_accuracy > at_start]
+    if len(kept) == len(checkpoints):
+        return kept, None
+    dropped = ", ".join(f"epoch {c.epoch} ({c.knn_accuracy:.3f})" if c.knn_accuracy is not None else f"epoch {c.epoch} (unmeasured)" for c in checkpoints if c not in kept)
+    return kept, f"pretraining checkpoints left out, their k-NN accuracy no better than the starting weights' {at_start:.3f}: {dropped}"
