@@ -128,3 +128,21 @@ def test_no_time_is_kept_back_for_a_refit_the_plan_did_not_buy():
 
     assert session(refit=False).refit_reserve() == 0.0 and 45 < session(refit=False).trials_budget().left() <= 47  # the end's 3 s kept
     assert session(refit=True).refit_reserve() == pytest.approx(1.2 * 47.0) and session(refit=True).trials_budget().left() < 0  # a fifth to spare
+
+
+def test_the_default_recipe_trains_on_pseudo_labels_only_when_spreading_helps_a_pixel_model():
+    from types import SimpleNamespace
+
+    from autoft import plugins
+    from autoft.searching.trials import spread_helps
+    from autoft.training.candidates import SPREAD_NAME
+
+    def session(student: float | None, pixels: float, metric: str = "accuracy"):
+        found = [SimpleNamespace(name=PIXELS, value=pixels)] + ([SimpleNamespace(name=SPREAD_NAME, value=student)] if student is not None else [])
+        return SimpleNamespace(ctx=SimpleNamespace(candidates=found, registry=plugins.registry(), config=SimpleNamespace(metric=metric)))
+
+    assert spread_helps(session(0.92, 0.92)) == (True, None)  # no worse: the spread labels add what pixels know
+    helps, why = spread_helps(session(0.20, 0.45))  # textures: spread labels below chance
+    assert not helps and why == f"the default recipe trains without pseudo-labels: {SPREAD_NAME} scored 0.2000, below {PIXELS}'s 0.4500"
+    assert spread_helps(session(None, 0.45)) == (True, None)  # no student (simple models off): as before
+    assert spread_helps(session(0.9, 0.5, metric="log_loss"))[0] is False  # a loss: lower is better
