@@ -443,6 +443,29 @@ def test_cross_validation_scores_the_mean_of_folds(image_folder, tmp_path):
     assert metrics["selection"] == "3-fold cross-validation on 96 images" and metrics["model"]["refit"]["images"] == 96
 
 
+def test_the_best_trial_is_chosen_among_those_scored_on_every_fold():
+    from autoft.searching.finishing import best_trial
+
+    study = optuna.create_study(direction="maximize")
+    assert best_trial(study) is None
+    every = {str(f): 0.86 for f in range(5)}
+    study.add_trial(optuna.trial.create_trial(value=0.86, user_attrs={"fold_scores": every}))
+    study.add_trial(optuna.trial.create_trial(value=0.95, user_attrs={"fold_scores": {"0": 0.95}, "cut_short": "the time budget ran out in fold 2 of 5"}))
+    study.add_trial(optuna.trial.create_trial(value=0.97, user_attrs={"fold_scores": {"3": 0.97, "1": 0.97}, "pruned_after_folds": 2}))
+    assert study.best_trial.number == 2 and best_trial(study).number == 0  # one or two folds are not the evidence five are
+    study.add_trial(optuna.trial.create_trial(value=0.90, user_attrs={"fold_scores": {str(f): 0.9 for f in range(5)}}))
+    assert best_trial(study).number == 3
+    only_cut = optuna.create_study(direction="minimize")  # every trial cut short: the most folds there are
+    only_cut.add_trial(optuna.trial.create_trial(value=0.3, user_attrs={"fold_scores": {"0": 0.3}}))
+    only_cut.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"fold_scores": {"0": 0.5, "1": 0.5}}))
+    only_cut.add_trial(optuna.trial.create_trial(value=0.4, user_attrs={"fold_scores": {"2": 0.4, "1": 0.4}}))
+    assert best_trial(only_cut).number == 2  # a loss: the lower of the two-fold trials
+    single = optuna.create_study(direction="maximize")  # one split: no fold scores, every trial counts
+    for value in (0.7, 0.8):
+        single.add_trial(optuna.trial.create_trial(value=value))
+    assert best_trial(single).number == 1
+
+
 def test_small_data_is_cross_validated_unless_told_not_to(image_folder, tmp_path):
     run = dict(trials=2, epochs=1, image_size=16, device="cpu", export_onnx=False, batch_size=16, pruner="none", simple_models=False)
     auto = search("test_resnet", str(image_folder), tmp_path / "auto", **run)

@@ -66,10 +66,21 @@ class FinalModel:
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:  # no trial completed yet
+    """The best completed trial among those scored on the most folds (all of them, but for a
+    search whose every trial was cut short); None before any completed.
+
+    A cross-validated trial the time budget cut short, or the pruner stopped, returns the mean
+    of the folds it scored, as Optuna's WilcoxonPruner advises so the sampler learns from it.
+    That mean is not the same evidence as the others': one fold of 20 images read 0.95 for a
+    trial that shipped 0.82 on the test images, against the full trials' 0.86 and logistic
+    regression's 0.92 over every fold (digits, 2m)."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    if not done:
         return None
+    most = max(len(TrialRecord.of(t).fold_scores) for t in done)
+    full = [t for t in done if len(TrialRecord.of(t).fold_scores) == most]
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    return max(full, key=lambda t: (sign * float(t.value), -t.number))
 
 
 def selection_evidence(session: Session, best: optuna.trial.FrozenTrial) -> tuple[np.ndarray, dict[int, np.ndarray]]:
