@@ -146,3 +146,20 @@ def test_the_default_recipe_trains_on_pseudo_labels_only_when_spreading_helps_a_
     assert not helps and why == f"the default recipe trains without pseudo-labels: {SPREAD_NAME} scored 0.2000, below {PIXELS}'s 0.4500"
     assert spread_helps(session(None, 0.45)) == (True, None)  # no student (simple models off): as before
     assert spread_helps(session(0.9, 0.5, metric="log_loss"))[0] is False  # a loss: lower is better
+
+
+def test_a_plan_without_a_search_runs_more_trials_only_where_one_split_can_choose_among_them():
+    from types import SimpleNamespace
+
+    from autoft.searching.trials import trial_cap
+
+    def session(val: int, *, search: bool = False, folds: int | None = None, no_cv: bool = False, trials: int | None = None):
+        plan = SimpleNamespace(default_fit=True, search=search, folds=folds)
+        config = SimpleNamespace(trials=trials, seconds=120.0, no_cv=no_cv)
+        return SimpleNamespace(ctx=SimpleNamespace(config=config, plan=plan, splits=[(np.arange(240), np.arange(val))]))
+
+    assert trial_cap(session(60)) == 1  # 60 validation images: the default fit alone
+    assert trial_cap(session(360)) is None  # enough to choose on: trials while time remains
+    assert trial_cap(session(60, no_cv=True)) is None  # one split asked for
+    assert trial_cap(session(60, search=True)) is None  # a search the plan bought
+    assert trial_cap(session(60, trials=3)) == 3  # --trials is taken as given
