@@ -123,7 +123,7 @@ def choose_members(session: Session, best: optuna.trial.FrozenTrial) -> tuple[di
     choice = dataclasses.replace(choice, value=sign * choice.value, single_value=sign * choice.single_value)  # the metric's own sign again
     if not wins:
         return {best.number: 1.0}, choice
-    return dict(sorted(choice.weights.items(), key=lambda kv: -kv[1])), choice
+    return dict(sorted(choice.weights.items(), key=lambda kv: (kv[0] != best.number, -kv[1]))), choice  # the best trial first: built first when time is short
 
 
 def build_final(session: Session, best: optuna.trial.FrozenTrial, members: dict[int, float] | None = None, choice: EnsembleChoice | None = None) -> FinalModel:

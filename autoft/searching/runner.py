@@ -110,7 +110,12 @@ def _final_model(session: Session, best: optuna.trial.FrozenTrial | None, trials
     verdict = judge(session, choice.value if ensemble else float(best.value), "ensemble of trials" if ensemble else f"best trial ({best.number})")
     if verdict.candidate is not None:
         return candidate_final(session, verdict.candidate, verdict.reason)
-    return build_final(session, best, members, choice)
+    final = build_final(session, best, members, choice)
+    if ensemble and not final.is_ensemble:  # the time left built the first member, the best trial: judge what ships
+        verdict = judge(session, float(best.value), f"best trial ({best.number}), the one ensemble member the time left built")
+        if verdict.candidate is not None:
+            return candidate_final(session, verdict.candidate, verdict.reason)
+    return final
 
 
 def describe_final(session: Session, best: optuna.trial.FrozenTrial | None, final: FinalModel, states: dict[str, int]) -> dict[str, Any]:
