@@ -142,6 +142,8 @@ def test_the_default_recipe_trains_on_pseudo_labels_only_when_spreading_helps_a_
         return SimpleNamespace(ctx=SimpleNamespace(candidates=found, registry=plugins.registry(), config=SimpleNamespace(metric=metric)))
 
     assert spread_helps(session(0.92, 0.92)) == (True, None)  # no worse: the spread labels add what pixels know
+    student, pixels = float(np.mean([0.85, 0.95, 0.65])), float(np.mean([0.85, 0.9, 0.7]))  # the same mean over 3 folds of 20 images ...
+    assert student < pixels and spread_helps(session(student, pixels))[0]  # ... but for the last bits: still a tie
     helps, why = spread_helps(session(0.20, 0.45))  # textures: spread labels below chance
     assert not helps and why == f"the default recipe trains without pseudo-labels: {SPREAD_NAME} scored 0.2000, below {PIXELS}'s 0.4500"
     assert spread_helps(session(None, 0.45)) == (True, None)  # no student (simple models off): as before

@@ -32,6 +32,7 @@ from autoft.searching.session import Session
 from autoft.training.candidates import PIXELS_NAME, SPREAD_NAME
 from autoft.searching.storage import awaited_states, counted_trials, has_heartbeat, heartbeat_seconds, lost_trials, recover_trials, running_elsewhere
 
+TIE_TOLERANCE = 1e-9
 PRETRAINED_LR = 3e-4  # the default recipe's learning rate from pretrained weights: low, so fine-tuning keeps what they know
 PORTFOLIO = (  # tried first on a fresh study, after the default recipe: strong, different recipes
     {"augment": "shift"},  # small objects that fill the frame: a random crop cuts them, a shift keeps them whole
@@ -119,7 +120,7 @@ def spread_helps(session: Session) -> tuple[bool, str | None]:
     if student is None or pixels is None:
         return True, None
     sign = 1.0 if session.ctx.registry.metric(session.ctx.config.metric).greater_is_better else -1.0
-    if sign * student >= sign * pixels:
+    if sign * student >= sign * pixels - TIE_TOLERANCE:  # means over folds: equal scores may differ in the last bits
         return True, None
     return False, f"the default recipe trains without pseudo-labels: {SPREAD_NAME} scored {student:.4f}, below {PIXELS_NAME}'s {pixels:.4f}"
 
