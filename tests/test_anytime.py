@@ -92,6 +92,7 @@ def test_a_tie_ships_the_trained_network_and_a_loss_for_log_loss_is_a_lower_valu
         return SimpleNamespace(ctx=SimpleNamespace(candidates=candidates, registry=registry, config=SimpleNamespace(metric=metric, simple_models=simple)))
 
     assert judge(session("accuracy", 0.9, 0.8), 0.9, "best trial (0)").candidate is None  # a tie: the network
+    assert judge(session("accuracy", float(np.mean([0.85, 0.9, 0.7]))), float(np.mean([0.85, 0.95, 0.65])), "best trial (0)").candidate is None  # to the last bits
     assert judge(session("accuracy", 0.91, 0.8), 0.9, "best trial (0)").candidate.value == 0.91
     assert judge(session("accuracy", 0.5), None, "").candidate.value == 0.5  # nothing trained: the simple model, never nothing
     assert judge(session("log_loss", 0.3, 0.5), 0.4, "best trial (0)").candidate.value == 0.3  # lower is better

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from autoft.training.candidates import Candidate
 
 
+TIE_TOLERANCE = 1e-9  # scores closer than this are equal: means over folds, summed in another order, differ in their last bits
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The candidate that ships (None: the trials' model), and the one line that says why."""
@@ -45,7 +48,7 @@ def judge(session: Session, trials_value: float | None, trials_model: str) -> Ve
     if trials_value is None:
         return Verdict(top, f"{top.name} ships: no trial completed, and it scored {top.value:.4f} on the same splits")
     sign = _sign(session)
-    if sign * top.value > sign * trials_value:
+    if sign * top.value > sign * trials_value + TIE_TOLERANCE:  # a tie, to the last bits of a mean over folds, is the network's
         return Verdict(top, f"{top.name} ships: it scored {top.value:.4f} on the same splits, above the {trials_model}'s {trials_value:.4f}")
     return Verdict(None)
 

@@ -24,6 +24,7 @@ from autoft.core.events import SearchStart, TrialEnd
 from autoft.core.io import file_lock
 from autoft.searching.finishing import best_trial
 from autoft.searching.plan_search import NOISY_VAL
+from autoft.searching.selection import TIE_TOLERANCE
 from autoft.searching.objective import CLEANUP_LOCK, STATE_NAME, Objective, stop_on_full_disk
 from autoft.searching.reporting import write_report_quietly
 from autoft.core.runtime import stop_requested
@@ -32,7 +33,6 @@ from autoft.searching.session import Session
 from autoft.training.candidates import PIXELS_NAME, SPREAD_NAME
 from autoft.searching.storage import awaited_states, counted_trials, has_heartbeat, heartbeat_seconds, lost_trials, recover_trials, running_elsewhere
 
-TIE_TOLERANCE = 1e-9
 PRETRAINED_LR = 3e-4  # the default recipe's learning rate from pretrained weights: low, so fine-tuning keeps what they know
 PORTFOLIO = (  # tried first on a fresh study, after the default recipe: strong, different recipes
     {"augment": "shift"},  # small objects that fill the frame: a random crop cuts them, a shift keeps them whole
