@@ -36,7 +36,7 @@ class Verdict:
 
 
 def best_candidate(session: Session) -> "Candidate | None":
-    sign = _sign(session)
+    sign = metric_sign(session)
     return max(session.ctx.candidates, key=lambda c: sign * c.value, default=None)
 
 
@@ -47,7 +47,7 @@ def judge(session: Session, trials_value: float | None, trials_model: str) -> Ve
         return Verdict(None)
     if trials_value is None:
         return Verdict(top, f"{top.name} ships: no trial completed, and it scored {top.value:.4f} on the same splits")
-    sign = _sign(session)
+    sign = metric_sign(session)
     if sign * top.value > sign * trials_value + TIE_TOLERANCE:  # a tie, to the last bits of a mean over folds, is the network's
         return Verdict(top, f"{top.name} ships: it scored {top.value:.4f} on the same splits, above the {trials_model}'s {trials_value:.4f}")
     return Verdict(None)
@@ -66,5 +66,6 @@ def candidate_final(session: Session, candidate: "Candidate", reason: str) -> Fi
     return FinalModel([path], [1.0], [], {"images": len(ctx.pool), "labelled": len(ctx.pool), "steps": 0}, candidate=candidate.name, reason=reason)
 
 
-def _sign(session: Session) -> float:
+def metric_sign(session: Session) -> float:
+    """1 when the search's metric is better higher, -1 when lower (a loss): scores times it are maximised."""
     return 1.0 if session.ctx.registry.metric(session.ctx.config.metric).greater_is_better else -1.0

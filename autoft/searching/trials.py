@@ -24,7 +24,7 @@ from autoft.core.events import SearchStart, TrialEnd
 from autoft.core.io import file_lock
 from autoft.searching.finishing import best_trial
 from autoft.searching.plan_search import NOISY_VAL
-from autoft.searching.selection import TIE_TOLERANCE
+from autoft.searching.selection import TIE_TOLERANCE, metric_sign
 from autoft.searching.objective import CLEANUP_LOCK, STATE_NAME, Objective, stop_on_full_disk
 from autoft.searching.reporting import write_report_quietly
 from autoft.core.runtime import stop_requested
@@ -119,7 +119,7 @@ def spread_helps(session: Session) -> tuple[bool, str | None]:
     student, pixels = values.get(SPREAD_NAME), values.get(PIXELS_NAME)
     if student is None or pixels is None:
         return True, None
-    sign = 1.0 if session.ctx.registry.metric(session.ctx.config.metric).greater_is_better else -1.0
+    sign = metric_sign(session)
     if sign * student >= sign * pixels - TIE_TOLERANCE:  # means over folds: equal scores may differ in the last bits
         return True, None
     return False, f"the default recipe trains without pseudo-labels: {SPREAD_NAME} scored {student:.4f}, below {PIXELS_NAME}'s {pixels:.4f}"
