@@ -507,6 +507,28 @@ def test_a_budget_too_short_for_any_trial_is_one_clear_error(image_folder, tmp_p
     assert result.exit_code == 2 and "--timeout" in result.output
 
 
+def test_the_command_counts_its_timeout_from_its_own_start(image_folder, tmp_path, monkeypatch):
+    """Importing torch and the rest is part of what a user waits for: ``--timeout`` counts it."""
+    import autoft.searching
+
+    seen = {}
+
+    def fake_search(*args, started=None, **options):
+        seen["started"], seen["called"] = started, time.monotonic()
+        raise AutoftError("stop here")
+
+    monkeypatch.setattr(autoft.searching, "search", fake_search)
+    before = time.monotonic()
+    result = CliRunner().invoke(make_app(), ["search", "--backbone", "test_resnet", "--data", str(image_folder), "--out", str(tmp_path), "--timeout", "1m"])
+    assert result.exit_code != 0 and "stop here" in result.output
+    assert before <= seen["started"] <= seen["called"]
+
+
+def test_time_spent_before_the_search_counts_against_its_timeout(image_folder, tmp_path):
+    with pytest.raises(AutoftError, match="--timeout"):  # the minute was spent before the search began
+        search("test_resnet", str(image_folder), tmp_path, timeout="1m", started=time.monotonic() - 60, device="cpu")
+
+
 def test_wilcoxon_needs_cv_and_epoch_pruners_refuse_cv(image_folder, tmp_path):
     with pytest.raises(AutoftError, match="--cv"):
         search("test_resnet", str(image_folder), tmp_path, pruner="wilcoxon", no_cv=True, trials=1, epochs=1)

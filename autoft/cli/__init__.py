@@ -6,6 +6,7 @@ importing this package has no side effects and tests can build a fresh app.
 
 from __future__ import annotations
 
+import time
 from importlib import import_module
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -14,6 +15,8 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from autoft import __version__
+
+STARTED = "autoft.started"  # in click's context meta: when the command started (time.monotonic())
 
 
 def _version(value: bool) -> None:
@@ -84,6 +87,7 @@ def make_app() -> typer.Typer:
 
     @app.callback()
     def root(
+        ctx: typer.Context,
         version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
         plugins_dir: Annotated[
             Optional[Path],
@@ -93,6 +97,7 @@ def make_app() -> typer.Typer:
         from autoft import plugins
         from autoft.cli.common import run_guarded
 
+        ctx.meta[STARTED] = time.monotonic()  # --timeout counts from here: the command's imports of torch and the rest are part of its time
         if plugins_dir is not None:
             run_guarded(lambda: plugins.set_default_plugin_manager(plugins.get_plugin_manager(plugins_dir)))
 

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from autoft.cli import STARTED
 from autoft.cli.common import bare_seconds_warning, console, guarded
 from autoft.cli.progress import LazyProgress, decoding_progress
 from autoft.core.events import (
@@ -99,6 +100,7 @@ class SearchProgress(LazyProgress):
 
 
 def search_command(
+    ctx: typer.Context,
     backbone: Annotated[str, typer.Option(help="Backbone: a timm model name, or SOURCE:MODEL from another plugin.")],
     data: Annotated[str, typer.Option(help="DIR/<class>/*, DIR/{train,val,test}/<class>/*, a CSV manifest, or sample:digits.")],
     out: Annotated[Optional[Path], typer.Option(help="Folder for the study, best/ and report.html. \\[default: runs/<study>]")] = None,
@@ -153,7 +155,7 @@ def search_command(
         try:
             result = search(
                 backbone, data, out, trials=trials, timeout=timeout, epochs=epochs, strategies=strategy, storage=storage, study=study, sampler=sampler, pruner=pruner,
-                metric=metric, seed=seed, device=device, cv=cv, no_cv=no_cv, refit=refit, ensemble=ensemble, simple_models=simple_models, jobs=_jobs(jobs), batch_size=batch_size, image_size=image_size,
+                metric=metric, seed=seed, device=device, cv=cv, no_cv=no_cv, refit=refit, ensemble=ensemble, simple_models=simple_models, jobs=_jobs(jobs), started=ctx.meta.get(STARTED), batch_size=batch_size, image_size=image_size,
                 ranges=range_, space_file=space, export_onnx=onnx, weights=weights, unlabelled=unlabelled, pretrain=pretrain, pretrain_epochs=pretrain_epochs, on_event=progress,
             )  # fmt: skip
         except KeyboardInterrupt:

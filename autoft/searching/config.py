@@ -29,7 +29,9 @@ class SearchConfig:
     the members of a greedy ensemble (1 turns it off). ``jobs`` trials run at once, as
     worker processes on one study (``"auto"``: one per GPU, one on a CPU). ``weights`` is ``"auto"``
     (pretrained when the backbone's source has them at hand, else random, said out loud),
-    ``"scratch"``, a file or a source's pretrained tag.
+    ``"scratch"``, a file or a source's pretrained tag. ``started`` is when ``timeout`` began
+    to count (a ``time.monotonic()`` value; None: when the search starts): the command passes
+    its own start, so that its imports count against ``--timeout`` too.
     """
 
     backbone: str
@@ -64,6 +66,7 @@ class SearchConfig:
     jobs: int | str = 1
     pre_search: Sequence[Callable[[Any], None]] = ()
     on_event: Callable[[Any], None] | None = None
+    started: float | None = None
     seconds: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:

@@ -58,7 +58,7 @@ def prepare(config: SearchConfig, registry: plugins.Registry | None = None) -> S
     """Everything before the first trial, in the order the budget needs it: check the options,
     choose the starting weights, measure the device, plan, decode, check flips, pretrain, fit
     the reference models. Returns the search with its context complete and frozen."""
-    setup = _setup(config, registry or plugins.registry(), Budget.of(config.seconds))
+    setup = _setup(config, registry or plugins.registry(), Budget.of(config.seconds, start=config.started))
     timings: dict[str, float] = {}
     labelled_images, data_source = _labelled_source(config.data, setup.registry)
     plan, data, unlabelled, skipped = _plan_and_decode(setup, labelled_images, timings)
