@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from autoft.training.baselines import pixel_baseline
-from autoft.model.ensemble import AveragedMembers, greedy_selection
+from autoft.model.ensemble import AveragedMembers, greedy_selection, members_score
 from autoft.training.semisupervised import pseudo_label
 
 
@@ -79,6 +79,17 @@ def test_greedy_selection_adds_a_member_only_when_it_helps():
     assert 2 not in choice.weights  # a useless member is never kept
     assert sum(choice.weights.values()) == pytest.approx(1.0)
     assert greedy_selection({0: a, 1: b}, labels, accuracy, max_members=1).weights == {1: 1.0}
+
+
+def test_an_ensemble_cut_short_is_valued_as_the_members_it_holds():
+    labels = np.array([0, 1, 1])
+    a = np.array([[0.9, 0.1], [0.7, 0.3], [0.6, 0.4]])  # 1/3 alone
+    b = np.array([[0.2, 0.8], [0.2, 0.8], [0.4, 0.6]])  # 2/3 alone
+    c = np.array([[0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])  # 3/3 alone
+    predictions = {0: a, 1: b, 2: c}
+    assert members_score(predictions, labels, accuracy, {0: 0.5, 1: 0.5}) == pytest.approx(2 / 3)  # [.55 .45] [.45 .55] [.5 .5]
+    assert members_score(predictions, labels, accuracy, {0: 3, 1: 1}) == pytest.approx(1 / 3)  # weights count: [.725 .275] [.575 .425] [.55 .45]
+    assert members_score(predictions, labels, accuracy, {1: 1, 2: 3}) == pytest.approx(1.0)
 
 
 def test_averaged_members_output_log_mean_probabilities():

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from autoft.core.budget import Budget
 from autoft.model.checkpoints import CHECKPOINT_NAME, load_checkpoint
-from autoft.model.ensemble import EnsembleChoice, greedy_selection
+from autoft.model.ensemble import EnsembleChoice, greedy_selection, members_score
 from autoft.errors import AutoftError
 from autoft.core.events import Export, Refit
 from autoft.core.io import file_lock, publish_dir, write_json
@@ -149,7 +149,17 @@ def build_final(session: Session, best: optuna.trial.FrozenTrial, members: dict[
         raise AutoftError("the best trial left no weights and there was no time to train it again; give the search more time")
     if choice is not None and len(built) < len(members):
         notes.append(f"ensemble reduced to {len(built)} of {len(members)} members by the time left")
+        kept = {n: w for n, _, w in built}
+        choice = dataclasses.replace(choice, weights={n: w / sum(kept.values()) for n, w in kept.items()}, value=members_value(session, best, kept))
     return FinalModel([p for _, p, _ in built], [w for _, _, w in built], [n for n, _, _ in built], refit, choice if len(built) > 1 else None, notes)
+
+
+def members_value(session: Session, best: optuna.trial.FrozenTrial, weights: dict[int, float]) -> float:
+    """The metric of the weighted mean of the members' held-out predictions, on the images the
+    best trial was scored on: an ensemble the time left cut short, valued as what ships."""
+    index, predictions = selection_evidence(session, best)
+    spec = session.ctx.registry.metric(session.ctx.config.metric)
+    return members_score(predictions, session.ctx.pool.labels.numpy()[index], lambda y, p: metric_score(spec, y, p, session.ctx.registry), weights)
 
 
 def self_training(session: Session, best: optuna.trial.FrozenTrial) -> str | None:

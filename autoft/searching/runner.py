@@ -111,8 +111,11 @@ def _final_model(session: Session, best: optuna.trial.FrozenTrial | None, trials
     if verdict.candidate is not None:
         return candidate_final(session, verdict.candidate, verdict.reason)
     final = build_final(session, best, members, choice)
-    if ensemble and not final.is_ensemble:  # the time left built the first member, the best trial: judge what ships
-        verdict = judge(session, float(best.value), f"best trial ({best.number}), the one ensemble member the time left built")
+    if ensemble and len(final.trials) < len(members):  # the time left built fewer members (the best trial first): judge what ships
+        if final.is_ensemble and final.choice is not None:
+            verdict = judge(session, final.choice.value, f"ensemble of the {len(final.trials)} members the time left built")
+        else:
+            verdict = judge(session, float(best.value), f"best trial ({best.number}), the one ensemble member the time left built")
         if verdict.candidate is not None:
             return candidate_final(session, verdict.candidate, verdict.reason)
     return final
