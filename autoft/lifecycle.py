@@ -18,8 +18,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from autoft import plugins
-from autoft.errors import AutoftError
+from autoft.errors import AutoftError, PluginError  # noqa: F401 - PluginError: part of this module's API
+from autoft.plugins import plugin_label  # noqa: F401 - part of this module's API
 from autoft.plugin_loading import module_roots, one_line
 from autoft.specs import STRATEGY_API, Backbone, TrainPlan
 
@@ -33,29 +33,6 @@ def warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         warnings.warn(message, stacklevel=3)
-
-
-class PluginError(AutoftError):
-    """A plugin returned or raised something autoft cannot use; the message names the plugin.
-
-    ``kind`` and ``name`` (``"strategies"``, ``"lp-ft"``), when known, say which registered
-    choice it was: a search leaves a choice whose plugin failed out of its later trials."""
-
-    def __init__(self, message: str, *, kind: str | None = None, name: str | None = None):
-        super().__init__(message)
-        self.kind, self.name = kind, name
-
-
-def plugin_label(registry: plugins.Registry | None, kind: str, name: str) -> str:
-    """``strategy 'lp-ft' (autoft 0.1.0)``: what a message needs to send the user to the right package."""
-    what = {"strategies": "strategy", "regularizers": "regularizer", "metrics": "metric", "pretrainers": "pretraining method"}[kind]
-    registered = getattr(registry, kind, {}).get(name) if registry is not None else None
-    if registered is None:
-        return f"{what} {name!r}"
-    info = registered.plugin
-    if info.version == plugins.LOCAL_VERSION:  # a module of a plugins folder
-        return f"{what} {name!r} ({info.name}.py in {info.package})"
-    return f"{what} {name!r} ({info.package} {info.version})".replace(" )", ")")
 
 
 def describe_value(value: Any) -> str:

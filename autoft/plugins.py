@@ -202,6 +202,18 @@ def describe_origin(item: Any, kind: str | None = None, registry: Registry | Non
     return (registry or build_registry(default_plugin_manager())).describe_origin(item, kind)
 
 
+def plugin_label(registry: Registry | None, kind: str, name: str) -> str:
+    """``strategy 'lp-ft' (autoft 0.1.0)``: what a message needs to send the user to the right package."""
+    what = {"strategies": "strategy", "regularizers": "regularizer", "metrics": "metric", "pretrainers": "pretraining method"}[kind]
+    registered = getattr(registry, kind, {}).get(name) if registry is not None else None
+    if registered is None:
+        return f"{what} {name!r}"
+    info = registered.plugin
+    if info.version == LOCAL_VERSION:  # a module of a plugins folder
+        return f"{what} {name!r} ({info.name}.py in {info.package})"
+    return f"{what} {name!r} ({info.package} {info.version})".replace(" )", ")")
+
+
 def _owners(clash: Sequence[PluginInfo]) -> str:
     """``autoft 0.2.0 and acme-old 0.3 (entry point strategies)``: each distribution with its version."""
     return " and ".join(f"{p.package} {p.version} (entry point {p.name})".replace("  ", " ") if p.version != LOCAL_VERSION else p.origin for p in clash)

@@ -22,6 +22,18 @@ def test_import_autoft_is_light():
     assert out.strip() == "[]"  # the API resolves on first use, not at import
 
 
+def test_the_command_answers_help_without_importing_torch():
+    """``autoft --help`` or ``--version`` in a fifth of a second, not the two of importing torch
+    (six on a busy machine, where they counted against a search's --timeout)."""
+    code = (
+        "import sys; from autoft.cli import make_app\n"
+        "try:\n    make_app()(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'timm', 'optuna') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
 @pytest.mark.parametrize("name", ["train", "search", "pretrain", "export", "load_checkpoint"])
 def test_the_api_functions_are_callable_however_submodules_were_imported(name):
     import autoft.deploy.exporting

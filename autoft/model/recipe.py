@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from autoft import plugins
-from autoft.errors import AutoftError
-from autoft.lifecycle import PluginError, plugin_label
+from autoft.errors import AutoftError, PluginError
+from autoft.plugins import plugin_label
 
 AUGMENT_POLICIES = ("crop-flip", "shift", "randaugment", "trivialaugment", "none")
 NO_REGULARIZER = "none"
