@@ -37,18 +37,6 @@ def test_the_most_confident_pseudo_labels_are_the_most_accurate(digits):
     assert len(pseudo.most_confident(0.0)[0]) == 0
 
 
-def test_labels_a_model_gives_over_sure_above_are_kept_whatever_the_fraction():
-    from autoft.training.semisupervised import PseudoLabels
-
-    confidence = np.array([0.9, 0.2, 0.7, 0.55, 0.4, 0.5])
-    pseudo = PseudoLabels(index=np.arange(6) + 10, labels=np.arange(6), confidence=confidence, sure_above=0.5)
-    index, labels = pseudo.most_confident(0.2)
-    assert index.tolist() == [10, 12, 13]  # 0.9, 0.7, 0.55: over one half, not 0.5 itself
-    assert labels.tolist() == [0, 2, 3]
-    assert pseudo.most_confident(0.9)[0].tolist() == [10, 12, 13, 14, 15]  # a larger share still wins: all but 0.2
-    assert PseudoLabels(pseudo.index, pseudo.labels, confidence).most_confident(0.2)[0].tolist() == [10]
-
-
 def test_a_better_feature_space_is_chosen_by_held_out_labelled_images(digits):
     images, y, labelled, rest = digits
     truth = np.concatenate([y[labelled], y[rest]])

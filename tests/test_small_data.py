@@ -181,46 +181,14 @@ def test_a_search_on_digits_trains_without_flips(tmp_path):
     assert stored["flips"] is False and "no flips" in stored["line"]  # what the dashboard shows agrees
 
 
-def test_the_refit_learns_from_the_best_trials_models_only_when_they_label_better(semi_search):
-    from types import SimpleNamespace
-
-    from autoft.searching.finishing import self_training
-    from autoft.searching.objective import TEACHER_NAME, save_array
-    from autoft.training.semisupervised import PseudoLabels
-
+def test_the_refit_trains_on_the_pseudo_labels_its_trial_was_validated_with(semi_search):
+    """Label propagation from every labelled image, at the trial's share: the labels its folds
+    were validated with, not a model's own labels that no split checked (self-training lost 4 to
+    5.5 points on textures at 6m)."""
     result, session = semi_search
-    best = SimpleNamespace(number=result.best_number, params={**result.best_params, "pseudo_labels": "propagate", "pseudo_fraction": 1.0})
+    params = {**result.best_params, "pseudo_labels": "propagate", "pseudo_fraction": 0.5}
     everything = np.arange(len(session.ctx.pool))
-    propagated = session.pseudo(None, everything)
-    wrong = (propagated.labels + 1) % 3  # what the trial's models say: unlike propagation, to tell them apart
-    path = session.ctx.trial_dir(best.number) / TEACHER_NAME
-    saved = path.read_bytes() if path.is_file() else None
-    save_array(session.ctx.trial_dir(best.number) / TEACHER_NAME, np.eye(3)[wrong] * 0.9 + 0.1 / 3)
-    try:
-        session.teach_refit(PseudoLabels(propagated.index, propagated.labels, propagated.confidence, score=1.01))  # propagation labels better
-        assert self_training(session, best) is None
-        assert (session.fit_data(None, best.params).train.labels[len(everything) :].numpy() == propagated.most_confident(1.0)[1]).all()
-
-        session.teach_refit(PseudoLabels(propagated.index, propagated.labels, propagated.confidence, score=0.0))  # the models label better
-        note = self_training(session, best)
-        assert note and f"trial {best.number}'s models" in note
-        refit = session.fit_data(None, {**best.params, "pseudo_fraction": 0.1})
-        assert len(refit.train) == len(everything) + 30  # the models gave each label 0.93: all kept, whatever the recipe's share
-        assert (refit.train.labels[len(everything) :].numpy() == wrong).all()  # every unlabelled image, with the models' labels
-    finally:
-        path.unlink()
-        if saved is not None:
-            path.write_bytes(saved)
-        session.state.pseudo.pop(-1, None)
-
-
-def test_a_trial_on_pseudo_labels_keeps_its_models_probabilities_for_the_unlabelled_images(semi_search):
-    from autoft.searching.objective import load_teacher
-
-    result, session = semi_search
-    folder = session.ctx.trial_dir(result.best_number)
-    teacher = load_teacher(folder)
-    if result.best_params.get("pseudo_labels") == "propagate":
-        assert teacher is not None and teacher.shape == (30, 3) and np.allclose(teacher.sum(1), 1, atol=1e-4)
-    else:
-        assert teacher is None  # nothing to teach a refit that uses no pseudo-labels
+    index, labels = session.pseudo(None, everything).most_confident(0.5)
+    refit = session.fit_data(None, params).train
+    assert len(refit) == len(everything) + len(index) and len(index) == 15  # half of the 30 unlabelled images
+    assert (refit.labels[len(everything) :].numpy() == labels).all()

@@ -78,6 +78,29 @@ def test_a_deadline_inside_a_long_epoch_stops_after_that_batch_and_keeps_the_bes
     assert isinstance(events[-1], TrainEnd) and events[-1].stopped == "deadline" and result.best_epoch == 1
 
 
+class WreckAfterFirstEpoch:
+    """Zeroes every weight once the first epoch is evaluated: the second epoch cannot be the best."""
+
+    def on_epoch_end(self, ctx):
+        if ctx.epoch == 1:
+            with torch.no_grad():
+                for parameter in ctx.model.parameters():
+                    parameter.zero_()
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_a_run_keeps_its_best_or_its_last_weights(small, keep):
+    from autoft.model.metrics import evaluate, metric_specs
+
+    run = trainer(small, callbacks=[WreckAfterFirstEpoch()], epochs=2, batch_size=8, keep=keep)
+    result = run.fit()
+    first, last = (r["val_accuracy"] for r in result.history)
+    assert first > last + 0.1  # the wreck worked
+    kept = evaluate(run.net, small.val, torch.device("cpu"), 64, metric_specs("accuracy", plugins.registry()), plugins.registry())["accuracy"]
+    expected = first if keep == "best" else last
+    assert result.best_epoch == (1 if keep == "best" else 2) and result.val["accuracy"] == expected and kept == pytest.approx(expected)
+
+
 def test_a_deadline_before_the_first_epoch_ends_leaves_nothing_to_keep(small):
     run = trainer(small, callbacks=[SlowStep(0.05)], batch_size=8, deadline=time.monotonic() + 0.2)
     started = time.monotonic()

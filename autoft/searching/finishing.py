@@ -30,10 +30,9 @@ from autoft.errors import AutoftError
 from autoft.core.events import Export, Refit
 from autoft.core.io import file_lock, publish_dir, write_json
 from autoft.model.metrics import metric_specs, score as metric_score, test_metrics
-from autoft.searching.objective import Objective, load_predictions, load_teacher
+from autoft.searching.objective import Objective, load_predictions
 from autoft.searching.records import TrialRecord
 from autoft.searching.session import Session
-from autoft.training.semisupervised import PseudoLabels
 from autoft.training.trainer import OutOfTime
 
 ENSEMBLE_MARGIN = 0.005  # an ensemble must beat the best single model by more than this
@@ -44,7 +43,6 @@ MIN_REFIT_SECONDS = 3.0
 UNDERTRAINED_FACTOR = 4  # the most a refit extends a trial that peaked at its last evaluation
 REFIT_SLACK = 0.04  # of the budget: what a refit may run past the deadline when it is all that is left
 BUILD_SECONDS = 1.0  # building a backbone and one evaluation, beside the steps
-SURE_PROBABILITY = 0.5  # the self-trained refit keeps every label its teacher gives more than this
 
 
 @dataclass
@@ -129,13 +127,12 @@ def build_final(session: Session, best: optuna.trial.FrozenTrial, members: dict[
     """The chosen trials (``members``, by default :func:`choose_members`'), each refit on every labelled image."""
     if members is None:
         members, choice = choose_members(session, best)
-    taught = self_training(session, best) if session.ctx.config.refit else None
     trials = {t.number: t for t in session.study.get_trials(deepcopy=False)}
     work = session.ctx.out / "refit"
     work.mkdir(parents=True, exist_ok=True)
     built: list[tuple[int, Path, float]] = []
     refit: dict[str, Any] | None = None
-    notes: list[str] = [taught] if taught else []
+    notes: list[str] = []
     for number, weight in members.items():
         trial = trials[number]
         path, info = _member(session, trial, work / f"{number}.pt", first=not built)
@@ -160,28 +157,6 @@ def members_value(session: Session, best: optuna.trial.FrozenTrial, weights: dic
     index, predictions = selection_evidence(session, best)
     spec = session.ctx.registry.metric(session.ctx.config.metric)
     return members_score(predictions, session.ctx.pool.labels.numpy()[index], lambda y, p: metric_score(spec, y, p, session.ctx.registry), weights)
-
-
-def self_training(session: Session, best: optuna.trial.FrozenTrial) -> str | None:
-    """Let the refit learn the unlabelled images' labels from the best trial's models (the
-    mean of its folds') when they label held-out images better than label propagation does:
-    self-training, one round (Xie et al. 2020, "Self-training with Noisy Student"). The refit
-    keeps the trial's share of the surest labels, and every label the teacher gives over half
-    its probability (:data:`SURE_PROBABILITY`). Returns the note that says so, or None."""
-    if session.ctx.unlabelled is None or best.params.get("pseudo_labels") != "propagate":
-        return None
-    teacher, own = load_teacher(session.ctx.trial_dir(best.number)), load_predictions(session.ctx.trial_dir(best.number))
-    if teacher is None or own is None or len(teacher) != len(session.ctx.unlabelled):
-        return None
-    index, probabilities = own  # the best trial's held-out predictions: no other trial's are needed
-    taught = float((probabilities.argmax(1) == session.ctx.pool.labels.numpy()[index]).mean())
-    propagated = session.pseudo(None, np.arange(len(session.ctx.pool)))
-    if propagated.score is None or taught <= propagated.score:
-        return None
-    session.teach_refit(PseudoLabels(index=np.arange(len(teacher)), labels=teacher.argmax(1).astype(np.int64), confidence=teacher.max(1), features=f"trial {best.number}",
-                                     score=taught, sure_above=SURE_PROBABILITY))  # fmt: skip
-    return (f"the refit learnt the unlabelled images' labels from trial {best.number}'s models, which label held-out images "
-            f"better ({taught:.3f}) than label propagation ({propagated.score:.3f})")  # fmt: skip
 
 
 def _member(session: Session, trial: optuna.trial.FrozenTrial, path: Path, first: bool) -> tuple[Path | None, dict[str, Any]]:

@@ -190,10 +190,6 @@ class Session:
         ctx = self.ctx
         return pseudo_labels(self.state.pseudo, ctx.pool, ctx.unlabelled, ctx.data.num_classes, self.state.embedders, ctx.config.seed, split, train_index)
 
-    def teach_refit(self, labels: PseudoLabels) -> None:
-        """Pseudo-labels for the refit on every labelled image, in place of label propagation's."""
-        self.state.pseudo[-1] = labels
-
 
 class _Timer:
     def __init__(self, timings: dict[str, float], stage: str):

@@ -75,7 +75,8 @@ class Fitted:
 
     @property
     def peaked_at_end(self) -> bool:
-        return self.result.best_epoch == len(self.result.history)
+        """Still improving when the fit ended; never said of a fit that kept its last weights, which chose no peak."""
+        return self.request.trainer.keep == "best" and self.result.best_epoch == len(self.result.history)
 
     def save(self, path: Path, params: dict[str, Any] | None = None) -> Path:
         """``model.pt``: the weights and what rebuilding and preprocessing them need."""

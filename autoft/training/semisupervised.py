@@ -38,19 +38,14 @@ class PseudoLabels:
     confidence: np.ndarray  # float, the winning class's share of the spread label mass
     features: str = "pixels"
     score: float | None = None  # accuracy on labelled images whose labels it was not given, when measured
-    sure_above: float | None = None  # confidences above this are kept whatever the fraction (a model's probabilities)
 
     def most_confident(self, fraction: float) -> tuple[np.ndarray, np.ndarray]:
         """(pool indices, labels) of the ``fraction`` of pseudo-labels with the highest confidence.
 
         A share rather than a confidence threshold: the spread of confidences depends on the
         number of classes and the graph, while "the surest 60%" means the same everywhere.
-        Where the confidences are a model's probabilities, ``sure_above`` keeps every label
-        above it too: over one half, a label is likelier right than all the others together.
         """
         count = int(round(min(max(fraction, 0.0), 1.0) * len(self.labels)))
-        if self.sure_above is not None:
-            count = max(count, int((self.confidence > self.sure_above).sum()))
         keep = np.sort(np.argsort(-self.confidence, kind="stable")[:count])
         return self.index[keep], self.labels[keep]
 

@@ -120,7 +120,7 @@ class Trainer:
         self.transformers = [c for c in self.callbacks if "transform_batch" in c.hooks]
         self._place_training_set()
         self.history: list[dict[str, float]] = []
-        self.best: tuple[float, int, dict[str, torch.Tensor], dict[str, Any]] | None = None
+        self.best: tuple[float, int, dict[str, torch.Tensor] | None, dict[str, Any]] | None = None  # value, epoch, weights (None: the current ones), val
         self.global_step, self._last_save = 0, time.monotonic()
         self._hook = self._features_hook()
 
@@ -337,7 +337,9 @@ class Trainer:
         }
         self.history.append(record)
         value = val[cfg.metric]
-        if is_better(self.metrics[0], value, None if self.best is None else self.best[0]):
+        if cfg.keep == "last":
+            self.best = (value, epoch, None, val)  # None: the weights the run ends with
+        elif is_better(self.metrics[0], value, None if self.best is None else self.best[0]):
             weights = {k: v.detach().to("cpu", copy=True) for k, v in self.backbone.model.state_dict().items()}
             self.best = (value, epoch, weights, val)
         self.ctx.record = record
@@ -382,7 +384,8 @@ class Trainer:
             raise Interrupted("stopped before the first epoch ended")
         self._check_chance_level()
         value, best_epoch, weights, val = self.best
-        self.backbone.model.load_state_dict(weights)
+        if weights is not None:
+            self.backbone.model.load_state_dict(weights)
         self._emit(TrainEnd(best_epoch=best_epoch, stopped=stopped))
         return FitResult(history=self.history, best_epoch=best_epoch, val=val, stopped=stopped)
 

@@ -51,6 +51,7 @@ class TrainerConfig:
     state_file: Path | None = None
     state_interval: float = STATE_INTERVAL
     should_stop: Callable[[], bool] | None = None  # polled before every batch
+    keep: str = "best"  # the weights kept: "best" evaluated, or "last" (a validation set too small to choose among evaluations without flattering the one chosen)
 
 
 @dataclass
