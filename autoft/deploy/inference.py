@@ -133,9 +133,12 @@ class OnnxClassifier:
 
         A model with a NaN weight loads and runs without complaint and answers NaN for every
         image, so predict and serve check it before the first real image rather than print
-        NaN (which is not JSON) or report a broken server as ready.
+        NaN (which is not JSON) or report a broken server as ready. The probe images go the
+        way a request's do, decoding included: a server's first request then waits for no
+        import (decoding's, of torch, took 1.3 s and held the event loop while 64 slow clients
+        were connected).
         """
-        logits = self.logits(probe_pixels(self.image_size))
+        logits = self.logits(self.pixels(probe_images(self.image_size)))
         if logits.ndim != 2 or logits.shape[1] != len(self.classes):
             raise AutoftError(f"{self.path}: the model gives outputs of shape {list(logits.shape)}, but {len(self.classes)} classes are labelled; re-export it")
         if not np.isfinite(logits).all():
@@ -165,11 +168,10 @@ def to_pixels(images: Sequence[np.ndarray], size: int) -> np.ndarray:
     return np.stack(images).astype(np.float32) / np.float32(255)
 
 
-def probe_pixels(size: int) -> np.ndarray:
-    """Four images a working model must score finitely: black, mid-grey, white and uniform noise."""
-    noise = np.random.default_rng(PROBE_SEED).random((1, 3, size, size), dtype=np.float32)
-    plain = np.array([0.0, 0.5, 1.0], dtype=np.float32).reshape(3, 1, 1, 1) * np.ones((1, 3, size, size), dtype=np.float32)
-    return np.concatenate([plain, noise])
+def probe_images(size: int) -> list[np.ndarray]:
+    """Four uint8 RGB images a working model must score finitely: black, mid-grey, white and uniform noise."""
+    plain = [np.full((size, size, 3), value, dtype=np.uint8) for value in (0, 128, 255)]
+    return [*plain, np.random.default_rng(PROBE_SEED).integers(0, 256, (size, size, 3), dtype=np.uint8)]
 
 
 def non_finite_reason(logits: np.ndarray) -> str:
