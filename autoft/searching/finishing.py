@@ -112,9 +112,9 @@ def choose_members(session: Session, best: optuna.trial.FrozenTrial) -> tuple[di
         session.state.notes.append(f"no ensemble: trials {', '.join(map(str, elsewhere[:5]))} ran on other machines, whose predictions are not in {session.ctx.out}")
         return {best.number: 1.0}, None
     labels = session.ctx.pool.labels.numpy()[index]
-    spec = session.ctx.registry.metric(session.ctx.config.metric)
-    sign = 1.0 if spec.greater_is_better else -1.0  # selection maximises; log loss is minimised
-    score = lambda y, p: sign * metric_score(spec, y, p, session.ctx.registry)
+    sign = 1.0 if session.ctx.registry.metric(session.ctx.config.metric).greater_is_better else -1.0  # selection maximises; log loss is minimised
+    metric = evidence_score(session)
+    score = lambda y, p: sign * metric(y, p)
     choice = greedy_selection(predictions, labels, score, max_members=session.ctx.config.ensemble)
     wins = len(choice.weights) > 1 and choice.gain > ENSEMBLE_MARGIN
     choice = dataclasses.replace(choice, value=sign * choice.value, single_value=sign * choice.single_value)  # the metric's own sign again
@@ -155,8 +155,13 @@ def members_value(session: Session, best: optuna.trial.FrozenTrial, weights: dic
     """The metric of the weighted mean of the members' held-out predictions, on the images the
     best trial was scored on: an ensemble the time left cut short, valued as what ships."""
     index, predictions = selection_evidence(session, best)
+    return members_score(predictions, session.ctx.pool.labels.numpy()[index], evidence_score(session), weights)
+
+
+def evidence_score(session: Session):
+    """(labels, probabilities) -> the search's metric, in its own sign."""
     spec = session.ctx.registry.metric(session.ctx.config.metric)
-    return members_score(predictions, session.ctx.pool.labels.numpy()[index], lambda y, p: metric_score(spec, y, p, session.ctx.registry), weights)
+    return lambda y, p: metric_score(spec, y, p, session.ctx.registry)
 
 
 def _member(session: Session, trial: optuna.trial.FrozenTrial, path: Path, first: bool) -> tuple[Path | None, dict[str, Any]]:
