@@ -40,6 +40,35 @@ def test_strategy_parameters_pass_through_param(class_folder, tmp_path):
     assert params["strategy"] == "l2sp" and params["l2sp_alpha"] == 0.05 and params["freeze_depth"] == 2
 
 
+def test_train_from_pretrained_weights_starts_as_the_search_s_default_recipe_does(class_folder, tmp_path):
+    """From pretrained weights the head starts from the linear probe and BatchNorm keeps its
+    statistics, as in the search's default recipe: a random head on lite0's features starts
+    at a loss of 9 on 8 classes, and LP-FT at lr 3e-4 diverged. A flag given still wins."""
+    import torch
+
+    from autoft.model.backbones import build_backbone
+
+    torch.save(build_backbone("test_resnet", num_classes=5).model.state_dict(), tmp_path / "w.pt")
+    common = ["train", "--backbone", "test_resnet", "--data", class_folder, "--epochs", "1", "--image-size", "16", "--weights", tmp_path / "w.pt"]
+    result = invoke(*common, "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    params = json.loads((tmp_path / "a" / "metrics.json").read_text())["params"]
+    assert params["head_init"] == "probe" and params["bn"] == "keep"
+    result = invoke(*common, "--out", tmp_path / "b", "--param", "head_init=random")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["params"]["head_init"] == "random"
+    result = invoke("train", "--backbone", "test_resnet", "--data", class_folder, "--epochs", "1", "--image-size", "16", "--out", tmp_path / "c")
+    assert "head_init" not in json.loads((tmp_path / "c" / "metrics.json").read_text())["params"]  # from random weights: no probe to start from
+
+
+def test_a_diverged_run_ends_in_one_error_line(class_folder, tmp_path):
+    result = invoke("train", "--backbone", "test_resnet", "--data", class_folder, "--out", tmp_path, "--epochs", "2", "--image-size", "16", "--lr", "1000")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: diverged:") and "learning rate may be too high" in errors[0], result.output
+    assert not (tmp_path / "model.pt").exists()  # a broken model is not written
+
+
 def _one_clear_line(result, *needles):
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output

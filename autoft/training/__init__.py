@@ -22,7 +22,7 @@ from autoft.errors import AutoftError
 from autoft.core.events import Event, with_shorthands
 from autoft.core.io import write_json
 from autoft.model.metrics import metric_specs, test_metrics
-from autoft.model.recipe import resolve_recipe
+from autoft.model.recipe import PRETRAINED_DEFAULTS, resolve_recipe
 from autoft.training.fitting import FitRequest, Fitted, fit as fit_request
 from autoft.core.runtime import as_device, resolve_device
 from autoft.specs import Backbone
@@ -118,7 +118,8 @@ def prepare_train(job: TrainJob) -> FitRequest:
         raise AutoftError("--epochs must be at least 1")
     metric_specs(job.trainer.metric, registry)  # an unknown metric fails before any work
     info = describe_backbone(job.backbone, registry)  # a bad backbone name fails here
-    recipe = resolve_recipe(job.params, info.num_groups, registry)
+    given = {**PRETRAINED_DEFAULTS, **job.params} if job.weights else job.params  # the search's defaults from pretrained weights (the probe as the head's start)
+    recipe = resolve_recipe(given, info.num_groups, registry)
     device = resolve_device(job.trainer.device) if isinstance(job.trainer.device, str) else job.trainer.device
     data = job.data
     if isinstance(data, str):

@@ -326,6 +326,8 @@ class Trainer:
         self._check_losses(epoch, losses, self._first_bad.tolist())
         cfg = self.config
         val = evaluate(self.net, self.data.val, self.device, cfg.batch_size * 2, self.metrics, self.registry)
+        if not math.isfinite(val["loss"]):  # the last step's update broke the weights after its loss was taken
+            raise Diverged(f"diverged: the validation loss is {val['loss']} after epoch {epoch}; the learning rate may be too high")
         record = {
             "epoch": epoch,
             "step": self.global_step,

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 
 from autoft.data import train_augmentation
+from autoft.errors import AutoftError
 from autoft.model.recipe import Recipe
 
 
@@ -28,8 +29,9 @@ class Interrupted(KeyboardInterrupt):
     """A stop was requested before the first epoch finished."""
 
 
-class Diverged(FloatingPointError):
-    """The loss became non-finite or exploded: the recipe (usually its learning rate) failed."""
+class Diverged(AutoftError, FloatingPointError):
+    """The loss became non-finite or exploded: the recipe (usually its learning rate) failed.
+    A search fails the trial (a verdict on its parameters); ``autoft train`` says it in one line."""
 
 
 @dataclass
