@@ -166,3 +166,36 @@ def test_a_plan_without_a_search_runs_more_trials_only_where_one_split_can_choos
     assert trial_cap(session(60, no_cv=True)) is None  # one split asked for
     assert trial_cap(session(60, search=True)) is None  # a search the plan bought
     assert trial_cap(session(60, trials=3)) == 3  # --trials is taken as given
+
+
+def test_a_simple_model_is_an_ensemble_member_on_the_trials_own_evidence(image_folder, tmp_path):
+    """The simple models' held-out predictions sit beside the trials' for the same images, and
+    an ensemble holding one ships as one exported model: the refit network and the simple
+    model fitted on every labelled image, averaged."""
+    import torch
+
+    from autoft.searching.config import SearchConfig
+    from autoft.searching.finishing import best_trial, build_final, member_evidence, publish_best
+    from autoft.searching.preparing import prepare
+    from autoft.searching.trials import open_study, run_trials
+
+    config = SearchConfig("test_resnet", str(image_folder), tmp_path / "run", trials=1, epochs=2, image_size=16, device="cpu", batch_size=8, cv=2,
+                          pruner="none", ensemble=3, seed=0)  # fmt: skip
+    session = prepare(config)
+    run_trials(session, open_study(session))
+    best = best_trial(session.study)
+    index, evidence = member_evidence(session, best)
+    assert np.array_equal(index, np.arange(len(session.ctx.pool)))  # 2 folds: every labelled image held out once
+    assert {c.name for c in session.ctx.candidates} <= set(evidence) and best.number in evidence
+    for candidate in session.ctx.candidates:
+        assert np.array_equal(evidence[candidate.name], candidate.probabilities[np.searchsorted(candidate.index, index)])
+
+    final = build_final(session, best, {best.number: 0.5, PIXELS: 0.5})
+    assert final.trials == [best.number] and final.simple_members == [PIXELS] and final.members == [best.number, PIXELS] and final.is_ensemble
+    best_dir = publish_best(session, final, {})
+    assert [m.get("candidate") is not None for m in load_checkpoint(best_dir).meta["ensemble"]] == [False, True]
+    assert json.loads((best_dir / "export.json").read_text())["checks"]["fp32"]  # the export verified itself
+    pixels = session.ctx.pool.take(range(8)).float().div(255)
+    with torch.inference_mode():
+        expected = sum(0.5 * load_checkpoint(path).network()(pixels).softmax(1) for path in final.checkpoints).numpy()
+    assert np.abs(OnnxClassifier.load(best_dir, device="cpu").probabilities(pixels.numpy()) - expected).max() < 1e-4

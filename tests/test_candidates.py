@@ -222,3 +222,33 @@ def test_an_unknown_kind_of_simple_model_is_one_line(tmp_path, digits, pool):
     torch.save(payload, path)
     with pytest.raises(AutoftError, match="unknown kind of simple model 'gradient boosting'"):
         load_checkpoint(path)
+
+
+def test_an_ensemble_of_a_network_and_simple_models_exports_as_one_verified_graph(candidates, fitted, shipped, digits, tmp_path):
+    """Members normalise the pixels their own way (the network by ImageNet's statistics, the
+    pixel models not at all): the exported ensemble gives the weighted mean of what each
+    member gives alone, and the export's own verification passes."""
+    from autoft.deploy.exporting import export
+    from autoft.model.backbones import build_backbone
+    from autoft.model.checkpoints import save_checkpoint, save_ensemble
+
+    torch.manual_seed(0)
+    network = build_backbone("test_resnet", num_classes=10)
+    image_size = int(digits.train.image_shape[-1])
+    trial = save_checkpoint(tmp_path / "trial.pt", backbone_name="test_resnet", backbone=network, classes=digits.classes, image_size=image_size,
+                            params={"dropout": 0.0}, data="sample:digits", seed=0)  # fmt: skip
+    members = [trial, shipped[PIXELS_NAME], shipped[SPREAD_NAME]]
+    loaded = load_checkpoint(save_ensemble(tmp_path / "best" / "model.pt", members, [0.5, 0.3, 0.2]))
+    assert [m.get("candidate") for m in loaded.meta["ensemble"]][0] is None and loaded.meta["ensemble"][1]["candidate"]["kind"]
+    assert loaded.norms[0] != loaded.norms[1]  # the network's ImageNet statistics, the pixel model's none
+    val = digits.val.subset(np.arange(16))
+    pixels = val.images.float().div(255)
+    with torch.inference_mode():
+        alone = load_checkpoint(trial).network()(pixels).softmax(1).numpy()
+    expected = 0.5 * alone + 0.3 * sklearn_probabilities(fitted, PIXELS_NAME, val) + 0.2 * sklearn_probabilities(fitted, SPREAD_NAME, val)
+    with torch.inference_mode():
+        assert np.abs(loaded.network()(pixels).softmax(1).numpy() - expected).max() < TOLERANCE
+    result = export(loaded, tmp_path / "best", images=val)
+    assert all(c["top1_agreement"] == 1.0 for c in result.report["checks"]["fp32"].values())
+    classifier = OnnxClassifier.load(tmp_path / "best", device="cpu")
+    assert np.abs(classifier.probabilities(pixels.numpy()) - expected).max() < TOLERANCE

@@ -69,6 +69,20 @@ def test_greedy_selection_adds_a_member_only_when_it_helps():
     assert greedy_selection({0: a, 1: b}, labels, accuracy, max_members=1).weights == {1: 1.0}
 
 
+def test_a_simple_model_joins_an_ensemble_of_trials_when_it_helps_and_loses_ties_to_a_trial():
+    """Selection holds the simple models (named by a string) beside the trials (by number):
+    a logistic regression right where the network is wrong makes the ensemble, and on an
+    equal score the network is the single model, being what the user asked to train."""
+    labels = np.array([0, 0, 1, 1])
+    trial = np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.6, 0.4]])  # 3/4: wrong on the last, unsure
+    pixels = np.array([[0.4, 0.6], [0.6, 0.4], [0.4, 0.6], [0.1, 0.9]])  # 3/4: wrong on the first, unsure
+    choice = greedy_selection({4: trial, "pixels": pixels}, labels, accuracy, max_members=3)
+    assert choice.single == 4 and choice.single_value == pytest.approx(0.75)
+    assert choice.weights == {4: 0.5, "pixels": 0.5} and choice.value == pytest.approx(1.0)
+    assert greedy_selection({"pixels": trial, 7: trial, 9: trial}, labels, accuracy, max_members=3).single == 7
+    assert members_score({4: trial, "pixels": pixels}, labels, accuracy, {4: 1, "pixels": 1}) == pytest.approx(1.0)
+
+
 def test_an_ensemble_cut_short_is_valued_as_the_members_it_holds():
     labels = np.array([0, 1, 1])
     a = np.array([[0.9, 0.1], [0.7, 0.3], [0.6, 0.4]])  # 1/3 alone

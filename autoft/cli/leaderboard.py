@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
 from autoft.cli.tables import WholeTable
-from autoft.searching.report_data import Baseline, EnsembleSummary, describe_ensemble, epochs_run, trial_seconds
+from autoft.searching.report_data import Baseline, EnsembleSummary, describe_ensemble, ensemble_name, epochs_run, trial_seconds
 from autoft.core.text import duration
 from autoft.searching.records import TrialRecord
 
@@ -40,7 +40,7 @@ def leaderboard(
     rows: list[tuple[float, list[str], str]] = [(t.value, _trial_cells(t, ranked.index(t) + 1), "") for t in shown]
     rows += [(b.value, ["ref", b.name, f"{b.value:.4f}", "baseline", "", b.note, "", ""], BASELINE_STYLE) for b in baselines]
     if ensemble is not None:
-        members = f"ensemble of trials {', '.join(map(str, ensemble.members))}"
+        members = ensemble_name(ensemble)
         rows.append((ensemble.value, ["ref", members, f"{ensemble.value:.4f}", "ensemble", "", describe_ensemble(ensemble), "", ""], ENSEMBLE_STYLE))
     rows.sort(key=lambda row: -row[0])
 

@@ -70,13 +70,20 @@ def save_checkpoint(
     return path
 
 
+MEMBER_META = ("backbone", "mean", "std", "candidate")  # what may differ between an ensemble's members
+
+
 def save_ensemble(path: Path, members: list[Path], weights: list[float]) -> Path:
-    """One checkpoint for ``members`` (checkpoints of one backbone, classes and image size),
-    averaged with ``weights``; a single member is copied as it is."""
+    """One checkpoint for ``members`` (checkpoints of the same classes and image size: trials
+    of one backbone, or simple models beside them), averaged with ``weights``; a single
+    member is copied as it is. Each member keeps its own backbone name, normalisation and,
+    for a simple model, its ``candidate`` record."""
     payloads = [safe_load(Path(m), "checkpoint") for m in members]
     first = dict(payloads[0])
     if len(payloads) > 1:
-        first["members"] = [{"params": p["params"], "state_dict": p["state_dict"], "weight": float(w)} for p, w in zip(payloads, weights)]
+        first["members"] = [
+            {"params": p["params"], "state_dict": p["state_dict"], "weight": float(w), **{k: p.get(k) for k in MEMBER_META}} for p, w in zip(payloads, weights)
+        ]  # fmt: skip
     with atomic_path(path) as tmp:
         torch.save(first, tmp)
     return path
@@ -85,12 +92,14 @@ def save_ensemble(path: Path, members: list[Path], weights: list[float]) -> Path
 @dataclass
 class LoadedModel:
     """A checkpoint's model, or an ensemble's: ``backbone`` is the (first) member, ``members``
-    every member's model and ``weights`` their weights when there are several."""
+    every member's model, ``weights`` their weights and ``norms`` their (mean, std) when there
+    are several."""
 
     backbone: Backbone
     meta: dict[str, Any]  # the checkpoint without its state dicts
     members: list[torch.nn.Module] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    norms: list[tuple[list[float], list[float]]] = field(default_factory=list)
 
     @property
     def classes(self) -> list[str]:
@@ -98,13 +107,14 @@ class LoadedModel:
 
     def network(self) -> torch.nn.Module:
         """The classifier with normalisation inside: float NCHW pixels in [0, 1] -> logits
-        (for an ensemble, the log of its members' weighted mean probabilities)."""
-        model: torch.nn.Module = self.backbone.model
+        (for an ensemble, the log of its members' weighted mean probabilities, each member
+        normalising the pixels its own way)."""
         if len(self.members) > 1:
             from autoft.model.ensemble import AveragedMembers
 
-            model = AveragedMembers(self.members, self.weights)
-        return torch.nn.Sequential(Normalize(self.meta["mean"], self.meta["std"]), model).eval()
+            members = [torch.nn.Sequential(Normalize(mean, std), model) for model, (mean, std) in zip(self.members, self.norms)]
+            return AveragedMembers(members, self.weights).eval()
+        return torch.nn.Sequential(Normalize(self.meta["mean"], self.meta["std"]), self.backbone.model).eval()
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -123,11 +133,13 @@ def load_checkpoint(path: str | Path, registry: plugins.Registry | None = None) 
         raise AutoftError(f"{file} is not an autoft checkpoint")
     state = payload.pop("state_dict")
     members = payload.pop("members", None) or [{"params": payload["params"], "state_dict": state, "weight": 1.0}]
-    backbones = [_build_member(payload, member, registry) for member in members]
+    metas = [{**payload, **{k: member[k] for k in MEMBER_META if k in member}} for member in members]  # an older ensemble's members share the first's
+    backbones = [_build_member(meta, member, registry) for meta, member in zip(metas, members)]
     if len(backbones) == 1:
         return LoadedModel(backbones[0], payload)
-    payload["ensemble"] = [{"params": m["params"], "weight": m["weight"]} for m in members]
-    return LoadedModel(backbones[0], payload, [b.model for b in backbones], [m["weight"] for m in members])
+    payload["ensemble"] = [{"params": m["params"], "weight": m["weight"], **({"candidate": m["candidate"]} if m.get("candidate") else {})} for m in members]
+    norms = [(list(meta["mean"]), list(meta["std"])) for meta in metas]
+    return LoadedModel(backbones[0], payload, [b.model for b in backbones], [m["weight"] for m in members], norms)
 
 
 def _build_member(meta: dict[str, Any], member: dict[str, Any], registry: plugins.Registry | None) -> Backbone:

@@ -1,7 +1,9 @@
-"""Ensembles of trials: greedy selection (Caruana et al., 2004) and one averaging network.
+"""Ensembles of trials and simple models: greedy selection (Caruana et al., 2004) and one averaging network.
 
 Selection runs on the predictions every trial made for images it did not train on (its
-validation split, or its folds' out-of-fold predictions): start from the best single
+validation split, or its folds' out-of-fold predictions), and on the simple models' for the
+same images (fitted on the same splits, as AutoGluon's stack holds its linear models beside
+its networks): start from the best single
 model, then repeatedly add, with replacement, the model whose addition most improves
 the metric of the averaged probabilities. Members picked several times weigh more.
 AutoGluon's ``WeightedEnsemble`` does the same.
@@ -20,15 +22,16 @@ import numpy as np
 import torch
 
 Score = Callable[[np.ndarray, np.ndarray], float]  # (labels, probabilities) -> higher is better
+Member = int | str  # a trial's number, or a simple model's name (autoft.training.candidates)
 
 ROUNDS = 25
 
 
 @dataclass
 class EnsembleChoice:
-    weights: dict[int, float]  # trial number -> weight, summing to 1
+    weights: dict[Member, float]  # member -> weight, summing to 1
     value: float  # the metric of the weighted mean on the selection images
-    single: int  # the best single trial
+    single: Member  # the best single model
     single_value: float
 
     @property
@@ -36,7 +39,12 @@ class EnsembleChoice:
         return self.value - self.single_value
 
 
-def greedy_selection(predictions: Mapping[int, np.ndarray], labels: np.ndarray, score: Score, max_members: int, rounds: int = ROUNDS) -> EnsembleChoice:
+def _preferred(member: Member) -> tuple[int, int]:
+    """Ties go to a trial over a simple model (the network is what the user asked for), then to the earlier trial."""
+    return (1, -member) if isinstance(member, int) else (0, 0)
+
+
+def greedy_selection(predictions: Mapping[Member, np.ndarray], labels: np.ndarray, score: Score, max_members: int, rounds: int = ROUNDS) -> EnsembleChoice:
     """Caruana's forward selection with replacement, at most ``max_members`` distinct members.
 
     The best prefix of the ``rounds`` additions is kept, so an addition that only adds
@@ -45,25 +53,25 @@ def greedy_selection(predictions: Mapping[int, np.ndarray], labels: np.ndarray, 
     if not predictions:
         raise ValueError("no predictions to select an ensemble from")
     singles = {number: score(labels, p) for number, p in predictions.items()}
-    best_single = max(singles, key=lambda n: (singles[n], -n))
+    best_single = max(singles, key=lambda n: (singles[n], *_preferred(n)))
     picked = [best_single]
     total = np.array(predictions[best_single], dtype=np.float64)
     history = [(singles[best_single], 1)]
     for _ in range(rounds - 1):
         allowed = [n for n in predictions if n in picked or len(set(picked)) < max_members]
         scored = {n: score(labels, (total + predictions[n]) / (len(picked) + 1)) for n in allowed}
-        chosen = max(scored, key=lambda n: (scored[n], -n))
+        chosen = max(scored, key=lambda n: (scored[n], *_preferred(n)))
         picked.append(chosen)
         total += predictions[chosen]
         history.append((scored[chosen], len(picked)))
     value, length = max(history, key=lambda h: (h[0], -h[1]))  # the shortest best prefix
-    counts: dict[int, int] = {}
+    counts: dict[Member, int] = {}
     for number in picked[:length]:
         counts[number] = counts.get(number, 0) + 1
     return EnsembleChoice({n: c / length for n, c in counts.items()}, float(value), best_single, float(singles[best_single]))
 
 
-def members_score(predictions: Mapping[int, np.ndarray], labels: np.ndarray, score: Score, weights: Mapping[int, float]) -> float:
+def members_score(predictions: Mapping[Member, np.ndarray], labels: np.ndarray, score: Score, weights: Mapping[Member, float]) -> float:
     """``score`` of the ``weights``-weighted mean of the members' probabilities: an ensemble
     valued as the members it holds, such as the ones the time left built."""
     mean = sum(w * np.asarray(predictions[n], dtype=np.float64) for n, w in weights.items()) / sum(weights.values())
@@ -71,7 +79,7 @@ def members_score(predictions: Mapping[int, np.ndarray], labels: np.ndarray, sco
 
 
 class AveragedMembers(torch.nn.Module):
-    """Normalised images -> log of the members' weighted mean class probabilities."""
+    """Images -> log of the members' weighted mean class probabilities (each member normalises them its own way)."""
 
     def __init__(self, members: Sequence[torch.nn.Module], weights: Sequence[float]):
         super().__init__()

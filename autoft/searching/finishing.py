@@ -1,9 +1,9 @@
 """After the trials: choose the model, refit it on every labelled image, export, report.
 
 The model shipped is the one the evidence chose. Trials are compared on their
-validation split or folds; an ensemble of trials (greedy selection on the predictions
-they made for images they did not train on) replaces the best trial when it beats it
-there by more than :data:`ENSEMBLE_MARGIN`. Then each chosen recipe is trained once more
+validation split or folds; an ensemble (greedy selection on the predictions the trials, and
+the simple models fitted on the same splits, made for images they did not train on) replaces
+the best single model when it beats it there by more than :data:`ENSEMBLE_MARGIN`. Then each chosen recipe is trained once more
 on every labelled image (train and validation, with its pseudo-labels) for the number of
 steps at which its trial peaked, scaled to the larger set, within what is left of the
 budget. ``best/`` is built in a staging folder and published by one atomic swap.
@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from autoft.core.budget import Budget
 from autoft.model.checkpoints import CHECKPOINT_NAME, load_checkpoint
-from autoft.model.ensemble import EnsembleChoice, greedy_selection, members_score
+from autoft.model.ensemble import EnsembleChoice, Member, greedy_selection, members_score
 from autoft.errors import AutoftError
 from autoft.core.events import Export, Refit
 from autoft.core.io import file_lock, publish_dir, write_json
@@ -57,6 +57,11 @@ class FinalModel:
     notes: list[str] = field(default_factory=list)
     candidate: str | None = None  # the simple model shipped instead of trials (see autoft.searching.selection)
     reason: str | None = None  # why it ships
+    simple_members: list[str] = field(default_factory=list)  # simple models among an ensemble's members
+
+    @property
+    def members(self) -> list[Member]:
+        return [*self.trials, *self.simple_members]
 
     @property
     def is_ensemble(self) -> bool:
@@ -95,19 +100,33 @@ def selection_evidence(session: Session, best: optuna.trial.FrozenTrial) -> tupl
     return index, found
 
 
+def member_evidence(session: Session, best: optuna.trial.FrozenTrial) -> tuple[np.ndarray, dict[Member, np.ndarray]]:
+    """:func:`selection_evidence`, and the simple models' predictions for the same images (they
+    were fitted on the trials' splits): every model an ensemble may hold, on one footing."""
+    index, found = selection_evidence(session, best)
+    if not len(index) or not session.ctx.config.simple_models:
+        return index, found
+    for candidate in session.ctx.candidates:
+        rows = np.minimum(np.searchsorted(candidate.index, index), len(candidate.index) - 1)
+        if np.array_equal(candidate.index[rows], index):  # it held out every image the best trial was scored on
+            found[candidate.name] = candidate.probabilities[rows]
+    return index, found
+
+
 def predicted_elsewhere(trials: list[optuna.trial.FrozenTrial], here: set[int], host: str) -> list[int]:
     """Completed trials run on a host other than ``host`` whose predictions are not ``here``."""
     return [t.number for t in trials if t.state == TrialState.COMPLETE and t.number not in here and TrialRecord.of(t).host not in (None, host)]
 
 
-def choose_members(session: Session, best: optuna.trial.FrozenTrial) -> tuple[dict[int, float], EnsembleChoice | None]:
-    """{trial: weight}: the best trial alone, or an ensemble that beats it on the same evidence."""
-    index, predictions = selection_evidence(session, best)
+def choose_members(session: Session, best: optuna.trial.FrozenTrial) -> tuple[dict[Member, float], EnsembleChoice | None]:
+    """{member: weight}: the best trial alone, or an ensemble of trials and simple models that
+    beats the best single model of either kind on the same evidence."""
+    index, predictions = member_evidence(session, best)
     if session.ctx.config.ensemble < 2 or len(predictions) < 2:
         return {best.number: 1.0}, None
     from autoft.searching.storage import process_identity
 
-    elsewhere = predicted_elsewhere(session.study.get_trials(deepcopy=False), set(predictions), process_identity()["host"])
+    elsewhere = predicted_elsewhere(session.study.get_trials(deepcopy=False), {m for m in predictions if isinstance(m, int)}, process_identity()["host"])
     if elsewhere:  # each machine would ensemble its own trials: every one ships the study's best trial instead
         session.state.notes.append(f"no ensemble: trials {', '.join(map(str, elsewhere[:5]))} ran on other machines, whose predictions are not in {session.ctx.out}")
         return {best.number: 1.0}, None
@@ -120,20 +139,26 @@ def choose_members(session: Session, best: optuna.trial.FrozenTrial) -> tuple[di
     choice = dataclasses.replace(choice, value=sign * choice.value, single_value=sign * choice.single_value)  # the metric's own sign again
     if not wins:
         return {best.number: 1.0}, choice
-    return dict(sorted(choice.weights.items(), key=lambda kv: (kv[0] != best.number, -kv[1]))), choice  # the best trial first: built first when time is short
+    first = lambda kv: (kv[0] != best.number, isinstance(kv[0], str), -kv[1])  # the best trial first: built first when time is short; simple models last, in seconds
+    return dict(sorted(choice.weights.items(), key=first)), choice
 
 
-def build_final(session: Session, best: optuna.trial.FrozenTrial, members: dict[int, float] | None = None, choice: EnsembleChoice | None = None) -> FinalModel:
-    """The chosen trials (``members``, by default :func:`choose_members`'), each refit on every labelled image."""
+def build_final(session: Session, best: optuna.trial.FrozenTrial, members: dict[Member, float] | None = None, choice: EnsembleChoice | None = None) -> FinalModel:
+    """The chosen members (by default :func:`choose_members`'), each refit on every labelled image."""
     if members is None:
         members, choice = choose_members(session, best)
     trials = {t.number: t for t in session.study.get_trials(deepcopy=False)}
     work = session.ctx.out / "refit"
     work.mkdir(parents=True, exist_ok=True)
-    built: list[tuple[int, Path, float]] = []
+    built: list[tuple[Member, Path, float]] = []
     refit: dict[str, Any] | None = None
     notes: list[str] = []
     for number, weight in members.items():
+        if isinstance(number, str):
+            path, note = _simple_member(session, number, work)
+            notes += [note] if note else []
+            built += [(number, path, weight)] if path else []
+            continue
         trial = trials[number]
         path, info = _member(session, trial, work / f"{number}.pt", first=not built)
         if "note" in info:
@@ -148,13 +173,23 @@ def build_final(session: Session, best: optuna.trial.FrozenTrial, members: dict[
         notes.append(f"ensemble reduced to {len(built)} of {len(members)} members by the time left")
         kept = {n: w for n, _, w in built}
         choice = dataclasses.replace(choice, weights={n: w / sum(kept.values()) for n, w in kept.items()}, value=members_value(session, best, kept))
-    return FinalModel([p for _, p, _ in built], [w for _, _, w in built], [n for n, _, _ in built], refit, choice if len(built) > 1 else None, notes)
+    trial_members, simple = [n for n, _, _ in built if isinstance(n, int)], [n for n, _, _ in built if isinstance(n, str)]
+    return FinalModel([p for _, p, _ in built], [w for _, _, w in built], trial_members, refit, choice if len(built) > 1 else None, notes, simple_members=simple)
 
 
-def members_value(session: Session, best: optuna.trial.FrozenTrial, weights: dict[int, float]) -> float:
+def _simple_member(session: Session, name: str, work: Path) -> tuple[Path | None, str | None]:
+    """A simple model of an ensemble, fitted on every labelled image (seconds); a fit scikit-learn refuses leaves it out."""
+    candidate = next(c for c in session.ctx.candidates if c.name == name)
+    try:
+        return candidate.refit(work / candidate.file_name, data=session.ctx.data_source, seed=session.ctx.config.seed), None
+    except (ValueError, RuntimeError) as exc:
+        return None, f"{name} left out of the ensemble: could not fit it on every labelled image ({exc})"
+
+
+def members_value(session: Session, best: optuna.trial.FrozenTrial, weights: dict[Member, float]) -> float:
     """The metric of the weighted mean of the members' held-out predictions, on the images the
     best trial was scored on: an ensemble the time left cut short, valued as what ships."""
-    index, predictions = selection_evidence(session, best)
+    index, predictions = member_evidence(session, best)
     return members_score(predictions, session.ctx.pool.labels.numpy()[index], evidence_score(session), weights)
 
 

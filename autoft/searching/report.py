@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autoft.core.io import write_text
-from autoft.searching.report_data import BestEvaluation, ReportExtras, SearchPlan, THUMBNAIL_SIZE, TOP_K, Timings, confident_mistakes, describe_ensemble, epochs_run, format_value, per_class_metrics, top_k_accuracy, trial_seconds
+from autoft.searching.report_data import BestEvaluation, ReportExtras, SearchPlan, THUMBNAIL_SIZE, TOP_K, Timings, confident_mistakes, describe_ensemble, ensemble_name, epochs_run, format_value, per_class_metrics, top_k_accuracy, trial_seconds
 from autoft.searching.report_plots import confusion_plot, curves_plot, escape, history_plot, importance_plot, note_html, section_html, slice_plot
 from autoft.core.text import duration
 from autoft.searching.records import TrialRecord, visible
@@ -159,7 +159,7 @@ def _references(best: FrozenTrial | None, metric: str, extras: ReportExtras) -> 
     rows += [("reference", b.name, b.value, b.note) for b in extras.baselines]
     ensemble = extras.ensemble
     if ensemble is not None:
-        rows.append(("reference", f"ensemble of trials {', '.join(map(str, ensemble.members))}", ensemble.value, describe_ensemble(ensemble)))
+        rows.append(("reference", ensemble_name(ensemble), ensemble.value, describe_ensemble(ensemble)))
     rows.sort(key=lambda r: -r[2])
     body = "".join(
         f'<tr class="{kind}"><td>{escape(name)}</td><td class="number">{value:.4f}</td><td>{escape(note)}</td></tr>' for kind, name, value, note in rows

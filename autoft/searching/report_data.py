@@ -41,7 +41,7 @@ class Baseline:
 class EnsembleSummary:
     """An ensemble of trials' models, with latencies measured in the same run (milliseconds per batch)."""
 
-    members: tuple[int, ...]
+    members: tuple[int | str, ...]  # trial numbers, and simple models' names
     value: float
     latency_ms: float | None = None
     single_latency_ms: float | None = None
@@ -182,6 +182,13 @@ def trial_seconds(trial: FrozenTrial) -> float | None:
 
 def epochs_run(trial: FrozenTrial) -> int:
     return len(trial.intermediate_values)
+
+
+def ensemble_name(ensemble: EnsembleSummary) -> str:
+    """``ensemble of trials 3, 7`` or ``ensemble of trial 3 and linear probe on ... features``."""
+    trials = [str(m) for m in ensemble.members if isinstance(m, int)]
+    parts = [f"trial{'s' if len(trials) > 1 else ''} {', '.join(trials)}"] if trials else []
+    return "ensemble of " + " and ".join(parts + [str(m) for m in ensemble.members if isinstance(m, str)])
 
 
 def describe_ensemble(ensemble: EnsembleSummary) -> str:

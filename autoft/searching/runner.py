@@ -97,6 +97,13 @@ def finish(session: Session, queued_again: list[int]) -> SearchResult:
     )  # fmt: skip
 
 
+def _single_value(session: Session, member: int | str) -> float:
+    """A trial's value, or a simple model's on the same splits."""
+    if isinstance(member, int):
+        return float(session.study.trials[member].value)
+    return next(c.value for c in session.ctx.candidates if c.name == member)
+
+
 def _final_model(session: Session, best: optuna.trial.FrozenTrial | None, trials: list, states: dict[str, int]) -> FinalModel:
     if best is None:
         verdict = judge(session, None, "")
@@ -111,11 +118,12 @@ def _final_model(session: Session, best: optuna.trial.FrozenTrial | None, trials
     if verdict.candidate is not None:
         return candidate_final(session, verdict.candidate, verdict.reason)
     final = build_final(session, best, members, choice)
-    if ensemble and len(final.trials) < len(members):  # the time left built fewer members (the best trial first): judge what ships
+    if ensemble and len(final.checkpoints) < len(members):  # the time left built fewer members (the best trial first): judge what ships
         if final.is_ensemble and final.choice is not None:
-            verdict = judge(session, final.choice.value, f"ensemble of the {len(final.trials)} members the time left built")
+            verdict = judge(session, final.choice.value, f"ensemble of the {len(final.checkpoints)} members the time left built")
         else:
-            verdict = judge(session, float(best.value), f"best trial ({best.number}), the one ensemble member the time left built")
+            only = final.members[0]
+            verdict = judge(session, _single_value(session, only), f"{'trial ' + str(only) if isinstance(only, int) else only}, the one ensemble member the time left built")
         if verdict.candidate is not None:
             return candidate_final(session, verdict.candidate, verdict.reason)
     return final
@@ -128,8 +136,10 @@ def describe_final(session: Session, best: optuna.trial.FrozenTrial | None, fina
         value = next(c.value for c in ctx.candidates if c.name == final.candidate)
         model = f"{final.candidate}, refit on {len(ctx.pool)} images"
     else:
-        value = final.choice.value if final.is_ensemble and final.choice else float(best.value)
-        model = f"ensemble of {len(final.trials)}" if final.is_ensemble else f"trial {best.number}"
+        value = final.choice.value if final.is_ensemble and final.choice else _single_value(session, final.members[0])
+        model = f"ensemble of {len(final.checkpoints)}" if final.is_ensemble else f"trial {final.members[0]}"
+        if final.simple_members:
+            model += f" with {' and '.join(final.simple_members)}"
         if final.refit:
             model += f", refit on {final.refit['images']} images"
     evidence = f"{plan.folds}-fold cross-validation" + (f" x{plan.repeats}" if plan.repeats > 1 else "") + f" on {len(ctx.pool)} images" if plan.folds else f"a validation split of {len(ctx.splits[0][1])} images"
@@ -137,7 +147,7 @@ def describe_final(session: Session, best: optuna.trial.FrozenTrial | None, fina
     metrics: dict[str, Any] = {
         "study": session.study.study_name, "trial": best.number if best and not final.candidate else None, "metric": config.metric, "value": value,
         "best_trial_value": float(best.value) if best else None, "selection": evidence, "summary": summary, "baselines": [{"name": b.name, "value": b.value} for b in ctx.baselines], "beat_baselines": _beats_references(session, value, final),
-        "model": {"members": final.trials, "weights": final.weights, "refit": final.refit, "candidate": final.candidate},
+        "model": {"members": final.members, "weights": final.weights, "refit": final.refit, "candidate": final.candidate},
         "notes": final.notes + session.state.notes, "plan": plan.as_dict(), "trial_states": states, "timings": dict(session.state.timings),
         "params": dict(best.params) if best and not final.candidate else {}, "history": TrialRecord.of(best).history if best and not final.candidate else [],
         "num_labelled": len(ctx.pool), "num_unlabelled": 0 if ctx.unlabelled is None else len(ctx.unlabelled),

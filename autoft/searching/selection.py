@@ -11,7 +11,6 @@ failed) the best candidate ships instead of nothing.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,7 +59,7 @@ def candidate_final(session: Session, candidate: "Candidate", reason: str) -> Fi
     work.mkdir(parents=True, exist_ok=True)
     session.emit(Refit(number=None, steps=0, images=len(ctx.pool), model=candidate.name))
     try:
-        path = candidate.refit(work / f"{re.sub(r'[^a-z0-9]+', '-', candidate.name.lower()).strip('-')}.pt", data=ctx.data_source, seed=ctx.config.seed)
+        path = candidate.refit(work / candidate.file_name, data=ctx.data_source, seed=ctx.config.seed)
     except (ValueError, RuntimeError) as exc:  # a fit scikit-learn refuses (one class left, say): say so, do not crash
         raise AutoftError(f"could not fit {candidate.name} on every labelled image: {exc}") from None
     return FinalModel([path], [1.0], [], {"images": len(ctx.pool), "labelled": len(ctx.pool), "steps": 0}, candidate=candidate.name, reason=reason)

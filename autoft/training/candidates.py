@@ -19,6 +19,8 @@ backbone's.
 
 from __future__ import annotations
 
+import re
+
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -77,6 +79,11 @@ class Candidate:
     @property
     def value(self) -> float:
         return float(np.mean(self.split_scores))
+
+    @property
+    def file_name(self) -> str:
+        """``logistic-regression-on-pixels.pt``: its checkpoint's name in a search's ``refit/``."""
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-") + ".pt"
 
     def refit(self, path: Path, *, data: str | None = None, seed: int = 0) -> Path:
         """Fit on every labelled image and write its checkpoint to ``path``; ``data`` and
