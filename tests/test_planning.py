@@ -219,3 +219,13 @@ def test_steps_fall_in_buckets():
 
 def test_durations_read_as_durations():
     assert duration(95) == "1m35s" and duration(3600) == "1h" and duration(7) == "7s" and duration(360) == "6m"
+
+
+def test_from_pretrained_weights_the_default_fit_is_priced_as_lp_ft_trains():
+    """LP-FT trains the head alone for its first 30% of steps, at about a forward pass's cost:
+    priced as full steps, photos-8's default fit was planned at 1m20s and the whole run took 73 s."""
+    scratch, pretrained = make_plan(TINY, RATES, 360), make_plan(TINY, RATES, 360, pretrained=True)
+    batch = scratch.batch_size
+    assert pretrained.batch_size == batch and scratch.step_seconds == pytest.approx(batch / 500.0)
+    assert pretrained.step_seconds == pytest.approx(0.3 * batch / 2000.0 + 0.7 * batch / 500.0)
+    assert pretrained.default_steps == scratch.default_steps and pretrained.default_seconds < scratch.default_seconds
