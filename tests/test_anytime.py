@@ -131,6 +131,27 @@ def test_no_time_is_kept_back_for_a_refit_the_plan_did_not_buy():
     assert session(refit=True).refit_reserve() == pytest.approx(1.2 * 47.0) and session(refit=True).trials_budget().left() < 0  # a fifth to spare
 
 
+def test_time_kept_for_the_refit_follows_the_fits_pace_slower_or_faster():
+    """The plan's prices hold until fits have run; then the median fit's pace, either way."""
+    from types import SimpleNamespace
+
+    from autoft.core.budget import Budget
+    from autoft.searching.planning import BUILD_SECONDS
+    from autoft.searching.session import SearchState, Session
+
+    def session(fits) -> Session:
+        plan = SimpleNamespace(refit=True, refit_seconds=47.0, fit_seconds=38.0, steps=150, finish_seconds=3.0)
+        ctx = SimpleNamespace(plan=plan, config=SimpleNamespace(refit=True), budget=Budget.of(300.0))
+        return Session(ctx, SearchState(study=None, fits=list(fits)))
+
+    assert session([]).fit_seconds() == 38.0 and session([]).refit_reserve() == pytest.approx(1.2 * 47.0)
+    faster = session([(10.0, 150), (12.0, 150), (30.0, 300)])  # paces 0.067, 0.08, 0.1 s a step: the median 0.08
+    assert faster.fit_seconds() == pytest.approx(BUILD_SECONDS + 12.0) and faster.seconds_per_step() == pytest.approx((BUILD_SECONDS + 12.0) / 150)
+    assert faster.refit_reserve() == pytest.approx(1.2 * (BUILD_SECONDS + 12.0) * 47.0 / 38.0)
+    slower = session([(90.0, 150)])
+    assert slower.fit_seconds() == pytest.approx(BUILD_SECONDS + 90.0) and slower.refit_reserve() > 1.2 * 47.0
+
+
 def test_the_default_recipe_trains_on_pseudo_labels_only_when_spreading_helps_a_pixel_model():
     from types import SimpleNamespace
 

@@ -3,10 +3,10 @@
 The model shipped is the one the evidence chose. Trials are compared on their
 validation split or folds; an ensemble (greedy selection on the predictions the trials, and
 the simple models fitted on the same splits, made for images they did not train on) replaces
-the best single model when it beats it there by more than :data:`ENSEMBLE_MARGIN`. Then each chosen recipe is trained once more
-on every labelled image (train and validation, with its pseudo-labels) for the number of
-steps at which its trial peaked, scaled to the larger set, within what is left of the
-budget. ``best/`` is built in a staging folder and published by one atomic swap.
+the best single model when it beats it there by more than :data:`ENSEMBLE_MARGIN`. Then each
+chosen recipe is trained once more on every labelled image (train and validation, with its
+pseudo-labels) for the number of steps at which its trial peaked, scaled to the larger set,
+within what is left of the budget; a simple member is fitted on every labelled image. ``best/`` is built in a staging folder and published by one atomic swap.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def choose_members(session: Session, best: optuna.trial.FrozenTrial) -> tuple[di
         session.state.notes.append(f"no ensemble: trials {', '.join(map(str, elsewhere[:5]))} ran on other machines, whose predictions are not in {session.ctx.out}")
         return {best.number: 1.0}, None
     labels = session.ctx.pool.labels.numpy()[index]
-    sign = 1.0 if session.ctx.registry.metric(session.ctx.config.metric).greater_is_better else -1.0  # selection maximises; log loss is minimised
+    sign = session.ctx.sign  # selection maximises; log loss is minimised
     metric = evidence_score(session)
     score = lambda y, p: sign * metric(y, p)
     choice = greedy_selection(predictions, labels, score, max_members=session.ctx.config.ensemble)
@@ -147,6 +147,7 @@ def build_final(session: Session, best: optuna.trial.FrozenTrial, members: dict[
     """The chosen members (by default :func:`choose_members`'), each refit on every labelled image."""
     if members is None:
         members, choice = choose_members(session, best)
+    members = dict(sorted(members.items(), key=lambda kv: isinstance(kv[0], str)))  # trials first, as FinalModel.members lists them
     trials = {t.number: t for t in session.study.get_trials(deepcopy=False)}
     work = session.ctx.out / "refit"
     work.mkdir(parents=True, exist_ok=True)

@@ -169,7 +169,7 @@ def _beats_references(session: Session, value: float, final: FinalModel) -> bool
         return None
     if final.candidate:
         return False
-    sign = 1.0 if session.study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    sign = session.ctx.sign
     return all(sign * value > sign * b.value for b in baselines)
 
 
@@ -180,7 +180,7 @@ def _against_references(session: Session, value: float, final: FinalModel) -> st
     baselines = session.ctx.baselines
     if not baselines:
         return ""
-    sign = 1.0 if session.study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    sign = session.ctx.sign
     top = max(baselines, key=lambda b: sign * b.value)
     text = f" vs {top.name} {top.value:.4f}"
     if sign * value <= sign * top.value:

@@ -67,4 +67,4 @@ def candidate_final(session: Session, candidate: "Candidate", reason: str) -> Fi
 
 def metric_sign(session: Session) -> float:
     """1 when the search's metric is better higher, -1 when lower (a loss): scores times it are maximised."""
-    return 1.0 if session.ctx.registry.metric(session.ctx.config.metric).greater_is_better else -1.0
+    return session.ctx.sign
