@@ -139,7 +139,8 @@ def describe_final(session: Session, best: optuna.trial.FrozenTrial | None, fina
         value = final.choice.value if final.is_ensemble and final.choice else _single_value(session, final.members[0])
         model = f"ensemble of {len(final.checkpoints)}" if final.is_ensemble else f"trial {final.members[0]}"
         if final.simple_members:
-            model += f" with {' and '.join(final.simple_members)}"
+            *others, last = final.simple_members
+            model += f" with {', '.join(others) + ' and ' if others else ''}{last}"
         if final.refit:
             model += f", refit on {final.refit['images']} images"
     evidence = f"{plan.folds}-fold cross-validation" + (f" x{plan.repeats}" if plan.repeats > 1 else "") + f" on {len(ctx.pool)} images" if plan.folds else f"a validation split of {len(ctx.splits[0][1])} images"
