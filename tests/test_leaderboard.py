@@ -85,6 +85,16 @@ def test_baselines_and_the_ensemble_rank_among_the_trials_drawn_apart():
     assert [r.style for r in table.table.rows] == [ENSEMBLE_STYLE, None, None, None, BASELINE_STYLE]
 
 
+def test_an_ensemble_holding_simple_models_names_them():
+    from autoft.searching.report_data import ensemble_name
+
+    assert ensemble_name(EnsembleSummary(members=(1, "logistic regression on pixels"), value=0.96)) == "ensemble of trial 1 with logistic regression on pixels"
+    assert ensemble_name(EnsembleSummary(members=(3, 0, "a", "b"), value=0.9)) == "ensemble of trials 3, 0 with a and b"
+    assert ensemble_name(EnsembleSummary(members=("a", "b", "c"), value=0.9)) == "ensemble of a, b and c"
+    lines = render(leaderboard([trial(1, 0.94)], "accuracy", ensemble=EnsembleSummary(members=(1, "probe"), value=0.96)))
+    assert row_of(lines, "ensemble")[1] == "ensemble of trial 1 with probe"
+
+
 def test_cross_validated_and_cut_short_trials_say_so():
     lines = render(leaderboard([trial(0, 0.9, fold_scores={"0": 0.9, "1": 0.88, "2": 0.91}), trial(1, 0.8, cut_short="the time budget ran out")], "f1_macro"))
     assert "val f1_macro" in lines[2]

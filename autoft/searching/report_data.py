@@ -185,10 +185,12 @@ def epochs_run(trial: FrozenTrial) -> int:
 
 
 def ensemble_name(ensemble: EnsembleSummary) -> str:
-    """``ensemble of trials 3, 7`` or ``ensemble of trial 3 and linear probe on ... features``."""
+    """``ensemble of trials 3, 7`` or ``ensemble of trial 3 with linear probe on ... features``."""
     trials = [str(m) for m in ensemble.members if isinstance(m, int)]
-    parts = [f"trial{'s' if len(trials) > 1 else ''} {', '.join(trials)}"] if trials else []
-    return "ensemble of " + " and ".join(parts + [str(m) for m in ensemble.members if isinstance(m, str)])
+    simple = [str(m) for m in ensemble.members if isinstance(m, str)]
+    named = f"trial{'s' if len(trials) > 1 else ''} {', '.join(trials)}" if trials else ""
+    listed = ", ".join(simple[:-1]) + " and " + simple[-1] if len(simple) > 1 else "".join(simple)
+    return "ensemble of " + (f"{named} with {listed}" if named and listed else named or listed)
 
 
 def describe_ensemble(ensemble: EnsembleSummary) -> str:
