@@ -211,8 +211,9 @@ def test_a_simple_model_is_an_ensemble_member_on_the_trials_own_evidence(image_f
     for candidate in session.ctx.candidates:
         assert np.array_equal(evidence[candidate.name], candidate.probabilities[np.searchsorted(candidate.index, index)])
 
-    final = build_final(session, best, {best.number: 0.5, PIXELS: 0.5})
+    final = build_final(session, best, {PIXELS: 0.3, best.number: 0.3})  # weights as a reduced ensemble leaves them: summing to 1 again
     assert final.trials == [best.number] and final.simple_members == [PIXELS] and final.members == [best.number, PIXELS] and final.is_ensemble
+    assert final.weights == [pytest.approx(0.5), pytest.approx(0.5)]
     best_dir = publish_best(session, final, {})
     assert [m.get("candidate") is not None for m in load_checkpoint(best_dir).meta["ensemble"]] == [False, True]
     assert json.loads((best_dir / "export.json").read_text())["checks"]["fp32"]  # the export verified itself

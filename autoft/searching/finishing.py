@@ -174,8 +174,9 @@ def build_final(session: Session, best: optuna.trial.FrozenTrial, members: dict[
         notes.append(f"ensemble reduced to {len(built)} of {len(members)} members by the time left")
         kept = {n: w for n, _, w in built}
         choice = dataclasses.replace(choice, weights={n: w / sum(kept.values()) for n, w in kept.items()}, value=members_value(session, best, kept))
+    total = sum(w for _, _, w in built)  # the members built, their weights summing to 1 again
     trial_members, simple = [n for n, _, _ in built if isinstance(n, int)], [n for n, _, _ in built if isinstance(n, str)]
-    return FinalModel([p for _, p, _ in built], [w for _, _, w in built], trial_members, refit, choice if len(built) > 1 else None, notes, simple_members=simple)
+    return FinalModel([p for _, p, _ in built], [w / total for _, _, w in built], trial_members, refit, choice if len(built) > 1 else None, notes, simple_members=simple)
 
 
 def _simple_member(session: Session, name: str, work: Path) -> tuple[Path | None, str | None]:
