@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from autoft.training.baselines import pixel_baseline
-from autoft.model.ensemble import AveragedMembers, greedy_selection, members_score
+from autoft.model.ensemble import AveragedMembers, greedy_selection
 from autoft.training.semisupervised import pseudo_label
 
 
@@ -80,18 +80,6 @@ def test_a_simple_model_joins_an_ensemble_of_trials_when_it_helps_and_loses_ties
     assert choice.single == 4 and choice.single_value == pytest.approx(0.75)
     assert choice.weights == {4: 0.5, "pixels": 0.5} and choice.value == pytest.approx(1.0)
     assert greedy_selection({"pixels": trial, 7: trial, 9: trial}, labels, accuracy, max_members=3).single == 7
-    assert members_score({4: trial, "pixels": pixels}, labels, accuracy, {4: 1, "pixels": 1}) == pytest.approx(1.0)
-
-
-def test_an_ensemble_cut_short_is_valued_as_the_members_it_holds():
-    labels = np.array([0, 1, 1])
-    a = np.array([[0.9, 0.1], [0.7, 0.3], [0.6, 0.4]])  # 1/3 alone
-    b = np.array([[0.2, 0.8], [0.2, 0.8], [0.4, 0.6]])  # 2/3 alone
-    c = np.array([[0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])  # 3/3 alone
-    predictions = {0: a, 1: b, 2: c}
-    assert members_score(predictions, labels, accuracy, {0: 0.5, 1: 0.5}) == pytest.approx(2 / 3)  # [.55 .45] [.45 .55] [.5 .5]
-    assert members_score(predictions, labels, accuracy, {0: 3, 1: 1}) == pytest.approx(1 / 3)  # weights count: [.725 .275] [.575 .425] [.55 .45]
-    assert members_score(predictions, labels, accuracy, {1: 1, 2: 3}) == pytest.approx(1.0)
 
 
 def test_averaged_members_output_log_mean_probabilities():

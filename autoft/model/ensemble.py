@@ -71,13 +71,6 @@ def greedy_selection(predictions: Mapping[Member, np.ndarray], labels: np.ndarra
     return EnsembleChoice({n: c / length for n, c in counts.items()}, float(value), best_single, float(singles[best_single]))
 
 
-def members_score(predictions: Mapping[Member, np.ndarray], labels: np.ndarray, score: Score, weights: Mapping[Member, float]) -> float:
-    """``score`` of the ``weights``-weighted mean of the members' probabilities: an ensemble
-    valued as the members it holds, such as the ones the time left built."""
-    mean = sum(w * np.asarray(predictions[n], dtype=np.float64) for n, w in weights.items()) / sum(weights.values())
-    return float(score(labels, mean))
-
-
 class AveragedMembers(torch.nn.Module):
     """Images -> log of the members' weighted mean class probabilities (each member normalises them its own way)."""
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from autoft.errors import AutoftError
 from autoft.core.events import Refit
 from autoft.searching.finishing import FinalModel
-from autoft.searching.session import Session
+from autoft.searching.session import Session, metric_sign as context_sign
 
 if TYPE_CHECKING:
     from autoft.training.candidates import Candidate
@@ -67,4 +67,4 @@ def candidate_final(session: Session, candidate: "Candidate", reason: str) -> Fi
 
 def metric_sign(session: Session) -> float:
     """1 when the search's metric is better higher, -1 when lower (a loss): scores times it are maximised."""
-    return session.ctx.sign
+    return context_sign(session.ctx)

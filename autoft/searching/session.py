@@ -74,8 +74,7 @@ class SearchContext:
 
     @property
     def sign(self) -> float:
-        """1 when the search's metric is better higher, -1 when lower (a loss): scores times it are maximised."""
-        return 1.0 if self.registry.metric(self.config.metric).greater_is_better else -1.0
+        return metric_sign(self)
 
     @property
     def baselines(self) -> tuple[BaselineResult, ...]:
@@ -84,6 +83,11 @@ class SearchContext:
 
     def trial_dir(self, number: int) -> Path:
         return self.out / "trials" / str(number)
+
+
+def metric_sign(ctx: SearchContext) -> float:
+    """1 when the search's metric is better higher, -1 when lower (a loss): scores times it are maximised."""
+    return 1.0 if ctx.registry.metric(ctx.config.metric).greater_is_better else -1.0
 
 
 @dataclass
