@@ -23,6 +23,20 @@ from autoft.deploy.serving import ServeConfig, create_app
 PIXELS = "logistic regression on pixels"
 
 
+@pytest.fixture(scope="module")
+def colours_120(tmp_path_factory):
+    """Four noisy colours, 30 images each: enough held-out images (100 or more) for simple models to join an ensemble."""
+    from conftest import NOISY_COLOURS
+
+    root = tmp_path_factory.mktemp("colours120")
+    rng = np.random.default_rng(1)
+    for name, colour in NOISY_COLOURS.items():
+        (root / name).mkdir()
+        for i in range(30):
+            Image.fromarray(np.clip(np.array(colour) + rng.normal(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
 def _trials(result) -> list[optuna.trial.FrozenTrial]:
     study = optuna.load_study(study_name=result.study_name, storage=open_storage(result.storage))
     return sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
@@ -189,7 +203,7 @@ def test_a_plan_without_a_search_runs_more_trials_only_where_one_split_can_choos
     assert trial_cap(session(60, trials=3)) == 3  # --trials is taken as given
 
 
-def test_a_simple_model_is_an_ensemble_member_on_the_trials_own_evidence(image_folder, tmp_path):
+def test_a_simple_model_is_an_ensemble_member_on_the_trials_own_evidence(colours_120, image_folder, tmp_path):
     """The simple models' held-out predictions sit beside the trials' for the same images, and
     an ensemble holding one ships as one exported model: the refit network and the simple
     model fitted on every labelled image, averaged."""
@@ -200,13 +214,18 @@ def test_a_simple_model_is_an_ensemble_member_on_the_trials_own_evidence(image_f
     from autoft.searching.preparing import prepare
     from autoft.searching.trials import open_study, run_trials
 
-    config = SearchConfig("test_resnet", str(image_folder), tmp_path / "run", trials=1, epochs=2, image_size=16, device="cpu", batch_size=8, cv=2,
-                          pruner="none", ensemble=3, seed=0)  # fmt: skip
-    session = prepare(config)
-    run_trials(session, open_study(session))
-    best = best_trial(session.study)
+    def searched(folder, out):
+        config = SearchConfig("test_resnet", str(folder), out, trials=1, epochs=2, image_size=16, device="cpu", batch_size=8, cv=2, pruner="none",
+                              ensemble=3, seed=0)  # fmt: skip
+        session = prepare(config)
+        run_trials(session, open_study(session))
+        return session, best_trial(session.study)
+
+    few, few_best = searched(image_folder, tmp_path / "few")  # under 100 held-out images: a mix would be chosen by a few of them
+    assert len(few.ctx.pool) < 100 and set(member_evidence(few, few_best)[1]) == {few_best.number}
+    session, best = searched(colours_120, tmp_path / "run")
     index, evidence = member_evidence(session, best)
-    assert np.array_equal(index, np.arange(len(session.ctx.pool)))  # 2 folds: every labelled image held out once
+    assert len(index) >= 100 and np.array_equal(index, np.arange(len(session.ctx.pool)))  # 2 folds: every labelled image held out once
     assert {c.name for c in session.ctx.candidates} <= set(evidence) and best.number in evidence
     for candidate in session.ctx.candidates:
         assert np.array_equal(evidence[candidate.name], candidate.probabilities[np.searchsorted(candidate.index, index)])
@@ -223,7 +242,7 @@ def test_a_simple_model_is_an_ensemble_member_on_the_trials_own_evidence(image_f
     assert np.abs(OnnxClassifier.load(best_dir, device="cpu").probabilities(pixels.numpy()) - expected).max() < 1e-4
 
 
-def test_an_ensemble_the_time_left_cut_short_is_chosen_again_among_the_members_built(image_folder, tmp_path, monkeypatch):
+def test_an_ensemble_the_time_left_cut_short_is_chosen_again_among_the_members_built(colours_120, tmp_path, monkeypatch):
     """What remains of an ensemble can be worse than one of its members alone (textures at 6m:
     the best trial with logistic regression on pixels read 0.45, the trial alone 0.75): selection
     runs again among the members built, and what ships is at least the best of them."""
@@ -233,7 +252,7 @@ def test_an_ensemble_the_time_left_cut_short_is_chosen_again_among_the_members_b
     from autoft.searching.preparing import prepare
     from autoft.searching.trials import open_study, run_trials
 
-    config = SearchConfig("test_resnet", str(image_folder), tmp_path / "run", trials=2, epochs=2, image_size=16, device="cpu", batch_size=8, cv=2,
+    config = SearchConfig("test_resnet", str(colours_120), tmp_path / "run", trials=2, epochs=2, image_size=16, device="cpu", batch_size=8, cv=2,
                           pruner="none", ensemble=3, seed=0, ranges=["lr=1e-9"])  # fmt: skip  (trials that learn nothing: worse than the pixels)
     session = prepare(config)
     run_trials(session, open_study(session))
