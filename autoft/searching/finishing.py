@@ -107,7 +107,7 @@ def member_evidence(session: Session, best: optuna.trial.FrozenTrial) -> tuple[n
     simple models join only on :data:`~autoft.searching.plan_search.NOISY_VAL` images or more:
     on fewer, a mix of a network and a far weaker model is chosen by a few images (textures at
     6m, 20 images: the best trial with logistic regression on pixels read 0.90 against 0.75 for
-    the trial alone, and scored 0.730 on the test images against the trial alone's 0.855)."""
+    the trial alone, and scored 0.730 on the test images; the round before, a trial alone scored 0.855)."""
     index, found = selection_evidence(session, best)
     if len(index) < NOISY_VAL or not session.ctx.config.simple_models:
         return index, found
