@@ -6,7 +6,8 @@ the simple models fitted on the same splits, made for images they did not train 
 the best single model when it beats it there by more than :data:`ENSEMBLE_MARGIN`. Then each
 chosen recipe is trained once more on every labelled image (train and validation, with its
 pseudo-labels) for the number of steps at which its trial peaked, scaled to the larger set,
-within what is left of the budget; a simple member is fitted on every labelled image. ``best/`` is built in a staging folder and published by one atomic swap.
+within what is left of the budget; a simple member is fitted on every labelled image.
+``best/`` is built in a staging folder and published by one atomic swap.
 """
 
 from __future__ import annotations

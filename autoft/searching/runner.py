@@ -133,7 +133,7 @@ def describe_final(session: Session, best: optuna.trial.FrozenTrial | None, fina
     """best/metrics.json: what was chosen, on what evidence, against which references."""
     config, plan, ctx = session.ctx.config, session.ctx.plan, session.ctx
     if final.candidate:
-        value = next(c.value for c in ctx.candidates if c.name == final.candidate)
+        value = _single_value(session, final.candidate)
         model = f"{final.candidate}, refit on {len(ctx.pool)} images"
     else:
         value = final.choice.value if final.is_ensemble and final.choice else _single_value(session, final.members[0])

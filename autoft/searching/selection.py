@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from autoft.errors import AutoftError
 from autoft.core.events import Refit
 from autoft.searching.finishing import FinalModel
-from autoft.searching.session import Session, metric_sign as context_sign
+from autoft.searching.session import Session, metric_sign
 
 if TYPE_CHECKING:
     from autoft.training.candidates import Candidate
@@ -35,7 +35,7 @@ class Verdict:
 
 
 def best_candidate(session: Session) -> "Candidate | None":
-    sign = metric_sign(session)
+    sign = metric_sign(session.ctx)
     return max(session.ctx.candidates, key=lambda c: sign * c.value, default=None)
 
 
@@ -46,7 +46,7 @@ def judge(session: Session, trials_value: float | None, trials_model: str) -> Ve
         return Verdict(None)
     if trials_value is None:
         return Verdict(top, f"{top.name} ships: no trial completed, and it scored {top.value:.4f} on the same splits")
-    sign = metric_sign(session)
+    sign = metric_sign(session.ctx)
     if sign * top.value > sign * trials_value + TIE_TOLERANCE:  # a tie, to the last bits of a mean over folds, is the network's
         return Verdict(top, f"{top.name} ships: it scored {top.value:.4f} on the same splits, above the {trials_model}'s {trials_value:.4f}")
     return Verdict(None)
@@ -63,8 +63,3 @@ def candidate_final(session: Session, candidate: "Candidate", reason: str) -> Fi
     except (ValueError, RuntimeError) as exc:  # a fit scikit-learn refuses (one class left, say): say so, do not crash
         raise AutoftError(f"could not fit {candidate.name} on every labelled image: {exc}") from None
     return FinalModel([path], [1.0], [], {"images": len(ctx.pool), "labelled": len(ctx.pool), "steps": 0}, candidate=candidate.name, reason=reason)
-
-
-def metric_sign(session: Session) -> float:
-    """1 when the search's metric is better higher, -1 when lower (a loss): scores times it are maximised."""
-    return context_sign(session.ctx)

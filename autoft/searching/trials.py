@@ -24,12 +24,12 @@ from autoft.core.events import SearchStart, TrialEnd
 from autoft.core.io import file_lock
 from autoft.searching.finishing import best_trial
 from autoft.searching.plan_search import NOISY_VAL
-from autoft.searching.selection import TIE_TOLERANCE, metric_sign
+from autoft.searching.selection import TIE_TOLERANCE
 from autoft.searching.objective import CLEANUP_LOCK, STATE_NAME, Objective, stop_on_full_disk
 from autoft.searching.reporting import write_report_quietly
 from autoft.core.runtime import stop_requested
 from autoft.searching.records import TrialRecord
-from autoft.searching.session import Session
+from autoft.searching.session import Session, metric_sign
 from autoft.training.candidates import PIXELS_NAME, SPREAD_NAME
 from autoft.searching.storage import awaited_states, counted_trials, has_heartbeat, heartbeat_seconds, lost_trials, recover_trials, running_elsewhere
 
@@ -119,7 +119,7 @@ def spread_helps(session: Session) -> tuple[bool, str | None]:
     student, pixels = values.get(SPREAD_NAME), values.get(PIXELS_NAME)
     if student is None or pixels is None:
         return True, None
-    sign = metric_sign(session)
+    sign = metric_sign(session.ctx)
     if sign * student >= sign * pixels - TIE_TOLERANCE:  # means over folds: equal scores may differ in the last bits
         return True, None
     return False, f"the default recipe trains without pseudo-labels: {SPREAD_NAME} scored {student:.4f}, below {PIXELS_NAME}'s {pixels:.4f}"
