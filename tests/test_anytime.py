@@ -268,3 +268,46 @@ def test_an_ensemble_the_time_left_cut_short_is_chosen_again_among_the_members_b
     best_built = max(accuracy(evidence[best.number]), accuracy(evidence[PIXELS]))
     shipped = final.choice.value if final.is_ensemble else accuracy(evidence[final.members[0]])
     assert shipped >= best_built - 1e-9 and sum(final.weights) == pytest.approx(1.0)
+
+
+def test_time_is_kept_back_for_every_trial_of_the_ensemble_chosen_so_far(colours_120, tmp_path, monkeypatch):
+    """Once the trials' evidence chooses an ensemble, the trials stop early enough for each
+    further member's whole refit, not only the best trial's; simple members (seconds) and a
+    search without ensembles or refits keep nothing back, and the reserve is capped."""
+    import dataclasses
+
+    from autoft.searching import finishing
+    from autoft.searching.config import SearchConfig
+    from autoft.searching.finishing import ENSEMBLE_SHARE, best_trial, ensemble_reserve
+    from autoft.searching.preparing import prepare
+    from autoft.searching.trials import open_study, run_trials
+
+    config = SearchConfig("test_resnet", str(colours_120), tmp_path / "run", trials=2, epochs=2, image_size=16, device="cpu", batch_size=8, cv=2,
+                          pruner="none", ensemble=3, seed=0, timeout="10m")  # fmt: skip
+    session = prepare(config)
+    run_trials(session, open_study(session))
+    best = best_trial(session.study)
+    (other,) = [t for t in session.study.get_trials(states=(TrialState.COMPLETE,)) if t.number != best.number]
+    chosen = finishing._chosen
+    assert session.state.ensemble_seconds == ensemble_reserve(session, best)  # set after each completed trial
+
+    monkeypatch.setattr(finishing, "_chosen", lambda s, b, i, p: ({b.number: 0.5, other.number: 0.3, PIXELS: 0.2}, None))
+    whole_refit = 1.2 * (finishing.BUILD_SECONDS + finishing._refit_peak(session, other) * session.seconds_per_step())
+    assert ensemble_reserve(session, best) == pytest.approx(whole_refit)  # the pixels' member is not counted
+    session.state.ensemble_seconds = ensemble_reserve(session, best)
+    kept = session.work_budget().reserve("refit", session.refit_reserve()).left() - session.trials_budget().left()
+    assert kept == pytest.approx(whole_refit, abs=0.05)
+
+    monkeypatch.setattr(finishing, "_chosen", lambda s, b, i, p: ({b.number: 0.6, PIXELS: 0.4}, None))
+    assert ensemble_reserve(session, best) == 0.0  # the best trial's refit is the refit reserve's
+    monkeypatch.setattr(finishing, "_chosen", chosen)
+    given = session.ctx.config
+    configured = lambda **changes: dataclasses.replace(session.ctx, config=dataclasses.replace(given, **changes))  # noqa: E731
+    session.ctx = configured(ensemble=1)
+    assert ensemble_reserve(session, best) == 0.0
+    monkeypatch.setattr(finishing, "_chosen", lambda s, b, i, p: ({b.number: 0.5, other.number: 0.5}, None))
+    session.ctx = configured(refit=False)
+    assert ensemble_reserve(session, best) == 0.0  # --no-refit: members keep their trial weights
+    session.ctx = configured()
+    monkeypatch.setattr(session, "seconds_per_step", lambda: 1e4)
+    assert ensemble_reserve(session, best) == pytest.approx(ENSEMBLE_SHARE * session.ctx.budget.seconds)

@@ -45,6 +45,7 @@ MIN_REFIT_SECONDS = 3.0
 UNDERTRAINED_FACTOR = 4  # the most a refit extends a trial that peaked at its last evaluation
 REFIT_SLACK = 0.04  # of the budget: what a refit may run past the deadline when it is all that is left
 BUILD_SECONDS = 1.0  # building a backbone and one evaluation, beside the steps
+ENSEMBLE_SHARE = 0.25  # of the budget: the most kept back for refitting an ensemble's further members
 
 
 @dataclass
@@ -136,11 +137,35 @@ def choose_members(session: Session, best: optuna.trial.FrozenTrial) -> tuple[di
     if elsewhere:  # each machine would ensemble its own trials: every one ships the study's best trial instead
         session.state.notes.append(f"no ensemble: trials {', '.join(map(str, elsewhere[:5]))} ran on other machines, whose predictions are not in {session.ctx.out}")
         return {best.number: 1.0}, None
+    return _chosen(session, best, index, predictions)
+
+
+def _chosen(session: Session, best: optuna.trial.FrozenTrial, index: np.ndarray, predictions: dict[Member, np.ndarray]) -> tuple[dict[Member, float], EnsembleChoice]:
     choice = _select(session, predictions, session.ctx.pool.labels.numpy()[index])
     if not _wins(session, choice):
         return {best.number: 1.0}, choice
     first = lambda kv: (kv[0] != best.number, isinstance(kv[0], str), -kv[1])  # the best trial first: built first when time is short; simple models last, in seconds
     return dict(sorted(choice.weights.items(), key=first)), choice
+
+
+def ensemble_reserve(session: Session, best: optuna.trial.FrozenTrial | None) -> float:
+    """Seconds to keep back for refitting the further trials of the ensemble the evidence so
+    far chooses, beside the best trial's refit (which :meth:`Session.refit_reserve` keeps):
+    each one's whole refit, a fifth to spare, at most :data:`ENSEMBLE_SHARE` of the budget.
+    Simple members take seconds and are not counted. Without it the trials ran until the
+    time kept for one refit, and a chosen ensemble was cut to its first member (digits, 10 a
+    class at 6m: in two draws of three, 1 and 2 members built of 3 chosen)."""
+    config, budget = session.ctx.config, session.ctx.budget
+    if best is None or config.ensemble < 2 or not (config.refit and session.ctx.plan.refit) or not budget.bounded:
+        return 0.0
+    index, predictions = member_evidence(session, best)
+    if len(predictions) < 2:
+        return 0.0
+    members, _ = _chosen(session, best, index, predictions)
+    trials = {t.number: t for t in session.study.get_trials(deepcopy=False)}
+    further = [trials[n] for n in members if isinstance(n, int) and n != best.number]
+    seconds = sum(1.2 * (BUILD_SECONDS + _refit_peak(session, t) * session.seconds_per_step()) for t in further)
+    return min(seconds, ENSEMBLE_SHARE * budget.seconds)
 
 
 def _select(session: Session, predictions: dict[Member, np.ndarray], labels: np.ndarray) -> EnsembleChoice:
@@ -252,14 +277,8 @@ def refit_budget(session: Session) -> Budget:
 def _refit_steps(session: Session, trial: optuna.trial.FrozenTrial, whole: bool) -> int | None:
     """The steps at which the trial peaked, scaled from its training set to the refit's, cut
     to what the time left can train; None when too little is left (``whole``: for all of them)."""
-    plan, params = session.ctx.plan, dict(trial.params)
-    record = TrialRecord.of(trial)
-    peak = int(record.best_step or plan.steps)
-    if session.ctx.config.refit:  # as many passes over the larger set as the trial peaked at
-        ratio = session.fit_size(None, params) / max(session.fit_size(0, params), 1)
-        peak = max(plan.eval_every, round(peak * ratio))
-        if record.peaked_at_end and not session.ctx.config.epochs:
-            peak *= UNDERTRAINED_FACTOR  # still improving when its trial ended: the time kept for the refit lets it go on
+    plan, record = session.ctx.plan, TrialRecord.of(trial)
+    peak = _refit_peak(session, trial)
     left = session.work_budget().left()
     if left is None:
         return peak
@@ -272,6 +291,19 @@ def _refit_steps(session: Session, trial: optuna.trial.FrozenTrial, whole: bool)
     if share < MIN_REFIT_SECONDS or steps < (record.best_step or plan.steps):
         return None  # a refit shorter than its trial's own fit is a worse model no split has checked: the trial's weights ship
     return steps
+
+
+def _refit_peak(session: Session, trial: optuna.trial.FrozenTrial) -> int:
+    """The steps at which the trial peaked, scaled from its training set to the refit's."""
+    plan, params = session.ctx.plan, dict(trial.params)
+    record = TrialRecord.of(trial)
+    peak = int(record.best_step or plan.steps)
+    if session.ctx.config.refit:  # as many passes over the larger set as the trial peaked at
+        ratio = session.fit_size(None, params) / max(session.fit_size(0, params), 1)
+        peak = max(plan.eval_every, round(peak * ratio))
+        if record.peaked_at_end and not session.ctx.config.epochs:
+            peak *= UNDERTRAINED_FACTOR  # still improving when its trial ended: the time kept for the refit lets it go on
+    return peak
 
 
 def publish_best(session: Session, final: FinalModel, metrics: dict[str, Any]) -> Path:

@@ -103,6 +103,7 @@ class SearchState:
     embedders: dict[str, Callable[[Images], np.ndarray]] = field(default_factory=dict)
     pseudo: dict[int, PseudoLabels] = field(default_factory=dict)
     left_out: LeftOut = field(default_factory=LeftOut)  # choices whose plugin failed
+    ensemble_seconds: float = 0.0  # kept back for the further members of the ensemble chosen so far (finishing.ensemble_reserve)
 
 
 @dataclass
@@ -142,8 +143,9 @@ class Session:
         return self.ctx.budget.reserve("finish", self.ctx.plan.finish_seconds)
 
     def trials_budget(self) -> Budget:
-        """What trials may spend: :meth:`work_budget` less the refit's reserve, as measured now."""
-        return self.work_budget().reserve("refit", self.refit_reserve())
+        """What trials may spend: :meth:`work_budget` less the refits' reserves, as measured
+        now: the best trial's, and the further members' of the ensemble chosen so far."""
+        return self.work_budget().reserve("refit", self.refit_reserve()).reserve("ensemble", self.state.ensemble_seconds)
 
     def exhausted(self) -> bool:
         """Whether every strategy, or every regulariser, was left out: no trial is left to run."""

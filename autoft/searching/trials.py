@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from autoft.errors import AutoftError
 from autoft.core.events import SearchStart, TrialEnd
 from autoft.core.io import file_lock
-from autoft.searching.finishing import best_trial
+from autoft.searching.finishing import best_trial, ensemble_reserve
 from autoft.searching.plan_search import NOISY_VAL
 from autoft.searching.selection import TIE_TOLERANCE
 from autoft.searching.objective import CLEANUP_LOCK, STATE_NAME, Objective, stop_on_full_disk
@@ -251,6 +251,7 @@ class _AfterTrial:
     def __init__(self, session: Session, total: int | None):
         self.session, self.total = session, total
         self.report_cost, self.reported = 0.0, float("-inf")
+        session.state.ensemble_seconds = ensemble_reserve(session, best_trial(session.study))  # a resumed search's ensemble so far
 
     def _refresh_report(self) -> None:
         if time.monotonic() - self.reported < self.report_cost / REPORT_SHARE:
@@ -270,6 +271,8 @@ class _AfterTrial:
         with file_lock(session.ctx.out / CLEANUP_LOCK, wait=False) as held:
             if held:  # only one worker deletes trial folders at a time
                 prune_trial_folders(session.ctx.out, trials, best, keep_predictions=session.ctx.config.ensemble > 1)
+        if trial.state == TrialState.COMPLETE:
+            session.state.ensemble_seconds = ensemble_reserve(session, best)
         if session.ctx.worker == 0:  # the command's process writes the report; --jobs workers only train
             self._refresh_report()
         done = counted_trials(trials)
