@@ -166,24 +166,31 @@ def test_time_kept_for_the_refit_follows_the_fits_pace_slower_or_faster():
     assert slower.fit_seconds() == pytest.approx(BUILD_SECONDS + 90.0) and slower.refit_reserve() > 1.2 * 47.0
 
 
-def test_the_default_recipe_trains_on_pseudo_labels_only_when_spreading_helps_a_pixel_model():
+def test_the_default_recipe_trains_on_pseudo_labels_only_when_spreading_beats_every_simple_model():
     from types import SimpleNamespace
 
     from autoft import plugins
     from autoft.searching.trials import spread_helps
     from autoft.training.candidates import SPREAD_NAME
 
-    def session(student: float | None, pixels: float, metric: str = "accuracy"):
+    probe = "linear probe on random resnet18 features"
+
+    def session(student: float | None, pixels: float, metric: str = "accuracy", probed: float | None = None):
         found = [SimpleNamespace(name=PIXELS, value=pixels)] + ([SimpleNamespace(name=SPREAD_NAME, value=student)] if student is not None else [])
+        found += [SimpleNamespace(name=probe, value=probed)] if probed is not None else []
         return SimpleNamespace(ctx=SimpleNamespace(candidates=found, registry=plugins.registry(), config=SimpleNamespace(metric=metric)))
 
     assert spread_helps(session(0.92, 0.92)) == (True, None)  # no worse: the spread labels add what pixels know
     student, pixels = float(np.mean([0.85, 0.95, 0.65])), float(np.mean([0.85, 0.9, 0.7]))  # the same mean over 3 folds of 20 images ...
     assert student < pixels and spread_helps(session(student, pixels))[0]  # ... but for the last bits: still a tie
-    helps, why = spread_helps(session(0.20, 0.45))  # textures: spread labels below chance
+    helps, why = spread_helps(session(0.20, 0.45))  # spread labels below chance
     assert not helps and why == f"the default recipe trains without pseudo-labels: {SPREAD_NAME} scored 0.2000, below {PIXELS}'s 0.4500"
+    helps, why = spread_helps(session(0.45, 0.40, probed=0.70))  # textures: above the pixels, far below the probe
+    assert not helps and why == f"the default recipe trains without pseudo-labels: {SPREAD_NAME} scored 0.4500, below {probe}'s 0.7000"
+    assert spread_helps(session(0.88, 0.85, probed=0.60)) == (True, None)  # the best simple model: its labels teach
     assert spread_helps(session(None, 0.45)) == (True, None)  # no student (simple models off): as before
     assert spread_helps(session(0.9, 0.5, metric="log_loss"))[0] is False  # a loss: lower is better
+    assert spread_helps(session(0.3, 0.5, metric="log_loss", probed=0.4)) == (True, None)
 
 
 def test_a_plan_without_a_search_runs_more_trials_only_where_one_split_can_choose_among_them():

@@ -53,6 +53,17 @@ def test_pseudo_labels_train_only_the_most_confident_unlabelled_images(semi_sear
     assert (half.train.labels[len(train_index) :].numpy() == pseudo.labels[np.sort(kept)]).all()
 
 
+def test_a_default_recipe_on_pseudo_labels_is_tried_next_without_them(semi_search):
+    """The search compares the default recipe's riskiest choice on the same splits: the
+    portfolio's first recipe is the default without pseudo-labels, then the usual changes."""
+    result, session = semi_search
+    default, supervised, shifted = sorted(session.study.get_trials(deepcopy=False), key=lambda t: t.number)
+    assert default.user_attrs["recipe"] == "default" and default.params["pseudo_labels"] == "propagate"
+    expected = {k: v for k, v in default.params.items() if k != "pseudo_fraction"}
+    assert supervised.params == {**expected, "pseudo_labels": "none"} and supervised.user_attrs["recipe"] == "portfolio"
+    assert shifted.params == {**default.params, "augment": "shift"}  # the portfolio's own changes keep the default's pseudo-labels
+
+
 def test_pseudo_labels_never_see_the_validation_labels(semi_search):
     _, session = semi_search
     train_index, val_index = session.ctx.splits[0]
