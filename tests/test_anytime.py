@@ -247,6 +247,13 @@ def test_a_simple_model_is_an_ensemble_member_on_the_trials_own_evidence(colours
     with torch.inference_mode():
         expected = sum(0.5 * load_checkpoint(path).network()(pixels).softmax(1) for path in final.checkpoints).numpy()
     assert np.abs(OnnxClassifier.load(best_dir, device="cpu").probabilities(pixels.numpy()) - expected).max() < 1e-4
+    assert json.loads((best_dir / "metrics.json").read_text())["latency_ms"]["model"] > 0  # time to spare: the ensemble's latency is measured
+    import dataclasses
+
+    from autoft.core.budget import Budget
+
+    session.ctx = dataclasses.replace(session.ctx, budget=Budget.of(0.0))  # the budget spent: exporting a member again to time it would overrun it
+    assert "latency_ms" not in json.loads((publish_best(session, final, {}) / "metrics.json").read_text())
 
 
 def test_an_ensemble_the_time_left_cut_short_is_chosen_again_among_the_members_built(colours_120, tmp_path, monkeypatch):

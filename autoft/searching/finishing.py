@@ -337,9 +337,12 @@ def _publish(session: Session, final: FinalModel, metrics: dict[str, Any]) -> Pa
         session.emit(Export(number=final.trials[0] if final.trials else None))
         with session.timed("export"):
             verify = session.ctx.pool.subset(session.ctx.splits[0][1][:VERIFY_IMAGES])
+            started = time.monotonic()
             exported = export(loaded, staging, images=verify, name=session.study.study_name, registry=session.ctx.registry)
+            took = time.monotonic() - started
         metrics["onnx_check"] = exported.report.get("checks", {})
-        if final.is_ensemble:
+        left = session.ctx.budget.left()
+        if final.is_ensemble and (left is None or left > took):  # exporting one member again to time it costs less than the ensemble's export; past the budget the report goes without
             metrics["latency_ms"] = ensemble_latency(staging / "model.onnx", load_checkpoint(final.checkpoints[0], registry=session.ctx.registry), verify)
     else:
         write_json(staging / "labels.json", session.ctx.data.classes)
