@@ -4,6 +4,7 @@ recipe's fit comes first, and a budget that holds only the simple models still s
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import numpy as np
@@ -90,6 +91,8 @@ def test_a_budget_that_holds_only_the_simple_models_ships_one_instead_of_refusin
     result = CliRunner().invoke(make_app(), ["search", "--backbone", "resnet18", "--data", str(folder), "--out", str(tmp_path / "run"), "--timeout", "20s", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "plan: only the simple models" in result.output
+    done = " ".join(result.output[result.output.index("done:") :].split())
+    assert "(;" not in done and re.search(r"the same splits \(\d+s\)", done), done  # no trials: the seconds alone
     metrics = json.loads((tmp_path / "run" / "best" / "metrics.json").read_text())
     assert metrics["model"]["candidate"] in (PIXELS, "linear probe on random resnet18 features") and metrics["trial_states"] == {}
     assert (tmp_path / "run" / "best" / "model.onnx").is_file()

@@ -189,10 +189,11 @@ def _print_summary(result, metric: str) -> None:
     if study is not None:
         baselines = [Baseline(b["name"], b["value"]) for b in m.get("baselines", [])]
         console.print(leaderboard(visible(study.get_trials(deepcopy=False)), metric, baselines=baselines), crop=False)  # whole in a log
-    states = ", ".join(f"{n} {STATE_WORDS.get(s, s.lower())}" for s, n in result.states.items())
+    states = [f"{n} {STATE_WORDS.get(s, s.lower())}" for s, n in result.states.items()]
     line = m["summary"] + (f"; test {metric} {m[f'test_{metric}']:.4f}" if f"test_{metric}" in m else "")
     colour = "yellow" if m.get("beat_baselines") is False or m.get("warning") else "green"
-    console.print(f"[{colour}]done:[/{colour}] {line} ({states}; {result.seconds:.0f}s)", highlight=False)
+    tail = "; ".join([", ".join(states)] * bool(states) + [f"{result.seconds:.0f}s"])  # no trials: the seconds alone
+    console.print(f"[{colour}]done:[/{colour}] {line} ({tail})", highlight=False)
     if m.get("warning"):
         console.print(f"[yellow]warning:[/yellow] {m['warning']}", highlight=False)
     for note in m.get("notes", []):
