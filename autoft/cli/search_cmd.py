@@ -189,10 +189,10 @@ def _print_summary(result, metric: str) -> None:
     if study is not None:
         baselines = [Baseline(b["name"], b["value"]) for b in m.get("baselines", [])]
         console.print(leaderboard(visible(study.get_trials(deepcopy=False)), metric, baselines=baselines), crop=False)  # whole in a log
-    states = [f"{n} {STATE_WORDS.get(s, s.lower())}" for s, n in result.states.items()]
+    states = ", ".join(f"{n} {STATE_WORDS.get(s, s.lower())}" for s, n in result.states.items())
     line = m["summary"] + (f"; test {metric} {m[f'test_{metric}']:.4f}" if f"test_{metric}" in m else "")
     colour = "yellow" if m.get("beat_baselines") is False or m.get("warning") else "green"
-    tail = "; ".join([", ".join(states)] * bool(states) + [f"{result.seconds:.0f}s"])  # no trials: the seconds alone
+    tail = f"{states}; {result.seconds:.0f}s" if states else f"{result.seconds:.0f}s"  # no trials: the seconds alone
     console.print(f"[{colour}]done:[/{colour}] {line} ({tail})", highlight=False)
     if m.get("warning"):
         console.print(f"[yellow]warning:[/yellow] {m['warning']}", highlight=False)
