@@ -147,7 +147,7 @@ def test_each_candidate_module_gives_scikit_learns_probabilities(candidates, fit
             got = loaded.network()(val.images.float().div(255)).softmax(1).numpy()
         difference = np.abs(got - sklearn_probabilities(fitted, name, val)).max()
         assert difference < TOLERANCE, f"{name}: the module differs from scikit-learn by {difference:.2e}"
-        assert loaded.classes == digits.classes and loaded.meta["candidate"]["kind"] in ("pixels", "probe")
+        assert loaded.classes == digits.classes and loaded.meta["candidate"]["kind"] in ("pixels", "probe", "neighbours")
 
 
 def test_two_classes_and_a_class_never_seen(digits, tmp_path):

@@ -6,7 +6,8 @@ import torch
 
 from autoft.training.baselines import pixel_baseline
 from autoft.model.ensemble import AveragedMembers, greedy_selection
-from autoft.training.semisupervised import pseudo_label
+from autoft.data import ImageTensors
+from autoft.training.semisupervised import PIXEL_SPACES, pseudo_label, pseudo_labels
 
 
 def accuracy(labels, probabilities):
@@ -43,7 +44,28 @@ def test_a_better_feature_space_is_chosen_by_held_out_labelled_images(digits):
     cheat = lambda x: np.eye(10)[truth[: len(x)]] + 0.01 * np.random.default_rng(0).normal(size=(len(x), 10))
     noise = lambda x: np.random.default_rng(1).normal(size=(len(x), 10))
     assert pseudo_label(images[labelled], y[labelled], images[rest], 10, embedders={"oracle": cheat}).features == "oracle"
-    assert pseudo_label(images[labelled], y[labelled], images[rest], 10, embedders={"noise": noise}).features == "pixels"
+    assert pseudo_label(images[labelled], y[labelled], images[rest], 10, embedders={"noise": noise}).features in PIXEL_SPACES
+
+
+def test_each_pixel_space_is_measured_and_the_best_spreads(digits):
+    """Standardised pixels, pixels by angle, centred pixels by angle: each labels held-out
+    labelled images, and the labels are spread in the best; a split spreads in the space
+    chosen on every labelled image, without measuring again."""
+    images, y, labelled, rest = digits
+    pseudo = pseudo_label(images[labelled], y[labelled], images[rest], 10)
+    assert set(pseudo.scores) == set(PIXEL_SPACES)
+    assert pseudo.features == max(pseudo.scores, key=pseudo.scores.get) and pseudo.score == pseudo.scores[pseudo.features]
+    assert len(set(pseudo.scores.values())) > 1  # the spaces differ on digits
+    alone = pseudo_label(images[labelled], y[labelled], images[rest], 10, space="pixels")
+    assert alone.features == "pixels" and alone.scores == {} and alone.score is None
+
+    pool = ImageTensors(images[labelled], torch.as_tensor(y[labelled]))
+    cache = {}
+    train = np.arange(0, len(labelled), 2)
+    split = pseudo_labels(cache, pool, images[rest], 10, {}, 0, 0, train)
+    assert cache[-1].features == pseudo.features and split.features == pseudo.features and split.scores == {}
+    expected = pseudo_label(images[labelled][train], y[labelled][train], images[rest], 10, space=pseudo.features)
+    np.testing.assert_array_equal(split.labels, expected.labels)
 
 
 def test_pixel_baseline_scores_every_validation_image_once(digits):

@@ -22,9 +22,10 @@ import torch
 from autoft.errors import AutoftError
 from autoft.specs import Backbone, ParamGroup
 
-PIXELS = "pixels"  # logistic regression on downscaled pixels (and the label-spreading student)
+PIXELS = "pixels"  # logistic regression on downscaled pixels
 PROBE = "probe"  # a linear head on a backbone's L2-normalised pooled features
-KINDS = (PIXELS, PROBE)
+NEIGHBOURS = "neighbours"  # k nearest neighbours among labelled and label-spread images, in a space of downscaled pixels
+KINDS = (PIXELS, PROBE, NEIGHBOURS)
 IDENTITY_MEAN = (0.0, 0.0, 0.0)  # pixel models read [0, 1] pixels as they come
 IDENTITY_STD = (1.0, 1.0, 1.0)
 ABSENT_CLASS_LOGIT = -1e4  # a class the fit never saw: probability 0, as scikit-learn gives it
@@ -66,6 +67,44 @@ class PixelLinear(torch.nn.Module):
         return self.linear(self.features(x))
 
 
+class PixelNeighbours(torch.nn.Module):
+    """Downscaled pixels -> their ``k`` nearest reference images' labels, weighted by inverse
+    distance: scikit-learn's ``KNeighborsClassifier(weights="distance")`` after the pixel
+    space's offset, scale and normalisation and a PCA projection, as one graph of matrix
+    products, a top-k and a gather. Its logits are the log of the vote shares (an absent
+    class: :data:`ABSENT_CLASS_LOGIT`), so its softmax is scikit-learn's probabilities."""
+
+    def __init__(self, image_size: int, side: int, num_classes: int, *, references: int, components: int, neighbours: int, normalise: bool):
+        super().__init__()
+        self.image_size, self.side = int(image_size), min(int(side), int(image_size))
+        self.neighbours, self.normalise = int(neighbours), bool(normalise)
+        self.register_buffer("pool", average_pool_matrix(self.image_size, self.side), persistent=False)
+        width = 3 * self.side * self.side
+        self.register_buffer("offset", torch.zeros(width))
+        self.register_buffer("scale", torch.ones(width))
+        self.register_buffer("centre", torch.zeros(width))  # the PCA's mean
+        self.register_buffer("components", torch.zeros(components, width))
+        self.register_buffer("references", torch.zeros(references, components))
+        self.register_buffer("votes", torch.zeros(references, num_classes))  # one-hot labels of the references
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = torch.matmul(torch.matmul(self.pool, x), self.pool.t()).flatten(1)
+        pixels = (pixels - self.offset) / self.scale
+        if self.normalise:
+            pixels = pixels / (pixels.norm(dim=1, keepdim=True) + 1e-12)
+        return torch.matmul(pixels - self.centre, self.components.t())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.features(x)
+        squared = (z * z).sum(1, keepdim=True) - 2 * z @ self.references.t() + (self.references * self.references).sum(1)
+        distance, nearest = torch.topk(squared.clamp_min(0.0).sqrt(), self.neighbours, dim=1, largest=False)
+        exact = distance == 0
+        weights = torch.where(exact.any(1, keepdim=True), exact.float(), 1.0 / distance.clamp_min(1e-12))  # scikit-learn's rule for a duplicate
+        shares = (weights.unsqueeze(-1) * self.votes[nearest]).sum(1)
+        shares = shares / shares.sum(1, keepdim=True)
+        return torch.where(shares > 0, torch.log(shares.clamp_min(1e-30)), torch.full_like(shares, ABSENT_CLASS_LOGIT))
+
+
 class ProbeNet(torch.nn.Module):
     """A backbone's pooled features, L2-normalised as :func:`autoft.training.pretraining.embed_all`
     gives them to the probe, then the probe's linear head (its scaler folded in)."""
@@ -91,6 +130,13 @@ def pixel_backbone(image_size: int, side: int, num_classes: int) -> Backbone:
     )  # fmt: skip
 
 
+def neighbours_backbone(image_size: int, side: int, num_classes: int, **shape: Any) -> Backbone:
+    """An empty :class:`PixelNeighbours`; ``shape`` is its ``references``, ``components``,
+    ``neighbours`` and ``normalise``, as its checkpoint's ``candidate`` record keeps them."""
+    model = PixelNeighbours(image_size, side, num_classes, **shape)
+    return Backbone(model=model, groups=[], num_features=model.components.shape[0], embed=model.features, input_size=int(image_size), mean=IDENTITY_MEAN, std=IDENTITY_STD)
+
+
 def probe_backbone(backbone: Backbone, num_classes: int) -> Backbone:
     """``backbone`` (already holding its weights) with the probe's head on its normalised features."""
     model = ProbeNet(backbone.model, backbone.embed, backbone.num_features, num_classes)
@@ -109,6 +155,9 @@ def build_candidate(meta: dict[str, Any], registry=None) -> Backbone:
     num_classes = len(meta["classes"])
     if kind == PIXELS:
         return pixel_backbone(int(meta["image_size"]), int(spec["side"]), num_classes)
+    if kind == NEIGHBOURS:
+        shape = {key: spec[key] for key in ("references", "components", "neighbours", "normalise")}
+        return neighbours_backbone(int(meta["image_size"]), int(spec["side"]), num_classes, **shape)
     if kind == PROBE:
         from autoft.model.backbones import build_backbone
 

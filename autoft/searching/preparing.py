@@ -27,7 +27,8 @@ from autoft.core.text import duration
 from autoft.core.runtime import resolve_device, resolve_jobs, seed_everything, threads_per_job, torch_threads
 from autoft.searching.config import SearchConfig, default_study_name
 from autoft.searching.pretraining_stage import StageResult, pretraining_stage
-from autoft.searching.session import PSEUDO_DEFAULT, SearchContext, SearchState, Session, _Timer, make_splits, pseudo_labels
+from autoft.searching.session import PSEUDO_DEFAULT, SearchContext, SearchState, Session, _Timer, make_splits
+from autoft.training.semisupervised import pseudo_labels
 from autoft.searching.space import DEFAULT_REGULARIZERS, DEFAULT_STRATEGIES, SearchSpace, load_overrides
 from autoft.searching.storage import default_storage_url, open_storage
 from autoft.model.weights import resolve_weights

@@ -29,7 +29,7 @@ from autoft.searching.space import SearchSpace
 
 if TYPE_CHECKING:
     from autoft.training.candidates import Candidate
-from autoft.training.semisupervised import PseudoLabels, pseudo_label
+from autoft.training.semisupervised import PseudoLabels, pseudo_labels
 
 Split = tuple[np.ndarray, np.ndarray]  # (train, validation) indices into the labelled pool
 PSEUDO_DEFAULT = 0.6  # share of pseudo-labels the default recipe keeps
@@ -230,15 +230,3 @@ def make_splits(labels: np.ndarray, n_train: int, folds: int | None, repeats: in
         raise AutoftError(f"--cv {folds}: the smallest class has only {smallest} images; use --cv {max(2, smallest)} or fewer folds")
     splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
     return [(np.asarray(a), np.asarray(b)) for a, b in splitter.split(np.zeros(len(labels)), labels)]
-
-
-def pseudo_labels(cache: dict[int, PseudoLabels], pool: ImageTensors, unlabelled: torch.Tensor, num_classes: int, embedders: Mapping[str, Callable],
-                  seed: int, split: int | None, train_index: np.ndarray) -> PseudoLabels:  # fmt: skip
-    """Pseudo-labels propagated from split ``split``'s training labels only (``None``: every
-    labelled image), so that no validation label leaks into what trains on them; kept in
-    ``cache``, so trials and the distilled candidate share one computation per split."""
-    key = -1 if split is None else split
-    if key not in cache:
-        labelled = pool.subset(train_index)  # read a batch at a time if it is on disk
-        cache[key] = pseudo_label(labelled, labelled.labels.numpy(), unlabelled, num_classes, embedders=embedders, seed=seed, measure=split is None)
-    return cache[key]
