@@ -180,6 +180,18 @@ def test_candidate_checkpoints_export_with_their_verification_and_match(fitted, 
         assert difference < TOLERANCE, f"{name}: the ONNX model differs from scikit-learn by {difference:.2e}"
 
 
+def test_label_spreadings_neighbours_export_verified_on_their_own_references(shipped, pool, tmp_path):
+    """A search verifies its export on labelled images, and every labelled image is one of the
+    k-NN model's references: its own nearest neighbour, at a distance of zero up to rounding,
+    which float32 rounds differently in PyTorch and onnxruntime. The votes must not depend on
+    that (inverse-distance weights did: a class absent in one runtime and not the other)."""
+    from autoft.deploy.exporting import export
+
+    loaded = load_checkpoint(shipped[SPREAD_NAME])
+    result = export(loaded, tmp_path, images=pool)
+    assert all(check["top1_agreement"] == 1.0 for check in result.report["checks"]["fp32"].values())
+
+
 def test_a_shipped_candidate_is_served_and_predicted(fitted, shipped, digits, live_app, tmp_path):
     """The distilled label-spreading model, exported above, answers over real HTTP and from `autoft predict`."""
     folder = shipped[SPREAD_NAME].parent

@@ -68,11 +68,16 @@ class PixelLinear(torch.nn.Module):
 
 
 class PixelNeighbours(torch.nn.Module):
-    """Downscaled pixels -> their ``k`` nearest reference images' labels, weighted by inverse
-    distance: scikit-learn's ``KNeighborsClassifier(weights="distance")`` after the pixel
-    space's offset, scale and normalisation and a PCA projection, as one graph of matrix
-    products, a top-k and a gather. Its logits are the log of the vote shares (an absent
-    class: :data:`ABSENT_CLASS_LOGIT`), so its softmax is scikit-learn's probabilities."""
+    """Downscaled pixels -> the labels of their ``k`` nearest reference images, one vote each:
+    scikit-learn's ``KNeighborsClassifier`` after the pixel space's offset, scale and
+    normalisation and a PCA projection, as one graph of matrix products, a top-k and a gather.
+    Its logits are the log of the vote shares (an absent class: :data:`ABSENT_CLASS_LOGIT`), so
+    its softmax is scikit-learn's probabilities.
+
+    Votes are not weighted by distance: a reference image is its own nearest neighbour at a
+    distance of zero up to rounding, which float32 rounds differently in PyTorch and
+    onnxruntime, and inverse-distance weights (with scikit-learn's rule for a distance of zero)
+    turned that rounding into different labels."""
 
     def __init__(self, image_size: int, side: int, num_classes: int, *, references: int, components: int, neighbours: int, normalise: bool):
         super().__init__()
@@ -97,11 +102,8 @@ class PixelNeighbours(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.features(x)
         squared = (z * z).sum(1, keepdim=True) - 2 * z @ self.references.t() + (self.references * self.references).sum(1)
-        distance, nearest = torch.topk(squared.clamp_min(0.0).sqrt(), self.neighbours, dim=1, largest=False)
-        exact = distance == 0
-        weights = torch.where(exact.any(1, keepdim=True), exact.float(), 1.0 / distance.clamp_min(1e-12))  # scikit-learn's rule for a duplicate
-        shares = (weights.unsqueeze(-1) * self.votes[nearest]).sum(1)
-        shares = shares / shares.sum(1, keepdim=True)
+        _, nearest = torch.topk(squared, self.neighbours, dim=1, largest=False)
+        shares = self.votes[nearest].mean(1)
         return torch.where(shares > 0, torch.log(shares.clamp_min(1e-30)), torch.full_like(shares, ABSENT_CLASS_LOGIT))
 
 

@@ -91,16 +91,27 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 def selection_evidence(session: Session, best: optuna.trial.FrozenTrial) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """(pool indices, probabilities by trial) on the images the best trial was scored on,
     for every completed trial that predicted all of them."""
-    own = load_predictions(session.ctx.trial_dir(best.number))
+    own = trial_predictions(session, best.number)
     if own is None:
         return np.zeros(0, np.int64), {}
     index, _ = own
     found = {}
     for trial in session.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        saved = load_predictions(session.ctx.trial_dir(trial.number))
+        saved = trial_predictions(session, trial.number)
         if saved is not None and np.array_equal(saved[0], index):
             found[trial.number] = saved[1]
     return index, found
+
+
+def trial_predictions(session: Session, number: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(pool indices, probabilities) a completed trial saved, read once a search process: the
+    ensemble chosen so far is computed again after every trial, from every trial's predictions."""
+    kept = session.state.predictions.get(number)
+    if kept is None:
+        kept = load_predictions(session.ctx.trial_dir(number))
+        if kept is not None:  # a trial of another machine has none here, and may never
+            session.state.predictions[number] = kept
+    return kept
 
 
 def member_evidence(session: Session, best: optuna.trial.FrozenTrial) -> tuple[np.ndarray, dict[Member, np.ndarray]]:

@@ -102,6 +102,7 @@ class SearchState:
     on_event: Callable[[Any], None] | None = None
     embedders: dict[str, Callable[[Images], np.ndarray]] = field(default_factory=dict)
     pseudo: dict[int, PseudoLabels] = field(default_factory=dict)
+    predictions: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # completed trials' (pool indices, probabilities), read once
     left_out: LeftOut = field(default_factory=LeftOut)  # choices whose plugin failed
     ensemble_seconds: float = 0.0  # kept back for the further members of the ensemble chosen so far (finishing.ensemble_reserve)
 
