@@ -220,7 +220,8 @@ def test_a_simple_model_is_an_ensemble_member_on_the_trials_own_evidence(colours
     import torch
 
     from autoft.searching.config import SearchConfig
-    from autoft.searching.finishing import best_trial, build_final, member_evidence, publish_best
+    from autoft.searching.finishing import best_trial, build_final, member_evidence
+    from autoft.searching.publishing import publish_best
     from autoft.searching.preparing import prepare
     from autoft.searching.trials import open_study, run_trials
 

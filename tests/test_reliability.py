@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 from autoft.model.checkpoints import load_training_state, save_training_state
 from autoft.cli import make_app
-from autoft.searching.finishing import PUBLISH_LOCK, predicted_elsewhere, remove_stale_staging
+from autoft.searching.finishing import predicted_elsewhere
+from autoft.searching.publishing import PUBLISH_LOCK, remove_stale_staging
 from autoft.searching.records import TrialRecord, count_states, visible
 from autoft.searching.storage import counted_trials, open_storage, recover_trials
 from conftest import COLOURS, make_image
@@ -178,7 +179,8 @@ def test_sigterm_stops_the_search_and_its_workers_after_the_batch_and_the_trials
             child.kill()
     # The trials' state below shows the stop came mid-trial; the bound only says it did not hang
     # (one CI run on 2 busy cores took 66.7 s between the signal and the exit: not investigated).
-    assert child.returncode == 143 and time.monotonic() - started < 90
+    took = time.monotonic() - started
+    assert child.returncode == 143 and took < 90, f"exit {child.returncode} {took:.1f} s after the signal; its stderr ended:\n{err[-2000:]}"
     assert "Traceback" not in err and [line for line in err.splitlines() if "stopped by SIGTERM" in line]
     trials = {t.number: t for t in _trials(url)}
     for t in running:  # both trials, the command's and the worker's: failed as interrupted, to run again

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from autoft.training.baselines import pixel_baseline
-from autoft.model.ensemble import AveragedMembers, greedy_selection
+from autoft.model.ensemble import AveragedMembers, EnsembleChoice, greedy_selection, win_rate
 from autoft.data import ImageTensors
 from autoft.training.semisupervised import PIXEL_SPACES, pseudo_label, pseudo_labels
 
@@ -102,6 +102,24 @@ def test_a_simple_model_joins_an_ensemble_of_trials_when_it_helps_and_loses_ties
     assert choice.single == 4 and choice.single_value == pytest.approx(0.75)
     assert choice.weights == {4: 0.5, "pixels": 0.5} and choice.value == pytest.approx(1.0)
     assert greedy_selection({"pixels": trial, 7: trial, 9: trial}, labels, accuracy, max_members=3).single == 7
+
+
+@pytest.mark.parametrize("better, worse, sure", [(1, 0, False), (2, 2, False), (6, 0, True), (12, 4, True)])
+def test_an_ensemble_is_sure_to_be_better_only_when_the_images_say_so_beyond_one_standard_error(better, worse, sure):
+    """80 images; the ensemble is right on ``better`` images where its best single member is
+    wrong, and wrong on ``worse`` where it is right. One image more right is a gain of 1.25
+    points on these images, and on 63% of their bootstrap resamples (those holding it)."""
+    labels = np.zeros(80, dtype=np.int64)
+    right, wrong = np.array([0.9, 0.1]), np.array([0.1, 0.9])
+    single = np.tile(right, (80, 1))
+    ensemble = single.copy()
+    single[:better] = wrong
+    ensemble[better : better + worse] = wrong
+    choice = EnsembleChoice({"a": 0.5, "b": 0.5}, accuracy(labels, ensemble), "single", accuracy(labels, single))
+    rate = win_rate({"a": ensemble, "b": ensemble, "single": single}, labels, choice, accuracy)
+    assert (rate >= 0.84) is sure, rate
+    if (better, worse) == (1, 0):
+        assert rate == pytest.approx(1 - (1 - 1 / 80) ** 80, abs=0.08)  # the resamples that hold the one image
 
 
 def test_averaged_members_output_log_mean_probabilities():

@@ -25,6 +25,7 @@ Score = Callable[[np.ndarray, np.ndarray], float]  # (labels, probabilities) -> 
 Member = int | str  # a trial's number, or a simple model's name (autoft.training.candidates)
 
 ROUNDS = 25
+RESAMPLES = 200  # bootstrap resamples of the selection images (win_rate)
 
 
 @dataclass
@@ -69,6 +70,25 @@ def greedy_selection(predictions: Mapping[Member, np.ndarray], labels: np.ndarra
     for number in picked[:length]:
         counts[number] = counts.get(number, 0) + 1
     return EnsembleChoice({n: c / length for n, c in counts.items()}, float(value), best_single, float(singles[best_single]))
+
+
+def win_rate(predictions: Mapping[Member, np.ndarray], labels: np.ndarray, choice: EnsembleChoice, score: Score, resamples: int = RESAMPLES, seed: int = 0) -> float:
+    """The share of bootstrap resamples of the selection images on which ``choice``'s ensemble
+    scores above its best single member (``score``: higher is better). Selection picked the
+    ensemble on these very images; this says how sure they are that it is better. An ensemble
+    right on one more image of 80 wins the resamples that hold that image, 63% of them."""
+    import warnings
+
+    ensemble = sum(weight * np.asarray(predictions[member], np.float64) for member, weight in choice.weights.items())
+    single = np.asarray(predictions[choice.single], np.float64)
+    rng = np.random.default_rng(seed)
+    wins = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a resample may miss a class: the metric is still defined
+        for _ in range(resamples):
+            rows = rng.integers(0, len(labels), len(labels))
+            wins += int(score(labels[rows], ensemble[rows]) > score(labels[rows], single[rows]))
+    return wins / resamples
 
 
 class AveragedMembers(torch.nn.Module):

@@ -3,19 +3,17 @@
 The model shipped is the one the evidence chose. Trials are compared on their
 validation split or folds; an ensemble (greedy selection on the predictions the trials, and
 the simple models fitted on the same splits, made for images they did not train on) replaces
-the best single model when it beats it there by more than :data:`ENSEMBLE_MARGIN`. Then each
+the best single model when it beats it there by more than :data:`ENSEMBLE_MARGIN`, on
+:data:`ENSEMBLE_CONFIDENCE` of the bootstrap resamples of those images. Then each
 chosen recipe is trained once more on every labelled image (train and validation, with its
 pseudo-labels) for the number of steps at which its trial peaked, scaled to the larger set,
 within what is left of the budget; a simple member is fitted on every labelled image.
-``best/`` is built in a staging folder and published by one atomic swap.
+``best/`` is built in a staging folder and published by one atomic swap (:mod:`autoft.searching.publishing`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,22 +23,19 @@ import optuna
 from optuna.trial import TrialState
 
 from autoft.core.budget import Budget
-from autoft.model.checkpoints import CHECKPOINT_NAME, load_checkpoint
-from autoft.model.ensemble import EnsembleChoice, Member, greedy_selection
+from autoft.model.checkpoints import CHECKPOINT_NAME
+from autoft.model.ensemble import EnsembleChoice, Member, greedy_selection, win_rate
 from autoft.errors import AutoftError
-from autoft.core.events import Export, Refit
-from autoft.core.io import file_lock, publish_dir, write_json
-from autoft.model.metrics import metric_specs, score as metric_score, test_metrics
+from autoft.core.events import Refit
+from autoft.model.metrics import score as metric_score
 from autoft.searching.objective import Objective, load_predictions
 from autoft.searching.plan_search import NOISY_VAL
 from autoft.searching.records import TrialRecord
 from autoft.searching.session import Session
 from autoft.training.trainer import OutOfTime
 
-ENSEMBLE_MARGIN = 0.005  # an ensemble must beat the best single model by more than this
-BEST_FOLDER = "best"
-PUBLISH_LOCK = ".publish.lock"  # in the search's folder: held while best/ is staged and swapped in
-VERIFY_IMAGES = 256  # validation images the ONNX export is checked on
+ENSEMBLE_MARGIN = 0.005  # an ensemble must beat the best single model by more than this ...
+ENSEMBLE_CONFIDENCE = 0.84  # ... on this share of the selection images' bootstrap resamples: one standard error
 MIN_REFIT_SECONDS = 3.0
 UNDERTRAINED_FACTOR = 4  # the most a refit extends a trial that peaked at its last evaluation
 REFIT_SLACK = 0.04  # of the budget: what a refit may run past the deadline when it is all that is left
@@ -152,8 +147,9 @@ def choose_members(session: Session, best: optuna.trial.FrozenTrial) -> tuple[di
 
 
 def _chosen(session: Session, best: optuna.trial.FrozenTrial, index: np.ndarray, predictions: dict[Member, np.ndarray]) -> tuple[dict[Member, float], EnsembleChoice]:
-    choice = _select(session, predictions, session.ctx.pool.labels.numpy()[index])
-    if not _wins(session, choice):
+    labels = session.ctx.pool.labels.numpy()[index]
+    choice = _select(session, predictions, labels)
+    if not _wins(session, choice, predictions, labels):
         return {best.number: 1.0}, choice
     first = lambda kv: (kv[0] != best.number, isinstance(kv[0], str), -kv[1])  # the best trial first: built first when time is short; simple models last, in seconds
     return dict(sorted(choice.weights.items(), key=first)), choice
@@ -186,9 +182,16 @@ def _select(session: Session, predictions: dict[Member, np.ndarray], labels: np.
     return dataclasses.replace(choice, value=sign * choice.value, single_value=sign * choice.single_value)
 
 
-def _wins(session: Session, choice: EnsembleChoice) -> bool:
-    """An ensemble of several members that beats its best single model by more than :data:`ENSEMBLE_MARGIN`."""
-    return len(choice.weights) > 1 and session.ctx.sign * choice.gain > ENSEMBLE_MARGIN
+def _wins(session: Session, choice: EnsembleChoice, predictions: dict[Member, np.ndarray], labels: np.ndarray) -> bool:
+    """An ensemble of several members that beats its best single model by more than
+    :data:`ENSEMBLE_MARGIN`, and on :data:`ENSEMBLE_CONFIDENCE` of the bootstrap resamples of the
+    images (the one-standard-error rule: the simpler model, unless the evidence is sure). On
+    80 photos from ImageNet weights, an ensemble right on one image more than the linear probe
+    (0.9625 against 0.95) shipped, and scored 0.941 on the test images against the probe's 0.955."""
+    if not (len(choice.weights) > 1 and session.ctx.sign * choice.gain > ENSEMBLE_MARGIN):
+        return False
+    sign, metric = session.ctx.sign, evidence_score(session)
+    return win_rate(predictions, labels, choice, lambda y, p: sign * metric(y, p)) >= ENSEMBLE_CONFIDENCE
 
 
 def build_final(session: Session, best: optuna.trial.FrozenTrial, members: dict[Member, float] | None = None, choice: EnsembleChoice | None = None) -> FinalModel:
@@ -233,8 +236,9 @@ def _reselect(session: Session, best: optuna.trial.FrozenTrial, built: list[tupl
     members alone (textures at 6m: the best trial with logistic regression on pixels read 0.45
     in 5-fold CV, the trial alone 0.75, and the linear probe's 0.70 shipped)."""
     index, predictions = member_evidence(session, best)
-    choice = _select(session, {n: predictions[n] for n, _, _ in built}, session.ctx.pool.labels.numpy()[index])
-    weights = choice.weights if _wins(session, choice) else {choice.single: 1.0}
+    labels, predictions = session.ctx.pool.labels.numpy()[index], {n: predictions[n] for n, _, _ in built}
+    choice = _select(session, predictions, labels)
+    weights = choice.weights if _wins(session, choice, predictions, labels) else {choice.single: 1.0}
     return [(n, path, weights[n]) for n, path, _ in built if n in weights], dataclasses.replace(choice, weights=weights)
 
 
@@ -315,79 +319,6 @@ def _refit_peak(session: Session, trial: optuna.trial.FrozenTrial) -> int:
         if record.peaked_at_end and not session.ctx.config.epochs:
             peak *= UNDERTRAINED_FACTOR  # still improving when its trial ended: the time kept for the refit lets it go on
     return peak
-
-
-def publish_best(session: Session, final: FinalModel, metrics: dict[str, Any]) -> Path:
-    """Write ``best/`` in a staging folder (model, ONNX export, metrics), then swap it in at once."""
-    with file_lock(session.ctx.out / PUBLISH_LOCK):  # one publisher at a time: the staging folders left are no one's
-        remove_stale_staging(session.ctx.out)
-        return _publish(session, final, metrics)
-
-
-def remove_stale_staging(out: Path) -> list[Path]:
-    """Delete the staging folders a killed or failed publish left (``.best.*.partial``, and the
-    ``.best.old-*`` a swap without ``renameat2`` leaves for a moment). Call it holding
-    :data:`PUBLISH_LOCK`: no live process is writing one then."""
-    stale = [p for pattern in (f".{BEST_FOLDER}.*.partial", f".{BEST_FOLDER}.old-*") for p in out.glob(pattern) if p.is_dir()]
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    return stale
-
-
-def _publish(session: Session, final: FinalModel, metrics: dict[str, Any]) -> Path:
-    target = session.ctx.out / BEST_FOLDER
-    staging = session.ctx.out / f".{BEST_FOLDER}.{uuid.uuid4().hex[:8]}.partial"
-    staging.mkdir(parents=True)
-    from autoft.model.checkpoints import save_ensemble
-
-    save_ensemble(staging / CHECKPOINT_NAME, final.checkpoints, final.weights)
-    loaded = load_checkpoint(staging / CHECKPOINT_NAME, registry=session.ctx.registry)
-    if session.ctx.config.export_onnx:
-        from autoft.deploy.exporting import export
-
-        session.emit(Export(number=final.trials[0] if final.trials else None))
-        with session.timed("export"):
-            verify = session.ctx.pool.subset(session.ctx.splits[0][1][:VERIFY_IMAGES])
-            started = time.monotonic()
-            exported = export(loaded, staging, images=verify, name=session.study.study_name, registry=session.ctx.registry)
-            took = time.monotonic() - started
-        metrics["onnx_check"] = exported.report.get("checks", {})
-        left = session.ctx.budget.left()
-        if final.is_ensemble and (left is None or left > took):  # exporting one member again to time it costs less than the ensemble's export; past the budget the report goes without
-            metrics["latency_ms"] = ensemble_latency(staging / "model.onnx", load_checkpoint(final.checkpoints[0], registry=session.ctx.registry), verify)
-    else:
-        write_json(staging / "labels.json", session.ctx.data.classes)
-    if session.ctx.data.test is not None and len(session.ctx.data.test):
-        metrics.update(test_metrics(loaded.network().to(session.ctx.device), session.ctx.data, session.ctx.device, 256, metric_specs(session.ctx.config.metric, session.ctx.registry)))
-    write_json(staging / "metrics.json", metrics)
-    publish_dir(staging, target)
-    return target
-
-
-def ensemble_latency(ensemble_model: Path, single: Any, images: Any, batch_size: int = 32) -> dict[str, Any]:
-    """Milliseconds per batch of the exported ensemble against one of its members, measured
-    with onnxruntime on the same images in the same run: what the ensemble costs to serve."""
-    import tempfile
-
-    from autoft.deploy.exporting import export_verified
-    from autoft.deploy.inference import create_session
-
-    pixels = images.take(range(min(batch_size, len(images)))).float().div(255).numpy()
-    with tempfile.TemporaryDirectory(prefix="autoft-latency-") as work:
-        member, _ = export_verified(single.network().cpu().eval(), images, int(single.meta["image_size"]), Path(work), None)
-        timed = {"single": _milliseconds(create_session(member), pixels), "model": _milliseconds(create_session(ensemble_model), pixels)}
-    return {**timed, "batch_size": len(pixels)}
-
-
-def _milliseconds(session: Any, pixels: np.ndarray, repeats: int = 5) -> float:
-    name = session.get_inputs()[0].name
-    session.run(None, {name: pixels})  # the first run pays for allocation
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        session.run(None, {name: pixels})
-        times.append(1000 * (time.perf_counter() - started))
-    return round(sorted(times)[len(times) // 2], 3)
 
 
 def chance_level(labels: np.ndarray) -> float:

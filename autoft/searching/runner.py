@@ -17,7 +17,8 @@ import optuna
 
 from autoft.errors import AutoftError
 from autoft.searching.config import SearchConfig
-from autoft.searching.finishing import FinalModel, best_trial, build_final, chance_level, choose_members, publish_best, selection_evidence, wall_time
+from autoft.searching.finishing import FinalModel, best_trial, build_final, chance_level, choose_members, selection_evidence, wall_time
+from autoft.searching.publishing import publish_best
 from autoft.searching.objective import stop_on_full_disk
 from autoft.searching.preparing import prepare
 from autoft.searching.reporting import REPORT_FILE, write_report_quietly
