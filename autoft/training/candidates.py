@@ -271,10 +271,16 @@ class SpreadFitter:
         """The pixel space the neighbours are found in: the one whose spreading labelled
         held-out labelled images best (the graph's own, unless a backbone's features won)."""
         every = self.pseudo(None, np.arange(len(self.pool)))
+        if every.features in PIXEL_SPACES:
+            return every.features
         pixel = {name: score for name, score in every.scores.items() if name in PIXEL_SPACES}
-        if every.features in PIXEL_SPACES or not pixel:
-            return every.features if every.features in PIXEL_SPACES else "pixels"
-        return max(pixel, key=pixel.get)
+        return max(pixel, key=pixel.get) if pixel else "pixels"
+
+    def references(self, split: int | None, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(downscaled pixels, labels) of one split's labelled images and every image spread labelled from them."""
+        spread = self.pseudo(split, train)
+        features = np.concatenate([self.pixels()[train], flat_pixels(self.unlabelled[torch.as_tensor(spread.index)])])
+        return features, np.concatenate([self.pool.labels.numpy()[train], spread.labels])
 
     def fit(self, split: int | None, train: np.ndarray):
         """The model of one split: its labelled images and every label spread from them, as
@@ -283,9 +289,7 @@ class SpreadFitter:
         from sklearn.neighbors import KNeighborsClassifier
         from sklearn.pipeline import make_pipeline
 
-        spread = self.pseudo(split, train)
-        features = np.concatenate([self.pixels()[train], flat_pixels(self.unlabelled[torch.as_tensor(spread.index)])])
-        labels = np.concatenate([self.pool.labels.numpy()[train], spread.labels])
+        features, labels = self.references(split, train)
         components = max(1, min(COMPONENTS, features.shape[1], len(features) - 1))
         neighbours = KNeighborsClassifier(min(STUDENT_NEIGHBOURS, len(features)), algorithm="brute")
         return make_pipeline(PixelNormaliser(self.space()), PCA(components, random_state=0), neighbours).fit(features, labels)
@@ -308,14 +312,15 @@ class SpreadFitter:
         return self.fit(None, np.arange(len(self.pool)))
 
     def fit_all(self, classes: int) -> tuple[Backbone, str, dict]:
-        normaliser, pca, neighbours = (step for _, step in self.fit_model().steps)
-        record = {"kind": NEIGHBOURS, "side": PIXEL_SIZE, "references": len(neighbours._fit_X), "components": int(pca.n_components_),
-                  "neighbours": int(neighbours.n_neighbors), "normalise": PIXEL_SPACES[normaliser.space].normalise}  # fmt: skip
-        backbone = neighbours_backbone(int(self.pool.image_shape[-1]), PIXEL_SIZE, classes, **{k: v for k, v in record.items() if k not in ("kind", "side")})
-        votes = np.zeros((len(neighbours._y), classes))
-        votes[np.arange(len(neighbours._y)), neighbours.classes_[neighbours._y]] = 1.0
-        state = {"offset": normaliser.offset_, "scale": normaliser.scale_, "centre": pca.mean_, "components": pca.components_, "references": neighbours._fit_X, "votes": votes}
+        every = np.arange(len(self.pool))
+        features, labels = self.references(None, every)
+        model = self.fit(None, every)
+        normaliser, pca, neighbours = (step for _, step in model.steps)
+        shape = {"references": len(labels), "components": int(pca.n_components_), "neighbours": int(neighbours.n_neighbors), "normalise": PIXEL_SPACES[normaliser.space].normalise}
+        backbone = neighbours_backbone(int(self.pool.image_shape[-1]), PIXEL_SIZE, classes, **shape)
+        state = {"offset": normaliser.offset_, "scale": normaliser.scale_, "centre": pca.mean_, "components": pca.components_,
+                 "references": model[:-1].transform(features), "votes": np.eye(classes)[labels]}  # fmt: skip
         with torch.no_grad():
             for name, value in state.items():
                 getattr(backbone.model, name).copy_(torch.as_tensor(np.asarray(value, np.float64)))
-        return backbone, "pixels", record
+        return backbone, "pixels", {"kind": NEIGHBOURS, "side": PIXEL_SIZE, **shape}
