@@ -19,6 +19,7 @@ from autoft.model.candidate_modules import average_pool_matrix
 from autoft.training.candidates import PIXELS_NAME, SPREAD_NAME, Probe, fit_candidates, held_out
 from autoft.model.checkpoints import load_checkpoint
 from autoft.cli import make_app
+from autoft.data import ImageTensors
 from autoft.errors import AutoftError
 from autoft.deploy.inference import OnnxClassifier
 from autoft.searching.session import make_splits
@@ -190,6 +191,37 @@ def test_label_spreadings_neighbours_export_verified_on_their_own_references(shi
     loaded = load_checkpoint(shipped[SPREAD_NAME])
     result = export(loaded, tmp_path, images=pool)
     assert all(check["top1_agreement"] == 1.0 for check in result.report["checks"]["fp32"].values())
+
+
+def test_label_spreadings_neighbours_are_ranked_in_float64_in_pytorch_and_onnxruntime(tmp_path):
+    """Twenty references 1e-9 to 2e-8 (squared) from an image: float32 cannot rank them (its
+    rounding of the squared distances is near 1e-6 here) and PyTorch and onnxruntime would rank
+    them apart, as they did for one verification image on gray scenes. Ranked exactly, the 10
+    nearest hold 7 votes for class 0 and 3 for class 1."""
+    from autoft.deploy.exporting import export_verified
+    from autoft.deploy.inference import create_session
+    from autoft.model.candidate_modules import neighbours_backbone
+
+    side, width = 4, 48
+    backbone = neighbours_backbone(side, side, 2, references=20, components=width, neighbours=10, normalise=False)
+    image = torch.arange(width, dtype=torch.float32).div(width).reshape(1, 3, side, side)  # exact in float32
+    rng = np.random.default_rng(0)
+    directions = rng.normal(size=(20, width))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    references = image.double().flatten(1).numpy() + directions * np.sqrt((np.arange(20) + 1) * 1e-9)[:, None]
+    labels = np.array([0, 0, 1, 0, 0, 1, 0, 0, 1, 0] + [1] * 10)
+    with torch.no_grad():
+        backbone.model.components.copy_(torch.eye(width, dtype=torch.float64))
+        backbone.model.references.copy_(torch.from_numpy(references))
+        backbone.model.votes.copy_(torch.from_numpy(np.eye(2)[labels]))
+    model = backbone.model.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(image).softmax(1), torch.tensor([[0.7, 0.3]]))
+    images = ImageTensors(image.mul(width).round().to(torch.uint8).repeat(4, 1, 1, 1), torch.zeros(4, dtype=torch.long))
+    path, _ = export_verified(model, images, side, tmp_path, None)
+    session = create_session(path)
+    got = session.run(None, {session.get_inputs()[0].name: image.numpy()})[0]
+    np.testing.assert_allclose(torch.from_numpy(got).softmax(1).numpy(), [[0.7, 0.3]], atol=1e-6)
 
 
 def test_a_shipped_candidate_is_served_and_predicted(fitted, shipped, digits, live_app, tmp_path):
