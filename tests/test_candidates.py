@@ -223,6 +223,18 @@ def test_label_spreadings_neighbours_are_ranked_in_float64_in_pytorch_and_onnxru
     got = session.run(None, {session.get_inputs()[0].name: image.numpy()})[0]
     np.testing.assert_allclose(torch.from_numpy(got).softmax(1).numpy(), [[0.7, 0.3]], atol=1e-6)
 
+    # Duplicate references at the 10th and 11th place with other labels: the earlier one counts, in both runtimes.
+    with torch.no_grad():
+        backbone.model.references[10] = backbone.model.references[9]
+        backbone.model.votes[9], backbone.model.votes[10] = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    (tmp_path / "ties").mkdir()
+    path, _ = export_verified(model, images, side, tmp_path / "ties", None)
+    session = create_session(path)
+    got = session.run(None, {session.get_inputs()[0].name: image.numpy()})[0]
+    with torch.inference_mode():
+        torch.testing.assert_close(model(image).softmax(1), torch.tensor([[0.7, 0.3]]))
+    np.testing.assert_allclose(torch.from_numpy(got).softmax(1).numpy(), [[0.7, 0.3]], atol=1e-6)
+
 
 def test_a_shipped_candidate_is_served_and_predicted(fitted, shipped, digits, live_app, tmp_path):
     """The distilled label-spreading model, exported above, answers over real HTTP and from `autoft predict`."""

@@ -93,6 +93,9 @@ class PixelNeighbours(torch.nn.Module):
         self.register_buffer("components", torch.zeros(components, width, dtype=double))
         self.register_buffer("references", torch.zeros(references, components, dtype=double))
         self.register_buffer("votes", torch.zeros(references, num_classes))  # one-hot labels of the references
+        # Equal distances (duplicate images: 512 of 4,391 references on gray scenes) go to the
+        # earlier reference, the same in every runtime: TopK breaks ties its own way.
+        self.register_buffer("tie_break", torch.arange(references, dtype=double) * 1e-9, persistent=False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         pixels = torch.matmul(torch.matmul(self.pool, x.double()), self.pool.t()).flatten(1)
@@ -104,7 +107,7 @@ class PixelNeighbours(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.features(x)
         squared = (z * z).sum(1, keepdim=True) - 2 * z @ self.references.t() + (self.references * self.references).sum(1)
-        _, nearest = torch.topk(squared, self.neighbours, dim=1, largest=False)
+        _, nearest = torch.topk(squared + self.tie_break, self.neighbours, dim=1, largest=False)
         shares = self.votes[nearest].mean(1)
         return torch.where(shares > 0, torch.log(shares.clamp_min(1e-30)), torch.full_like(shares, ABSENT_CLASS_LOGIT)).float()
 
