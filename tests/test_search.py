@@ -524,6 +524,17 @@ def test_the_command_counts_its_timeout_from_its_own_start(image_folder, tmp_pat
     assert before <= seen["started"] <= seen["called"]
 
 
+def test_the_program_counts_its_timeout_from_the_process_start():
+    """The ``autoft`` program's clock starts with its process: the interpreter's start and the
+    imports before the command ran (here, half a second of sleep) are the user's wait too."""
+    code = "import time; time.sleep(0.5); from autoft.core.runtime import process_started; print(time.monotonic() - process_started())"
+    waited = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0.5 <= waited < 30
+    from autoft.core.runtime import process_started
+
+    assert process_started() <= time.monotonic() - 0.5  # this test process has run longer than that
+
+
 def test_time_spent_before_the_search_counts_against_its_timeout(image_folder, tmp_path):
     with pytest.raises(AutoftError, match="--timeout"):  # the minute was spent before the search began
         search("test_resnet", str(image_folder), tmp_path, timeout="1m", started=time.monotonic() - 60, device="cpu")

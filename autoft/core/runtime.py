@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import threading
+import time
 from typing import Callable, Iterator
 
 import numpy as np
@@ -119,6 +120,18 @@ def graceful_interrupts(on_first: Callable[[], None] = lambda: None) -> Iterator
 # Processes and threads
 
 
+def process_started() -> float:
+    """When this process started, as a ``time.monotonic()`` value, read from ``/proc``; where
+    that cannot be read (not Linux), now."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
+        since = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.monotonic()
+    return time.monotonic() - max(0.0, since)
+
+
 def resolve_jobs(jobs: int | str, device: torch.device) -> int:
     """``auto``: one per GPU, one on a CPU."""
     if jobs == "auto":
@@ -138,10 +151,10 @@ def threads_per_job(jobs: int) -> int:
 
 
 @contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Intra-op threads of this process within the block."""
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Intra-op threads of this process within the block (None or 0: as they are)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(count)
+    torch.set_num_threads(count or before)
     try:
         yield
     finally:

@@ -30,6 +30,7 @@ from autoft.core.events import Refit
 from autoft.model.metrics import score as metric_score
 from autoft.searching.objective import Objective, load_predictions
 from autoft.searching.plan_search import NOISY_VAL
+from autoft.searching.planning import REFIT_SPARE
 from autoft.searching.records import TrialRecord
 from autoft.searching.session import Session
 from autoft.training.trainer import OutOfTime
@@ -158,7 +159,8 @@ def _chosen(session: Session, best: optuna.trial.FrozenTrial, index: np.ndarray,
 def ensemble_reserve(session: Session, best: optuna.trial.FrozenTrial | None) -> float:
     """Seconds to keep back for refitting the further trials of the ensemble the evidence so
     far chooses, beside the best trial's refit (which :meth:`Session.refit_reserve` keeps):
-    each one's whole refit, a fifth to spare, at most :data:`ENSEMBLE_SHARE` of the budget.
+    each one's whole refit, a fifth to spare, and its part of the export, at most
+    :data:`ENSEMBLE_SHARE` of the budget.
     Simple members take seconds and are not counted. Without it the trials ran until the
     time kept for one refit, and a chosen ensemble was cut to its first member (digits, 10 a
     class at 6m: in two draws of three, 1 and 2 members built of 3 chosen)."""
@@ -171,7 +173,7 @@ def ensemble_reserve(session: Session, best: optuna.trial.FrozenTrial | None) ->
     members, _ = _chosen(session, best, index, predictions)
     trials = {t.number: t for t in session.study.get_trials(deepcopy=False)}
     further = [trials[n] for n in members if isinstance(n, int) and n != best.number]
-    seconds = sum(1.2 * (BUILD_SECONDS + _refit_peak(session, t) * session.seconds_per_step()) for t in further)
+    seconds = sum(REFIT_SPARE * (BUILD_SECONDS + _refit_peak(session, t) * session.seconds_per_step()) + session.ctx.plan.export_seconds for t in further)
     return min(seconds, ENSEMBLE_SHARE * budget.seconds)
 
 

@@ -51,7 +51,9 @@ class Plan:
     probe: bool = True  # the linear probe on the backbone's features, among the simple models
     skipped: list[str] = field(default_factory=list)  # stages not bought, each with why
     finish_seconds: float = 0.0  # kept back from every stage for the export, its verification and the report
+    export_seconds: float = 0.0  # ... of which one model's export and verification (an ensemble's further members each add as much)
     backbone: str = "the backbone"
+    threads: int = 0  # CPU threads a fit trains with, the fastest measured (autoft.searching.calibration); 0: not chosen (a GPU)
 
     @property
     def cv(self) -> bool:
@@ -80,7 +82,8 @@ class Plan:
         if not self.default_fit:
             simple = SIMPLE_MODELS if self.probe else "logistic regression on pixels"
             return f"plan: only the simple models ({simple}): {duration(self.budget)} cannot train {self.backbone}{why}"
-        parts = [f"{self.image_size} px", f"simple models, the default recipe{'' if self.search else ' only'} ({self.default_steps} steps of {self.batch_size}, {duration(self.default_seconds)})"]
+        size = f"{self.image_size} px" + (f", {self.threads} CPU thread{'s' if self.threads > 1 else ''}" if self.threads else "")
+        parts = [size, f"simple models, the default recipe{'' if self.search else ' only'} ({self.default_steps} steps of {self.batch_size}, {duration(self.default_seconds)})"]
         if self.search:
             search = [f"{self.steps} steps a trial, {self.evaluations} evaluations"]
             if self.folds:

@@ -48,7 +48,13 @@ CV_MIN_VAL = 300  # a validation split smaller than this is noise to choose on
 CV_MIN_PER_CLASS = 30
 MARGIN = 0.03  # of the budget, kept for the last trial's bookkeeping
 MARGIN_FREE = 1 - MARGIN
-FINISH_SECONDS = 10.0  # the end, kept back from every stage: export, its verification, the report (resnet18 on 2 busy cores: 6 s + 3 s)
+# The end, kept back from every stage (:func:`finish_seconds`): the export, its verification, the report.
+FINISH_SECONDS = 5.0  # its fixed part on a 2-core machine to itself: the exporter's start, the report (2 s), the files, the exit
+EXPORT_MODULE_SECONDS = 0.025  # torch.onnx tracing one module of the model (one thread, alone: resnet18's 94 in 1.9 s, lite0's 273 in 6.2 s)
+VERIFY_IMAGES = 256  # validation images the ONNX export is checked on, by PyTorch and onnxruntime
+TYPICAL_MODULES = 100  # a model's modules, when the caller did not count them
+MIN_SHARE = 0.25  # the least share of its cores the end is priced at
+REFIT_SPARE = 1.2  # a refit is bought, and its time kept back, with a fifth to spare
 # The simple models' cost, measured with scikit-learn on a 2-core CPU shared with other work:
 DECODE_SECONDS = 2e-3  # an image file opened, decoded and resized ...
 DECODE_PIXEL_SECONDS = 2e-8  # ... and per pixel of the file
@@ -115,6 +121,18 @@ def _decode_seconds(data: DataShape) -> float:
     return data.undecoded * (DECODE_SECONDS + DECODE_PIXEL_SECONDS * (data.source_side or 64) ** 2)
 
 
+def export_seconds(rate: Throughput, modules: int = TYPICAL_MODULES, images: int = VERIFY_IMAGES) -> float:
+    """One model's export and its verification on ``images``, at the share of the cores calibration measured:
+    the end's Python runs on one thread, slowed by whatever else the machine runs (the README's
+    quick start beside two busy processes: 0.5 of a core, its end 13 s against 4 s alone)."""
+    return (EXPORT_MODULE_SECONDS * modules + 2 * min(images, VERIFY_IMAGES) / rate.evaluate) / max(rate.cpu_share, MIN_SHARE)
+
+
+def finish_seconds(rate: Throughput, modules: int = TYPICAL_MODULES, images: int = VERIFY_IMAGES) -> float:
+    """What the end keeps back: its fixed part and one model's :func:`export_seconds`."""
+    return FINISH_SECONDS / max(rate.cpu_share, MIN_SHARE) + export_seconds(rate, modules, images)
+
+
 def floor_seconds(data: DataShape) -> float:
     """The least any plan needs: decoding what is left to decode, logistic regression on one split's pixels."""
     return _decode_seconds(data) + _logistic_seconds(data.labelled - data.val, PIXEL_FEATURES, data.classes)
@@ -160,7 +178,7 @@ def default_batch_size(train_images: int) -> int:
 
 def make_plan(
     data: DataShape, rates: dict[int, Throughput], budget: float | None, overrides: Overrides = Overrides(), *, pretrained: bool = False, jobs: int = 1,
-    backbone: str = "the backbone", probe: SizeProbe | None = None,
+    backbone: str = "the backbone", probe: SizeProbe | None = None, modules: int = TYPICAL_MODULES,
 ) -> Plan:
     """The stages ``budget`` seconds (from now) buy, in order; :class:`BudgetTooSmall` only when
     not even decoding and logistic regression on pixels fit.
@@ -172,14 +190,14 @@ def make_plan(
     :data:`SHRINK_FLOOR` px train smaller only when their own size cannot hold the default fit
     at full strength; smaller images never do. ``jobs`` trials run at once, each at the
     measured throughput: the search holds ``jobs`` times as many fits; the default fit and the
-    refit run alone.
+    refit run alone. ``modules``, the model's, price its export (:func:`finish_seconds`).
     """
     least = floor_seconds(data)
     if budget is not None and budget * MARGIN_FREE < least:
         raise BudgetTooSmall(budget, math.ceil(least / MARGIN_FREE))
 
     def at(size: int) -> Plan:
-        return _plan_at(data, rates.get(size) or _scaled(rates, size), budget, overrides, pretrained, jobs, backbone)
+        return _plan_at(data, rates.get(size) or _scaled(rates, size), budget, overrides, pretrained, jobs, backbone, modules)
 
     if overrides.image_size:
         return _probed(at(overrides.image_size), probe, [overrides.image_size])
@@ -201,11 +219,13 @@ def make_plan(
     return plan
 
 
-def affordable_sizes(data: DataShape, rates: dict[int, Throughput], budget: float | None, overrides: Overrides = Overrides(), *, pretrained: bool = False, jobs: int = 1) -> list[int]:
+def affordable_sizes(
+    data: DataShape, rates: dict[int, Throughput], budget: float | None, overrides: Overrides = Overrides(), *, pretrained: bool = False, jobs: int = 1, modules: int = TYPICAL_MODULES,
+) -> list[int]:
     """The images' own size, then the larger ones the budget affords (see :func:`make_plan`): what a size probe measures."""
     if overrides.image_size or (budget is not None and budget * MARGIN_FREE < floor_seconds(data)):
         return [overrides.image_size] if overrides.image_size else [min(rates)]
-    return [p.image_size for p in _affordable(lambda size: _plan_at(data, rates[size], budget, overrides, pretrained, jobs, "the backbone"), rates, same_stages=False)]
+    return [p.image_size for p in _affordable(lambda size: _plan_at(data, rates[size], budget, overrides, pretrained, jobs, "the backbone", modules), rates, same_stages=False)]
 
 
 def _affordable(at, rates: dict[int, Throughput], same_stages: bool = True) -> list[Plan]:
@@ -254,7 +274,7 @@ class _Fit:
         return BUILD_SECONDS + evaluations * self.eval_seconds + steps * self.step_seconds
 
 
-def _plan_at(data: DataShape, rate: Throughput, budget: float | None, overrides: Overrides, pretrained: bool, jobs: int, backbone: str) -> Plan:
+def _plan_at(data: DataShape, rate: Throughput, budget: float | None, overrides: Overrides, pretrained: bool, jobs: int, backbone: str, modules: int) -> Plan:
     """Buy the stages in order at one size, each from what the ones before it left."""
     folds, repeats, why = choose_folds(data, overrides)
     train = data.labelled - data.val
@@ -263,27 +283,31 @@ def _plan_at(data: DataShape, rate: Throughput, budget: float | None, overrides:
     wanted = overrides.epochs * per_epoch if overrides.epochs else max(ENOUGH_STEPS, min(GOOD_STEPS, FIXED_EPOCHS * per_epoch), TARGET_EPOCHS * per_epoch)
     fit = _Fit(train, batch, wanted, _step_seconds(batch, rate, pretrained), data.val / rate.evaluate)
     pixels, probe = simple_seconds(data, rate, folds)
-    bought_probe = budget is None or pixels + probe <= budget * MARGIN_FREE - FINISH_SECONDS
+    finish = finish_seconds(rate, modules, data.val)  # the export is verified on the first split's validation images
+    bought_probe = budget is None or pixels + probe <= budget * MARGIN_FREE - finish
     simple = pixels + probe if bought_probe else pixels
     plan = Plan(
         image_size=rate.size, batch_size=batch, steps=0, evaluations=1, folds=None, repeats=1, trials=overrides.trials, expected_trials=0, pretrain_epochs=0,
         fit_seconds=0.0, pretrain_seconds=0.0, refit_seconds=0.0, budget=budget, wanted_steps=wanted, step_seconds=fit.step_seconds, jobs=jobs,
-        default_fit=False, search=False, refit=False, simple_seconds=simple, probe=bought_probe, backbone=backbone, finish_seconds=FINISH_SECONDS,
+        default_fit=False, search=False, refit=False, simple_seconds=simple, probe=bought_probe, backbone=backbone, finish_seconds=finish,
+        threads=rate.threads, export_seconds=export_seconds(rate, modules, data.val),
     )  # fmt: skip
     if not bought_probe:
         plan.skipped.append(f"the linear probe (embedding {data.labelled + data.unlabelled} images takes {duration(probe)})")
-    left = None if budget is None else budget * MARGIN_FREE - FINISH_SECONDS - simple
+    left = None if budget is None else budget * MARGIN_FREE - finish - simple
     if not _buy_default(plan, fit, left, overrides, pretrained):
         least = min(fit.wanted, MIN_STEPS)  # what the least fit would be: the fields stay usable by code that reads them
         plan.steps, plan.evaluations, plan.fit_seconds = least, 2, fit.seconds(least, 2)
         return plan
     left = None if left is None else left - plan.default_seconds
     plan.refit_seconds = BUILD_SECONDS + plan.default_steps * data.labelled / max(train, 1) * fit.step_seconds  # the refit's steps grow with its data
-    plan.refit = left is None or left >= BUILD_SECONDS + plan.default_steps * fit.step_seconds  # at least the default fit's steps, on every image
+    # Bought only when the whole of it fits as the search will keep it back (Session.refit_reserve): bought on less,
+    # its reserve cut the default fit short (the quick start alone: the default fit 7 of its 8 evaluations, the refit then 10 s).
+    plan.refit = left is None or left >= REFIT_SPARE * plan.refit_seconds
     if not plan.refit:
         plan.skipped.append(f"the refit on all {data.labelled} labelled images ({duration(plan.refit_seconds)}, {duration(max(left, 0))} left)")
         return plan
-    left = None if left is None else max(0.0, left - plan.refit_seconds)
+    left = None if left is None else max(0.0, left - REFIT_SPARE * plan.refit_seconds)
     if left is not None and left * jobs < SEARCH_MIN * plan.default_seconds:
         plan.skipped.append(f"the search ({SEARCH_MIN} trials of {plan.steps} steps need {duration(SEARCH_MIN * plan.default_seconds / jobs)}, {duration(max(left, 0))} left)")
         return plan
@@ -346,4 +370,4 @@ def _scaled(rates: dict[int, Throughput], size: int) -> Throughput:
     """Throughput at an unmeasured size, from the nearest measured one (cost ~ pixels)."""
     near = min(rates, key=lambda s: abs(s - size))
     ratio = (near / size) ** 2
-    return Throughput(size, rates[near].train * ratio, rates[near].evaluate * ratio)
+    return Throughput(size, rates[near].train * ratio, rates[near].evaluate * ratio, rates[near].threads)

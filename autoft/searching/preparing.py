@@ -53,6 +53,7 @@ class _Setup:
     jobs: int
     weights: str | None
     budget: Budget
+    modules: int  # the model's, which its export's cost grows with
 
 
 def prepare(config: SearchConfig, registry: plugins.Registry | None = None) -> Session:
@@ -63,6 +64,8 @@ def prepare(config: SearchConfig, registry: plugins.Registry | None = None) -> S
     timings: dict[str, float] = {}
     labelled_images, data_source = _labelled_source(config.data, setup.registry)
     plan, data, unlabelled, skipped = _plan_and_decode(setup, labelled_images, timings)
+    if plan.threads:  # from here on, and through the search (run_search restores the caller's count), the CPU threads measured fastest
+        torch.set_num_threads(plan.threads)
     pool = ImageTensors.concat([data.train, data.val])
     splits = make_splits(pool.labels.numpy(), len(data.train), plan.folds, plan.repeats, config.seed)
     if data.hflip:
@@ -133,8 +136,8 @@ def _setup(config: SearchConfig, registry: plugins.Registry, budget: Budget, wor
     jobs = 1 if worker else resolve_jobs(config.jobs, device)
     if notice:
         _emit(config, WeightsNotice(notice))
-    build_backbone(config.backbone, num_classes=2, weights=weights, registry=registry)  # a bad weights file fails before decoding
-    return _Setup(config, registry, strategies, space, info.num_groups, info.input_size, device, jobs, weights, budget)
+    model = build_backbone(config.backbone, num_classes=2, weights=weights, registry=registry).model  # a bad weights file fails before decoding
+    return _Setup(config, registry, strategies, space, info.num_groups, info.input_size, device, jobs, weights, budget, sum(1 for _ in model.modules()))
 
 
 def _plan_and_decode(setup: _Setup, labelled_images: Any, timings: dict[str, float]):
@@ -147,13 +150,13 @@ def _plan_and_decode(setup: _Setup, labelled_images: Any, timings: dict[str, flo
     shape = _before_decoding(shape, labelled_images, side)
     sizes = [config.image_size] if config.image_size else candidate_sizes(side, setup.input_size, pretrained)
     make_model = lambda: build_backbone(config.backbone, num_classes=max(2, classes), registry=setup.registry).model
-    with torch_threads(threads_per_job(setup.jobs)):  # what one of the --jobs workers will have
-        left = setup.budget.left()
-        rates = calibrate(make_model, sizes, config.batch_size or CALIBRATION_BATCH, setup.device, max(2, classes), limit=None if left is None else CALIBRATION_SHARE * left)
+    left = setup.budget.left()
+    rates = calibrate(make_model, sizes, config.batch_size or CALIBRATION_BATCH, setup.device, max(2, classes), limit=None if left is None else CALIBRATION_SHARE * left,
+                      threads=threads_per_job(setup.jobs))  # at most what one of the --jobs workers will have  # fmt: skip
     timings["calibration"] = time.monotonic() - clock
     overrides = Overrides(image_size=config.image_size, epochs=config.epochs, trials=config.trials, pretrain_epochs=config.pretrain_epochs,
                           cv=config.cv, no_cv=config.no_cv, batch_size=config.batch_size)  # fmt: skip
-    with torch_threads(threads_per_job(setup.jobs)):
+    with torch_threads(next(iter(rates.values())).threads):
         probe = _size_probe(setup, shape, rates, overrides, labelled_images) if pretrained and not config.image_size else None
     if probe is not None:
         timings["size probe"] = probe.seconds
@@ -174,7 +177,7 @@ def _size_probe(setup: _Setup, shape: DataShape, rates, overrides: Overrides, la
     if isinstance(labelled, DataSplits):
         return None  # decoded already, at their own size: there is no other to choose
     left, config = setup.budget.left(), setup.config
-    sizes = affordable_sizes(shape, rates, left, overrides, pretrained=True, jobs=setup.jobs)
+    sizes = affordable_sizes(shape, rates, left, overrides, pretrained=True, jobs=setup.jobs, modules=setup.modules)
     if len(sizes) < 2:
         return None
     embed = lambda: Probe.build(config.backbone, setup.weights, max(2, shape.classes), registry=setup.registry, device=setup.device, seed=config.seed).embed
@@ -330,7 +333,7 @@ def _decode_unlabelled(source: Any, size: int, registry) -> tuple[torch.Tensor |
 def _plan(setup: _Setup, shape: DataShape, rates, overrides: Overrides, pretrained: bool, probe: SizeProbe | None = None) -> Plan:
     config = setup.config
     try:
-        return make_plan(shape, rates, setup.budget.left(), overrides, pretrained=pretrained, jobs=setup.jobs, backbone=config.backbone, probe=probe)
+        return make_plan(shape, rates, setup.budget.left(), overrides, pretrained=pretrained, jobs=setup.jobs, backbone=config.backbone, probe=probe, modules=setup.modules)
     except BudgetTooSmall as exc:
         spent = setup.budget.spent()
         raise AutoftError(

@@ -16,11 +16,11 @@ from autoft.core.io import file_lock, publish_dir, write_json
 from autoft.model.checkpoints import CHECKPOINT_NAME, load_checkpoint
 from autoft.model.metrics import metric_specs, test_metrics
 from autoft.searching.finishing import FinalModel
+from autoft.searching.planning import VERIFY_IMAGES
 from autoft.searching.session import Session
 
 BEST_FOLDER = "best"
 PUBLISH_LOCK = ".publish.lock"  # in the search's folder: held while best/ is staged and swapped in
-VERIFY_IMAGES = 256  # validation images the ONNX export is checked on
 
 
 def publish_best(session: Session, final: FinalModel, metrics: dict[str, Any]) -> Path:

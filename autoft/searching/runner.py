@@ -23,7 +23,7 @@ from autoft.searching.objective import stop_on_full_disk
 from autoft.searching.preparing import prepare
 from autoft.searching.reporting import REPORT_FILE, write_report_quietly
 from autoft.searching.selection import candidate_final, judge
-from autoft.core.runtime import stop_requested
+from autoft.core.runtime import stop_requested, torch_threads
 from autoft.searching.records import TrialRecord, count_states, visible
 from autoft.searching.session import Session
 from autoft.searching.trials import open_study, run_trials
@@ -59,6 +59,11 @@ def search(backbone: str, data: Any, out: str | Path | None = None, **options: A
 
 
 def run_search(config: SearchConfig) -> SearchResult:
+    with torch_threads(None):  # the search trains with the CPU threads calibration measured fastest; the caller's count comes back after
+        return _run(config)
+
+
+def _run(config: SearchConfig) -> SearchResult:
     session = prepare(config)
     with stop_on_full_disk(session):  # a rerun on a disk still full: recovering trials and storing the plan write to the storage
         queued_again = open_study(session)

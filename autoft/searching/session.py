@@ -22,7 +22,7 @@ from autoft.training.baselines import BaselineResult
 from autoft.core.budget import Budget
 from autoft.data import DataSplits, Images, ImageTensors
 from autoft.errors import AutoftError
-from autoft.searching.planning import BUILD_SECONDS, Plan
+from autoft.searching.planning import BUILD_SECONDS, REFIT_SPARE, Plan
 from autoft.searching.left_out import LeftOut
 from autoft.searching.config import SearchConfig
 from autoft.searching.space import SearchSpace
@@ -137,7 +137,7 @@ class Session:
         plan = self.ctx.plan
         if not (self.ctx.config.refit and plan.refit):
             return 0.0
-        return 1.2 * self.fit_seconds() * plan.refit_seconds / max(plan.fit_seconds, 1e-9)
+        return REFIT_SPARE * self.fit_seconds() * plan.refit_seconds / max(plan.fit_seconds, 1e-9)
 
     def work_budget(self) -> Budget:
         """What training may spend: the search's budget less the end's reserve (export, its verification, the report)."""
@@ -147,6 +147,12 @@ class Session:
         """What trials may spend: :meth:`work_budget` less the refits' reserves, as measured
         now: the best trial's, and the further members' of the ensemble chosen so far."""
         return self.work_budget().reserve("refit", self.refit_reserve()).reserve("ensemble", self.state.ensemble_seconds)
+
+    def time_for_a_trial(self) -> bool:
+        """Whether the trials' budget leaves another trial time to say something: half a fit on
+        each of its folds. The trials stop when it does not, and do not start again."""
+        plan, left = self.ctx.plan, self.trials_budget().left()
+        return left is None or left >= 0.5 * self.fit_seconds() * (plan.folds or 1) * plan.repeats
 
     def exhausted(self) -> bool:
         """Whether every strategy, or every regulariser, was left out: no trial is left to run."""

@@ -224,8 +224,8 @@ def await_other_workers(session: Session, total: int | None) -> bool:
             return False
         lost_trials(session.study)  # a stale or dead worker's trial failed and queued again
         trials = session.study.get_trials(deepcopy=False)
-        if any(t.state == TrialState.WAITING for t in trials) and (total is None or counted_trials(trials) < total):
-            return True
+        if any(t.state == TrialState.WAITING for t in trials) and (total is None or counted_trials(trials) < total) and session.time_for_a_trial():
+            return True  # not when the trials stopped for want of time: a queued recipe started then fails before its first evaluation
         if not running_elsewhere(session.study, heartbeat):
             return False
         time.sleep(poll)
@@ -295,8 +295,7 @@ class _AfterTrial:
         ))  # fmt: skip
         if self.total is not None and done >= self.total:
             study.stop()  # other workers count toward the same total
-        left = session.trials_budget().left()
-        if left is not None and left < 0.5 * session.fit_seconds() * (session.ctx.plan.folds or 1) * session.ctx.plan.repeats:
+        if not session.time_for_a_trial():
             study.stop()  # too little time for another trial to say anything: it goes to the refit
 
 

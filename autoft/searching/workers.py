@@ -64,7 +64,7 @@ def parallel_workers(session, target: Callable[[WorkerSpec, Any], None]) -> Iter
     if session.ctx.jobs <= 1:
         yield
         return
-    threads = threads_per_job(session.ctx.jobs)
+    threads = session.ctx.plan.threads or threads_per_job(session.ctx.jobs)  # the fastest count calibration measured, at most each worker's share
     context = multiprocessing.get_context("spawn")  # fork and torch's thread pools do not mix
     events = context.Queue()
     processes = [context.Process(target=target, args=(_spec(session, index, threads), events), name=f"autoft-worker-{index}") for index in range(1, session.ctx.jobs)]
