@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 from PIL import Image
 from typer.testing import CliRunner
@@ -66,6 +67,53 @@ def test_a_simple_model_that_beats_every_trial_ships_exported_and_served(image_f
             reply = http.post("/predict?top_k=1", files={"file": ("x.png", png, "image/png")})
         assert reply.status_code == 200, reply.text
         assert reply.json()["predictions"][0]["label"] == name
+
+
+def test_a_model_whose_export_fails_verification_gives_way_to_its_best_member_alone_that_exports(image_folder, tmp_path, monkeypatch):
+    """A search never ends without a model for want of one export: an ensemble whose ONNX graph
+    onnxruntime runs apart from PyTorch (gray scenes: tied neighbours ranked apart) ships its best
+    member alone, verified, and says why; when no member exports either, a simple model does."""
+    from autoft.deploy import exporting
+    from autoft.errors import AutoftError
+    from autoft.model.ensemble import AveragedMembers, EnsembleChoice
+    from autoft.searching import runner
+    from autoft.searching.finishing import build_final
+
+    checked, refused = exporting._checked, []
+
+    def apart(path, net, images, precision, refuse=lambda net: isinstance(net, AveragedMembers)):
+        if refuse(net):
+            refused.append(type(net).__name__)
+            raise AutoftError("onnxruntime differs from PyTorch by 0.0767 (allowed 0.0001)")
+        return checked(path, net, images, precision)
+
+    def ensemble(session, best, trials, states):
+        weights = {best.number: 0.6, PIXELS: 0.4}
+        return build_final(session, best, weights, choice=EnsembleChoice(weights, float(best.value), best.number, float(best.value)))
+
+    monkeypatch.setattr(exporting, "_checked", apart)
+    monkeypatch.setattr(runner, "_final_model", ensemble)
+    run = dict(trials=1, epochs=1, image_size=16, device="cpu", batch_size=8, no_cv=True, refit=False, seed=0)
+    result = search("test_resnet", str(image_folder), tmp_path / "run", **run)
+    (trial,) = [t for t in _trials(result) if t.state == TrialState.COMPLETE]
+    pixels = next(b["value"] for b in result.metrics["baselines"] if b["name"] == PIXELS)
+    alone = trial.number if trial.value >= pixels else PIXELS  # the better of the two on the same split
+    assert refused == ["AveragedMembers", "AveragedMembers"]  # dynamo, then TorchScript
+    model = result.metrics["model"]
+    assert (model["members"] or [model["candidate"]]) == [alone] and result.metrics["value"] == pytest.approx(max(trial.value, pixels))
+    assert any("the ensemble of 2 failed its export (export failed verification with every exporter" in n for n in result.metrics["notes"])
+    assert json.loads((result.best_dir / "export.json").read_text())["checks"]["fp32"]  # verified, as any model shipped
+    assert not list((tmp_path / "run").glob(".best.*"))  # the failed staging folder is gone
+
+    def nothing_but_pixels(path, net, images, precision):  # every network with a convolution runs apart: the trial, the probe
+        return apart(path, net, images, precision, refuse=lambda net: any(isinstance(m, torch.nn.Conv2d) for m in net.modules()))
+
+    monkeypatch.setattr(exporting, "_checked", nothing_but_pixels)
+    monkeypatch.setattr(runner, "_final_model", lambda session, best, trials, states: build_final(session, best, {best.number: 1.0}))
+    result = search("test_resnet", str(image_folder), tmp_path / "again", **run)
+    (trial,) = [t for t in _trials(result) if t.state == TrialState.COMPLETE]
+    assert result.metrics["model"]["candidate"] == PIXELS and (result.best_dir / "model.onnx").is_file()
+    assert next(n for n in result.metrics["notes"] if "failed its export" in n).startswith(f"trial {trial.number} failed its export")
 
 
 def test_the_default_recipe_is_fitted_first_on_the_same_folds_as_every_trial(image_folder, tmp_path):

@@ -133,6 +133,6 @@ def test_the_plan_holds_as_many_more_fits_as_jobs():
     one, two = (make_plan(data, rates, 600.0, Overrides(epochs=5), jobs=jobs) for jobs in (1, 2))
     assert one.steps == two.steps and two.expected_trials >= 2 * one.expected_trials - 1
     short = DataShape(labelled=2000, val=400, smallest_class=200, smallest_val_class=40)
-    one, two = (make_plan(short, rates, 200.0, jobs=jobs) for jobs in (1, 2))
+    one, two = (make_plan(short, rates, 220.0, jobs=jobs) for jobs in (1, 2))
     assert one.default_steps == two.default_steps  # the default fit runs alone, at full strength either way
     assert two.search and not one.search  # two trials at a time buy a search that one at a time cannot

@@ -202,6 +202,10 @@ def _verification_images(loaded: LoadedModel, images, calibration, *, need_calib
 # Exporting and checking
 
 
+class ExportFailed(AutoftError):
+    """No exporter produced a graph that passes verification against PyTorch."""
+
+
 def export_verified(net: torch.nn.Module, images: ImageTensors, size: int, work: Path, opset: int | None) -> tuple[Path, dict[str, Any]]:
     """Export with the dynamo exporter, else TorchScript; return the first graph that passes."""
     failures = []
@@ -226,7 +230,7 @@ def export_verified(net: torch.nn.Module, images: ImageTensors, size: int, work:
             report["fallback_reasons"] = failures
             warnings.warn(f"the dynamo exporter failed ({failures[0]}); used the TorchScript exporter", stacklevel=3)
         return path, report
-    raise AutoftError("export failed verification with every exporter: " + "; ".join(failures))
+    raise ExportFailed("export failed verification with every exporter: " + "; ".join(failures))
 
 
 def _export_dynamo(net: torch.nn.Module, size: int, path: Path, opset: int | None) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from autoft.core.events import Export
 from autoft.core.io import file_lock, publish_dir, write_json
+from autoft.deploy.exporting import ExportFailed
 from autoft.model.checkpoints import CHECKPOINT_NAME, load_checkpoint
 from autoft.model.metrics import metric_specs, test_metrics
 from autoft.searching.finishing import FinalModel
@@ -60,7 +61,10 @@ def _publish(session: Session, final: FinalModel, metrics: dict[str, Any]) -> Pa
         metrics["onnx_check"] = exported.report.get("checks", {})
         left = session.ctx.budget.left()
         if final.is_ensemble and (left is None or left > took):  # exporting one member again to time it costs less than the ensemble's export; past the budget the report goes without
-            metrics["latency_ms"] = ensemble_latency(staging / "model.onnx", load_checkpoint(final.checkpoints[0], registry=session.ctx.registry), verify)
+            try:
+                metrics["latency_ms"] = ensemble_latency(staging / "model.onnx", load_checkpoint(final.checkpoints[0], registry=session.ctx.registry), verify)
+            except ExportFailed:  # the ensemble passed; its member alone, timed for the report only, did not
+                pass
     else:
         write_json(staging / "labels.json", session.ctx.data.classes)
     if session.ctx.data.test is not None and len(session.ctx.data.test):

@@ -15,6 +15,7 @@ from typing import Any
 
 import optuna
 
+from autoft.deploy.exporting import ExportFailed
 from autoft.errors import AutoftError
 from autoft.searching.config import SearchConfig
 from autoft.searching.finishing import FinalModel, best_trial, build_final, chance_level, choose_members, selection_evidence, wall_time
@@ -93,7 +94,10 @@ def finish(session: Session, queued_again: list[int]) -> SearchResult:
     with session.timed("refit"):
         final = _final_model(session, best, trials, states)
     metrics = describe_final(session, best, final, states)
-    best_dir = publish_best(session, final, metrics)
+    try:
+        best_dir = publish_best(session, final, metrics)
+    except ExportFailed as failure:
+        final, metrics, best_dir = _publish_alone(session, best, final, states, failure)
     session.state.timings["total"] = wall_time(session)
     write_report_quietly(session, metrics)
     return SearchResult(
@@ -101,6 +105,41 @@ def finish(session: Session, queued_again: list[int]) -> SearchResult:
         best_value=float(metrics["value"]), best_params=dict(best.params) if best and not final.candidate else {}, best_dir=best_dir,
         report=session.ctx.out / REPORT_FILE, states=states, metrics=metrics, seconds=wall_time(session), queued_again=queued_again, plan=session.ctx.plan.as_dict(),
     )  # fmt: skip
+
+
+def _publish_alone(session: Session, best: optuna.trial.FrozenTrial | None, final: FinalModel, states: dict[str, int], failure: ExportFailed):
+    """The model chosen failed its export's verification: ship, of its members and then of the
+    simple models, the best one alone whose export passes, and say why. A search never ends
+    without a model for want of one export (gray scenes at 6m: an ensemble's k-NN member ranked
+    tied neighbours apart in PyTorch and onnxruntime, and the search ended with none)."""
+    note = f"{_shipped(final)} failed its export ({failure}); the best of its members and the simple models that exports ships alone"
+    for single in _singles(session, final):
+        single.notes[:0] = [*final.notes, note]
+        metrics = describe_final(session, best, single, states)
+        try:
+            return single, metrics, publish_best(session, single, metrics)
+        except ExportFailed as again:
+            note += f"; {_shipped(single)} failed too ({again})"
+    raise failure
+
+
+def _singles(session: Session, final: FinalModel):
+    """Each member of ``final`` alone (an ensemble's), then each simple model not among them, best first."""
+    if final.is_ensemble:
+        members = sorted(zip(final.members, final.checkpoints), key=lambda mc: -session.ctx.sign * _single_value(session, mc[0]))
+        for member, checkpoint in members:
+            if isinstance(member, int):
+                yield FinalModel([checkpoint], [1.0], [member], final.refit)
+            else:
+                yield FinalModel([checkpoint], [1.0], [], None, candidate=member, reason="the rest of the ensemble could not be exported")
+    tried = {final.candidate, *final.simple_members}
+    for candidate in sorted(session.ctx.candidates, key=lambda c: -session.ctx.sign * c.value):
+        if candidate.name not in tried:
+            yield candidate_final(session, candidate, "the model chosen could not be exported")
+
+
+def _shipped(final: FinalModel) -> str:
+    return final.candidate or (f"the ensemble of {len(final.checkpoints)}" if final.is_ensemble else f"trial {final.members[0]}")
 
 
 def _single_value(session: Session, member: int | str) -> float:

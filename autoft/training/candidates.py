@@ -282,14 +282,15 @@ class SpreadFitter:
         features = np.concatenate([self.pixels()[train], flat_pixels(self.unlabelled[torch.as_tensor(spread.index)])])
         return features, np.concatenate([self.pool.labels.numpy()[train], spread.labels])
 
-    def fit(self, split: int | None, train: np.ndarray):
+    def fit(self, split: int | None, train: np.ndarray, references: tuple[np.ndarray, np.ndarray] | None = None):
         """The model of one split: its labelled images and every label spread from them, as
-        references of a k-nearest-neighbour classifier."""
+        references of a k-nearest-neighbour classifier (``references``: :meth:`references`'
+        answer for this split, when the caller has it already)."""
         from sklearn.decomposition import PCA
         from sklearn.neighbors import KNeighborsClassifier
         from sklearn.pipeline import make_pipeline
 
-        features, labels = self.references(split, train)
+        features, labels = references or self.references(split, train)
         components = max(1, min(COMPONENTS, features.shape[1], len(features) - 1))
         neighbours = KNeighborsClassifier(min(STUDENT_NEIGHBOURS, len(features)), algorithm="brute")
         return make_pipeline(PixelNormaliser(self.space()), PCA(components, random_state=0), neighbours).fit(features, labels)
@@ -314,7 +315,7 @@ class SpreadFitter:
     def fit_all(self, classes: int) -> tuple[Backbone, str, dict]:
         every = np.arange(len(self.pool))
         features, labels = self.references(None, every)
-        model = self.fit(None, every)
+        model = self.fit(None, every, (features, labels))
         normaliser, pca, neighbours = (step for _, step in model.steps)
         shape = {"references": len(labels), "components": int(pca.n_components_), "neighbours": int(neighbours.n_neighbors), "normalise": PIXEL_SPACES[normaliser.space].normalise}
         backbone = neighbours_backbone(int(self.pool.image_shape[-1]), PIXEL_SIZE, classes, **shape)
