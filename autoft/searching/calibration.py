@@ -9,9 +9,9 @@ runs of one command on one machine plan the same shape.
 
 On a CPU it also measures how many threads train fastest (:func:`fastest_threads`), rather than
 take one a core: torch's OpenMP threads wait on each other at every operation, and a thread
-descheduled by another process stalls them all. On a 2-core machine one thread trained
-test_resnet (32 px, batch 64) at 0.039 s a step against 0.079 s for two, and 0.097 s against
-0.23 to 0.45 s beside two busy processes; resnet18 at 64 px, 0.36 s against 0.68 s.
+descheduled by another process stalls them all. On a 2-core machine two threads trained resnet18
+(64 px, batch 32) at 0.20 s a step against 0.38 s for one when alone, and at 0.73 s against 0.38 s
+beside one busy process.
 """
 
 from __future__ import annotations
@@ -133,8 +133,9 @@ def calibrate(
     On a CPU, ``threads`` (at most; default: torch's current count) are first measured against
     fewer at the first size (:func:`fastest_threads`); every size is then timed with the fastest
     count, which each :class:`Throughput` records and the search then trains with, beside the
-    share of the cores the process had meanwhile (CPU time over wall time: 0.5 beside two busy
-    processes on 2 cores, 0.99 alone), by which the planner prices its single-threaded work."""
+    share of the cores the process had meanwhile (CPU time over wall time, for one thread on 2
+    cores: 1.00 alone, 0.67 to 0.78 beside two busy processes, 0.50 beside three), by which the
+    planner prices its single-threaded work."""
     import torch
 
     from autoft.core.runtime import torch_threads

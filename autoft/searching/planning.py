@@ -49,8 +49,8 @@ CV_MIN_PER_CLASS = 30
 MARGIN = 0.03  # of the budget, kept for the last trial's bookkeeping
 MARGIN_FREE = 1 - MARGIN
 # The end, kept back from every stage (:func:`finish_seconds`): the export, its verification, the report.
-FINISH_SECONDS = 5.0  # its fixed part on a 2-core machine to itself: the exporter's start, the report (2 s), the files, the exit
-EXPORT_MODULE_SECONDS = 0.025  # torch.onnx tracing one module of the model (one thread, alone: resnet18's 94 in 1.9 s, lite0's 273 in 6.2 s)
+FINISH_SECONDS = 5.0  # its fixed part on a 2-core machine at a full core: the exporter's start, the report (2 s), the files, the exit
+EXPORT_MODULE_SECONDS = 0.025  # torch.onnx tracing one module of the model (one thread, alone: resnet18's 94 in 3.0 s, lite0's 273 in 7.4 s)
 VERIFY_IMAGES = 256  # validation images the ONNX export is checked on, by PyTorch and onnxruntime
 TYPICAL_MODULES = 100  # a model's modules, when the caller did not count them
 MIN_SHARE = 0.25  # the least share of its cores the end is priced at
@@ -124,7 +124,7 @@ def _decode_seconds(data: DataShape) -> float:
 def export_seconds(rate: Throughput, modules: int = TYPICAL_MODULES, images: int = VERIFY_IMAGES) -> float:
     """One model's export and its verification on ``images``, at the share of the cores calibration measured:
     the end's Python runs on one thread, slowed by whatever else the machine runs (the README's
-    quick start beside two busy processes: 0.5 of a core, its end 13 s against 4 s alone)."""
+    quick start beside three busy processes: half a core, its end 13 s against a fixed 10 s kept)."""
     return (EXPORT_MODULE_SECONDS * modules + 2 * min(images, VERIFY_IMAGES) / rate.evaluate) / max(rate.cpu_share, MIN_SHARE)
 
 
