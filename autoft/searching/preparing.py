@@ -64,41 +64,39 @@ def prepare(config: SearchConfig, registry: plugins.Registry | None = None) -> S
     timings: dict[str, float] = {}
     labelled_images, data_source = _labelled_source(config.data, setup.registry)
     plan, data, unlabelled, skipped = _plan_and_decode(setup, labelled_images, timings)
-    if plan.threads:  # from here on, and through the search (run_search restores the caller's count), the CPU threads measured fastest
-        torch.set_num_threads(plan.threads)
-    pool = ImageTensors.concat([data.train, data.val])
-    splits = make_splits(pool.labels.numpy(), len(data.train), plan.folds, plan.repeats, config.seed)
-    if data.hflip:
-        plan = _check_flips(pool, splits[0], plan, config.seed)
-        data.hflip = plan.flips
-    out, study_name, storage_url = _where(config, data_source or data, setup.jobs)
-    study = _create_study(study_name, storage_url, setup.registry, config.metric)
-    state = SearchState(study=study, timings=timings, on_event=config.on_event)
-    _emit(config, PlanMade(plan.line(), plan.as_dict()))
-    space, features = setup.space, {}
-    if unlabelled is not None:
-        with _Timer(timings, "pretraining"):
-            stage = pretraining_stage(config, plan, pool, unlabelled, data, weights=setup.weights, device=setup.device, budget=setup.budget,
-                                      out=out, skipped=skipped, emit=lambda event: _emit(config, event))  # fmt: skip
-        space = _semi_supervised_space(space, stage, plan.pseudo_labels)
-        if stage is not None and stage.note:
-            state.notes.append(stage.note)
-        if stage is not None and stage.features:
-            features["pretrained"] = stage.features
-            state.embedders["pretrained"] = features_of(config.backbone, data.num_classes, stage.features, setup.registry, setup.device, config.seed)
-    with _Timer(timings, "baselines"):
-        candidates = _candidates(setup, plan, pool, splits, data, unlabelled, state)
-    if "start" in state.embedders:
-        features = {"start": setup.weights, **features}
-        state.embedders = {"start": state.embedders["start"], **state.embedders}
-    ctx = SearchContext(
-        config=config, registry=setup.registry, device=setup.device, data=data, pool=pool, splits=tuple(splits), plan=plan, space=space,
-        strategies=setup.strategies, n_groups=setup.n_groups, weights=setup.weights, out=out, study_name=study_name, storage_url=storage_url,
-        budget=setup.budget, data_source=data_source, unlabelled=unlabelled, unlabelled_skipped=tuple(skipped), candidates=tuple(candidates),
-        embedder_weights=features, jobs=setup.jobs,
-    )  # fmt: skip
-    session = Session(ctx, state)
-    return session
+    with torch_threads(plan.threads):  # the rest of the preparation trains and embeds with the CPU threads measured fastest
+        pool = ImageTensors.concat([data.train, data.val])
+        splits = make_splits(pool.labels.numpy(), len(data.train), plan.folds, plan.repeats, config.seed)
+        if data.hflip:
+            plan = _check_flips(pool, splits[0], plan, config.seed)
+            data.hflip = plan.flips
+        out, study_name, storage_url = _where(config, data_source or data, setup.jobs)
+        study = _create_study(study_name, storage_url, setup.registry, config.metric)
+        state = SearchState(study=study, timings=timings, on_event=config.on_event)
+        _emit(config, PlanMade(plan.line(), plan.as_dict()))
+        space, features = setup.space, {}
+        if unlabelled is not None:
+            with _Timer(timings, "pretraining"):
+                stage = pretraining_stage(config, plan, pool, unlabelled, data, weights=setup.weights, device=setup.device, budget=setup.budget,
+                                          out=out, skipped=skipped, emit=lambda event: _emit(config, event))  # fmt: skip
+            space = _semi_supervised_space(space, stage, plan.pseudo_labels)
+            if stage is not None and stage.note:
+                state.notes.append(stage.note)
+            if stage is not None and stage.features:
+                features["pretrained"] = stage.features
+                state.embedders["pretrained"] = features_of(config.backbone, data.num_classes, stage.features, setup.registry, setup.device, config.seed)
+        with _Timer(timings, "baselines"):
+            candidates = _candidates(setup, plan, pool, splits, data, unlabelled, state)
+        if "start" in state.embedders:
+            features = {"start": setup.weights, **features}
+            state.embedders = {"start": state.embedders["start"], **state.embedders}
+        ctx = SearchContext(
+            config=config, registry=setup.registry, device=setup.device, data=data, pool=pool, splits=tuple(splits), plan=plan, space=space,
+            strategies=setup.strategies, n_groups=setup.n_groups, weights=setup.weights, out=out, study_name=study_name, storage_url=storage_url,
+            budget=setup.budget, data_source=data_source, unlabelled=unlabelled, unlabelled_skipped=tuple(skipped), candidates=tuple(candidates),
+            embedder_weights=features, jobs=setup.jobs,
+        )  # fmt: skip
+    return Session(ctx, state)
 
 
 def prepare_worker(ctx: SearchContext, index: int, device: str, registry: plugins.Registry) -> Session:

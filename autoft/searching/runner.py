@@ -60,12 +60,13 @@ def search(backbone: str, data: Any, out: str | Path | None = None, **options: A
 
 
 def run_search(config: SearchConfig) -> SearchResult:
-    with torch_threads(None):  # the search trains with the CPU threads calibration measured fastest; the caller's count comes back after
-        return _run(config)
-
-
-def _run(config: SearchConfig) -> SearchResult:
     session = prepare(config)
+    with torch_threads(session.ctx.plan.threads):  # the CPU threads calibration measured fastest; the caller's count comes back after
+        return _run(session)
+
+
+def _run(session: Session) -> SearchResult:
+    config = session.ctx.config
     with stop_on_full_disk(session):  # a rerun on a disk still full: recovering trials and storing the plan write to the storage
         queued_again = open_study(session)
     for hook in config.pre_search:
