@@ -23,7 +23,7 @@ from autoft.cli import make_app
 from autoft.searching.finishing import predicted_elsewhere
 from autoft.searching.publishing import PUBLISH_LOCK, remove_stale_staging
 from autoft.searching.records import TrialRecord, count_states, visible
-from autoft.searching.storage import counted_trials, open_storage, recover_trials
+from autoft.searching.storage import counted_trials, is_surplus, open_storage, recover_trials
 from conftest import COLOURS, make_image
 
 STUDY = "reliability"
@@ -159,6 +159,29 @@ def test_a_journal_study_reruns_a_trial_whose_process_on_this_host_died(tmp_path
     first, retry = study.get_trials()
     assert first.state == TrialState.FAIL and retry.state == TrialState.WAITING and TrialRecord.of(retry).retry_of == first.number
     assert TrialRecord.of(retry).pid is None  # the retry is not taken for the dead process until its own writes its pid
+
+
+def test_a_lost_trials_retry_runs_before_recipes_queued_earlier(tmp_path):
+    """Workers started together may each queue the portfolio; the lost trial's retry, queued
+    after them, must not be left waiting while copies of them fill --trials."""
+    study = optuna.create_study(study_name=STUDY, storage=open_storage(f"journal://{tmp_path / 'study.log'}"))
+    lost = study.ask()
+    lost.suggest_float("x", 0, 1)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    TrialRecord.write(lost, host=os.environ.get("AUTOFT_HOST") or os.uname().nodename, pid=int(dead))
+    for _ in range(2):
+        trial = study.ask()
+        study.tell(trial, trial.suggest_float("x", 0, 1))
+    for x in (0.1, 0.2, 0.1, 0.2):  # the same recipes queued twice
+        study.enqueue_trial({"x": x})
+    assert recover_trials(study) == [lost.number]  # its process is gone: failed and queued again
+    trials = study.get_trials(deepcopy=False)
+    (retry,) = [t for t in trials if TrialRecord.of(t).retry_of == lost.number]
+    copies = [t.number for t in trials if t.state == TrialState.WAITING and t.number != retry.number]
+    assert counted_trials(trials) == 2 and len(copies) == 4 and retry.number > max(copies)
+    assert [is_surplus(n, trials, total=3) for n in copies] == [True] * 4  # the retry holds the third place
+    assert not is_surplus(retry.number, trials, total=3)
+    assert not is_surplus(copies[0], trials, total=4)  # with room for both, the older recipe runs too
 
 
 # ---------------------------------------------------------------------------

@@ -61,8 +61,9 @@ def test_three_workers_started_together_run_exactly_the_total_and_survive_a_kill
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))  # no trial recorded twice
     assert not [t for t in trials if t.state == TrialState.RUNNING]  # the killed worker's trial too: failed once stale
+    table = [(t.number, t.state.name, TrialRecord.of(t).pid, TrialRecord.of(t).retry_of, TrialRecord.of(t).surplus) for t in trials]
     for lost in (t for t in trials if t.state == TrialState.FAIL and TrialRecord.of(t).pid == workers[0].pid):  # and run again by a survivor
-        assert [TrialRecord.of(t).pid in (workers[1].pid, workers[2].pid) for t in trials if TrialRecord.of(t).retry_of == lost.number] == [True]
+        assert [TrialRecord.of(t).pid in (workers[1].pid, workers[2].pid) for t in trials if TrialRecord.of(t).retry_of == lost.number] == [True], (table, [w.pid for w in workers])
     for i in (1, 2):  # each surviving worker published a whole best/ of the study's best trial
         metrics = json.loads((tmp_path / f"out{i}" / "best" / "metrics.json").read_text())
         assert metrics["study"] == "shared" and (tmp_path / f"out{i}" / "best" / "model.pt").is_file()

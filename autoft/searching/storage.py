@@ -354,6 +354,12 @@ def counted_trials(trials: list[FrozenTrial], retried: set[int] | None = None) -
 
 def is_surplus(number: int, trials: list[FrozenTrial], total: int) -> bool:
     """Whether trial ``number`` would take the study past ``total``: the trials numbered before
-    it (running ones included) already count that many. Workers sharing a study each start a
-    trial before they learn of the others', so this is checked when a trial starts, not after."""
-    return counted_trials([t for t in trials if t.number < number], retried=retried_numbers(trials)) >= total
+    it (running ones included) already count that many, with every crashed trial's retry still
+    queued, whatever its number. Workers sharing a study each start a trial before they learn of
+    the others', so this is checked when a trial starts, not after. A retry goes before any
+    recipe queued earlier (Optuna runs queued trials oldest first): a recipe that workers
+    started together each queued, or a resumed search's, must not take the place of a trial
+    that was lost, which resumes from its saved state."""
+    retried = retried_numbers(trials)
+    queued = [t for t in trials if t.state == TrialState.WAITING and t.number != number and TrialRecord.of(t).retry_of is not None]  # WAITING: none counted yet
+    return counted_trials([t for t in trials if t.number < number], retried=retried) + len(queued) >= total

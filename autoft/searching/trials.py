@@ -99,14 +99,14 @@ def _enqueue_portfolio(session: Session) -> None:
         default = {**default, **{k: v for k, v in wanted.items() if space.contains(k, v)}}
         if why and space.contains("pseudo_labels", "none"):
             session.state.notes.append(why)
-    session.study.enqueue_trial(default, user_attrs=TrialRecord.attrs(recipe="default"))
+    session.study.enqueue_trial(default, user_attrs=TrialRecord.attrs(recipe="default"), skip_if_exists=True)  # workers started together: once, unless at the same instant
     cap = trial_cap(session)
     changes = _portfolio(default)
     room = len(changes) if cap is None else cap - 1
     for change in changes[: max(0, room)]:
         recipe = {k: v for k, v in {**default, **change}.items() if k != "pseudo_fraction" or change.get("pseudo_labels") != "none"}
         if all(space.contains(k, v) for k, v in change.items()):
-            session.study.enqueue_trial(recipe, user_attrs=TrialRecord.attrs(recipe="portfolio"))
+            session.study.enqueue_trial(recipe, user_attrs=TrialRecord.attrs(recipe="portfolio"), skip_if_exists=True)
 
 
 def _portfolio(default: dict[str, Any]) -> list[dict[str, Any]]:
