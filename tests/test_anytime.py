@@ -3,6 +3,7 @@ recipe's fit comes first, and a budget that holds only the simple models still s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -15,6 +16,7 @@ from optuna.trial import TrialState
 from PIL import Image
 from typer.testing import CliRunner
 
+import autoft.searching.preparing as preparing
 from autoft.model.checkpoints import load_checkpoint
 from autoft.cli import make_app
 from autoft.deploy.inference import OnnxClassifier
@@ -144,6 +146,17 @@ def test_a_budget_that_holds_only_the_simple_models_ships_one_instead_of_refusin
     metrics = json.loads((tmp_path / "run" / "best" / "metrics.json").read_text())
     assert metrics["model"]["candidate"] in (PIXELS, "linear probe on random resnet18 features") and metrics["trial_states"] == {}
     assert (tmp_path / "run" / "best" / "model.onnx").is_file()
+
+
+def test_the_linear_probe_is_a_candidate_exactly_when_the_plan_bought_it(image_folder, tmp_path, monkeypatch):
+    """One decision, the plan's, priced by the measured evaluation rate: the search used to drop
+    a probe the plan had bought by a cruder rule of its own (gray scenes at 1m: 4,391 images)."""
+    real = preparing.make_plan
+    for bought in (True, False):
+        monkeypatch.setattr(preparing, "make_plan", lambda *a, bought=bought, **k: dataclasses.replace(real(*a, **k), probe=bought))
+        result = search("test_resnet", str(image_folder), tmp_path / f"run-{bought}", trials=1, epochs=1, image_size=16, device="cpu", batch_size=8, no_cv=True, ensemble=1, refit=False)
+        names = [b["name"] for b in result.metrics["baselines"]]
+        assert any(name.startswith("linear probe") for name in names) == bought, names
 
 
 def test_a_tie_ships_the_trained_network_and_a_loss_for_log_loss_is_a_lower_value(registry):

@@ -34,7 +34,6 @@ from autoft.searching.storage import default_storage_url, open_storage
 from autoft.model.weights import resolve_weights
 
 VAL_FRACTION = 0.2
-EMBED_SHARE = 0.05  # of the budget: what embedding every image for pseudo-labels may cost
 CALIBRATION_BATCH = 32
 CALIBRATION_SHARE = 0.1  # of the budget left: the most measuring the device may take
 
@@ -217,8 +216,8 @@ def _semi_supervised_space(space: SearchSpace, stage: StageResult | None, pseudo
 
 def _candidates(setup: _Setup, plan: Plan, pool: ImageTensors, splits: list, data: DataSplits, unlabelled: torch.Tensor | None, state: SearchState) -> list:
     """The simple models, fitted and scored on exactly the trials' splits: logistic regression on
-    pixels, the linear probe on the starting weights' features (when embedding every image is
-    cheap enough; those features then also label the unlabelled images), and, with unlabelled
+    pixels, the linear probe on the starting weights' features (when the plan bought it, priced
+    by the measured evaluation rate: those features then also label the unlabelled images), and, with unlabelled
     images, label spreading distilled into a model. Each can ship if it wins."""
     from autoft.training.candidates import Probe, fit_candidates
 
@@ -226,7 +225,7 @@ def _candidates(setup: _Setup, plan: Plan, pool: ImageTensors, splits: list, dat
     spec = registry.metric(config.metric)
     score = lambda labels, probabilities: metric_score(spec, labels, probabilities, registry)
     probe = None
-    if _embedding_is_cheap(setup, plan, pool, unlabelled):
+    if plan.probe:  # bought by the plan, priced at the measured evaluation rate
         probe = Probe.build(config.backbone, setup.weights, data.num_classes, registry=registry, device=setup.device, seed=config.seed)
         if setup.weights is not None:
             state.embedders["start"] = probe.embed
@@ -351,13 +350,6 @@ def _check_out(out: Path) -> None:
         raise AutoftError(f"--out {out} is a file, not a folder") from None
     except OSError as exc:
         raise AutoftError(f"--out {out} cannot be written: {exc.strerror or exc}") from None
-
-
-def _embedding_is_cheap(setup: _Setup, plan: Plan, pool: ImageTensors, unlabelled: torch.Tensor | None) -> bool:
-    """Whether embedding every image with the backbone fits in :data:`EMBED_SHARE` of the budget."""
-    total = len(pool) + (0 if unlabelled is None else len(unlabelled))
-    seconds = setup.config.seconds
-    return seconds is None or total * plan.step_seconds / max(plan.batch_size, 1) / 3 <= EMBED_SHARE * seconds
 
 
 def features_of(backbone_name: str, num_classes: int, weights: str | None, registry: plugins.Registry, device: torch.device, seed: int):
