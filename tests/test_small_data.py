@@ -183,13 +183,23 @@ def test_mirror_images_tell_whether_flips_keep_labels(tmp_path):
         assert flips_change_labels(plain, mirrored, chance) is not symmetric, (folder.name, plain, mirrored)
 
 
-def test_a_search_on_digits_trains_without_flips(tmp_path):
+def test_a_search_on_digits_trains_without_flips_and_its_default_recipe_shifts(tmp_path):
     folder = _digit_folder(tmp_path / "digits", 12)
-    result = search("test_resnet", str(folder), tmp_path / "run", trials=1, epochs=1, image_size=16, device="cpu", batch_size=16, export_onnx=False, no_cv=True, ensemble=1)
+    result = search("test_resnet", str(folder), tmp_path / "run", trials=2, epochs=1, image_size=16, device="cpu", batch_size=16, export_onnx=False, no_cv=True, ensemble=1)
     plan = json.loads((result.best_dir / "metrics.json").read_text())["plan"]
     assert plan["flips"] is False and "no flips" in plan["line"]
-    stored = optuna.load_study(study_name=result.study_name, storage=result.storage).user_attrs["plan"]
+    study = optuna.load_study(study_name=result.study_name, storage=result.storage)
+    stored = study.user_attrs["plan"]
     assert stored["flips"] is False and "no flips" in stored["line"]  # what the dashboard shows agrees
+    first, second = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)[:2]
+    assert (first.params["augment"], first.user_attrs["recipe"]) == ("shift", "default")  # a crop that zooms cuts strokes too
+    assert (second.params["augment"], second.user_attrs["recipe"]) == ("crop-flip", "portfolio")  # the crop is still tried, without its flips
+
+
+def test_where_flips_keep_labels_the_default_recipe_crops_and_the_portfolio_shifts(tmp_path):
+    result = search("test_resnet", str(labelled_colours(tmp_path / "colours")), tmp_path / "run", trials=2, epochs=1, image_size=16, device="cpu", batch_size=16, export_onnx=False, no_cv=True, ensemble=1)
+    first, second = sorted(optuna.load_study(study_name=result.study_name, storage=result.storage).get_trials(deepcopy=False), key=lambda t: t.number)[:2]
+    assert (first.params["augment"], second.params["augment"]) == ("crop-flip", "shift")
 
 
 def test_the_refit_trains_on_the_pseudo_labels_its_trial_was_validated_with(semi_search):
