@@ -159,6 +159,15 @@ def test_the_linear_probe_is_a_candidate_exactly_when_the_plan_bought_it(image_f
         assert any(name.startswith("linear probe") for name in names) == bought, names
 
 
+def test_steps_are_timed_at_the_batch_the_fits_train_with(image_folder, tmp_path, monkeypatch):
+    """A step's fixed costs weigh more in a small batch: a rate measured at 32 priced the steps
+    of 16 that small sets train with 1.6 times too cheap (resnet18, 32 px, 2 cores)."""
+    real, timed = preparing.calibrate, []
+    monkeypatch.setattr(preparing, "calibrate", lambda make_model, sizes, batch_size, *a, **k: timed.append(batch_size) or real(make_model, sizes, batch_size, *a, **k))
+    result = search("test_resnet", str(image_folder), tmp_path / "run", trials=1, epochs=1, device="cpu", no_cv=True, ensemble=1, refit=False, timeout="10m")
+    assert timed == [result.metrics["plan"]["batch_size"]] == [16]  # a few dozen images: batches of 16
+
+
 def test_a_tie_ships_the_trained_network_and_a_loss_for_log_loss_is_a_lower_value(registry):
     """Selection is strict, in the metric's own direction: a candidate ships only when it is better."""
     from types import SimpleNamespace
