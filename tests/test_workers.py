@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -39,22 +38,24 @@ def _worker(data: Path, url: str, out: Path) -> subprocess.Popen:
 def test_three_workers_started_together_run_exactly_the_total_and_survive_a_kill(postgres_url, tmp_path):
     data = _folder(tmp_path / "colours")
     workers = [_worker(data, postgres_url, tmp_path / f"out{i}") for i in range(3)]
-    study = None
+    victim = None
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:  # kill one worker with kill -9 while it trains a trial
+    while victim is None and time.monotonic() < deadline:  # kill a worker with kill -9 while it trains a trial: the first seen doing so
         try:
             study = optuna.load_study(study_name="shared", storage=open_storage(postgres_url))
-            running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if TrialRecord.of(t).pid == workers[0].pid]
+            owners = {TrialRecord.of(t).pid for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         except Exception:  # the study is not created yet
-            running = []
-        if running or workers[0].poll() is not None:
-            break
+            owners = set()
+        victim = next((w for w in workers if w.pid in owners and w.poll() is None), None)
+        assert victim is not None or any(w.poll() is None for w in workers), "every worker ended before one was seen training a trial"
         time.sleep(0.05)
-    os.kill(workers[0].pid, signal.SIGKILL)
-    for worker in workers[1:]:
+    assert victim is not None, "no worker was seen training a trial in 300 s"
+    victim.kill()
+    survivors = [w for w in workers if w is not victim]
+    for worker in survivors:
         out, err = worker.communicate(timeout=600)
         assert worker.returncode == 0, err[-3000:]
-    workers[0].wait()
+    victim.wait()
 
     trials = optuna.load_study(study_name="shared", storage=open_storage(postgres_url)).get_trials()
     assert counted_trials(trials) == TOTAL  # not one more for each extra worker
@@ -62,9 +63,13 @@ def test_three_workers_started_together_run_exactly_the_total_and_survive_a_kill
     assert len(numbers) == len(set(numbers))  # no trial recorded twice
     assert not [t for t in trials if t.state == TrialState.RUNNING]  # the killed worker's trial too: failed once stale
     table = [(t.number, t.state.name, TrialRecord.of(t).pid, TrialRecord.of(t).retry_of, TrialRecord.of(t).surplus) for t in trials]
-    for lost in (t for t in trials if t.state == TrialState.FAIL and TrialRecord.of(t).pid == workers[0].pid):  # and run again by a survivor
-        assert [TrialRecord.of(t).pid in (workers[1].pid, workers[2].pid) for t in trials if TrialRecord.of(t).retry_of == lost.number] == [True], (table, [w.pid for w in workers])
-    for i in (1, 2):  # each surviving worker published a whole best/ of the study's best trial
+    lost = [t for t in trials if t.state == TrialState.FAIL and TrialRecord.of(t).pid == victim.pid]
+    assert lost, table
+    for trial in lost:  # and run again by a survivor
+        assert [TrialRecord.of(t).pid in {w.pid for w in survivors} for t in trials if TrialRecord.of(t).retry_of == trial.number] == [True], (table, [w.pid for w in workers])
+    for i, worker in enumerate(workers):  # each surviving worker published a whole best/ of the study's best trial
+        if worker is victim:
+            continue
         metrics = json.loads((tmp_path / f"out{i}" / "best" / "metrics.json").read_text())
         assert metrics["study"] == "shared" and (tmp_path / f"out{i}" / "best" / "model.pt").is_file()
         assert not list((tmp_path / f"out{i}").glob(".best.*"))
