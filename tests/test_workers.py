@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,16 +39,24 @@ def _worker(data: Path, url: str, out: Path) -> subprocess.Popen:
 def test_three_workers_started_together_run_exactly_the_total_and_survive_a_kill(postgres_url, tmp_path):
     data = _folder(tmp_path / "colours")
     workers = [_worker(data, postgres_url, tmp_path / f"out{i}") for i in range(3)]
-    victim = None
-    deadline = time.monotonic() + 300
-    while victim is None and time.monotonic() < deadline:  # kill a worker with kill -9 while it trains a trial: the first seen doing so
+    def training() -> set[int]:
         try:
             study = optuna.load_study(study_name="shared", storage=open_storage(postgres_url))
-            owners = {TrialRecord.of(t).pid for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+            return {TrialRecord.of(t).pid for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         except Exception:  # the study is not created yet
-            owners = set()
-        victim = next((w for w in workers if w.pid in owners and w.poll() is None), None)
-        assert victim is not None or any(w.poll() is None for w in workers), "every worker ended before one was seen training a trial"
+            return set()
+
+    victim = None
+    deadline = time.monotonic() + 300
+    while victim is None and time.monotonic() < deadline:  # kill -9 a worker while it trains a trial: the first seen doing so
+        seen = next((w for w in workers if w.pid in training() and w.poll() is None), None)
+        if seen is not None:
+            os.kill(seen.pid, signal.SIGSTOP)  # stopped, it cannot finish the trial between this look and the kill
+            if seen.pid in training():
+                victim = seen
+                break
+            os.kill(seen.pid, signal.SIGCONT)  # it finished that trial meanwhile: look again
+        assert any(w.poll() is None for w in workers), "every worker ended before one was seen training a trial"
         time.sleep(0.05)
     assert victim is not None, "no worker was seen training a trial in 300 s"
     victim.kill()
