@@ -175,6 +175,12 @@ def default_batch_size(train_images: int) -> int:
     return size
 
 
+def fit_batch_size(data: DataShape, asked: int | None) -> int:
+    """The batch the fits train with: ``--batch-size``, else :func:`default_batch_size` of one split's training images.
+    Calibration times steps at it, so the plan prices the steps it buys."""
+    return asked or default_batch_size(data.labelled - data.val)
+
+
 
 def make_plan(
     data: DataShape, rates: dict[int, Throughput], budget: float | None, overrides: Overrides = Overrides(), *, pretrained: bool = False, jobs: int = 1,
@@ -278,7 +284,7 @@ def _plan_at(data: DataShape, rate: Throughput, budget: float | None, overrides:
     """Buy the stages in order at one size, each from what the ones before it left."""
     folds, repeats, why = choose_folds(data, overrides)
     train = data.labelled - data.val
-    batch = overrides.batch_size or default_batch_size(train)
+    batch = fit_batch_size(data, overrides.batch_size)
     per_epoch = max(1, math.ceil(train / batch))
     wanted = overrides.epochs * per_epoch if overrides.epochs else max(ENOUGH_STEPS, min(GOOD_STEPS, FIXED_EPOCHS * per_epoch), TARGET_EPOCHS * per_epoch)
     fit = _Fit(train, batch, wanted, _step_seconds(batch, rate, pretrained), data.val / rate.evaluate)

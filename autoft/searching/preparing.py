@@ -21,7 +21,7 @@ from autoft.data.decoding import decode_and_split
 from autoft.errors import AutoftError
 from autoft.core.events import PlanMade, WeightsNotice
 from autoft.model.metrics import metric_specs, score as metric_score
-from autoft.searching.planning import BudgetTooSmall, DataShape, Overrides, Plan, SizeProbe, affordable_sizes, calibrate, candidate_sizes, default_batch_size, make_plan, median_short_side
+from autoft.searching.planning import BudgetTooSmall, DataShape, Overrides, Plan, SizeProbe, affordable_sizes, calibrate, candidate_sizes, fit_batch_size, make_plan, median_short_side
 from autoft.searching.sizing import PROBE_SHARE, measure_sizes
 from autoft.core.text import duration
 from autoft.core.runtime import resolve_device, resolve_jobs, seed_everything, threads_per_job, torch_threads
@@ -149,8 +149,7 @@ def _plan_and_decode(setup: _Setup, labelled_images: Any, timings: dict[str, flo
     left = setup.budget.left()
     # Timed at the batch the fits will train with: a step's fixed costs weigh more in a small one (resnet18 at
     # 32 px on 2 cores: 100 ms a step of 16, 171 of 64), and 16 priced from a rate at 32 was 1.6 times too cheap.
-    batch = config.batch_size or default_batch_size(shape.labelled - shape.val)
-    rates = calibrate(make_model, sizes, batch, setup.device, max(2, classes), limit=None if left is None else CALIBRATION_SHARE * left,
+    rates = calibrate(make_model, sizes, fit_batch_size(shape, config.batch_size), setup.device, max(2, classes), limit=None if left is None else CALIBRATION_SHARE * left,
                       threads=threads_per_job(setup.jobs))  # at most what one of the --jobs workers will have  # fmt: skip
     timings["calibration"] = time.monotonic() - clock
     overrides = Overrides(image_size=config.image_size, epochs=config.epochs, trials=config.trials, pretrain_epochs=config.pretrain_epochs,
