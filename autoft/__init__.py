@@ -7,12 +7,16 @@ The Python API mirrors the CLI; the CLI is a thin layer over it::
     print(result.metrics["val_accuracy"])
 """
 
-from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
+import time as _time
 
-from autoft.errors import AutoftError
-from autoft.hookspecs import hookimpl
-from autoft.specs import API_VERSIONS, PLUGIN_API_VERSION
+_IMPORTED_AT = _time.monotonic()  # the first import of autoft: what the program's clock starts from, at the latest (core.runtime.process_started)
+
+from importlib import import_module  # noqa: E402
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402
+
+from autoft.errors import AutoftError  # noqa: E402
+from autoft.hookspecs import hookimpl  # noqa: E402
+from autoft.specs import API_VERSIONS, PLUGIN_API_VERSION  # noqa: E402
 
 try:
     __version__ = version("autoft")

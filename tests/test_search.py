@@ -7,6 +7,7 @@ import html
 import json
 import os
 import signal
+import shlex
 import subprocess
 import sys
 import threading
@@ -533,6 +534,17 @@ def test_the_program_counts_its_timeout_from_the_process_start():
     from autoft.core.runtime import process_started
 
     assert process_started() <= time.monotonic() - 0.5  # this test process has run longer than that
+
+
+def test_the_program_does_not_count_what_a_shell_ran_before_it_execd_autoft():
+    """``bash -c "pip install -e . && autoft search ..."`` runs the last command in the shell's own
+    process (exec), whose start in /proc is the shell's: the install's time is not the search's
+    (the README's quick start, run that way right after its install, was refused)."""
+    from autoft.core.runtime import INTERPRETER_START
+
+    code = "import autoft; from autoft.core.runtime import process_started; print(autoft._IMPORTED_AT - process_started())"
+    shell = subprocess.run(["bash", "-c", f"sleep 3 && exec {shlex.quote(sys.executable)} -c {shlex.quote(code)}"], capture_output=True, text=True, check=True)
+    assert 0 <= float(shell.stdout) <= INTERPRETER_START  # counted before autoft's import: the interpreter's start at most, not the shell's 3 s of sleep
 
 
 def test_time_spent_before_the_search_counts_against_its_timeout(image_folder, tmp_path):
