@@ -412,3 +412,45 @@ def test_time_is_kept_back_for_every_trial_of_the_ensemble_chosen_so_far(colours
     session.ctx = configured()
     monkeypatch.setattr(session, "seconds_per_step", lambda: 1e4)
     assert ensemble_reserve(session, best) == pytest.approx(ENSEMBLE_SHARE * session.ctx.budget.seconds)
+
+
+def test_the_time_left_at_the_end_averages_the_shipped_refit_over_other_seeds(colours_120, tmp_path):
+    """A single refit trial ships with its recipe trained again from other seeds while the time
+    left holds a whole fit, up to SEEDS and ``--ensemble``; the exported model averages them.
+    With time for one more, one more; with none, or ``--ensemble 1``, the refit ships alone."""
+    from autoft.core.budget import Budget
+    from autoft.searching.config import SearchConfig
+    from autoft.searching.finishing import REFIT_SPARE, SEEDS, add_seeds, best_trial, build_final
+    from autoft.searching.preparing import prepare
+    from autoft.searching.publishing import publish_best
+    from autoft.searching.trials import open_study, run_trials
+
+    config = SearchConfig("test_resnet", str(colours_120), tmp_path / "run", trials=1, epochs=2, image_size=16, device="cpu", batch_size=8, no_cv=True,
+                          pruner="none", seed=0, timeout="10m")  # fmt: skip
+    session = prepare(config)
+    run_trials(session, open_study(session))
+    best = best_trial(session.study)
+    single = build_final(session, best, {best.number: 1.0})
+    assert single.refit and single.refit["seconds"] > 0 and not single.is_ensemble
+
+    final = add_seeds(session, single)
+    assert len(final.checkpoints) == SEEDS and final.trials == [best.number] * SEEDS and final.seeds == SEEDS
+    assert final.weights == [pytest.approx(1 / SEEDS)] * SEEDS and final.name == f"trial {best.number} from {SEEDS} seeds"
+    assert "from 3 seeds" in final.notes[-1] and len(set(final.checkpoints)) == SEEDS
+    networks = [load_checkpoint(path).network().eval() for path in final.checkpoints]
+    pixels = session.ctx.pool.take(range(8)).float().div(255)
+    with torch.inference_mode():
+        outputs = [network(pixels).softmax(1) for network in networks]
+    assert not torch.allclose(outputs[0], outputs[1])  # another seed, another model
+    best_dir = publish_best(session, final, {})
+    expected = (sum(outputs) / SEEDS).numpy()
+    assert np.abs(OnnxClassifier.load(best_dir, device="cpu").probabilities(pixels.numpy()) - expected).max() < 1e-4
+
+    cost = REFIT_SPARE * (1.0 + single.refit["seconds"]) + session.ctx.plan.export_seconds
+    finish = session.ctx.plan.finish_seconds
+    session.ctx = dataclasses.replace(session.ctx, budget=Budget.of(finish + cost + 0.2))  # time for one more fit (0.4 s or more), not two
+    assert len(add_seeds(session, single).checkpoints) == 2
+    session.ctx = dataclasses.replace(session.ctx, budget=Budget.of(finish + 0.5 * cost))
+    assert add_seeds(session, single) is single
+    session.ctx = dataclasses.replace(session.ctx, budget=Budget.of(3600.0), config=dataclasses.replace(config, ensemble=1))
+    assert add_seeds(session, single) is single

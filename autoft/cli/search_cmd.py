@@ -116,7 +116,7 @@ def search_command(
     cv: Annotated[Optional[int], typer.Option(min=2, help="Score each trial over K stratified folds. \\[default: 5 or fewer folds when a validation split would hold under 300 images]")] = None,
     no_cv: Annotated[bool, typer.Option("--no-cv", help="Keep a single validation split, however small.")] = False,
     refit: Annotated[bool, typer.Option("--refit/--no-refit", help="Train the chosen recipe once more on every labelled image; --no-refit keeps the best trial's own weights.")] = True,
-    ensemble: Annotated[int, typer.Option(min=1, help="The most trials a greedy ensemble may average; 1 turns ensembles off.")] = 5,
+    ensemble: Annotated[int, typer.Option(min=1, help="The most models the shipped one may average: trials of a greedy ensemble, or fits of the chosen recipe from other seeds in the time left at the end; 1 ships one model.")] = 5,
     simple_models: Annotated[bool, typer.Option("--simple-models/--no-simple-models", help="Ship a simple model (logistic regression, linear probe) when it beats every trial; --no-simple-models ships a fine-tuned network always.")] = True,
     jobs: Annotated[str, typer.Option(metavar="N|auto", help="Trials to run at once, as worker processes on one study: they divide a CPU's cores, or take a GPU each. auto: one per GPU, 1 on a CPU.")] = "1",
     range_: Annotated[list[str], typer.Option("--range", metavar="NAME=RANGE", help="Override a range: NAME=LOW:HIGH[:log], NAME=VALUE or NAME=A,B,C. Repeatable.")] = [],

@@ -26,7 +26,7 @@ class SearchConfig:
     training length of a trial (else the planner sets it in steps). ``cv`` forces k-fold
     scoring and ``no_cv`` a single validation split (else small data is cross-validated).
     ``refit`` trains the best recipe once more on every labelled image; ``ensemble`` caps
-    the members of a greedy ensemble (1 turns it off). ``jobs`` trials run at once, as
+    the members of a greedy ensemble, and the seeds a refit is averaged over (1 turns both off). ``jobs`` trials run at once, as
     worker processes on one study (``"auto"``: one per GPU, one on a CPU). ``weights`` is ``"auto"``
     (pretrained when the backbone's source has them at hand, else random, said out loud),
     ``"scratch"``, a file or a source's pretrained tag. ``started`` is when ``timeout`` began

@@ -118,9 +118,10 @@ class Objective:
     # -- one fit ---------------------------------------------------------------
 
     def fit(self, params: dict[str, Any], split: int | None, *, number: int, steps: int | None = None, eval_every: int | None = None,
-            budget: Budget | None = None, state_file: Path | None = None, on_epoch=None) -> Fitted:  # fmt: skip
+            budget: Budget | None = None, state_file: Path | None = None, on_epoch=None, seed: int | None = None) -> Fitted:  # fmt: skip
         """Train a fresh backbone on split ``split`` (``None``: every labelled image) within
-        ``budget`` (by default what trials may spend now, the refit's reserve kept back)."""
+        ``budget`` (by default what trials may spend now, the refit's reserve kept back), seeded
+        by ``seed`` (by default ``--seed``)."""
         session = self.session
         ctx = session.ctx
         plan = ctx.plan
@@ -132,7 +133,7 @@ class Objective:
                 session.emit(TrialEvent(number=number, event=event))
 
         trainer = TrainerConfig(
-            steps=steps or plan.steps, eval_every=eval_every or plan.eval_every, batch_size=plan.batch_size, device=ctx.device, seed=ctx.config.seed,
+            steps=steps or plan.steps, eval_every=eval_every or plan.eval_every, batch_size=plan.batch_size, device=ctx.device, seed=ctx.config.seed if seed is None else seed,
             metric=ctx.config.metric, state_file=state_file, state_interval=float(os.environ.get("AUTOFT_STATE_INTERVAL", STATE_INTERVAL)),
             keep=kept_weights(session, split),
         )  # fmt: skip

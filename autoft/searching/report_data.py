@@ -185,8 +185,11 @@ def epochs_run(trial: FrozenTrial) -> int:
 
 
 def ensemble_name(ensemble: EnsembleSummary) -> str:
-    """``ensemble of trials 3, 7`` or ``ensemble of trial 3 with linear probe on ... features``."""
-    trials = [str(m) for m in ensemble.members if isinstance(m, int)]
+    """``ensemble of trials 3, 7``, ``ensemble of trial 3 with linear probe on ... features``, or ``trial 3 from 2 seeds``."""
+    numbers = [m for m in ensemble.members if isinstance(m, int)]
+    if len(numbers) == len(ensemble.members) > 1 and len(set(numbers)) == 1:
+        return f"trial {numbers[0]} from {len(numbers)} seeds"
+    trials = [str(m) for m in numbers]
     simple = [str(m) for m in ensemble.members if isinstance(m, str)]
     named = f"trial{'s' if len(trials) > 1 else ''} {', '.join(trials)}" if trials else ""
     listed = ", ".join(simple[:-1]) + " and " + simple[-1] if len(simple) > 1 else "".join(simple)

@@ -18,7 +18,7 @@ import optuna
 from autoft.deploy.exporting import ExportFailed
 from autoft.errors import AutoftError
 from autoft.searching.config import SearchConfig
-from autoft.searching.finishing import FinalModel, best_trial, build_final, chance_level, choose_members, selection_evidence, wall_time
+from autoft.searching.finishing import FinalModel, best_trial, add_seeds, build_final, chance_level, choose_members, selection_evidence, wall_time
 from autoft.searching.publishing import publish_best
 from autoft.searching.objective import stop_on_full_disk
 from autoft.searching.preparing import prepare
@@ -140,7 +140,7 @@ def _singles(session: Session, final: FinalModel):
 
 
 def _shipped(final: FinalModel) -> str:
-    return final.candidate or (f"the ensemble of {len(final.checkpoints)}" if final.is_ensemble else f"trial {final.members[0]}")
+    return f"the {final.name}" if final.is_ensemble and final.seeds == 1 else final.name
 
 
 def _single_value(session: Session, member: int | str) -> float:
@@ -172,7 +172,7 @@ def _final_model(session: Session, best: optuna.trial.FrozenTrial | None, trials
             verdict = judge(session, _single_value(session, only), f"{'trial ' + str(only) if isinstance(only, int) else only}, the one ensemble member the time left built")
         if verdict.candidate is not None:
             return candidate_final(session, verdict.candidate, verdict.reason)
-    return final
+    return add_seeds(session, final)
 
 
 def describe_final(session: Session, best: optuna.trial.FrozenTrial | None, final: FinalModel, states: dict[str, int]) -> dict[str, Any]:
@@ -183,7 +183,7 @@ def describe_final(session: Session, best: optuna.trial.FrozenTrial | None, fina
         model = f"{final.candidate}, refit on {len(ctx.pool)} images"
     else:
         value = final.choice.value if final.is_ensemble and final.choice else _single_value(session, final.members[0])
-        model = f"ensemble of {len(final.checkpoints)}" if final.is_ensemble else f"trial {final.members[0]}"
+        model = final.name
         if final.simple_members:
             *others, last = final.simple_members
             model += f" with {', '.join(others) + ' and ' if others else ''}{last}"
