@@ -425,8 +425,11 @@ def test_the_time_left_at_the_end_averages_the_shipped_refit_over_other_seeds(co
     from autoft.searching.publishing import publish_best
     from autoft.searching.trials import open_study, run_trials
 
+    from autoft.core.events import Refit
+
+    refits = []
     config = SearchConfig("test_resnet", str(colours_120), tmp_path / "run", trials=1, epochs=2, image_size=16, device="cpu", batch_size=8, no_cv=True,
-                          pruner="none", seed=0, timeout="10m")  # fmt: skip
+                          pruner="none", seed=0, timeout="10m", on_event=lambda e: refits.append(e) if isinstance(e, Refit) else None)  # fmt: skip
     session = prepare(config)
     run_trials(session, open_study(session))
     best = best_trial(session.study)
@@ -437,6 +440,7 @@ def test_the_time_left_at_the_end_averages_the_shipped_refit_over_other_seeds(co
     assert len(final.checkpoints) == SEEDS and final.trials == [best.number] * SEEDS and final.seeds == SEEDS
     assert final.weights == [pytest.approx(1 / SEEDS)] * SEEDS and final.name == f"trial {best.number} from {SEEDS} seeds"
     assert "from 3 seeds" in final.notes[-1] and len(set(final.checkpoints)) == SEEDS
+    assert [(e.number, e.seed) for e in refits] == [(best.number, None), (best.number, 1000), (best.number, 2000)]  # the progress line names each seed
     networks = [load_checkpoint(path).network().eval() for path in final.checkpoints]
     pixels = session.ctx.pool.take(range(8)).float().div(255)
     with torch.inference_mode():

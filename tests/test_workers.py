@@ -39,6 +39,7 @@ def _worker(data: Path, url: str, out: Path) -> subprocess.Popen:
 def test_three_workers_started_together_run_exactly_the_total_and_survive_a_kill(postgres_url, tmp_path):
     data = _folder(tmp_path / "colours")
     workers = [_worker(data, postgres_url, tmp_path / f"out{i}") for i in range(3)]
+
     def training() -> set[int]:
         try:
             study = optuna.load_study(study_name="shared", storage=open_storage(postgres_url))
@@ -49,7 +50,8 @@ def test_three_workers_started_together_run_exactly_the_total_and_survive_a_kill
     victim = None
     deadline = time.monotonic() + 300
     while victim is None and time.monotonic() < deadline:  # kill -9 a worker while it trains a trial: the first seen doing so
-        seen = next((w for w in workers if w.pid in training() and w.poll() is None), None)
+        running = training()  # one look at the storage for all three workers
+        seen = next((w for w in workers if w.pid in running and w.poll() is None), None)
         if seen is not None:
             os.kill(seen.pid, signal.SIGSTOP)  # stopped, it cannot finish the trial between this look and the kill
             if seen.pid in training():

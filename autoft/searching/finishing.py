@@ -319,7 +319,7 @@ def add_seeds(session: Session, final: FinalModel) -> FinalModel:
     checkpoints, steps = list(final.checkpoints), final.refit["steps"]
     while len(checkpoints) < min(SEEDS, config.ensemble) and session.work_budget().left() >= cost:
         seed = config.seed + SEED_STRIDE * len(checkpoints)
-        session.emit(Refit(number=trial.number, steps=steps, images=len(session.ctx.pool)))
+        session.emit(Refit(number=trial.number, steps=steps, images=len(session.ctx.pool), seed=seed))
         try:
             fitted = Objective(session).fit(dict(trial.params), None, number=trial.number, steps=steps, eval_every=steps, budget=session.work_budget(), seed=seed)
         except OutOfTime:

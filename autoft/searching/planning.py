@@ -181,7 +181,6 @@ def fit_batch_size(data: DataShape, asked: int | None) -> int:
     return asked or default_batch_size(data.labelled - data.val)
 
 
-
 def make_plan(
     data: DataShape, rates: dict[int, Throughput], budget: float | None, overrides: Overrides = Overrides(), *, pretrained: bool = False, jobs: int = 1,
     backbone: str = "the backbone", probe: SizeProbe | None = None, modules: int = TYPICAL_MODULES,
