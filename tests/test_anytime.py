@@ -458,3 +458,60 @@ def test_the_time_left_at_the_end_averages_the_shipped_refit_over_other_seeds(co
     assert add_seeds(session, single) is single
     session.ctx = dataclasses.replace(session.ctx, budget=Budget.of(3600.0), config=dataclasses.replace(config, ensemble=1))
     assert add_seeds(session, single) is single
+
+
+def test_where_a_whole_refit_does_not_fit_the_best_trial_trains_on_from_its_own_weights(colours_120, tmp_path, monkeypatch):
+    """A refit that does not fit in the time left gives way to the trial's own weights trained on,
+    on every labelled image, for the steps the time holds (a warm restart); below a quarter of
+    its own steps, its weights ship as they are. The seeds never average such a model."""
+    from autoft.core.budget import Budget
+    from autoft.core.events import Refit
+    from autoft.errors import AutoftError
+    from autoft.model.checkpoints import CHECKPOINT_NAME
+    from autoft.searching.config import SearchConfig
+    from autoft.searching.finishing import BUILD_SECONDS, CONTINUE_LEAST, add_seeds, best_trial, build_final
+    from autoft.searching.objective import Objective
+    from autoft.searching.preparing import prepare
+    from autoft.searching.records import TrialRecord
+    from autoft.searching.trials import open_study, run_trials
+
+    refits = []
+    config = SearchConfig("test_resnet", str(colours_120), tmp_path / "run", trials=1, epochs=2, image_size=16, device="cpu", batch_size=8, no_cv=True,
+                          pruner="none", seed=0, timeout="10m", on_event=lambda e: refits.append(e) if isinstance(e, Refit) else None)  # fmt: skip
+    session = prepare(config)
+    run_trials(session, open_study(session))
+    best = best_trial(session.study)
+    own_steps = TrialRecord.of(best).best_step
+    own = session.ctx.trial_dir(best.number) / CHECKPOINT_NAME
+    monkeypatch.setattr(session, "seconds_per_step", lambda: 1.0)  # priced at a second a step, trained in far less: no deadline is met
+    finish = session.ctx.plan.finish_seconds
+
+    session.ctx = dataclasses.replace(session.ctx, budget=Budget.of(finish + BUILD_SECONDS + 0.6 * own_steps))  # 60% of its steps, not a whole refit
+    final = build_final(session, best, {best.number: 1.0})
+    assert final.refit["continued"] and 0.4 * own_steps <= final.refit["steps"] < own_steps and final.refit["images"] == len(session.ctx.pool)
+    assert final.checkpoints[0] != own and final.name == f"trial {best.number}"
+    assert "trained on, on all" in final.notes[-1]
+    assert [(e.number, e.continued) for e in refits] == [(best.number, True)]
+    assert add_seeds(session, final) is final  # a continued model is not averaged with fresh fits of another length
+
+    def distance(path) -> float:
+        start, other = load_checkpoint(own).network().state_dict(), load_checkpoint(path).network().state_dict()
+        return sum(float((start[k].float() - other[k].float()).norm()) for k in start if start[k].is_floating_point())
+
+    fresh = tmp_path / "fresh.pt"
+    Objective(session).fit(dict(best.params), None, number=best.number, steps=final.refit["steps"], eval_every=final.refit["steps"], budget=Budget.of(600)).save(fresh)
+    assert distance(final.checkpoints[0]) < 0.8 * distance(fresh)  # it went on from the trial's weights (a fresh fit starts from the same initial weights as the trial did)
+
+    refits.clear()
+    session.ctx = dataclasses.replace(session.ctx, budget=Budget.of(finish + BUILD_SECONDS + 0.5 * CONTINUE_LEAST * own_steps))
+    kept = build_final(session, best, {best.number: 1.0})
+    assert kept.checkpoints == [own] and kept.refit is None and not refits and "own weights are kept" in kept.notes[-1]
+
+    other = SearchConfig("test_resnet", str(colours_120), tmp_path / "other", trials=1, epochs=1, image_size=16, device="cpu", batch_size=8, no_cv=True, seed=0)
+    with pytest.raises(AutoftError, match="matches this backbone"):  # a checkpoint of another backbone: one line, no half-loaded model
+        Objective(prepare(dataclasses.replace(other, backbone="test_vit"))).fit({}, None, number=0, steps=2, eval_every=2, budget=Budget.of(600), start=own)
+    saved = torch.load(own, weights_only=True)
+    saved["state_dict"].pop(sorted(saved["state_dict"])[-1])
+    torch.save(saved, tmp_path / "partial.pt")
+    with pytest.raises(AutoftError, match="cannot continue from .* lacks 1 of test_resnet's tensors"):  # a checkpoint without all of them: one line
+        Objective(session).fit(dict(best.params), None, number=0, steps=2, eval_every=2, budget=Budget.of(600), start=tmp_path / "partial.pt")
