@@ -43,6 +43,7 @@ UNDERTRAINED_FACTOR = 4  # the most a refit extends a trial that peaked at its l
 REFIT_SLACK = 0.04  # of the budget: what a refit may run past the deadline when it is all that is left
 BUILD_SECONDS = 1.0  # building a backbone and one evaluation, beside the steps
 ENSEMBLE_SHARE = 0.25  # of the budget: the most kept back for refitting an ensemble's further members
+CONTINUE_LR = 0.1  # of a trial's learning rate: where its weights train on (:func:`_continued`), as fine-tuning goes on from trained weights
 CONTINUE_LEAST = 0.25  # of a trial's own steps: the least that training it on, on every labelled image, is worth (:func:`_continued`)
 SEEDS = 3  # the most fits of a single shipped recipe, each from its own seed, that the time left at the end averages (:func:`add_seeds`)
 SEED_STRIDE = 1000  # a further fit's seed: --seed plus this, times the fits before it
@@ -316,7 +317,7 @@ def _continued(session: Session, trial: optuna.trial.FrozenTrial, own: Path, pat
         return own, {"note": "no time left to refit on every image: the best trial's own weights are kept"}
     session.emit(Refit(number=trial.number, steps=steps, images=len(pool), continued=True))
     try:
-        fitted = Objective(session).fit(params, None, number=trial.number, steps=steps, eval_every=steps, budget=refit_budget(session), start=own)
+        fitted = Objective(session).fit({**params, "lr": params["lr"] * CONTINUE_LR}, None, number=trial.number, steps=steps, eval_every=steps, budget=refit_budget(session), start=own)
     except OutOfTime:
         return own, {"note": "the time ran out training the best trial on every image: its own weights are kept"}
     fitted.save(path, params)
