@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -32,13 +31,6 @@ from image_sets import ROLES, SETS, build, write
 
 def fit_accuracies(run: Path, test: list[Path]) -> tuple[list[float], list[float]]:
     """(each refit alone, the average of the first k) on ``test``, through autoft's own decoding."""
-    fits = sorted((run / "refit").glob("*.pt"), key=lambda p: (len(p.stem), p.stem))  # the first refit, then seed1000, seed2000
-    probabilities, accuracy = checkpoint_probabilities(run, fits, test)
-    return [accuracy(p) for p in probabilities], [accuracy(sum(probabilities[:k]) / k) for k in range(1, len(probabilities) + 1)]
-
-
-def checkpoint_probabilities(run: Path, checkpoints: list[Path], test: list[Path]) -> tuple[list[np.ndarray], Callable[[np.ndarray], float]]:
-    """(each checkpoint's probabilities for ``test``, read as ``run/best`` reads images; probabilities -> accuracy)."""
     import torch
 
     from autoft.deploy.inference import OnnxClassifier
@@ -47,12 +39,14 @@ def checkpoint_probabilities(run: Path, checkpoints: list[Path], test: list[Path
     classifier = OnnxClassifier.load(run / "best")
     truth = np.asarray([path.parent.name for path in test])
     pixels = torch.from_numpy(np.concatenate([classifier.pixels(test[i : i + 256]) for i in range(0, len(test), 256)]))
+    fits = sorted((run / "refit").glob("*.pt"), key=lambda p: (len(p.stem), p.stem))  # the first refit, then seed1000, seed2000
     probabilities = []
-    for path in checkpoints:
+    for path in fits:
         network = load_checkpoint(path).network().eval()
         with torch.inference_mode():
             probabilities.append(torch.cat([network(part).softmax(1) for part in pixels.split(256)]).numpy())
-    return probabilities, lambda p: float((np.asarray(classifier.classes)[p.argmax(1)] == truth).mean())
+    accuracy = lambda p: float((np.asarray(classifier.classes)[p.argmax(1)] == truth).mean())  # noqa: E731
+    return [accuracy(p) for p in probabilities], [accuracy(sum(probabilities[:k]) / k) for k in range(1, len(probabilities) + 1)]
 
 
 def main() -> None:

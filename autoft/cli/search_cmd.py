@@ -61,9 +61,9 @@ class SearchProgress(LazyProgress):
                 self._trial_end(event)
             case WorkerFailed(worker=worker, reason=reason):
                 self._say(f"[yellow]worker {worker} stopped:[/yellow] {reason}")
-            case Refit(number=number, steps=steps, images=images, model=model, seed=seed, continued=continued):
+            case Refit(number=number, steps=steps, images=images, model=model, seed=seed):
                 what = model or f"trial {number}" + (f" from seed {seed}" if seed is not None else "")
-                self.progress.update(self.running, description=f"{'continuing' if continued else 'refitting'} {what} on {images} labelled images", visible=True, completed=0, total=steps or None, status="")
+                self.progress.update(self.running, description=f"refitting {what} on {images} labelled images", visible=True, completed=0, total=steps or None, status="")
             case Export(number=number):
                 self.progress.update(self.running, description="exporting the best model to ONNX", visible=True, total=None, status="")
             case PretrainStart(method=method, images=images):

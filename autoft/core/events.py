@@ -150,15 +150,14 @@ class PlanMade(Event):
 @dataclass(frozen=True)
 class Refit(Event):
     """Trial ``number``'s recipe trains once more, on ``images`` labelled images, for ``steps``
-    steps (from ``seed``, when it is a further fit averaged with the first; from the trial's own
-    weights when ``continued``); or a simple ``model`` (``number`` None) fits on them."""
+    steps (from ``seed``, when it is a further fit averaged with the first); or a simple
+    ``model`` (``number`` None) fits on them."""
 
     number: int | None
     steps: int
     images: int
     model: str = ""
     seed: int | None = None
-    continued: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,8 @@ the best single model when it beats it there by more than :data:`ENSEMBLE_MARGIN
 :data:`ENSEMBLE_CONFIDENCE` of the bootstrap resamples of those images. Then each
 chosen recipe is trained once more on every labelled image (train and validation, with its
 pseudo-labels) for the number of steps at which its trial peaked, scaled to the larger set,
-within what is left of the budget (where a whole refit of the best trial does not fit, its own
-weights train on, on every labelled image, for the time left); a simple member is fitted on
-every labelled image. ``best/`` is built in a staging folder and published by one atomic swap (:mod:`autoft.searching.publishing`).
+within what is left of the budget; a simple member is fitted on every labelled image.
+``best/`` is built in a staging folder and published by one atomic swap (:mod:`autoft.searching.publishing`).
 """
 
 from __future__ import annotations
@@ -43,8 +42,6 @@ UNDERTRAINED_FACTOR = 4  # the most a refit extends a trial that peaked at its l
 REFIT_SLACK = 0.04  # of the budget: what a refit may run past the deadline when it is all that is left
 BUILD_SECONDS = 1.0  # building a backbone and one evaluation, beside the steps
 ENSEMBLE_SHARE = 0.25  # of the budget: the most kept back for refitting an ensemble's further members
-CONTINUE_LR = 0.1  # of a trial's learning rate: where its weights train on (:func:`_continued`), as fine-tuning goes on from trained weights
-CONTINUE_LEAST = 0.25  # of a trial's own steps: the least that training it on, on every labelled image, is worth (:func:`_continued`)
 SEEDS = 3  # the most fits of a single shipped recipe, each from its own seed, that the time left at the end averages (:func:`add_seeds`)
 SEED_STRIDE = 1000  # a further fit's seed: --seed plus this, times the fits before it
 
@@ -291,7 +288,7 @@ def _member(session: Session, trial: optuna.trial.FrozenTrial, path: Path, first
     if steps is None and not first:
         return None, {}
     if steps is None:
-        return _continued(session, trial, own, path) if own.is_file() else (None, {})
+        return (own, {"note": "no time left to refit on every image: the best trial's own weights are kept"}) if own.is_file() else (None, {})
     session.emit(Refit(number=trial.number, steps=steps, images=len(session.ctx.pool)))
     split = None if session.ctx.config.refit else 0
     try:
@@ -304,41 +301,6 @@ def _member(session: Session, trial: optuna.trial.FrozenTrial, path: Path, first
     return path, {"refit": {"images": images, "labelled": labelled, "steps": fitted.steps, "seconds": round(fitted.seconds, 2)}}
 
 
-def _continued(session: Session, trial: optuna.trial.FrozenTrial, own: Path, path: Path) -> tuple[Path, dict[str, Any]]:
-    """The trial's own weights trained on, on every labelled image, for the steps the time left
-    holds (a warm restart of its schedule, as in SGDR, Loshchilov and Hutter 2017), when a whole
-    refit does not fit; its own weights when not even :data:`CONTINUE_LEAST` of its steps do.
-
-    At 1m on 2 CPU cores the default fit often ends with 10 to 20 s left and a refit needing 30:
-    the images its validation split held were never trained on."""
-    params, pool = dict(trial.params), session.ctx.pool
-    steps = _continue_steps(session, trial)
-    if steps is None:
-        return own, {"note": "no time left to refit on every image: the best trial's own weights are kept"}
-    session.emit(Refit(number=trial.number, steps=steps, images=len(pool), continued=True))
-    try:
-        fitted = Objective(session).fit({**params, "lr": params["lr"] * CONTINUE_LR}, None, number=trial.number, steps=steps, eval_every=steps, budget=refit_budget(session), start=own)
-    except OutOfTime:
-        return own, {"note": "the time ran out training the best trial on every image: its own weights are kept"}
-    fitted.save(path, params)
-    note = (f"no time left to refit trial {trial.number} on every image ({_refit_peak(session, trial)} steps): its own weights "
-            f"trained on, on all {len(pool)}, for {fitted.steps} steps")  # fmt: skip
-    refit = {"images": session.fit_size(None, params), "labelled": len(pool), "steps": fitted.steps, "seconds": round(fitted.seconds, 2), "continued": True}
-    return path, {"refit": refit, "note": note}
-
-
-def _continue_steps(session: Session, trial: optuna.trial.FrozenTrial) -> int | None:
-    """The steps the time left holds for :func:`_continued`, at most a whole refit's; None below
-    :data:`CONTINUE_LEAST` of the trial's own or :data:`MIN_REFIT_SECONDS`."""
-    left = session.work_budget().left()
-    if left is None:
-        return None
-    share = left - BUILD_SECONDS
-    steps = min(_refit_peak(session, trial), int(share / session.seconds_per_step()))
-    own_steps = TrialRecord.of(trial).best_step or session.ctx.plan.steps
-    return steps if share >= MIN_REFIT_SECONDS and steps >= CONTINUE_LEAST * own_steps else None
-
-
 def add_seeds(session: Session, final: FinalModel) -> FinalModel:
     """``final``, a single refit trial, with its recipe trained again on every labelled image
     from other seeds while the time left holds a whole fit (at the first's measured length, a
@@ -348,10 +310,9 @@ def add_seeds(session: Session, final: FinalModel) -> FinalModel:
     beside the refit (6m, 2 CPU cores: 43 to 86 s of 360 left on three of eight sets). Averaging
     fits that differ only in their seed removes variance no split can measure, and the refit is
     already trusted without a split of its own. An ensemble chosen on evidence, a simple model,
-    a trial's own weights (no time for even one refit), and a trial trained on from them
-    (:func:`_continued`) ship as they were chosen."""
+    and a trial's own weights (no time for even one refit) ship as they were chosen."""
     config = session.ctx.config
-    if final.candidate or final.is_ensemble or not final.refit or final.refit.get("continued") or not config.refit or min(SEEDS, config.ensemble) < 2 or not session.ctx.budget.bounded:
+    if final.candidate or final.is_ensemble or not final.refit or not config.refit or min(SEEDS, config.ensemble) < 2 or not session.ctx.budget.bounded:
         return final
     trial = next(t for t in session.study.get_trials(deepcopy=False) if t.number == final.trials[0])
     cost = REFIT_SPARE * (BUILD_SECONDS + final.refit["seconds"]) + session.ctx.plan.export_seconds

@@ -118,10 +118,10 @@ class Objective:
     # -- one fit ---------------------------------------------------------------
 
     def fit(self, params: dict[str, Any], split: int | None, *, number: int, steps: int | None = None, eval_every: int | None = None,
-            budget: Budget | None = None, state_file: Path | None = None, on_epoch=None, seed: int | None = None, start: Path | None = None) -> Fitted:  # fmt: skip
-        """Train a fresh backbone (or continue checkpoint ``start``) on split ``split`` (``None``:
-        every labelled image) within ``budget`` (by default what trials may spend now, the
-        refit's reserve kept back), seeded by ``seed`` (by default ``--seed``)."""
+            budget: Budget | None = None, state_file: Path | None = None, on_epoch=None, seed: int | None = None) -> Fitted:  # fmt: skip
+        """Train a fresh backbone on split ``split`` (``None``: every labelled image) within
+        ``budget`` (by default what trials may spend now, the refit's reserve kept back), seeded
+        by ``seed`` (by default ``--seed``)."""
         session = self.session
         ctx = session.ctx
         plan = ctx.plan
@@ -140,7 +140,7 @@ class Objective:
         request = FitRequest(
             backbone=ctx.config.backbone, data=session.fit_data(split, params), recipe=params, trainer=trainer, registry=ctx.registry,
             weights=params.get("init", ctx.weights), budget=budget or session.trials_budget(), source=ctx.data_source, on_event=on_event,
-            unlabelled=ctx.unlabelled, start=start,
+            unlabelled=ctx.unlabelled,
         )  # fmt: skip
         fitted = fit(request)
         if not fitted.resumed:

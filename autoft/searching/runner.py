@@ -188,7 +188,7 @@ def describe_final(session: Session, best: optuna.trial.FrozenTrial | None, fina
             *others, last = final.simple_members
             model += f" with {', '.join(others) + ' and ' if others else ''}{last}"
         if final.refit:
-            model += f", {'continued' if final.refit.get('continued') else 'refit'} on {final.refit['images']} images"
+            model += f", refit on {final.refit['images']} images"
     evidence = f"{plan.folds}-fold cross-validation" + (f" x{plan.repeats}" if plan.repeats > 1 else "") + f" on {len(ctx.pool)} images" if plan.folds else f"a validation split of {len(ctx.splits[0][1])} images"
     summary = f"best {value:.4f} ({model})" + _against_references(session, value, final)
     metrics: dict[str, Any] = {

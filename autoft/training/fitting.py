@@ -17,8 +17,7 @@ from typing import Any, Callable
 import torch
 
 from autoft import plugins
-from autoft.errors import AutoftError
-from autoft.model.backbones import build_backbone, load_weights
+from autoft.model.backbones import build_backbone
 from autoft.core.budget import Budget
 from autoft.model.checkpoints import save_checkpoint
 from autoft.data import DataSplits
@@ -34,9 +33,7 @@ from autoft.training.trainer import FitResult, Trainer, TrainerConfig
 class FitRequest:
     """One fit: a backbone by name, built fresh with ``weights``, trained on ``data`` with
     ``recipe`` for what ``trainer`` says (steps or epochs, batch, device, metric, state file),
-    within ``budget``. ``source`` names where the images came from, for the checkpoint.
-    ``start``, a checkpoint of the same backbone and classes (head included), continues that
-    model instead: its weights replace ``weights``, and no probe head is fitted over its own."""
+    within ``budget``. ``source`` names where the images came from, for the checkpoint."""
 
     backbone: str
     data: DataSplits
@@ -49,7 +46,6 @@ class FitRequest:
     on_event: Callable[[Event], None] | None = None
     unlabelled: torch.Tensor | None = None
     callbacks: tuple[Any, ...] = field(default_factory=tuple)
-    start: Path | None = None
 
     @property
     def params(self) -> dict[str, Any]:
@@ -100,10 +96,8 @@ def fit(request: FitRequest) -> Fitted:
     seed_everything(config.seed)  # the same initial weights for every fit of a recipe: differences come from the recipe
     params = request.params
     backbone = build_backbone(request.backbone, num_classes=request.data.num_classes, dropout=float(params.get("dropout", 0.0)),
-                              weights=None if request.start else request.weights, registry=request.registry)  # fmt: skip
-    if request.start is not None and (missing := load_weights(backbone.model, request.start)):
-        raise AutoftError(f"cannot continue from {request.start}: it lacks {len(missing)} of {request.backbone}'s tensors ({', '.join(missing[:3])})")
-    if params.get("head_init") == "probe" and request.start is None:  # from pretrained weights: fine-tuning starts from the linear probe (LP-FT)
+                              weights=request.weights, registry=request.registry)  # fmt: skip
+    if params.get("head_init") == "probe":  # from pretrained weights: fine-tuning starts from the linear probe (LP-FT)
         probe_head(backbone, request.data.train, request.data.train.labels.numpy(), request.data.num_classes, as_device(config.device), config.seed)
     started = time.monotonic()
     trainer = Trainer(backbone, request.data, request.recipe, config, registry=request.registry, on_event=request.on_event,
