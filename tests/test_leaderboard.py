@@ -91,6 +91,8 @@ def test_an_ensemble_holding_simple_models_names_them():
     assert ensemble_name(EnsembleSummary(members=(1, "logistic regression on pixels"), value=0.96)) == "ensemble of trial 1 with logistic regression on pixels"
     assert ensemble_name(EnsembleSummary(members=(3, 0, "a", "b"), value=0.9)) == "ensemble of trials 3, 0 with a and b"
     assert ensemble_name(EnsembleSummary(members=("a", "b", "c"), value=0.9)) == "ensemble of a, b and c"
+    assert ensemble_name(EnsembleSummary(members=(2, 2, 2), value=0.9)) == "trial 2 from 3 seeds"  # one recipe's fits from three seeds
+    assert ensemble_name(EnsembleSummary(members=(2, 5), value=0.9)) == "ensemble of trials 2, 5"
     lines = render(leaderboard([trial(1, 0.94)], "accuracy", ensemble=EnsembleSummary(members=(1, "probe"), value=0.96)))
     assert row_of(lines, "ensemble")[1] == "ensemble of trial 1 with probe"
 

@@ -32,6 +32,7 @@ from autoft.searching.objective import Objective, load_predictions
 from autoft.searching.plan_search import NOISY_VAL
 from autoft.searching.planning import REFIT_SPARE
 from autoft.searching.records import TrialRecord
+from autoft.searching.report_data import seed_fits
 from autoft.searching.session import Session
 from autoft.training.trainer import OutOfTime
 
@@ -71,7 +72,7 @@ class FinalModel:
     @property
     def seeds(self) -> int:
         """How many fits of one trial's recipe, from as many seeds, are averaged (:func:`add_seeds`); 1 for any other model."""
-        return len(self.trials) if len(self.trials) > 1 and len(set(self.trials)) == 1 and not self.simple_members else 1
+        return seed_fits(self.members)
 
     @property
     def name(self) -> str:

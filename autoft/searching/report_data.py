@@ -184,11 +184,17 @@ def epochs_run(trial: FrozenTrial) -> int:
     return len(trial.intermediate_values)
 
 
+def seed_fits(members: Sequence[int | str]) -> int:
+    """How many fits of one trial's recipe, from as many seeds, ``members`` average (that trial's
+    number repeated: :func:`autoft.searching.finishing.add_seeds`); 1 for any other model."""
+    return len(members) if len(members) > 1 and len(set(members)) == 1 and isinstance(members[0], int) else 1
+
+
 def ensemble_name(ensemble: EnsembleSummary) -> str:
     """``ensemble of trials 3, 7``, ``ensemble of trial 3 with linear probe on ... features``, or ``trial 3 from 2 seeds``."""
+    if (fits := seed_fits(ensemble.members)) > 1:
+        return f"trial {ensemble.members[0]} from {fits} seeds"
     numbers = [m for m in ensemble.members if isinstance(m, int)]
-    if len(numbers) == len(ensemble.members) > 1 and len(set(numbers)) == 1:
-        return f"trial {numbers[0]} from {len(numbers)} seeds"
     trials = [str(m) for m in numbers]
     simple = [str(m) for m in ensemble.members if isinstance(m, str)]
     named = f"trial{'s' if len(trials) > 1 else ''} {', '.join(trials)}" if trials else ""
