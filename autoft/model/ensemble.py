@@ -77,17 +77,22 @@ def win_rate(predictions: Mapping[Member, np.ndarray], labels: np.ndarray, choic
     scores above its best single member (``score``: higher is better). Selection picked the
     ensemble on these very images; this says how sure they are that it is better. An ensemble
     right on one more image of 80 wins the resamples that hold that image, 63% of them."""
+    ensemble = sum(weight * np.asarray(predictions[member], np.float64) for member, weight in choice.weights.items())
+    return bootstrap_wins(ensemble, np.asarray(predictions[choice.single], np.float64), labels, score, resamples, seed)
+
+
+def bootstrap_wins(first: np.ndarray, second: np.ndarray, labels: np.ndarray, score: Score, resamples: int = RESAMPLES, seed: int = 0) -> float:
+    """The share of bootstrap resamples of the images on which probabilities ``first`` score
+    above ``second`` (``score``: higher is better)."""
     import warnings
 
-    ensemble = sum(weight * np.asarray(predictions[member], np.float64) for member, weight in choice.weights.items())
-    single = np.asarray(predictions[choice.single], np.float64)
     rng = np.random.default_rng(seed)
     wins = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a resample may miss a class: the metric is still defined
         for _ in range(resamples):
             rows = rng.integers(0, len(labels), len(labels))
-            wins += int(score(labels[rows], ensemble[rows]) > score(labels[rows], single[rows]))
+            wins += int(score(labels[rows], first[rows]) > score(labels[rows], second[rows]))
     return wins / resamples
 
 

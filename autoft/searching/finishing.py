@@ -144,6 +144,16 @@ def member_evidence(session: Session, best: optuna.trial.FrozenTrial) -> tuple[n
     return index, found
 
 
+def mixed_evidence(session: Session, best: optuna.trial.FrozenTrial, weights: dict[Member, float]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(pool indices, probabilities) of the model mixing ``weights``' members, on the images the
+    best trial was scored on (:func:`member_evidence`); None when a member's are not at hand."""
+    index, predictions = member_evidence(session, best)
+    if not len(index) or any(member not in predictions for member in weights):
+        return None
+    total = sum(weights.values())
+    return index, sum(weight / total * np.asarray(predictions[member], np.float64) for member, weight in weights.items())
+
+
 def predicted_elsewhere(trials: list[optuna.trial.FrozenTrial], here: set[int], host: str) -> list[int]:
     """Completed trials run on a host other than ``host`` whose predictions are not ``here``."""
     return [t.number for t in trials if t.state == TrialState.COMPLETE and t.number not in here and TrialRecord.of(t).host not in (None, host)]

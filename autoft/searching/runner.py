@@ -18,7 +18,7 @@ import optuna
 from autoft.deploy.exporting import ExportFailed
 from autoft.errors import AutoftError
 from autoft.searching.config import SearchConfig
-from autoft.searching.finishing import FinalModel, best_trial, add_seeds, build_final, chance_level, choose_members, selection_evidence, wall_time
+from autoft.searching.finishing import FinalModel, best_trial, add_seeds, build_final, chance_level, choose_members, mixed_evidence, selection_evidence, wall_time
 from autoft.searching.publishing import publish_best
 from autoft.searching.objective import stop_on_full_disk
 from autoft.searching.preparing import prepare
@@ -160,16 +160,18 @@ def _final_model(session: Session, best: optuna.trial.FrozenTrial | None, trials
         return candidate_final(session, verdict.candidate, verdict.reason)
     members, choice = choose_members(session, best)
     ensemble = len(members) > 1 and choice is not None
-    verdict = judge(session, choice.value if ensemble else float(best.value), "ensemble of trials" if ensemble else f"best trial ({best.number})")
+    verdict = judge(session, choice.value if ensemble else float(best.value), "ensemble of trials" if ensemble else f"best trial ({best.number})", mixed_evidence(session, best, members))
     if verdict.candidate is not None:
         return candidate_final(session, verdict.candidate, verdict.reason)
     final = build_final(session, best, members, choice)
     if ensemble and len(final.checkpoints) < len(members):  # the time left built fewer members (the best trial first): judge what ships
         if final.is_ensemble and final.choice is not None:
-            verdict = judge(session, final.choice.value, f"ensemble of the {len(final.checkpoints)} members the time left built")
+            verdict = judge(session, final.choice.value, f"ensemble of the {len(final.checkpoints)} members the time left built",
+                            mixed_evidence(session, best, dict(zip(final.members, final.weights))))  # fmt: skip
         else:
             only = final.members[0]
-            verdict = judge(session, _single_value(session, only), f"{'trial ' + str(only) if isinstance(only, int) else only}, the one ensemble member the time left built")
+            verdict = judge(session, _single_value(session, only), f"{'trial ' + str(only) if isinstance(only, int) else only}, the one ensemble member the time left built",
+                            mixed_evidence(session, best, {only: 1.0}))  # fmt: skip
         if verdict.candidate is not None:
             return candidate_final(session, verdict.candidate, verdict.reason)
     return add_seeds(session, final)
