@@ -164,9 +164,10 @@ def test_a_simple_model_ships_over_the_network_only_when_the_images_vouch_for_it
     trained network ships, and the notes say why; right on six more, the candidate ships. On
     20 validation images logistic regression read 0.35 against the default recipe's 0.30 and
     shipped, and scored 0.241 on the test images (gray-scenes-20, 20 classes, 1m)."""
-    from types import SimpleNamespace
+    from types import MethodType, SimpleNamespace
 
     from autoft.searching.selection import judge
+    from autoft.training.candidates import Candidate
 
     labels = np.arange(20) % 2
     index = np.arange(100, 120)  # the pool images scored: the candidates held out these and more
@@ -179,6 +180,7 @@ def test_a_simple_model_ships_over_the_network_only_when_the_images_vouch_for_it
         held = np.zeros((200, 2))
         held[index] = probabilities(right)
         candidate = SimpleNamespace(name="logistic regression on pixels", value=right / 20, index=pool, probabilities=held)
+        candidate.predicted = MethodType(Candidate.predicted, candidate)
         labels_of_pool = torch.zeros(200, dtype=torch.long)
         labels_of_pool[index] = torch.from_numpy(labels)
         return SimpleNamespace(ctx=SimpleNamespace(candidates=(candidate,), registry=registry, pool=SimpleNamespace(labels=labels_of_pool),

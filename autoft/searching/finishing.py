@@ -43,6 +43,7 @@ UNDERTRAINED_FACTOR = 4  # the most a refit extends a trial that peaked at its l
 REFIT_SLACK = 0.04  # of the budget: what a refit may run past the deadline when it is all that is left
 BUILD_SECONDS = 1.0  # building a backbone and one evaluation, beside the steps
 ENSEMBLE_SHARE = 0.25  # of the budget: the most kept back for refitting an ensemble's further members
+Evidence = tuple[np.ndarray, np.ndarray]  # (pool indices, probabilities): what a model predicted for the images it was scored on
 SEEDS = 3  # the most fits of a single shipped recipe, each from its own seed, that the time left at the end averages (:func:`add_seeds`)
 SEED_STRIDE = 1000  # a further fit's seed: --seed plus this, times the fits before it
 
@@ -138,13 +139,12 @@ def member_evidence(session: Session, best: optuna.trial.FrozenTrial) -> tuple[n
     if len(index) < NOISY_VAL or not session.ctx.config.simple_models:
         return index, found
     for candidate in session.ctx.candidates:
-        rows = np.minimum(np.searchsorted(candidate.index, index), len(candidate.index) - 1)
-        if np.array_equal(candidate.index[rows], index):  # it held out every image the best trial was scored on
-            found[candidate.name] = candidate.probabilities[rows]
+        if (held_out := candidate.predicted(index)) is not None:  # it held out every image the best trial was scored on
+            found[candidate.name] = held_out
     return index, found
 
 
-def mixed_evidence(session: Session, best: optuna.trial.FrozenTrial, weights: dict[Member, float]) -> tuple[np.ndarray, np.ndarray] | None:
+def mixed_evidence(session: Session, best: optuna.trial.FrozenTrial, weights: dict[Member, float]) -> Evidence | None:
     """(pool indices, probabilities) of the model mixing ``weights``' members, on the images the
     best trial was scored on (:func:`member_evidence`); None when a member's are not at hand."""
     index, predictions = member_evidence(session, best)

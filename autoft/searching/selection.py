@@ -17,19 +17,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from autoft.errors import AutoftError
 from autoft.core.events import Refit
 from autoft.model.ensemble import bootstrap_wins
-from autoft.searching.finishing import ENSEMBLE_CONFIDENCE, FinalModel, evidence_score
+from autoft.searching.finishing import ENSEMBLE_CONFIDENCE, Evidence, FinalModel, evidence_score
 from autoft.searching.session import Session, metric_sign
 
 if TYPE_CHECKING:
     from autoft.training.candidates import Candidate
 
 
-Evidence = tuple[np.ndarray, np.ndarray]  # (pool indices, probabilities): what a model predicted for the images it was scored on
 TIE_TOLERANCE = 1e-9  # scores closer than this are equal: means over folds, summed in another order, differ in their last bits
 
 
@@ -72,11 +69,11 @@ def _sureness(session: Session, candidate: "Candidate", evidence: Evidence | Non
     if evidence is None or not len(evidence[0]):
         return None
     index, probabilities = evidence
-    rows = np.minimum(np.searchsorted(candidate.index, index), len(candidate.index) - 1)
-    if not np.array_equal(candidate.index[rows], index):
+    held_out = candidate.predicted(index)
+    if held_out is None:
         return None
     labels, score, sign = session.ctx.pool.labels.numpy()[index], evidence_score(session), metric_sign(session.ctx)
-    return bootstrap_wins(candidate.probabilities[rows], probabilities, labels, lambda y, p: sign * score(y, p))
+    return bootstrap_wins(held_out, probabilities, labels, lambda y, p: sign * score(y, p))
 
 
 def candidate_final(session: Session, candidate: "Candidate", reason: str) -> FinalModel:

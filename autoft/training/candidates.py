@@ -83,6 +83,11 @@ class Candidate:
     def value(self) -> float:
         return float(np.mean(self.split_scores))
 
+    def predicted(self, index: np.ndarray) -> np.ndarray | None:
+        """Its probabilities for pool images ``index``, or None when it did not hold them all out."""
+        rows = np.minimum(np.searchsorted(self.index, index), len(self.index) - 1)
+        return self.probabilities[rows] if np.array_equal(self.index[rows], index) else None
+
     @property
     def file_name(self) -> str:
         """``logistic-regression-on-pixels.pt``: its checkpoint's name in a search's ``refit/``."""
