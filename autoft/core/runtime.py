@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+import autoft
 from autoft.errors import AutoftError
 
 _stop = threading.Event()
@@ -130,8 +131,6 @@ def process_started() -> float:
     command of ``bash -c "... && pip install -e . && autoft search ..."`` in its own process,
     whose start in ``/proc`` is the shell's: the README's quick start run that way counted the
     install's 100 s against its minute, and was refused after "1m45s of checks and calibration"."""
-    import autoft
-
     imported = autoft._IMPORTED_AT
     try:
         with open("/proc/self/stat") as f:
