@@ -23,9 +23,11 @@ from autoft.data import ImageTensors
 from autoft.errors import AutoftError
 from autoft.deploy.inference import OnnxClassifier
 from autoft.searching.session import make_splits
-from autoft.training.semisupervised import downscaled_pixels, pseudo_label
+from autoft.training.semisupervised import PseudoLabels, downscaled_pixels, pseudo_label
 from autoft.deploy.serving import ServeConfig, create_app
 
+PROBE_NAME = "linear probe on random test_resnet features"
+SPREAD_PROBE_NAME = "linear probe on random test_resnet features and spread labels"
 POOL = 150  # labelled digits the candidates are fitted on
 UNLABELLED = 200
 TOLERANCE = 1e-4  # largest |module - scikit-learn| allowed in a probability
@@ -62,7 +64,7 @@ def candidates(digits, pool, splits, probe):
     def pseudo(split, train):  # as a search passes its own: labels spread in the pixels' space (the quickest)
         return pseudo_label(pool.subset(train), pool.labels.numpy()[train], unlabelled, 10, seed=0)
 
-    found = fit_candidates(pool, splits, digits.classes, accuracy, probe=probe, unlabelled=unlabelled, pseudo=pseudo, seed=0)
+    found = fit_candidates(pool, splits, digits.classes, accuracy, probe=probe, unlabelled=unlabelled, pseudo=pseudo, spread_probe=True, seed=0)
     return {c.name: c for c in found}
 
 
@@ -103,7 +105,7 @@ def test_pixel_downscaling_is_the_baselines_adaptive_pooling(size):
 
 
 def test_candidates_are_scored_on_the_trials_splits(candidates, pool, splits):
-    assert list(candidates) == [PIXELS_NAME, "linear probe on random test_resnet features", SPREAD_NAME]
+    assert list(candidates) == [PIXELS_NAME, PROBE_NAME, SPREAD_PROBE_NAME, SPREAD_NAME]
     labels = pool.labels.numpy()
     reference = pixel_baseline(pool, labels, splits, 10, accuracy)
     pixels = candidates[PIXELS_NAME]
@@ -120,6 +122,47 @@ def test_candidates_are_scored_on_the_trials_splits(candidates, pool, splits):
     np.testing.assert_allclose(pixels.probabilities[order], reference.probabilities, atol=1e-6)
     held = pixel_baseline(pool, labels, splits[:1], 10, accuracy)
     assert held.value == pytest.approx(pixels.split_scores[0])
+
+
+def test_the_probe_on_spread_labels_learns_from_each_splits_spread_labels(digits, pool, splits, probe):
+    """Given wrong spread labels (each the next digit), the probe on spread labels scores far below
+    itself given the unlabelled digits' true labels, and below the probe on the labelled images
+    alone: the spread labels are in its fit.
+    Each split's labels are asked for with that split's training images only (no validation
+    label leaks), and every labelled image's for the model that ships."""
+    unlabelled = digits.train.subset(np.arange(POOL, POOL + 600))
+    truth = unlabelled.labels.numpy()
+    asked = []
+
+    def told(labels):
+        def pseudo(split, train):
+            asked.append((split, tuple(train)))
+            return PseudoLabels(np.arange(len(labels)), labels, np.ones(len(labels)))
+
+        return pseudo
+
+    def spread_probe(labels):
+        found = fit_candidates(pool, splits, digits.classes, accuracy, probe=probe, unlabelled=unlabelled.images, pseudo=told(labels), spread_probe=True)
+        return {c.name: c for c in found}
+
+    right = spread_probe(truth)
+    wrong = spread_probe((truth + 1) % 10)[SPREAD_PROBE_NAME]
+    assert wrong.value < right[SPREAD_PROBE_NAME].value - 0.2 and wrong.value < right[PROBE_NAME].value - 0.2
+    assert [(split, train) for split, train in asked[: len(splits)]] == [(i, tuple(train)) for i, (train, _) in enumerate(splits)]
+    asked.clear()
+    right[SPREAD_PROBE_NAME].fitter.fit_model()
+    assert asked == [(None, tuple(range(POOL)))]
+
+
+def test_a_probe_keeps_the_features_of_the_image_sets_it_was_last_asked_for(probe, digits):
+    images = digits.train.images[:40]
+    first = probe.embed(images)
+    assert probe.embed(images) is first  # kept: the unlabelled pool is embedded once a search
+    again = probe.embed(images.clone())  # the same pixels, another set: computed, not mistaken for it
+    assert again is not first and np.allclose(again, first, atol=1e-5)
+    for n in range(1, 6):
+        probe.embed(digits.train.images[: 40 + n])
+    assert probe.embed(images) is not first  # the least recently asked for is let go
 
 
 def test_repeated_folds_give_each_image_the_mean_of_its_predictions():

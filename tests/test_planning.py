@@ -222,6 +222,19 @@ def test_pretrained_weights_are_not_pretrained_again_unless_asked():
     assert make_plan(shape, RATES, 360, Overrides(pretrain_epochs=2), pretrained=True).pretrain_epochs == 2
 
 
+def test_the_probe_on_spread_labels_is_bought_from_pretrained_weights_within_the_pseudo_labels_share():
+    shape = DataShape(labelled=100, val=20, smallest_class=10, smallest_val_class=2, unlabelled=1500, classes=10)
+    plan = make_plan(shape, RATES, 360, pretrained=True)
+    assert plan.probe and plan.spread_probe
+    assert not make_plan(shape, RATES, 360).spread_probe  # random features spread labels no better than pixels
+    assert not make_plan(TINY, RATES, 360, pretrained=True).spread_probe  # no unlabelled images
+    # 30,000 unlabelled images: five fits on each would take over a tenth of 6m; the plain probe stays
+    many = DataShape(labelled=100, val=20, smallest_class=10, smallest_val_class=2, unlabelled=30_000, classes=10)
+    costly = make_plan(many, {32: Throughput(32, train=500.0, evaluate=20_000.0)}, 360, pretrained=True)
+    assert costly.probe and not costly.spread_probe and "skipped the linear probe on spread labels (5 fits on 30000 more images take" in costly.line()
+    assert make_plan(many, {32: Throughput(32, train=500.0, evaluate=20_000.0)}, None, pretrained=True).spread_probe  # no --timeout
+
+
 def test_steps_fall_in_buckets():
     assert [bucket(s) for s in (7, 42, 119, 160, 399, 400, 451, 999)] == [7, 40, 100, 150, 300, 400, 400, 800]
 

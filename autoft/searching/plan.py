@@ -49,6 +49,7 @@ class Plan:
     refit: bool = True  # the chosen recipe trained again on every labelled image
     simple_seconds: float = 0.0  # the simple models, decoding included
     probe: bool = True  # the linear probe on the backbone's features, among the simple models
+    spread_probe: bool = False  # ... and the probe on spread labels too (pretrained weights, unlabelled images)
     skipped: list[str] = field(default_factory=list)  # stages not bought, each with why
     finish_seconds: float = 0.0  # kept back from every stage for the export, its verification and the report
     export_seconds: float = 0.0  # ... of which one model's export and verification (an ensemble's further members each add as much)

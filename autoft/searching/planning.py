@@ -138,12 +138,14 @@ def floor_seconds(data: DataShape) -> float:
     return _decode_seconds(data) + _logistic_seconds(data.labelled - data.val, PIXEL_FEATURES, data.classes)
 
 
-def simple_seconds(data: DataShape, rate: Throughput, folds: int | None) -> tuple[float, float]:
-    """(decoding and logistic regression on pixels, the linear probe: embedding every image once), on each split."""
+def simple_seconds(data: DataShape, rate: Throughput, folds: int | None) -> tuple[float, float, float]:
+    """(decoding and logistic regression on pixels, the linear probe: embedding every image once,
+    the probe on spread labels: a fit on the labelled and unlabelled images), on each split."""
     splits = folds or 1
     train = data.labelled * (splits - 1) // splits if folds else data.labelled - data.val
     pixels = _decode_seconds(data) + splits * _logistic_seconds(train, PIXEL_FEATURES, data.classes)
-    return pixels, splits * _logistic_seconds(train, PROBE_FEATURES, data.classes) + (data.labelled + data.unlabelled) / rate.evaluate
+    probe = splits * _logistic_seconds(train, PROBE_FEATURES, data.classes) + (data.labelled + data.unlabelled) / rate.evaluate
+    return pixels, probe, splits * _logistic_seconds(train + data.unlabelled, PROBE_FEATURES, data.classes) if data.unlabelled else 0.0
 
 
 # ---------------------------------------------------------------------------
@@ -287,18 +289,22 @@ def _plan_at(data: DataShape, rate: Throughput, budget: float | None, overrides:
     per_epoch = max(1, math.ceil(train / batch))
     wanted = overrides.epochs * per_epoch if overrides.epochs else max(ENOUGH_STEPS, min(GOOD_STEPS, FIXED_EPOCHS * per_epoch), TARGET_EPOCHS * per_epoch)
     fit = _Fit(train, batch, wanted, _step_seconds(batch, rate, pretrained), data.val / rate.evaluate)
-    pixels, probe = simple_seconds(data, rate, folds)
+    pixels, probe, spread = simple_seconds(data, rate, folds)
     finish = finish_seconds(rate, modules, data.val)  # the export is verified on the first split's validation images
     bought_probe = budget is None or pixels + probe <= budget * MARGIN_FREE - finish
-    simple = pixels + probe if bought_probe else pixels
+    # From pretrained weights only (random features spread labels no better than pixels), within the share pseudo-labels may take.
+    bought_spread = bought_probe and pretrained and spread > 0 and (budget is None or spread <= min(PSEUDO_SHARE * budget, budget * MARGIN_FREE - finish - pixels - probe))
+    simple = pixels + (probe if bought_probe else 0.0) + (spread if bought_spread else 0.0)
     plan = Plan(
         image_size=rate.size, batch_size=batch, steps=0, evaluations=1, folds=None, repeats=1, trials=overrides.trials, expected_trials=0, pretrain_epochs=0,
         fit_seconds=0.0, pretrain_seconds=0.0, refit_seconds=0.0, budget=budget, wanted_steps=wanted, step_seconds=fit.step_seconds, jobs=jobs,
-        default_fit=False, search=False, refit=False, simple_seconds=simple, probe=bought_probe, backbone=backbone, finish_seconds=finish,
+        default_fit=False, search=False, refit=False, simple_seconds=simple, probe=bought_probe, spread_probe=bought_spread, backbone=backbone, finish_seconds=finish,
         threads=rate.threads, export_seconds=export_seconds(rate, modules, data.val),
     )  # fmt: skip
     if not bought_probe:
         plan.skipped.append(f"the linear probe (embedding {data.labelled + data.unlabelled} images takes {duration(probe)})")
+    elif pretrained and spread > 0 and not bought_spread:
+        plan.skipped.append(f"the linear probe on spread labels ({folds or 1} fits on {data.unlabelled} more images take {duration(spread)})")
     left = None if budget is None else budget * MARGIN_FREE - finish - simple
     if not _buy_default(plan, fit, left, overrides, pretrained):
         least = min(fit.wanted, MIN_STEPS)  # what the least fit would be: the fields stay usable by code that reads them

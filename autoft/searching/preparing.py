@@ -233,7 +233,7 @@ def _candidates(setup: _Setup, plan: Plan, pool: ImageTensors, splits: list, dat
     pseudo = None
     if unlabelled is not None:
         pseudo = lambda split, train: pseudo_labels(state.pseudo, pool, unlabelled, data.num_classes, state.embedders, config.seed, split, train)
-    return fit_candidates(pool, splits, data.classes, score, probe=probe, unlabelled=unlabelled, pseudo=pseudo, seed=config.seed)
+    return fit_candidates(pool, splits, data.classes, score, probe=probe, unlabelled=unlabelled, pseudo=pseudo, spread_probe=plan.spread_probe, seed=config.seed)
 
 
 def _check_flips(pool: ImageTensors, split, plan: Plan, seed: int) -> Plan:

@@ -57,14 +57,24 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, standardise: bool = T
     return model
 
 
-def fit_and_score(features: np.ndarray, labels: np.ndarray, splits: Sequence[Split], num_classes: int, score: Score, name: str, standardise: bool = True) -> BaselineResult:
-    """Fit a standardised logistic regression on each split's train rows; score every validation row once."""
+Rows = Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]]  # (split number, its train indices) -> (features, labels) it also trains on
+
+
+def fit_and_score(
+    features: np.ndarray, labels: np.ndarray, splits: Sequence[Split], num_classes: int, score: Score, name: str, standardise: bool = True, extra: Rows | None = None,
+) -> BaselineResult:
+    """Fit a standardised logistic regression on each split's train rows (and ``extra``'s rows
+    for that split); score every validation row once."""
     import time
 
     started = time.perf_counter()
     validated, probabilities = [], []
-    for train, val in splits:
-        model = fit_logistic(features[train], labels[train], standardise)
+    for number, (train, val) in enumerate(splits):
+        x, y = features[train], labels[train]
+        if extra is not None:
+            more, more_labels = extra(number, train)
+            x, y = np.concatenate([x, more]), np.concatenate([y, more_labels])
+        model = fit_logistic(x, y, standardise)
         proba = np.zeros((len(val), num_classes))
         proba[:, model.classes_] = model.predict_proba(features[val])
         validated.append(val)

@@ -179,8 +179,8 @@ def pseudo_label(
     labelled = labelled if isinstance(labelled, ImageTensors) else ImageTensors(labelled)
     both = ImageTensors.concat([labelled, ImageTensors(pool)])
     spaces = {name: lambda name=name: reduce(pixel_features(both, name), seed=seed) for name in PIXEL_SPACES}
-    for name, embed in (embedders or {}).items():
-        spaces[name] = lambda embed=embed: reduce(np.asarray(embed(both), dtype=np.float64), seed=seed)
+    for name, embed in (embedders or {}).items():  # the unlabelled pool apart: an embedder may keep its features (Probe.embed)
+        spaces[name] = lambda embed=embed: reduce(np.concatenate([embed(labelled), embed(pool)]).astype(np.float64), seed=seed)
     if space is not None:
         spaces = {space: spaces[space]}
     scores: dict[str, float] = {}
