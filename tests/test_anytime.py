@@ -288,10 +288,12 @@ def test_the_default_recipe_trains_on_pseudo_labels_only_when_spreading_beats_ev
     from autoft.training.candidates import SPREAD_NAME
 
     probe = "linear probe on random resnet18 features"
+    spread_probe = f"{probe} and spread labels"
 
-    def session(student: float | None, pixels: float, metric: str = "accuracy", probed: float | None = None):
-        found = [SimpleNamespace(name=PIXELS, value=pixels)] + ([SimpleNamespace(name=SPREAD_NAME, value=student)] if student is not None else [])
-        found += [SimpleNamespace(name=probe, value=probed)] if probed is not None else []
+    def session(student: float | None, pixels: float, metric: str = "accuracy", probed: float | None = None, spread_probed: float | None = None):
+        found = [SimpleNamespace(name=PIXELS, value=pixels, spread=False)] + ([SimpleNamespace(name=SPREAD_NAME, value=student, spread=True)] if student is not None else [])
+        found += [SimpleNamespace(name=probe, value=probed, spread=False)] if probed is not None else []
+        found += [SimpleNamespace(name=spread_probe, value=spread_probed, spread=True)] if spread_probed is not None else []
         return SimpleNamespace(ctx=SimpleNamespace(candidates=found, registry=plugins.registry(), config=SimpleNamespace(metric=metric)))
 
     assert spread_helps(session(0.92, 0.92)) == (True, None)  # no worse: the spread labels add what pixels know
@@ -305,6 +307,10 @@ def test_the_default_recipe_trains_on_pseudo_labels_only_when_spreading_beats_ev
     assert spread_helps(session(None, 0.45)) == (True, None)  # no student (simple models off): as before
     assert spread_helps(session(0.9, 0.5, metric="log_loss"))[0] is False  # a loss: lower is better
     assert spread_helps(session(0.3, 0.5, metric="log_loss", probed=0.4)) == (True, None)
+    # From pretrained weights the probe on spread labels learns from them too: its lead is theirs, not a rival's
+    assert spread_helps(session(0.75, 0.60, probed=0.95, spread_probed=0.97)) == (True, None)
+    helps, why = spread_helps(session(0.30, 0.25, probed=0.62, spread_probed=0.58))  # gray scenes: spread badly, below the probe
+    assert not helps and why == f"the default recipe trains without pseudo-labels: {spread_probe} scored 0.5800, below {probe}'s 0.6200"
 
 
 def test_a_plan_without_a_search_runs_more_trials_only_where_one_split_can_choose_among_them():

@@ -30,7 +30,6 @@ from autoft.searching.reporting import write_report_quietly
 from autoft.core.runtime import stop_requested
 from autoft.searching.records import TrialRecord
 from autoft.searching.session import Session, metric_sign
-from autoft.training.candidates import SPREAD_NAME
 from autoft.searching.storage import awaited_states, counted_trials, has_heartbeat, heartbeat_seconds, lost_trials, recover_trials, running_elsewhere
 
 PRETRAINED_LR = 3e-4  # the default recipe's learning rate from pretrained weights: low, so fine-tuning keeps what they know
@@ -126,24 +125,25 @@ def _portfolio(default: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def spread_helps(session: Session) -> tuple[bool, str | None]:
-    """Whether the default recipe trains on pseudo-labels, and why not: only when label
-    spreading's student (logistic regression on the labelled pixels and the surest spread
-    labels) scores at least as well as every other simple model, on the same splits. A
-    teacher below a simple model would hand the network worse labels than it can learn from
+    """Whether the default recipe trains on pseudo-labels, and why not: only when the best
+    simple model that learns from the spread labels (label spreading's k-NN, the linear probe
+    on spread labels) scores at least as well as every one that does not, on the same splits.
+    A teacher below a simple model would hand the network worse labels than it can learn from
     the labelled images alone, and they outnumber those images (textures, 20 labelled and
-    1,660 unlabelled: the student read 0.45, one image above logistic regression on pixels but
-    below the linear probe's 0.70; every trial on 60% of its labels scored 0.780 on the test
-    images, the fixed recipe without them 0.870). The search may still choose them
-    (``pseudo_labels``)."""
-    values = {c.name: c.value for c in session.ctx.candidates}
-    student = values.pop(SPREAD_NAME, None)
-    if student is None or not values:
-        return True, None
+    1,660 unlabelled: spreading's student of the time read 0.45, one image above logistic
+    regression on pixels but below the linear probe's 0.70; every trial on 60% of its labels
+    scored 0.780 on the test images, the fixed recipe without them 0.870). The search may
+    still choose them (``pseudo_labels``)."""
     sign = metric_sign(session.ctx)
-    rival = max(values, key=lambda name: sign * values[name])
-    if sign * student >= sign * values[rival] - TIE_TOLERANCE:  # means over folds: equal scores may differ in the last bits
+    best = lambda found: max(found, key=lambda c: sign * c.value)  # noqa: E731
+    spread = [c for c in session.ctx.candidates if c.spread]
+    rivals = [c for c in session.ctx.candidates if not c.spread]
+    if not spread or not rivals:
         return True, None
-    return False, f"the default recipe trains without pseudo-labels: {SPREAD_NAME} scored {student:.4f}, below {rival}'s {values[rival]:.4f}"
+    student, rival = best(spread), best(rivals)
+    if sign * student.value >= sign * rival.value - TIE_TOLERANCE:  # means over folds: equal scores may differ in the last bits
+        return True, None
+    return False, f"the default recipe trains without pseudo-labels: {student.name} scored {student.value:.4f}, below {rival.name}'s {rival.value:.4f}"
 
 
 def default_strategy(strategies: dict[str, Any], pretrained: bool) -> str:

@@ -82,6 +82,7 @@ class Candidate:
     classes: list[str]
     image_size: int
     fitter: Fitter = field(repr=False)
+    spread: bool = False  # it learns from labels spread to the unlabelled images
 
     @property
     def value(self) -> float:
@@ -134,19 +135,21 @@ def fit_candidates(
         source = pseudo or _propagation(pool, unlabelled, len(classes), embedders, seed)
         if probe is not None and spread_probe:
             spread = SpreadProbeFitter(pool, probe, unlabelled, source)
-            found.append(_candidate(spread.baseline(splits, len(classes), score), PROBE, spread, splits, labels, score, classes, pool))
+            found.append(_candidate(spread.baseline(splits, len(classes), score), PROBE, spread, splits, labels, score, classes, pool, spread=True))
         student = SpreadFitter(pool, unlabelled, source)
-        found.append(_candidate(student.baseline(splits, len(classes), score), NEIGHBOURS, student, splits, labels, score, classes, pool))
+        found.append(_candidate(student.baseline(splits, len(classes), score), NEIGHBOURS, student, splits, labels, score, classes, pool, spread=True))
     return found
 
 
-def _candidate(reference: BaselineResult, kind: str, fitter: Fitter, splits: Sequence[Split], labels: np.ndarray, score: Score, classes: list[str], pool: ImageTensors) -> Candidate:
+def _candidate(
+    reference: BaselineResult, kind: str, fitter: Fitter, splits: Sequence[Split], labels: np.ndarray, score: Score, classes: list[str], pool: ImageTensors, spread: bool = False,
+) -> Candidate:
     index, probabilities = held_out(splits, reference.probabilities, len(labels))
     scores, start = [], 0
     for _, val in splits:
         scores.append(float(score(labels[val], reference.probabilities[start : start + len(val)])))
         start += len(val)
-    return Candidate(reference.name, kind, index, probabilities, scores, reference.seconds, reference, list(classes), int(pool.image_shape[-1]), fitter)
+    return Candidate(reference.name, kind, index, probabilities, scores, reference.seconds, reference, list(classes), int(pool.image_shape[-1]), fitter, spread)
 
 
 def held_out(splits: Sequence[Split], rows: np.ndarray, pool_size: int) -> tuple[np.ndarray, np.ndarray]:
