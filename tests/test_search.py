@@ -190,10 +190,29 @@ def _study_trials(folder: Path, out: Path) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=study_name, storage=f"sqlite:///{out / 'study.db'}").get_trials()
 
 
+# Run first in an ``autoft search`` process: after saving its second training state it waits, its
+# trial running with the first evaluation reported, so that a test can kill it from outside then
+# (the whole trial takes under a second: a poll of the study could miss it).
+WAITS_AFTER_TWO_STATES = """
+import time
+from autoft.training import trainer
+
+save, saved = trainer.save_training_state, []
+
+def save_then_wait(path, state):
+    save(path, state)
+    saved.append(path)
+    if len(saved) == 2:
+        time.sleep(120)
+
+trainer.save_training_state = save_then_wait
+"""
+
+
 def test_killed_search_reruns_the_interrupted_trial(image_folder, tmp_path):
     out = tmp_path / "killed"
     args = _one_trial_args(image_folder, out)
-    child = _start_search(args)
+    child = _start_search(args, WAITS_AFTER_TWO_STATES)
     study_name = default_study_name("test_resnet", str(image_folder))
     try:
         deadline = time.monotonic() + 120
